@@ -1,0 +1,222 @@
+"""``dtlab``: list, run and tour the labs.
+
+    dtlab list
+    dtlab run LAB [--nproc N] [--steps S] [--preset P] [--out DIR] [lab flags...]
+    dtlab tour [--nproc N] [--out DIR] [--only a,b] [--skip c]
+
+``run`` checks the request before starting anything (unknown lab or preset, a world size the lab
+does not support, a batch that does not split), then starts torchrun on a free port, streams
+rank 0's output, prints the result table and exits non-zero when the lab is outside tolerance.
+Bad input is one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from labs import registry
+
+
+def fail(msg: str) -> "NoReturn":  # noqa: F821
+    print(f"dtlab: error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def _opt_value(args: list[str], flag: str) -> str | None:
+    """The value of ``--flag V`` or ``--flag=V`` in a forwarded argument list."""
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def validate(lab: registry.Lab, nproc: int, lab_args: list[str]) -> None:
+    """Everything that can be checked before processes start; exits 2 on bad input."""
+    if nproc < 1:
+        fail(f"--nproc must be >= 1, got {nproc}")
+    if (msg := lab.check_world(nproc)):
+        fail(f"{msg}; use --nproc {lab.min_world}" if lab.max_world == lab.min_world
+             else f"{msg}; choose --nproc in {lab.world_text()}")
+    if lab.gpu_only:
+        import torch
+        if not torch.cuda.is_available():
+            fail(f"lab {lab.name!r} needs CUDA: {lab.gpu_only}")
+    if (missing := lab.missing()):
+        fail(f"lab {lab.name!r} needs {', '.join(missing)}; install it with "
+             f"pip install -c constraints.txt -e '.[{lab.extra or 'all'}]'")
+    from labs.core.data import DataError, check_divisible
+    from labs.core.train import UsageError, settings_from_args
+    mod = importlib.import_module(lab.module)
+    args = mod.make_parser().parse_args(lab_args)  # argparse prints usage and exits 2 itself
+    try:
+        settings = settings_from_args(args)
+        if lab.data_parallel:
+            check_divisible(settings.batch_size, nproc)
+        if hasattr(mod, "check_args"):
+            mod.check_args(args, settings, nproc)
+    except (UsageError, DataError) as e:
+        fail(str(e))
+
+
+def launch(lab: registry.Lab, nproc: int, lab_args: list[str], log: Path | None = None) -> int:
+    """torchrun on a free port (``--standalone``); returns its exit status."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "--max-restarts=0", "-m", lab.module, *lab_args]
+    env = dict(os.environ)
+    # Oversubscribing a small machine with torch's default thread pools makes every rank slower.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if log is None:
+        return subprocess.call(cmd, env=env)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        return subprocess.call(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def cmd_list(_args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title="dtlab labs")
+    for c in ("lab", "what it shows", "processes", "status"):
+        t.add_column(c)
+    for lab in registry.LABS.values():
+        missing = lab.missing()
+        if missing:
+            status = f"needs {', '.join(missing)} (extra '{lab.extra}')"
+        elif lab.gpu_only:
+            status = f"GPU only: {lab.gpu_only}"
+        else:
+            status = "ready"
+        t.add_row(lab.name, lab.summary, lab.world_text(), status)
+    Console().print(t)
+    return 0
+
+
+def cmd_run(args, lab_args: list[str]) -> int:
+    try:
+        lab = registry.get(args.lab)
+    except KeyError as e:
+        fail(e.args[0])
+    if _opt_value(lab_args, "--out") is None:
+        lab_args = [*lab_args, "--out", f"runs/{lab.name}-n{args.nproc}"]
+    validate(lab, args.nproc, lab_args)
+    out = Path(_opt_value(lab_args, "--out"))
+    (out / "summary.json").unlink(missing_ok=True)
+    rc = launch(lab, args.nproc, lab_args)
+    if not (out / "summary.json").is_file():
+        print(f"dtlab: {lab.name} ended with exit status {rc} and wrote no run record "
+              f"(see the output above)", file=sys.stderr)
+        return rc or 1
+    from labs.core.record import read_summary
+    from labs.tools.report import print_table
+    summary = read_summary(out)
+    print_table([summary])
+    if summary["baseline"]["ok"] is False:
+        print(f"dtlab: {lab.name} is OUTSIDE its tolerance {summary['baseline']['tolerance']}",
+              file=sys.stderr)
+        return 1
+    return rc
+
+
+def cmd_tour(args) -> int:
+    from rich.console import Console
+    from labs.core.record import atomic_write_text, read_summary
+    from labs.tools.report import markdown_table, print_table
+    console = Console()
+    names = list(registry.LABS)
+    if args.only:
+        wanted = [n.strip() for n in args.only.split(",") if n.strip()]
+        for n in wanted:
+            if n not in registry.LABS:
+                fail(f"--only: unknown lab {n!r}; labs: {', '.join(registry.LABS)}")
+        names = wanted
+    skip = {n.strip() for n in (args.skip or "").split(",") if n.strip()}
+    for n in skip:
+        if n not in registry.LABS:
+            fail(f"--skip: unknown lab {n!r}; labs: {', '.join(registry.LABS)}")
+    out = Path(args.out)
+    summaries, skipped, failed = [], [], []
+    for i, name in enumerate(n for n in names if n not in skip):
+        lab = registry.LABS[name]
+        if lab.missing():
+            skipped.append((name, f"needs {', '.join(lab.missing())} (extra '{lab.extra}')"))
+            continue
+        if lab.gpu_only:
+            import torch
+            if not torch.cuda.is_available():
+                skipped.append((name, f"needs CUDA: {lab.gpu_only}"))
+                continue
+        nproc = lab.tour_nproc if lab.max_world == lab.min_world else (args.nproc or lab.tour_nproc)
+        run_out = out / f"{name}-n{nproc}"
+        lab_args = ["--steps", str(args.steps), "--out", str(run_out), *lab.tour_args]
+        validate(lab, nproc, lab_args)
+        t0 = time.perf_counter()
+        with console.status(f"[{i + 1}/{len(names)}] {name} on {nproc} process(es)..."):
+            (run_out / "summary.json").unlink(missing_ok=True)
+            rc = launch(lab, nproc, lab_args, log=run_out / "run.log")
+        dt = time.perf_counter() - t0
+        if (run_out / "summary.json").is_file():
+            s = read_summary(run_out)
+            summaries.append(s)
+            ok = {True: "ok", False: "OUTSIDE TOLERANCE", None: "not compared"}[s["baseline"]["ok"]]
+            console.print(f"  {name:<12} {ok:<18} {dt:5.1f} s   log: {run_out / 'run.log'}")
+            if s["baseline"]["ok"] is False:
+                failed.append(name)
+        else:
+            failed.append(name)
+            console.print(f"  {name:<12} [bold red]FAILED[/] (exit {rc}); log: {run_out / 'run.log'}")
+    print_table(summaries, title="dtlab tour: every lab against the single-process baseline")
+    for name, why in skipped:
+        console.print(f"  skipped {name}: {why}")
+    report = ["# dtlab tour\n", markdown_table(summaries)]
+    report += [f"- skipped {n}: {why}\n" for n, why in skipped]
+    report += [f"- FAILED {n}: see {out / n}*/run.log\n" for n in failed]
+    atomic_write_text(out / "report.md", "".join(report))
+    console.print(f"report: {out / 'report.md'}")
+    return 1 if failed else 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dtlab", description="Distributed-training lab.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="every lab, one line, and whether it can run here")
+    r = sub.add_parser("run", allow_abbrev=False, help="run one lab under torchrun and compare it with the baseline",
+                       description="Flags other than --nproc go to the lab "
+                                   "(python -m labs.LAB --help lists them).")
+    r.add_argument("lab")
+    r.add_argument("--nproc", type=int, default=None,
+                   help="processes (default: the lab's tour size)")
+    t = sub.add_parser("tour", help="run every available lab, verified, and print one table")
+    t.add_argument("--nproc", type=int, default=None, help="processes for multi-process labs")
+    t.add_argument("--steps", type=int, default=20)
+    t.add_argument("--out", default="runs/tour")
+    t.add_argument("--only", default=None, help="comma-separated labs to run")
+    t.add_argument("--skip", default=None, help="comma-separated labs to leave out")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = make_parser().parse_known_args(argv)
+    if args.command == "run":
+        if args.nproc is None:
+            args.nproc = registry.LABS[args.lab].tour_nproc if args.lab in registry.LABS else 1
+        return cmd_run(args, rest)
+    if rest:
+        fail(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "list":
+        return cmd_list(args)
+    if args.nproc is not None and args.nproc < 1:
+        fail(f"--nproc must be >= 1, got {args.nproc}")
+    return cmd_tour(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""ToyGPT: the one small decoder-only transformer that every lab trains.
+
+It is written so that every strategy can cut it:
+- ``model.layers`` is a flat, ordered list ``[Embedding, Block, ..., Block, LMHead]`` and the
+  forward pass is just that list applied in order, so ``model.stages(n)`` can hand contiguous
+  slices of it to pipeline stages;
+- every matrix multiply is a named ``nn.Linear`` (``attn.q/k/v`` or ``attn.qkv``, ``attn.proj``,
+  ``mlp.fc``, ``mlp.proj``, ``head``), which is what column/row-parallel plans name;
+- there is no dropout and no buffer (the causal mask is built inside attention), so a replica's
+  state is exactly its parameters and runs are deterministic.
+
+Initial weights come from ``init_seed`` alone, through a private generator, so every rank and the
+single-process baseline start bit-for-bit equal no matter what else touched the global RNG.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 16
+    seq_len: int = 32
+    n_layer: int = 2
+    n_head: int = 2
+    d_model: int = 32
+    d_ff: int = 128
+    fused_qkv: bool = False
+    init_seed: int = 0
+
+    def __post_init__(self):
+        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "d_ff"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"ModelConfig: d_model={self.d_model} is not divisible by n_head={self.n_head}; "
+                "pick a d_model that is a multiple of n_head")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# Presets. ``vocab_size=None`` means "as large as the data's vocabulary"; gpt2-124m keeps GPT-2's
+# own vocabulary so its parameter count is the familiar 124M.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(seq_len=32, n_layer=2, n_head=2, d_model=32, d_ff=128, batch_size=16, lr=3e-3),
+    "small": dict(seq_len=64, n_layer=4, n_head=4, d_model=128, d_ff=512, batch_size=16, lr=1e-3),
+    "gpt2-124m": dict(vocab_size=50257, seq_len=1024, n_layer=12, n_head=12, d_model=768,
+                      d_ff=3072, batch_size=8, lr=6e-4),
+}
+DEFAULT_PRESET = "tiny"
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def preset(name: str) -> dict:
+    """The preset's settings (model shape plus default global batch size and learning rate)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def config_from_preset(name: str, vocab_size: int, **overrides) -> ModelConfig:
+    p = preset(name)
+    p.pop("batch_size"), p.pop("lr")
+    p.setdefault("vocab_size", vocab_size)
+    if p["vocab_size"] < vocab_size:
+        raise ValueError(f"preset {name!r} has vocab_size {p['vocab_size']} < data vocabulary "
+                         f"{vocab_size}")
+    return replace(ModelConfig(**p), **overrides)
+
+
+class Embedding(nn.Module):
+    """Token plus learned position embedding."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        pos = torch.arange(t, device=idx.device)
+        return self.tok(idx) + self.pos(pos)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        d = cfg.d_model
+        # q/k/v carry no bias: a key bias adds the same amount to every score of a query, so
+        # softmax cancels it and its true gradient is zero. Adam would turn the rounding noise
+        # in that zero into full-size steps, and two exact strategies would drift apart.
+        if cfg.fused_qkv:
+            self.qkv = nn.Linear(d, 3 * d, bias=False)
+        else:
+            self.q, self.k, self.v = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        if hasattr(self, "qkv"):
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        # Heads come from the last dimension, so a tensor-parallel shard holding whole heads can
+        # run this same code with fewer heads (n_head is read from the width it receives).
+        hd = self.proj.in_features // self.n_head
+        heads = q.shape[-1] // hd
+        q, k, v = (z.view(b, t, heads, hd).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, heads * hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
+        self.ln2, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class LMHead(nn.Module):
+    """Final LayerNorm and the projection to vocabulary logits."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.ln_f(x))
+
+
+class ToyGPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(
+            [Embedding(cfg)] + [Block(cfg) for _ in range(cfg.n_layer)] + [LMHead(cfg)])
+        self.reset_parameters(cfg.init_seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        """GPT-2 style init from ``seed`` only: N(0, 0.02), residual projections scaled by
+        1/sqrt(2 * n_layer), zero biases, unit LayerNorm gains. Visiting parameters in name order
+        makes the result independent of the global RNG and of the device."""
+        g = torch.Generator().manual_seed(seed)
+        resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        for name, p in self.named_parameters():
+            if p.is_meta:  # shapes only (count_params)
+                continue
+            if name.endswith("bias"):
+                p.zero_()
+            elif ".ln" in name:
+                p.fill_(1.0)
+            else:
+                std = resid_std if name.endswith("proj.weight") else 0.02
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = idx
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @staticmethod
+    def count_params(cfg: ModelConfig) -> int:
+        """Parameter count from the shapes alone (no weights are made)."""
+        with torch.device("meta"):
+            return ToyGPT(cfg).num_params()
+
+    def stages(self, n: int) -> list[nn.Sequential]:
+        """Split ``layers`` into ``n`` contiguous pipeline stages with blocks spread as evenly as
+        possible (the embedding rides with the first stage, the head with the last). The stages
+        share the model's modules, so their parameter names map back with :func:`stage_names`."""
+        if not 1 <= n <= self.cfg.n_layer:
+            raise ValueError(f"cannot cut {self.cfg.n_layer} blocks into {n} pipeline stages; "
+                             f"use 1 <= stages <= n_layer (or a preset with more layers)")
+        bounds = stage_bounds(self.cfg.n_layer, n)
+        return [nn.Sequential(*self.layers[lo:hi]) for lo, hi in bounds]
+
+
+def stage_bounds(n_layer: int, n: int) -> list[tuple[int, int]]:
+    """[lo, hi) indices into ``ToyGPT.layers`` for each of ``n`` stages."""
+    base, extra = divmod(n_layer, n)
+    out, start = [], 1  # layers[0] is the embedding
+    for s in range(n):
+        end = start + base + (1 if s < extra else 0)
+        out.append((0 if s == 0 else start, end + (1 if s == n - 1 else 0)))
+        start = end
+    return out
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy over every position of the (local) batch."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ToyGPT:
+    return ToyGPT(cfg).to(device)

@@ -1,0 +1,123 @@
+"""Run records (``summary.json`` and ``steps.jsonl``) and the comparison with the baseline.
+
+summary.json fields (stable; tools and tests read them):
+    lab, variant, world_size, backend, device, dtype, preset, steps, seed,
+    losses            loss of the whole global batch at every step, as seen on rank 0
+    baseline          {max_abs_loss_diff, max_rel_loss_diff, max_abs_param_diff, tolerance, ok}
+    time              {step_s_median, tokens_per_s, wall_s}
+    comm              {bytes_per_step, calls_per_step, by_op: {op: {calls, bytes, sent_bytes}},
+                       per_rank: [bytes_per_step of each rank]}
+    memory            {per_rank: [{params, grads, optimizer, activations_peak, peak}]}  (bytes)
+    extra             lab-specific figures
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+SUMMARY_FIELDS = ("lab", "variant", "world_size", "backend", "device", "dtype", "preset", "steps",
+                  "seed", "losses", "baseline", "time", "comm", "memory", "extra")
+
+# fp32 strategies: losses within 1e-5 relative, parameters within 1e-4 absolute.
+FP32_TOLERANCE = {"loss_rel": 1e-5, "param_abs": 1e-4}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_record(out: Path, summary: dict, steps: list[dict]) -> None:
+    missing = [k for k in SUMMARY_FIELDS if k not in summary]
+    if missing:
+        raise KeyError(f"run record is missing fields {missing}")
+    atomic_write_text(out / "steps.jsonl", "".join(json.dumps(s) + "\n" for s in steps))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def read_summary(out: Path) -> dict:
+    return json.loads((Path(out) / "summary.json").read_text())
+
+
+def compare(losses: list[float], params: dict[str, torch.Tensor], base_losses: list[float],
+            base_params: dict[str, torch.Tensor], tolerance: dict) -> dict:
+    """How far a run drifted from the baseline, and whether that is within ``tolerance``."""
+    if len(losses) != len(base_losses):
+        raise ValueError(f"run has {len(losses)} losses, baseline {len(base_losses)}")
+    abs_d = [abs(a - b) for a, b in zip(losses, base_losses)]
+    rel_d = [d / max(abs(b), 1e-12) for d, b in zip(abs_d, base_losses)]
+    if set(params) != set(base_params):
+        only_run = sorted(set(params) - set(base_params))[:3]
+        only_base = sorted(set(base_params) - set(params))[:3]
+        raise ValueError(f"parameter names differ from the baseline: run-only {only_run}, "
+                         f"baseline-only {only_base}")
+    pdiff, worst = 0.0, None
+    for name, ref in base_params.items():
+        got = params[name].detach().to("cpu", torch.float32)
+        if got.shape != ref.shape:
+            raise ValueError(f"parameter {name}: shape {tuple(got.shape)} vs baseline "
+                             f"{tuple(ref.shape)}")
+        d = (got - ref.float()).abs().max().item() if ref.numel() else 0.0
+        if d > pdiff:
+            pdiff, worst = d, name
+    ok = max(rel_d, default=0.0) <= tolerance["loss_rel"] and pdiff <= tolerance["param_abs"]
+    return {"max_abs_loss_diff": max(abs_d, default=0.0), "max_rel_loss_diff": max(rel_d, default=0.0),
+            "max_abs_param_diff": pdiff, "worst_param": worst, "tolerance": dict(tolerance),
+            "ok": bool(ok)}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DTLAB_CACHE", Path.home() / ".cache" / "dtlab")) / "baseline"
+
+
+def _code_fingerprint() -> str:
+    """The baseline depends on the model, data and loop code too: a change to any of them must
+    not be answered from an old cache entry."""
+    h = hashlib.sha256()
+    core = Path(__file__).parent
+    for name in ("model.py", "data.py", "train.py"):
+        h.update((core / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(settings: dict) -> str:
+    blob = json.dumps({**settings, "torch": torch.__version__, "code": _code_fingerprint()},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def load_cached(key: str):
+    f = cache_dir() / f"{key}.pt"
+    if not f.is_file():
+        return None
+    try:
+        d = torch.load(f, map_location="cpu", weights_only=True)
+        return d["losses"], d["params"]
+    except Exception:  # a corrupt cache entry is recomputed, never trusted
+        return None
+
+
+def store_cached(key: str, losses: list[float], params: dict[str, torch.Tensor]) -> None:
+    d = cache_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{key}.")
+    os.close(fd)
+    try:
+        torch.save({"losses": list(losses), "params": {k: v.cpu() for k, v in params.items()}}, tmp)
+        os.replace(tmp, d / f"{key}.pt")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,331 @@
+"""The one training loop. The single-process baseline is this loop at world size 1.
+
+    for step in range(steps):
+        x, y   = corpus.global_batch(step)          # same data for every strategy
+        x, y   = strategy.local_batch(x, y)         # e.g. this rank's rows
+        loss   = strategy.forward_backward(x, y)    # forward, loss, backward
+        strategy.after_backward()                   # e.g. wait for gradient all-reduces
+        strategy.optimizer_step()
+        record the loss of the whole global batch, the step time and the bytes communicated
+
+A lab is a :class:`Strategy` subclass that overrides the hook it changes (DDP wraps the model;
+ZeRO replaces ``optimizer_step``; a pipeline replaces ``forward_backward``), plus ``main``, which
+is one call to :func:`run_lab`. Afterwards rank 0 collects the full parameters, reruns (or reads a
+cached) baseline with identical settings, and writes the run record.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from labs.core import memory as mem
+from labs.core import record, runtime
+from labs.core.comm import CommCounter
+from labs.core.data import Corpus, DataError, check_divisible, rank_slice
+from labs.core.model import (DEFAULT_PRESET, ModelConfig, ToyGPT, build_model,
+                             config_from_preset, loss_fn, preset, preset_names)
+
+
+class UsageError(ValueError):
+    """Bad user input; reported as one line with exit status 2."""
+
+
+# --------------------------------------------------------------------------- settings
+
+@dataclass
+class Settings:
+    preset: str = DEFAULT_PRESET
+    steps: int = 20
+    batch_size: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    data: str | None = None
+    out: str = "runs/latest"
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def identity(self) -> dict:
+        """Everything that determines the baseline's trajectory (the cache key)."""
+        d = asdict(self)
+        d.pop("out")
+        d["data"] = self.corpus().describe()
+        return d
+
+    def corpus(self) -> Corpus:
+        return Corpus(self.batch_size, self.model.seq_len, seed=self.seed, path=self.data)
+
+
+def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = p.add_argument_group("common run settings")
+    g.add_argument("--steps", type=int, default=20, help="training steps (default 20)")
+    g.add_argument("--preset", default=DEFAULT_PRESET,
+                   help=f"model preset: {', '.join(preset_names())} (default {DEFAULT_PRESET})")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="global batch size in sequences (default: the preset's)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: preset's)")
+    g.add_argument("--seed", type=int, default=0, help="data and init seed (default 0)")
+    g.add_argument("--data", default=None, help="UTF-8 text file to train on, char-level "
+                   "(default: synthetic addition problems, no files needed)")
+    g.add_argument("--out", default="runs/latest", help="run record folder (default runs/latest)")
+    g.add_argument("--backend", default=None, choices=["gloo", "nccl"],
+                   help="process-group backend (default: nccl with CUDA, else gloo)")
+    g.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if present)")
+    g.add_argument("--timeout", type=float, default=runtime.DEFAULT_TIMEOUT_S,
+                   help="seconds a collective or the start-up may wait for a missing rank "
+                        f"(default {runtime.DEFAULT_TIMEOUT_S:g})")
+    g.add_argument("--no-baseline", action="store_true",
+                   help="skip the baseline comparison (baseline.ok is then null)")
+    g.add_argument("--log-every", type=int, default=None, help="print a loss line every N steps")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    try:
+        p = preset(args.preset)
+    except KeyError as e:
+        raise UsageError(f"--preset: {e.args[0]}") from None
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    batch = args.batch_size if args.batch_size is not None else p["batch_size"]
+    lr = args.lr if args.lr is not None else p["lr"]
+    if batch < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch}")
+    if lr <= 0:
+        raise UsageError(f"--lr must be > 0, got {lr}")
+    s = Settings(preset=args.preset, steps=args.steps, batch_size=batch, lr=lr, seed=args.seed,
+                 data=args.data, out=args.out)
+    vocab = Corpus(1, 1, path=None).vocab_size if args.data is None else None
+    if vocab is None:  # a text file: its characters are the vocabulary
+        seq = config_from_preset(args.preset, 1).seq_len
+        vocab = Corpus(batch, seq, path=args.data).vocab_size
+    s.model = config_from_preset(args.preset, vocab, init_seed=args.seed)
+    s.corpus()  # validates --data against the model's sequence length
+    return s
+
+
+# --------------------------------------------------------------------------- strategy
+
+class Strategy:
+    """Plain training on one process; labs subclass it and override the hooks they change."""
+
+    name = "baseline"
+    variant = "single"
+    dtype = "fp32"
+    tolerance = record.FP32_TOLERANCE
+
+    def __init__(self, rt: runtime.Runtime, settings: Settings):
+        self.rt, self.settings = rt, settings
+        self.comm = CommCounter(rt.world_size)
+        self.meter = mem.ActivationMeter()
+        self.extra: dict = {}
+
+    # ---- set-up
+    def build(self) -> None:
+        """Create ``self.model`` and ``self.optimizer``."""
+        self.model = build_model(self.settings.model, self.rt.device)
+        self.optimizer = self.make_optimizer(self.model.parameters())
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=self.settings.lr, betas=(0.9, 0.95),
+                                 weight_decay=self.settings.weight_decay)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rt.rank
+
+    @property
+    def dp_world(self) -> int:
+        return self.rt.world_size
+
+    # ---- one step
+    def local_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rank_slice(x, self.dp_rank, self.dp_world), rank_slice(y, self.dp_rank, self.dp_world)
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.meter.measure(self.model.parameters()):
+            loss = loss_fn(self.model(x), y)
+        loss.backward()
+        return loss.detach()
+
+    def after_backward(self) -> None:
+        pass
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+
+    def global_loss(self, local_loss: torch.Tensor) -> float:
+        """Loss of the whole global batch: the mean of the data-parallel ranks' equal slices.
+        This all-reduce is bookkeeping, not training traffic, so it is not counted."""
+        if self.rt.distributed and self.dp_world > 1:
+            t = local_loss.detach().clone().float()
+            dist.all_reduce(t)
+            return t.item() / self.rt.world_size
+        return local_loss.item()
+
+    # ---- afterwards
+    def num_params(self) -> int:
+        """Parameters of the whole model (not of this rank's shard)."""
+        return ToyGPT.count_params(self.settings.model)
+
+    def full_state(self) -> dict[str, torch.Tensor] | None:
+        """Full parameters under the baseline's names, on rank 0 (None elsewhere)."""
+        m = getattr(self.model, "module", self.model)
+        return {k: v.detach().cpu() for k, v in m.named_parameters()} if self.rt.is_main else None
+
+    def memory(self) -> dict:
+        params = list(self.model.parameters())
+        return mem.snapshot(params, self.optimizer, self.meter, self.rt.device)
+
+    def close(self) -> None:
+        """Drop the model and optimizer before the process group goes. A DDP wrapper still alive
+        at interpreter exit, after its group was destroyed, can abort the process from C++."""
+        self.model = self.optimizer = None
+        gc.collect()
+
+
+# --------------------------------------------------------------------------- loop
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(strategy: Strategy, log_every: int | None = None) -> tuple[list[float], list[dict]]:
+    rt, s = strategy.rt, strategy.settings
+    corpus = s.corpus()
+    losses, steps = [], []
+    if log_every is None:
+        log_every = max(1, s.steps // 10)
+    for step in range(s.steps):
+        x, y = corpus.global_batch(step)
+        x, y = strategy.local_batch(x.to(rt.device), y.to(rt.device))
+        _sync(rt.device)
+        t0 = time.perf_counter()
+        loss = strategy.forward_backward(x, y)
+        strategy.after_backward()
+        strategy.optimizer_step()
+        _sync(rt.device)
+        dt = time.perf_counter() - t0
+        strategy.comm.end_step()
+        losses.append(strategy.global_loss(loss))
+        steps.append({"step": step, "loss": losses[-1], "step_s": dt,
+                      "comm_bytes": strategy.comm.step_sent[-1]})
+        if log_every and (step % log_every == 0 or step == s.steps - 1):
+            rt.log(f"step {step:4d}  loss {losses[-1]:.4f}  {dt * 1e3:7.1f} ms")
+    return losses, steps
+
+
+def baseline(settings: Settings, device: torch.device) -> tuple[list[float], dict]:
+    """The reference trajectory: this loop, one process, the whole global batch (cached)."""
+    key = record.cache_key({**settings.identity(), "device": device.type})
+    hit = record.load_cached(key)
+    if hit is not None:
+        return hit
+    rt = runtime.Runtime(device=device)
+    strat = Strategy(rt, settings)
+    strat.build()
+    losses, _ = train(strat, log_every=0)
+    params = strat.full_state()
+    record.store_cached(key, losses, params)
+    return losses, params
+
+
+def _gather(obj, rt: runtime.Runtime) -> list:
+    if not rt.distributed:
+        return [obj]
+    out = [None] * rt.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def run(strategy: Strategy, lab: str, compare_baseline: bool = True,
+        log_every: int | None = None) -> dict:
+    """Build, train, compare with the baseline, write the record; returns the summary."""
+    rt, s = strategy.rt, strategy.settings
+    t_wall = time.perf_counter()
+    strategy.build()
+    n_params = strategy.num_params()
+    rt.log(f"{lab} [{strategy.variant}]  world {rt.world_size}  {rt.backend}/{rt.device}  "
+           f"preset {s.preset} ({n_params:,} parameters)"
+           f"  global batch {s.batch_size} x {s.model.seq_len} tokens  {s.steps} steps")
+    losses, steps = train(strategy, log_every)
+    wall = time.perf_counter() - t_wall
+    full = strategy.full_state()
+    mems = _gather(strategy.memory(), rt)
+    comms = _gather(strategy.comm.summary(), rt)
+    # Every rank leaves the process group together before rank 0 turns to the baseline, so no
+    # rank sits in a collective (or tears a connection down) while rank 0 computes alone.
+    rt.barrier()
+    strategy.close()
+    runtime.shutdown(rt)
+    summary = None
+    if rt.is_main:
+        step_s = statistics.median(st["step_s"] for st in steps)
+        if compare_baseline:
+            base_losses, base_params = baseline(s, rt.device)
+            cmp = record.compare(losses, full, base_losses, base_params, strategy.tolerance)
+        else:
+            cmp = {"max_abs_loss_diff": None, "max_rel_loss_diff": None,
+                   "max_abs_param_diff": None, "tolerance": dict(strategy.tolerance), "ok": None}
+        comm = dict(comms[0])
+        comm["per_rank"] = [c["bytes_per_step"] for c in comms]
+        summary = {
+            "lab": lab, "variant": strategy.variant, "world_size": rt.world_size,
+            "backend": rt.backend, "device": str(rt.device), "dtype": strategy.dtype,
+            "preset": s.preset, "steps": s.steps, "seed": s.seed,
+            "batch_size": s.batch_size, "seq_len": s.model.seq_len, "n_params": n_params,
+            "losses": losses, "baseline": cmp,
+            "time": {"step_s_median": step_s,
+                     "tokens_per_s": s.batch_size * s.model.seq_len / step_s, "wall_s": wall},
+            "comm": comm, "memory": {"per_rank": mems}, "extra": strategy.extra,
+        }
+        record.write_record(Path(s.out), summary, steps)
+        verdict = {True: "OK", False: "OUTSIDE TOLERANCE", None: "not compared"}[cmp["ok"]]
+        if cmp["ok"] is not None:
+            rt.log(f"baseline: max |loss diff| {cmp['max_abs_loss_diff']:.2e} "
+                   f"(rel {cmp['max_rel_loss_diff']:.2e}), max |param diff| "
+                   f"{cmp['max_abs_param_diff']:.2e}  -> {verdict}")
+        rt.log(f"wrote {Path(s.out) / 'summary.json'}")
+    return summary
+
+
+def run_lab(lab: str, parser: argparse.ArgumentParser, make_strategy, argv=None,
+            check_args=None) -> int:
+    """A lab's ``main``: parse, join the process group, run, report. Exit status 0 when within
+    tolerance, 1 when outside, 2 for bad input, 3 when the process group failed."""
+    args = parser.parse_args(argv)
+    rt = None
+    try:
+        settings = settings_from_args(args)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if check_args is not None:
+            check_args(args, settings, world)
+        else:
+            check_divisible(settings.batch_size, world)
+        rt = runtime.init(args.backend, args.device, args.timeout, args.seed)
+        strategy = make_strategy(rt, settings, args)
+        summary = run(strategy, lab, compare_baseline=not args.no_baseline,
+                      log_every=args.log_every)
+    except (UsageError, DataError) as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"dtlab: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except runtime.RuntimeSetupError as e:
+        print(f"dtlab: error: {e}", file=sys.stderr, flush=True)
+        return 3
+    finally:
+        if rt is not None:
+            runtime.shutdown(rt)
+    if summary is None:  # not rank 0
+        return 0
+    return 1 if summary["baseline"]["ok"] is False else 0

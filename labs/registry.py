@@ -1,0 +1,55 @@
+"""Which labs exist, what they need and how many processes they run on.
+
+Kept free of heavy imports so ``dtlab list`` answers instantly and never imports an optional
+dependency: presence is checked with ``importlib.util.find_spec``.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Lab:
+    name: str
+    summary: str
+    min_world: int = 1
+    max_world: int | None = None          # None: any size
+    tour_nproc: int = 2                   # what `dtlab tour` runs it with
+    requires: tuple[str, ...] = ()        # importable modules it needs
+    extra: str | None = None              # the pip extra that brings them
+    gpu_only: str | None = None           # why it cannot run without CUDA, if it cannot
+    tolerance: str = "fp32: loss 1e-5 rel, params 1e-4 abs"
+    data_parallel: bool = True            # the global batch is split over all ranks
+    tour_args: tuple[str, ...] = field(default=())
+
+    @property
+    def module(self) -> str:
+        return f"labs.{self.name}"
+
+    def world_text(self) -> str:
+        if self.max_world == self.min_world:
+            return str(self.min_world)
+        return f"{self.min_world}..{self.max_world}" if self.max_world else f">={self.min_world}"
+
+    def missing(self) -> list[str]:
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+
+    def check_world(self, n: int) -> str | None:
+        """An error message when ``n`` processes do not suit this lab, else None."""
+        if n < self.min_world or (self.max_world is not None and n > self.max_world):
+            return f"lab {self.name!r} runs on {self.world_text()} process(es), not {n}"
+        return None
+
+
+LABS: dict[str, Lab] = {lab.name: lab for lab in [
+    Lab("baseline", "one process, whole global batch: the reference every lab must equal",
+        min_world=1, max_world=1, tour_nproc=1),
+    Lab("ddp", "DistributedDataParallel: replicas, bucketed gradient all-reduce, counted bytes"),
+]}
+
+
+def get(name: str) -> Lab:
+    if name not in LABS:
+        raise KeyError(f"unknown lab {name!r}; `dtlab list` shows the labs: {', '.join(LABS)}")
+    return LABS[name]

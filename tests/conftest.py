@@ -1,0 +1,46 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Baseline cache per test session, so no stale entry from another checkout can answer."""
+    os.environ["DTLAB_CACHE"] = str(tmp_path_factory.mktemp("dtlab-cache"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dtlab(*args, timeout=300, env=None, cwd=None) -> subprocess.CompletedProcess:
+    """Run the real console entry point as a user would."""
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "labs.cli", *map(str, args)], cwd=cwd or ROOT,
+                          env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def run_lab(lab, nproc, out: Path, *extra, timeout=300):
+    """``dtlab run LAB --nproc N --out OUT ...``; returns (completed process, summary or None)."""
+    p = dtlab("run", lab, "--nproc", nproc, "--out", out, *extra, timeout=timeout)
+    f = Path(out) / "summary.json"
+    return p, (json.loads(f.read_text()) if f.is_file() else None)
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (gpu marker); runs where a GPU is lent")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
