@@ -118,9 +118,10 @@ def cmd_run(args, lab_args: list[str]) -> int:
     from labs.tools.report import print_table
     summary = read_summary(out)
     print_table([summary])
-    if summary["baseline"]["ok"] is False:
-        print(f"dtlab: {lab.name} is OUTSIDE its tolerance {summary['baseline']['tolerance']}",
-              file=sys.stderr)
+    if not summary["ok"]:
+        why = ("OUTSIDE its tolerance " + str(summary["baseline"]["tolerance"])
+               if summary["baseline"]["ok"] is False else "failing its own checks (see extra)")
+        print(f"dtlab: {lab.name} is {why}", file=sys.stderr)
         return 1
     return rc
 
@@ -165,9 +166,10 @@ def cmd_tour(args) -> int:
         if (run_out / "summary.json").is_file():
             s = read_summary(run_out)
             summaries.append(s)
-            ok = {True: "ok", False: "OUTSIDE TOLERANCE", None: "not compared"}[s["baseline"]["ok"]]
+            ok = ("FAILED CHECKS" if not s["ok"] and s["baseline"]["ok"] is not False else
+                  {True: "ok", False: "OUTSIDE TOLERANCE", None: "not compared"}[s["baseline"]["ok"]])
             console.print(f"  {name:<12} {ok:<18} {dt:5.1f} s   log: {run_out / 'run.log'}")
-            if s["baseline"]["ok"] is False:
+            if not s["ok"]:
                 failed.append(name)
         else:
             failed.append(name)

@@ -1,30 +1,47 @@
 """DDP: data parallelism with one process per device, gradients averaged by all-reduce.
 
-Answers QUESTIONS.md 3, 9 and 35-38 (first part). Every rank holds a full replica, starts from
-the same weights (DDP broadcasts rank 0's state when it wraps the model), takes its rows of the
-global batch, and runs forward and backward on them. During backward, DDP packs gradients into
-buckets (by default 25 MiB, filled in reverse parameter order, the order backward produces them)
-and all-reduces each bucket as soon as it is full, so communication overlaps the rest of backward.
-After the average every replica holds the same gradient, so the same optimizer step keeps them
-equal: the run equals one process training on the whole global batch.
+Answers QUESTIONS.md 3, 9 and 35-38. Every rank holds a full replica, starts from the same
+weights, takes its rows of the global batch and runs forward and backward on them. During
+backward, gradients are packed into buckets (25 MiB by default, filled in reverse parameter
+order, the order backward produces them) and each bucket is all-reduced as soon as it is full,
+so communication overlaps the rest of backward. After the average every replica holds the same
+gradient, the same optimizer step keeps them equal, and the run equals one process training on
+the whole global batch.
 
-Here the all-reduce goes through a communication hook that does what DDP's default does (divide by
-the world size, all-reduce) and counts every bucket, so the record's ``comm`` shows the bytes.
+Two implementations:
+- ``--impl torch``: torch.nn.parallel.DistributedDataParallel, its all-reduce routed through a
+  communication hook that does what DDP's default does and counts every bucket.
+- ``--impl own``: the same machinery written out below: broadcast of rank 0's initial state,
+  per-parameter hooks that fill buckets, an asynchronous all-reduce per full bucket (our ring
+  from ring_allreduce.py on a communication thread, or the library's with ``--allreduce
+  library``), a wait before the optimizer step, the average. ``--accum K`` splits each rank's
+  rows into K micro-batches and communicates only after the last one (what DDP's ``no_sync``
+  is for). ``--no-overlap`` waits for backward to finish before sending anything, to measure
+  what the overlap saves.
+
 Per step and rank, with G gradient bytes and W ranks, a ring all-reduce sends 2(W-1)/W * G.
 
 Run:
     torchrun --nproc_per_node=2 -m labs.ddp --steps 20
-    dtlab run ddp --nproc 4 --steps 20 --bucket-mb 0.01
+    dtlab run ddp --nproc 4 --impl own --allreduce ring --accum 2 --bucket-mb 0.02
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
+import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from labs.core.comm import counting_allreduce_hook
-from labs.core.train import Strategy, add_common_args, run_lab
+from labs.core.data import check_divisible
+from labs.core.model import loss_fn
+from labs.core.train import Strategy, UsageError, add_common_args, run_lab
+from labs.ring_allreduce import ring_all_reduce
 
 
 class TorchDDP(Strategy):
@@ -43,24 +60,167 @@ class TorchDDP(Strategy):
         self.extra["bucket_mb"] = self.bucket_mb
 
 
+class Bucket:
+    """Consecutive parameters whose gradients travel in one all-reduce."""
+
+    def __init__(self, index: int, params: list[torch.nn.Parameter]):
+        self.index, self.params = index, params
+        self.flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype,
+                                device=params[0].device)
+        self.ready = 0
+        self.pending = None  # a Work (library) or a Future (our ring on the comm thread)
+
+
+class OwnDDP(Strategy):
+    name = "ddp"
+
+    def __init__(self, rt, settings, bucket_mb=25.0, allreduce="ring", accum=1, overlap=True):
+        super().__init__(rt, settings)
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self.allreduce, self.accum, self.overlap = allreduce, accum, overlap
+        self.variant = f"own-{allreduce}" + (f"-accum{accum}" if accum > 1 else "") + \
+            ("" if overlap else "-nooverlap")
+        self.timings = {"backward_s": [], "wait_s": []}
+
+    def build(self) -> None:
+        super().build()
+        params = list(self.model.parameters())
+        if self.rt.distributed:
+            # 1. Same start on every rank: rank 0's parameters win. (The model is already equal
+            #    by seed; the broadcast is what makes DDP safe when user code is not.)
+            for p in params:
+                dist.broadcast(p.data, src=0)
+            self.extra["initial_broadcast_bytes"] = sum(p.numel() * p.element_size()
+                                                        for p in params)
+        # 2. Buckets in reverse order of registration: the last layers' gradients are ready
+        #    first in backward, so the first bucket fills (and leaves) early.
+        self.buckets, current, size = [], [], 0
+        for p in reversed(params):
+            current.append(p)
+            size += p.numel() * p.element_size()
+            if size >= self.bucket_bytes:
+                self.buckets.append(Bucket(len(self.buckets), current))
+                current, size = [], 0
+        if current:
+            self.buckets.append(Bucket(len(self.buckets), current))
+        self.bucket_of = {p: b for b in self.buckets for p in b.params}
+        # 3. A hook per parameter, fired once its gradient has been accumulated into .grad.
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._grad_ready)
+        # Our ring is blocking point-to-point code; a single communication thread runs the
+        # buckets one after another, in launch order, while backward goes on in this thread.
+        self.comm_thread = ThreadPoolExecutor(max_workers=1) if self.allreduce == "ring" else None
+        self.extra.update(bucket_mb=self.bucket_bytes / 2**20, accum=self.accum,
+                          allreduce=self.allreduce, overlap=self.overlap,
+                          buckets=[sum(p.numel() for p in b.params) for b in self.buckets])
+
+    # ---- hooks: fill buckets, launch them in order
+    def _grad_ready(self, p: torch.nn.Parameter) -> None:
+        if not (self.sync_now and self.overlap and self.rt.distributed):
+            return
+        b = self.bucket_of[p]
+        b.ready += 1
+        # Launch strictly in bucket order, so every rank issues the same sequence of
+        # collectives even if gradients became ready in a different order.
+        while self.next_bucket < len(self.buckets) and \
+                self.buckets[self.next_bucket].ready == len(self.buckets[self.next_bucket].params):
+            self._launch(self.buckets[self.next_bucket])
+            self.next_bucket += 1
+
+    def _launch(self, b: Bucket) -> None:
+        torch.cat([p.grad.reshape(-1) if p.grad is not None else
+                   torch.zeros(p.numel(), device=p.device) for p in b.params], out=b.flat)
+        b.flat.div_(self.rt.world_size)
+        if self.allreduce == "library":
+            self.comm.record("all_reduce", b.flat)
+            b.pending = dist.all_reduce(b.flat, async_op=True)
+        else:
+            b.pending = self.comm_thread.submit(ring_all_reduce, b.flat, self.comm)
+
+    # ---- the step
+    def forward_backward(self, x, y):
+        self.optimizer.zero_grad(set_to_none=True)
+        for b in self.buckets:
+            b.ready, b.pending = 0, None
+        self.next_bucket = 0
+        total = 0.0
+        t_bwd = 0.0
+        micro = zip(x.chunk(self.accum), y.chunk(self.accum))
+        for k, (xm, ym) in enumerate(micro):
+            # Communicate only after the last micro-batch; before it, gradients accumulate
+            # locally in .grad (DDP's no_sync).
+            self.sync_now = k == self.accum - 1
+            with self.meter.measure(self.model.parameters()):
+                loss = loss_fn(self.model(xm), ym) / self.accum
+            t0 = time.perf_counter()
+            loss.backward()
+            t_bwd += time.perf_counter() - t0
+            total += loss.detach()
+        self.timings["backward_s"].append(t_bwd)
+        return total
+
+    def after_backward(self) -> None:
+        if not self.rt.distributed:
+            return
+        t0 = time.perf_counter()
+        while self.next_bucket < len(self.buckets):  # --no-overlap, or unused parameters
+            self._launch(self.buckets[self.next_bucket])
+            self.next_bucket += 1
+        for b in self.buckets:
+            b.pending.wait() if self.allreduce == "library" else b.pending.result()
+            offset = 0
+            for p in b.params:
+                p.grad.copy_(b.flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+        self.timings["wait_s"].append(time.perf_counter() - t0)
+
+    def close(self) -> None:
+        if self.comm_thread is not None:
+            self.comm_thread.shutdown()
+        t = self.timings
+        if t["backward_s"]:
+            self.extra["overlap_timing"] = {
+                "backward_s_median": statistics.median(t["backward_s"]),
+                "wait_after_backward_s_median": statistics.median(t["wait_s"] or [0.0]),
+                "note": "with overlap, communication runs during backward and only the rest is "
+                        "waited for; compare a --no-overlap run of the same settings"}
+        super().close()
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="labs.ddp", description=__doc__.splitlines()[0])
-    p.add_argument("--impl", default="torch", choices=["torch"],
-                   help="torch: torch.nn.parallel.DistributedDataParallel")
+    p.add_argument("--impl", default="torch", choices=["torch", "own"],
+                   help="torch: DistributedDataParallel; own: the same machinery written out")
     p.add_argument("--bucket-mb", type=float, default=25.0,
-                   help="DDP bucket size in MiB (default 25, as DDP's)")
+                   help="bucket size in MiB (default 25, as DDP's)")
+    p.add_argument("--allreduce", default="ring", choices=["ring", "library"],
+                   help="--impl own: our ring (ring_allreduce.py) or the library's all_reduce")
+    p.add_argument("--accum", type=int, default=1,
+                   help="--impl own: micro-batches per step, one all-reduce per step")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="--impl own: start communication only after backward has finished")
     return add_common_args(p)
 
 
-def make_strategy(rt, settings, args) -> Strategy:
+def check_args(args, settings, world: int) -> None:
     if args.bucket_mb <= 0:
-        from labs.core.train import UsageError
         raise UsageError(f"--bucket-mb must be > 0, got {args.bucket_mb}")
-    return TorchDDP(rt, settings, args.bucket_mb)
+    if args.accum < 1:
+        raise UsageError(f"--accum must be >= 1, got {args.accum}")
+    if args.impl == "torch" and (args.accum != 1 or args.no_overlap):
+        raise UsageError("--accum and --no-overlap belong to --impl own; add --impl own")
+    check_divisible(settings.batch_size, world * args.accum,
+                    what=f"world size x --accum ({world} x {args.accum})")
+
+
+def make_strategy(rt, settings, args) -> Strategy:
+    if args.impl == "torch":
+        return TorchDDP(rt, settings, args.bucket_mb)
+    return OwnDDP(rt, settings, args.bucket_mb, args.allreduce, args.accum, not args.no_overlap)
 
 
 def main(argv=None) -> int:
-    return run_lab("ddp", make_parser(), make_strategy, argv)
+    return run_lab("ddp", make_parser(), make_strategy, argv, check_args=check_args)
 
 
 if __name__ == "__main__":

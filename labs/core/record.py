@@ -9,6 +9,7 @@ summary.json fields (stable; tools and tests read them):
                        per_rank: [bytes_per_step of each rank]}
     memory            {per_rank: [{params, grads, optimizer, activations_peak, peak}]}  (bytes)
     extra             lab-specific figures
+    ok                the verdict: baseline.ok is not false and the lab's own checks passed
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 SUMMARY_FIELDS = ("lab", "variant", "world_size", "backend", "device", "dtype", "preset", "steps",
-                  "seed", "losses", "baseline", "time", "comm", "memory", "extra")
+                  "seed", "losses", "baseline", "time", "comm", "memory", "extra", "ok")
 
 # fp32 strategies: losses within 1e-5 relative, parameters within 1e-4 absolute.
 FP32_TOLERANCE = {"loss_rel": 1e-5, "param_abs": 1e-4}

@@ -1,0 +1,219 @@
+"""nn.DataParallel, and the same single-process data parallelism written out step by step.
+
+Answers QUESTIONS.md 27-34. One process drives R devices; every step:
+  1. scatter:        cut the batch into R row slices, one per device;
+  2. replicate:      copy the parameters from device 0 to every other device (every step, since
+                     only device 0's parameters are updated);
+  3. parallel_apply: run the R replicas' forward passes in R threads;
+  4. gather:         concatenate the outputs on device 0 and compute the loss there;
+  5. backward:       gradients flow back through the gather into each replica;
+  6. reduce:         sum every replica's gradients onto device 0's parameters;
+  7. update:         the optimizer steps device 0's parameters only (step 2 spreads them).
+Device 0 does more than the others (the gathered outputs, the loss, the reduced gradients, the
+optimizer state) and that imbalance is measured in ``extra.replica_bytes``.
+
+``--impl own`` is the written-out version (on CPU the devices are virtual: R replicas on the CPU,
+each counted apart). ``--impl torch`` is nn.DataParallel itself and needs CUDA devices; without
+them the lab says so and runs ``own``. nn.DataParallel does steps 2 and 6 inside autograd: its
+Broadcast function's backward is the reduce-add. Both runs also show saving and loading with and
+without the ``module.`` prefix that the wrapper adds to every key (question 30).
+
+Run:
+    python -m labs.dataparallel --replicas 2 --steps 20
+    dtlab run dataparallel --replicas 4 --impl torch      # on a machine with 4 GPUs
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+from labs.core import memory as mem
+from labs.core.model import ToyGPT, loss_fn
+from labs.core.train import Strategy, UsageError, add_common_args, run_lab
+
+
+class Gather(torch.autograd.Function):
+    """Concatenate the replicas' outputs on device 0; backward hands each replica its rows."""
+
+    @staticmethod
+    def forward(ctx, target, *outputs):
+        ctx.sizes = [o.shape[0] for o in outputs]
+        ctx.devices = [o.device for o in outputs]
+        return torch.cat([o.to(target) for o in outputs])
+
+    @staticmethod
+    def backward(ctx, grad):
+        parts = grad.split(ctx.sizes)
+        return (None, *(g.to(d) for g, d in zip(parts, ctx.devices)))
+
+
+class OwnDataParallel(Strategy):
+    name, variant = "dataparallel", "own"
+
+    def __init__(self, rt, settings, replicas: int):
+        super().__init__(rt, settings)
+        self.n = replicas
+        cuda_ok = torch.cuda.is_available() and torch.cuda.device_count() >= replicas
+        self.devices = ([torch.device(f"cuda:{i}") for i in range(replicas)] if cuda_ok
+                        else [torch.device("cpu")] * replicas)
+        self.pool = ThreadPoolExecutor(max_workers=replicas)
+        self.meters = [mem.ActivationMeter() for _ in range(replicas)]
+        self.out_bytes = [0] * replicas
+
+    def build(self) -> None:
+        self.model = ToyGPT(self.settings.model).to(self.devices[0])  # replica 0 = the master
+        self.optimizer = self.make_optimizer(self.model.parameters())
+        self.replicas = [self.model] + [copy.deepcopy(self.model).to(d) for d in self.devices[1:]]
+
+    def replicate(self) -> None:
+        with torch.no_grad():
+            for r in self.replicas[1:]:
+                for mine, master in zip(r.parameters(), self.model.parameters()):
+                    mine.copy_(master)
+
+    def _forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        with self.meters[i].measure(self.replicas[i].parameters()):
+            out = self.replicas[i](x.to(self.devices[i]))
+        self.out_bytes[i] = out.numel() * out.element_size()
+        return out
+
+    def forward_backward(self, x, y):
+        self.optimizer.zero_grad(set_to_none=True)
+        for r in self.replicas[1:]:
+            r.zero_grad(set_to_none=True)
+        self.replicate()                                                   # 2
+        xs = x.chunk(self.n)                                               # 1
+        outs = list(self.pool.map(self._forward, range(self.n), xs))       # 3
+        logits = Gather.apply(self.devices[0], *outs)                      # 4
+        loss = loss_fn(logits, y.to(self.devices[0]))
+        loss.backward()                                                    # 5
+        with torch.no_grad():                                              # 6
+            for r in self.replicas[1:]:
+                for master, mine in zip(self.model.parameters(), r.parameters()):
+                    master.grad.add_(mine.grad.to(master.device))
+        self.gathered_bytes = logits.numel() * logits.element_size() * 2  # logits and their grad
+        return loss.detach()                                               # 7: optimizer_step
+
+    def close(self) -> None:
+        per = []
+        for i, r in enumerate(self.replicas or []):
+            params = list(r.parameters())
+            row = {"replica": i, "device": str(self.devices[i]),
+                   "params": mem.param_bytes(params), "grads": mem.grad_bytes(params),
+                   "activations": self.meters[i].peak, "outputs": self.out_bytes[i],
+                   "optimizer": mem.optimizer_bytes(self.optimizer) if i == 0 else 0,
+                   "gathered_outputs": self.gathered_bytes if i == 0 else 0}
+            row["total"] = sum(v for k, v in row.items() if k not in ("replica", "device"))
+            per.append(row)
+        self.extra["replica_bytes"] = per
+        if len(per) > 1:
+            self.extra["replica0_over_others"] = per[0]["total"] / max(r["total"] for r in per[1:])
+        self.extra["save_load"] = save_load_demo(self.model)
+        self.checks_ok = all(v["ok"] for v in self.extra["save_load"].values())
+        self.pool.shutdown()
+        self.replicas = None
+        super().close()
+
+
+class TorchDataParallel(Strategy):
+    """nn.DataParallel over CUDA devices 0..R-1."""
+
+    name, variant = "dataparallel", "torch"
+
+    def __init__(self, rt, settings, replicas: int):
+        super().__init__(rt, settings)
+        self.n = replicas
+
+    def build(self) -> None:
+        super().build()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.model = nn.DataParallel(self.model, device_ids=list(range(self.n)))
+        self.extra["warnings"] = [str(w.message) for w in caught]
+
+    def close(self) -> None:
+        self.extra["replica_bytes"] = [
+            {"replica": i, "device": f"cuda:{i}",
+             "total": int(torch.cuda.max_memory_allocated(i))} for i in range(self.n)]
+        self.extra["save_load"] = save_load_demo(self.model.module)
+        self.checks_ok = all(v["ok"] for v in self.extra["save_load"].values())
+        super().close()
+
+
+def save_load_demo(model: nn.Module) -> dict:
+    """Save through the DataParallel wrapper and load into a plain model, three ways."""
+    wrapped = nn.DataParallel(model, device_ids=[model.layers[0].tok.weight.device.index]
+                              if model.layers[0].tok.weight.is_cuda else [])
+    ref = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "ckpt.pt"
+        torch.save(wrapped.state_dict(), f)          # keys: "module.layers.0.tok.weight", ...
+        sd = torch.load(f, map_location="cpu", weights_only=True)
+        plain = ToyGPT(model.cfg)
+        try:
+            plain.load_state_dict(sd)
+            out["load_prefixed_into_plain"] = {"ok": False, "error": "unexpectedly loaded"}
+        except RuntimeError as e:
+            out["load_prefixed_into_plain"] = {
+                "ok": True, "first_key": next(iter(sd)),
+                "error": " ".join(str(e).split())[:160] + " ... (fails, as expected)"}
+        consume_prefix_in_state_dict_if_present(sd, "module.")
+        plain.load_state_dict(sd)
+        out["strip_prefix_then_load"] = {"ok": _equal(plain, ref)}
+        torch.save(wrapped.module.state_dict(), f)   # the better habit: save the inner module
+        plain2 = ToyGPT(model.cfg)
+        plain2.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
+        out["save_inner_module"] = {"ok": _equal(plain2, ref)}
+    return out
+
+
+def _equal(m: nn.Module, ref: dict) -> bool:
+    return all(torch.equal(v.cpu(), ref[k]) for k, v in m.state_dict().items())
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="labs.dataparallel", description=__doc__.splitlines()[0])
+    p.add_argument("--impl", default="own", choices=["own", "torch"],
+                   help="own: written out (CPU or CUDA); torch: nn.DataParallel (CUDA only)")
+    p.add_argument("--replicas", type=int, default=2, help="devices to spread the batch over")
+    return add_common_args(p)
+
+
+def check_args(args, settings, world: int) -> None:
+    if world != 1:
+        raise UsageError(f"data parallelism with DataParallel is one process driving several "
+                         f"devices; run it on 1 process, not {world} (--nproc 1), and set "
+                         "--replicas")
+    if args.replicas < 1:
+        raise UsageError(f"--replicas must be >= 1, got {args.replicas}")
+    if settings.batch_size < args.replicas:
+        raise UsageError(f"--batch-size {settings.batch_size} is smaller than --replicas "
+                         f"{args.replicas}; every replica needs at least one row")
+
+
+def make_strategy(rt, settings, args) -> Strategy:
+    if args.impl == "torch":
+        n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n_gpu >= args.replicas:
+            return TorchDataParallel(rt, settings, args.replicas)
+        rt.log(f"nn.DataParallel needs {args.replicas} CUDA devices and this machine has "
+               f"{n_gpu}; running the written-out version (--impl own) instead")
+    return OwnDataParallel(rt, settings, args.replicas)
+
+
+def main(argv=None) -> int:
+    return run_lab("dataparallel", make_parser(), make_strategy, argv, check_args=check_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
