@@ -49,6 +49,9 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
     Lab("dataparallel", "nn.DataParallel and the same written out: scatter, replicate, "
         "parallel_apply, gather, reduce; device 0's extra memory measured",
         min_world=1, max_world=1, tour_nproc=1, data_parallel=False),
+    Lab("torch_multiprocessing", "mp.spawn workers averaging gradients in shared memory; "
+        "Hogwild reported as not equivalent", min_world=1, max_world=1, tour_nproc=1,
+        data_parallel=False),
     Lab("ring_allreduce", "ring all-reduce from isend/irecv (plus naive and tree), checked "
         "against the library, then used to train", tour_nproc=3, tour_args=("--batch-size", "12")),
 ]}
