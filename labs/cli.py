@@ -3,6 +3,8 @@
     dtlab list
     dtlab run LAB [--nproc N] [--steps S] [--preset P] [--out DIR] [lab flags...]
     dtlab tour [--nproc N] [--out DIR] [--only a,b] [--skip c]
+    dtlab bench comm [--nproc 2,4] [--ops ...] [--impl library,ring,...] [--sizes ...] [--json F]
+    dtlab bench ddp [--nproc 2] [--preset small] [--steps 30] [--repeats 3]
 
 ``run`` checks the request before starting anything (unknown lab or preset, a world size the lab
 does not support, a batch that does not split), then starts torchrun on a free port, streams
@@ -185,6 +187,100 @@ def cmd_tour(args) -> int:
     return 1 if failed else 0
 
 
+def _nprocs(text: str) -> list[int]:
+    try:
+        ns = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        fail(f"--nproc: {text!r} is not a list of integers; e.g. --nproc 2 or --nproc 2,4")
+    if not ns or min(ns) < 1:
+        fail(f"--nproc must be >= 1, got {text!r}")
+    return ns
+
+
+def cmd_bench_comm(args, rest: list[str]) -> int:
+    """One torchrun per world size; rows merged into one JSON; ring vs library printed."""
+    import json
+    from labs.tools import commbench
+    try:
+        bench_args = commbench.make_parser().parse_args(rest)
+        commbench.validate(bench_args)
+    except commbench.BenchError as e:
+        fail(str(e))
+    out = Path(args.json)
+    rows = []
+    for n in _nprocs(args.nproc):
+        part = out.with_name(f".{out.stem}-n{n}.json")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={n}", "-m", "labs.tools.commbench", *rest, "--json", str(part)]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        rc = subprocess.call(cmd, env=env)
+        if rc != 0 or not part.is_file():
+            print(f"dtlab: bench comm on {n} processes failed (exit {rc})", file=sys.stderr)
+            return rc or 1
+        rows += json.loads(part.read_text())["rows"]
+        part.unlink()
+    lib = {(r["op"], r["world_size"], r["bytes"]): r["busbw_GBps"] for r in rows
+           if r["impl"] == "library"}
+    for r in rows:
+        base = lib.get((r["op"], r["world_size"], r["bytes"]))
+        r["busbw_vs_library"] = r["busbw_GBps"] / base if base else None
+    from labs.core.record import atomic_write_text
+    atomic_write_text(out, json.dumps({"rows": rows}, indent=1) + "\n")
+    from rich.console import Console
+    from rich.table import Table
+    from labs.tools.report import human_bytes
+    t = Table(title="dtlab bench comm (busbw = algbw x nccl-tests factor)")
+    for c in ("op", "impl", "world", "size", "time ms (median)", "spread ms", "algbw GB/s",
+              "busbw GB/s", "vs library", "ok"):
+        t.add_column(c, justify="left" if c in ("op", "impl") else "right")
+    for r in rows:
+        ratio = r["busbw_vs_library"]
+        t.add_row(r["op"], r["impl"], str(r["world_size"]), human_bytes(r["bytes"]),
+                  f"{r['time_s_median'] * 1e3:.3f}",
+                  f"{r['time_s_min'] * 1e3:.2f}-{r['time_s_max'] * 1e3:.2f}",
+                  f"{r['algbw_GBps']:.3f}", f"{r['busbw_GBps']:.3f}",
+                  "-" if ratio is None else f"{ratio:.2f}x", "ok" if r["ok"] else "WRONG")
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console.print(t)
+    console.print(f"rows: {out}")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+def cmd_bench_ddp(args) -> int:
+    """Our DDP against torch's, same settings, runs interleaved so drift in machine load hits
+    both alike; the figure is the ratio of median step times."""
+    import json
+    import statistics
+    from labs.core.record import atomic_write_text, read_summary
+    lab = registry.get("ddp")
+    variants = {"torch": ["--impl", "torch"],
+                "own-ring": ["--impl", "own", "--allreduce", "ring"],
+                "own-library": ["--impl", "own", "--allreduce", "library"]}
+    common = ["--preset", args.preset, "--steps", str(args.steps), "--no-baseline"]
+    out = Path(args.out)
+    runs = {v: [] for v in variants}
+    for i in range(args.repeats):
+        for v, flags in variants.items():
+            run_out = out / f"{v}-{i}"
+            lab_args = [*flags, *common, "--out", str(run_out)]
+            validate(lab, args.nproc, lab_args)
+            print(f"[{i + 1}/{args.repeats}] ddp {v} on {args.nproc} processes ...", flush=True)
+            rc = launch(lab, args.nproc, lab_args, log=run_out / "run.log")
+            if rc != 0:
+                fail(f"ddp {v} failed (exit {rc}); see {run_out / 'run.log'}")
+            runs[v].append(read_summary(run_out)["time"]["step_s_median"])
+    med = {v: statistics.median(ts) for v, ts in runs.items()}
+    result = {"preset": args.preset, "nproc": args.nproc, "steps": args.steps,
+              "repeats": args.repeats, "step_s_median": med, "step_s_runs": runs,
+              "ratio_vs_torch": {v: med[v] / med["torch"] for v in variants}}
+    atomic_write_text(out / "summary.json", json.dumps(result, indent=1) + "\n")
+    for v in variants:
+        print(f"  ddp {v:<12} median step {med[v] * 1e3:8.2f} ms   "
+              f"{result['ratio_vs_torch'][v]:.2f}x torch DDP")
+    print(f"record: {out / 'summary.json'}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtlab", description="Distributed-training lab.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -201,6 +297,19 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/tour")
     t.add_argument("--only", default=None, help="comma-separated labs to run")
     t.add_argument("--skip", default=None, help="comma-separated labs to leave out")
+    b = sub.add_parser("bench", help="benchmarks: comm (collectives), ddp (ours vs torch's)")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bc = bsub.add_parser("comm", help="time collectives, library vs ours, over message sizes",
+                         description="Other flags go to labs.tools.commbench: --ops, --impl, "
+                                     "--sizes, --iters, --warmup.")
+    bc.add_argument("--nproc", default="2", help="world sizes, e.g. 2 or 2,4 (default 2)")
+    bc.add_argument("--json", default="runs/bench/comm.json", help="where the rows go")
+    bd = bsub.add_parser("ddp", help="median step time of our DDP vs torch DDP")
+    bd.add_argument("--nproc", type=int, default=2)
+    bd.add_argument("--preset", default="small")
+    bd.add_argument("--steps", type=int, default=30)
+    bd.add_argument("--repeats", type=int, default=3)
+    bd.add_argument("--out", default="runs/bench/ddp")
     return p
 
 
@@ -211,8 +320,14 @@ def main(argv=None) -> int:
         if args.nproc is None:
             args.nproc = registry.LABS[args.lab].tour_nproc if args.lab in registry.LABS else 1
         return cmd_run(args, rest)
+    if args.command == "bench" and args.bench == "comm":
+        return cmd_bench_comm(args, rest)
     if rest:
         fail(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "bench":
+        if args.repeats < 1 or args.steps < 1:
+            fail("--repeats and --steps must be >= 1")
+        return cmd_bench_ddp(args)
     if args.command == "list":
         return cmd_list(args)
     if args.nproc is not None and args.nproc < 1:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -40,17 +41,40 @@ def chunk_sizes(n: int, world: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(world)]
 
 
-def _exchange(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int) -> int:
-    """Send one chunk and receive another at the same time (so neither side blocks the other);
-    returns the bytes sent."""
-    works = []
-    if send.numel():
-        works.append(dist.isend(send.contiguous(), dst))
-    if recv.numel():
-        works.append(dist.irecv(recv, src))
-    for w in works:
+SEGMENT_ELEMS = 1 << 20  # 4 MiB of fp32: big messages travel in pieces (see _exchange)
+
+
+def _exchange(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int,
+              reduce: bool = False, scratch: torch.Tensor | None = None) -> int:
+    """Send one chunk to ``dst`` while receiving one from ``src`` (both at once, so neither side
+    waits for the other), then add the received chunk into ``recv`` (reduce-scatter) or leave it
+    there (all-gather). Large chunks go as 4 MiB segments, all posted at once: the adding of
+    segment i overlaps with the transfer of segment i+1. Returns the bytes sent."""
+    sends = [dist.isend(seg, dst, tag=i) for i, seg in enumerate(send.split(SEGMENT_ELEMS))
+             if seg.numel()]
+    target = scratch[:recv.numel()] if reduce else recv
+    segs = list(zip(target.split(SEGMENT_ELEMS), recv.split(SEGMENT_ELEMS)))
+    recvs = [dist.irecv(t, src, tag=i) for i, (t, _) in enumerate(segs) if t.numel()]
+    for work, (t, r) in zip(recvs, segs):
+        work.wait()
+        if reduce:
+            r.add_(t)
+    for w in sends:
         w.wait()
     return nbytes(send)
+
+
+_SCRATCH = threading.local()  # one buffer per thread (our DDP runs rings on its comm thread)
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A receive buffer kept between calls: allocating (and first touching) tens of MiB on every
+    all-reduce costs as much as a good part of the transfer."""
+    cache = _SCRATCH.__dict__
+    buf = cache.get((dtype, device))
+    if buf is None or buf.numel() < numel:
+        buf = cache[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
 
 
 def ring_all_reduce(t: torch.Tensor, counter: CommCounter | None = None) -> torch.Tensor:
@@ -62,12 +86,11 @@ def ring_all_reduce(t: torch.Tensor, counter: CommCounter | None = None) -> torc
     chunks = list(flat.split(chunk_sizes(flat.numel(), world)))
     right, left = (rank + 1) % world, (rank - 1) % world
     sent = 0
-    scratch = torch.empty_like(chunks[0])
+    scratch = _scratch(chunks[0].numel(), t.dtype, t.device)
     for s in range(world - 1):  # reduce-scatter
         send_i, recv_i = (rank - s) % world, (rank - s - 1) % world
-        buf = scratch[:chunks[recv_i].numel()]
-        sent += _exchange(chunks[send_i], right, buf, left)
-        chunks[recv_i].add_(buf)
+        sent += _exchange(chunks[send_i], right, chunks[recv_i], left, reduce=True,
+                          scratch=scratch)
     for s in range(world - 1):  # all-gather
         send_i, recv_i = (rank + 1 - s) % world, (rank - s) % world
         sent += _exchange(chunks[send_i], right, chunks[recv_i], left)

@@ -1,0 +1,190 @@
+"""``dtlab bench comm``: time collectives, the library's beside ours, across message sizes.
+
+Run by ``dtlab bench comm`` under torchrun (one launch per world size), or by hand:
+    torchrun --nproc_per_node=2 -m labs.tools.commbench --impl library,ring --json out.json
+
+For each (op, size): a few warm-up calls, then ``--iters`` timed calls of every implementation in
+turn, each preceded by a barrier and a fresh copy of the input (outside the timing). A call's time is the
+slowest rank's, since a collective is done only when every rank is done. Every result is checked
+exactly: rank r contributes (r + 1) * pattern with small integers, so the sum is exact in fp32.
+
+Figures per row, as nccl-tests defines them:
+    algbw = bytes / time
+    busbw = algbw * factor, factor = 2(n-1)/n for all_reduce, (n-1)/n for all_gather and
+            reduce_scatter, 1 for broadcast
+Bus bandwidth is what each link must carry; for a ring it is independent of n, so numbers taken
+at different world sizes compare directly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from labs.core import runtime
+
+BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+              "reduce_scatter": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0}
+OPS = tuple(BUS_FACTOR)
+OUR_IMPLS = ("ring", "naive", "tree")  # all_reduce only, from labs/ring_allreduce.py
+DEFAULT_SIZES = "1KiB,16KiB,256KiB,1MiB,4MiB,16MiB,64MiB"
+
+
+class BenchError(ValueError):
+    pass
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|KB|MB|GB|K|M|G)?\s*", text)
+    if not m:
+        raise BenchError(f"--sizes: cannot read {text!r}; write sizes like 1KiB,4MiB,64MiB")
+    unit = (m.group(2) or "B").replace("iB", "").replace("B", "") or "B"
+    mult = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30}[unit]
+    n = int(float(m.group(1)) * mult)
+    if n < 4:
+        raise BenchError(f"--sizes: {text!r} is smaller than one fp32 element (4 bytes)")
+    return n
+
+
+def parse_list(text: str, allowed, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if text.strip() == "all":
+        return list(allowed)
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        raise BenchError(f"--{what}: unknown {', '.join(bad) or '(empty)'}; choose from "
+                         f"{', '.join(allowed)}")
+    return items
+
+
+def _inputs(op: str, numel: int, world: int, rank: int):
+    """(input, output, expected) for one call; integer-valued so results are exact."""
+    pattern = (torch.arange(numel) % 7).float()
+    if op == "all_reduce":
+        return pattern * (rank + 1), None, pattern * (world * (world + 1) / 2)
+    if op == "broadcast":
+        return (pattern * 3 if rank == 0 else torch.zeros(numel)), None, pattern * 3
+    if op == "all_gather":  # numel is the gathered size; each rank contributes numel / world
+        per = numel // world
+        full = torch.cat([pattern[:per] * (r + 1) for r in range(world)])
+        return pattern[:per] * (rank + 1), torch.empty(per * world), full
+    per = numel // world  # reduce_scatter: input is the full size, output this rank's share
+    full = pattern[:per * world]
+    return full * (rank + 1), torch.empty(per), full[rank * per:(rank + 1) * per] * (
+        world * (world + 1) / 2)
+
+
+def _call(op: str, impl: str, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if impl != "library":
+        from labs.ring_allreduce import ALGORITHMS
+        return ALGORITHMS[impl](x)
+    if op == "all_reduce":
+        dist.all_reduce(x)
+        return x
+    if op == "broadcast":
+        dist.broadcast(x, src=0)
+        return x
+    if op == "all_gather":
+        dist.all_gather_into_tensor(out, x)
+        return out
+    dist.reduce_scatter_tensor(out, x)
+    return out
+
+
+def bench_size(op: str, impls: list[str], nbytes: int, iters: int, warmup: int) -> list[dict]:
+    """One row per implementation at one size. The implementations take turns call by call,
+    so a change in machine load during the measurement hits all of them alike and their
+    ratio stays meaningful on a shared, noisy machine."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    numel = max(world, nbytes // 4)
+    if op in ("all_gather", "reduce_scatter"):
+        numel -= numel % world
+    src, out, expected = _inputs(op, numel, world, rank)
+    times = {impl: [] for impl in impls}
+    ok = {impl: True for impl in impls}
+    for i in range(warmup + iters):
+        for impl in impls:
+            x = src.clone()
+            dist.barrier()
+            t0 = time.perf_counter()
+            res = _call(op, impl, x, out)
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                times[impl].append(dt)
+            ok[impl] = ok[impl] and torch.equal(res, expected)
+    rows = []
+    for impl in impls:
+        t = torch.tensor(times[impl], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)      # a call ends when its slowest rank does
+        okt = torch.tensor([1 if ok[impl] else 0])
+        dist.all_reduce(okt, op=dist.ReduceOp.MIN)
+        size, ts = numel * 4, t.tolist()
+        med = statistics.median(ts)
+        algbw = size / med / 1e9
+        rows.append({"op": op, "impl": impl, "world_size": world, "bytes": size,
+                     "time_s_median": med, "time_s_min": min(ts), "time_s_max": max(ts),
+                     "algbw_GBps": algbw, "busbw_GBps": algbw * BUS_FACTOR[op](world),
+                     "ok": bool(okt.item())})
+    return rows
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="labs.tools.commbench", description=__doc__.splitlines()[0])
+    p.add_argument("--ops", default="all_reduce", help=f"comma list of {', '.join(OPS)}, or all")
+    p.add_argument("--impl", default="library,ring",
+                   help="comma list: library, and for all_reduce ring, naive, tree")
+    p.add_argument("--sizes", default=DEFAULT_SIZES, help=f"message sizes (default {DEFAULT_SIZES})")
+    p.add_argument("--iters", type=int, default=10, help="timed calls per row (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
+    p.add_argument("--json", default=None, help="write the rows to this file (rank 0)")
+    p.add_argument("--timeout", type=float, default=300.0)
+    return p
+
+
+def validate(args) -> tuple[list[str], list[str], list[int]]:
+    ops = parse_list(args.ops, OPS, "ops")
+    impls = parse_list(args.impl, ("library",) + OUR_IMPLS, "impl")
+    if any(i != "library" for i in impls) and ops != ["all_reduce"]:
+        raise BenchError("--impl ring/naive/tree implement all_reduce only; use --ops "
+                         "all_reduce with them, or --impl library for other ops")
+    if args.iters < 1 or args.warmup < 0:
+        raise BenchError("--iters must be >= 1 and --warmup >= 0")
+    return ops, impls, [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+
+
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        ops, impls, sizes = validate(args)
+    except BenchError as e:
+        runtime.fail(str(e))
+    rt = runtime.init(backend=None, device="cpu", timeout_s=args.timeout)
+    if not rt.distributed:
+        runtime.fail("run the benchmark under torchrun (dtlab bench comm --nproc N does)")
+    torch.set_num_threads(1)
+    rows = []
+    total = len(ops) * len(impls) * len(sizes)
+    for op in ops:
+        for size in sizes:
+            for row in bench_size(op, impls, size, args.iters, args.warmup):
+                rows.append(row)
+                rt.log(f"[{len(rows):3d}/{total}] {op:<14} {row['impl']:<8} "
+                       f"W={row['world_size']} {row['bytes']:>11,d} B  "
+                       f"{row['time_s_median'] * 1e3:9.3f} ms  busbw {row['busbw_GBps']:7.3f} "
+                       f"GB/s  {'ok' if row['ok'] else 'WRONG'}")
+    if rt.is_main and args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    runtime.shutdown(rt)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
