@@ -9,13 +9,9 @@
 #   NPROC    processes (default: the number of GPUs nvidia-smi lists, or 2 without GPUs)
 #   PYTHON   the Python with dtlab installed (default: .venv/bin/python if present, else python3)
 set -euo pipefail
-here="$(cd "$(dirname "$0")/.." && pwd)"
-PYTHON="${PYTHON:-$([ -x "$here/.venv/bin/python" ] && echo "$here/.venv/bin/python" || echo python3)}"
-lab="${LAB:-ddp}"
-if [[ $# -gt 0 && "$1" != -* ]]; then lab="$1"; shift; fi
-if [[ ! "$lab" =~ ^[a-z_0-9]+$ ]] || [[ ! -f "$here/labs/$lab.py" ]]; then
-  echo "multi_gpu.sh: unknown lab '$lab'; see 'dtlab list'" >&2; exit 2
-fi
+source "$(dirname "$0")/common.sh"
+dtlab_resolve_lab ddp "$@"
+[[ $shift_args -eq 1 ]] && shift
 if [[ -z "${NPROC:-}" ]]; then
   NPROC=$( (command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -c '^GPU') || true)
   [[ "${NPROC:-0}" -ge 1 ]] || NPROC=2

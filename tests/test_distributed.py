@@ -118,3 +118,14 @@ def test_rank_that_never_joins_ends_with_clear_error(tmp_path):
     assert "did not form within 4 s" in err[0] and "1/2 clients joined" in err[0]
     assert "--timeout" in err[0]
     assert elapsed < timeout_s + 30  # start-up (importing torch) plus a margin, not a hang
+
+
+@pytest.mark.gpu
+def test_ddp_on_cuda_with_nccl(tmp_path):
+    """Where a GPU is lent: the same lab on NCCL + CUDA still equals the (CUDA) baseline."""
+    n = torch.cuda.device_count()
+    p, s = run_lab("ddp", n, tmp_path, "--steps", 10, "--batch-size", 16 * n)
+    assert p.returncode == 0, p.stderr
+    assert s["device"].startswith("cuda") and s["baseline"]["ok"] is True
+    if n > 1:
+        assert s["backend"] == "nccl"
