@@ -72,13 +72,17 @@ def test_baseline_learns(tmp_path):
     assert s["comm"]["bytes_per_step"] == 0
 
 
-def test_torchrun_by_hand(tmp_path):
+@pytest.mark.parametrize("lab, nproc, flags", [
+    ("ddp", 2, []), ("ddp", 2, ["--impl", "own"]), ("ring_allreduce", 2, []),
+    ("dataparallel", 1, ["--replicas", "2"]), ("torch_multiprocessing", 1, ["--workers", "2"]),
+])
+def test_torchrun_by_hand(lab, nproc, flags, tmp_path):
     """Labs also run as plain torchrun modules, which is how the docs show them."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", "-m", "labs.ddp", "--steps", "4", "--out",
-                        str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=180)
+                        f"--nproc_per_node={nproc}", "-m", f"labs.{lab}", *flags, "--steps", "4",
+                        "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=180)
     assert p.returncode == 0, p.stderr
     assert "-> OK" in p.stdout
     assert (tmp_path / "summary.json").is_file() and (tmp_path / "steps.jsonl").is_file()
