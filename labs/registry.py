@@ -52,6 +52,9 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
     Lab("torch_multiprocessing", "mp.spawn workers averaging gradients in shared memory; "
         "Hogwild reported as not equivalent", min_world=1, max_world=1, tour_nproc=1,
         data_parallel=False),
+    Lab("amp", "autocast fp16/bf16, our dynamic loss scaler beside torch's GradScaler and "
+        "DeepSpeed's, fp32 master weights", tolerance="fp16 1e-2, bf16 3e-2 (see docs/amp.md)",
+        tour_args=("--inject-overflow-at", "3")),
     Lab("ring_allreduce", "ring all-reduce from isend/irecv (plus naive and tree), checked "
         "against the library, then used to train", tour_nproc=3, tour_args=("--batch-size", "12")),
 ]}
