@@ -70,17 +70,33 @@ def test_hysteresis_history_equals_deepspeed_engine(world, tmp_path):
 @pytest.mark.parametrize("dtype, world", [("fp16", 1), ("bf16", 1), ("fp16", 2)])
 def test_mixed_precision_within_stated_tolerance(dtype, world, tmp_path):
     scaler = "own" if dtype == "fp16" else "none"
-    p, s = run_lab("amp", world, tmp_path, "--dtype", dtype, "--scaler", scaler, "--steps", 20)
+    # At 2 ranks each rank's loss is a mean over half the tokens, its activation gradients are
+    # twice as large, and at the default 2^16 a real overflow skips a step now and then (a
+    # skipped step makes the run not comparable, see below); 2^10 keeps this drift test clean.
+    scale = ["--init-scale", 1024] if world > 1 else []
+    p, s = run_lab("amp", world, tmp_path, "--dtype", dtype, "--scaler", scaler, "--steps", 20,
+                   *scale)
     assert p.returncode == 0, p.stderr
     b = s["baseline"]
+    assert s["extra"]["skipped_steps"] == []
     assert b["ok"] is True and b["tolerance"] == AMP_TOLERANCE[dtype]
     assert b["max_rel_loss_diff"] <= AMP_TOLERANCE[dtype]["loss_rel"]
     assert b["max_rel_loss_diff"] > 1e-5  # really ran in low precision: not fp32-equal
-    # no overflow was injected; a skipped step can only come from a real fp16 overflow (at
-    # scale 2^16 one happens now and then: that is what the dynamic scaler is for)
-    assert len(s["extra"]["skipped_steps"]) <= s["extra"]["overflowed_grads"]
-    assert len(s["extra"]["skipped_steps"]) <= 2
 
+
+def test_real_overflow_skips_and_is_reported_not_judged(tmp_path):
+    """fp16 at 2 ranks with the default scale 2^16 overflows for real within 50 steps here: the
+    step is skipped on both ranks, the scale halves, and the record reports the drift from the
+    baseline (which took that step) without calling it a failure."""
+    p, s = run_lab("amp", 2, tmp_path, "--dtype", "fp16", "--scaler", "own", "--steps", 50)
+    assert p.returncode == 0, p.stderr
+    skipped = s["extra"]["skipped_steps"]
+    if not skipped:
+        pytest.skip("no natural overflow in this run (machine-dependent)")
+    assert s["extra"]["overflowed_grads"] >= len(skipped)
+    first = skipped[0]
+    assert s["extra"]["loss_scale"][first] == s["extra"]["loss_scale"][first - 1] / 2
+    assert s["baseline"]["ok"] is None and "not numerically equivalent" in s["baseline"]["note"]
 
 def test_pure_fp16_with_master_weights(tmp_path):
     p, s = run_lab("amp", 1, tmp_path, "--dtype", "fp16", "--master-weights", "--steps", 20)
