@@ -145,9 +145,12 @@ class MixedPrecision(Strategy):
 
     def build(self) -> None:
         super().build()
-        if self.rt.distributed:
+        if self.rt.distributed:  # data parallel across ranks: DDP, its traffic counted
             from torch.nn.parallel import DistributedDataParallel as DDP
+
+            from labs.core.comm import counting_allreduce_hook
             self.model = DDP(self.model)
+            self.model.register_comm_hook(None, counting_allreduce_hook(self.comm))
         if self.master_weights:
             # The model computes in fp16; the optimizer owns fp32 copies of its weights.
             self.net = getattr(self.model, "module", self.model)

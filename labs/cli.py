@@ -132,7 +132,7 @@ def cmd_tour(args) -> int:
     from rich.console import Console
     from labs.core.record import atomic_write_text, read_summary
     from labs.tools.report import markdown_table, print_table
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     names = list(registry.LABS)
     if args.only:
         wanted = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -168,14 +168,16 @@ def cmd_tour(args) -> int:
         if (run_out / "summary.json").is_file():
             s = read_summary(run_out)
             summaries.append(s)
-            ok = ("FAILED CHECKS" if not s["ok"] and s["baseline"]["ok"] is not False else
-                  {True: "ok", False: "OUTSIDE TOLERANCE", None: "not compared"}[s["baseline"]["ok"]])
-            console.print(f"  {name:<12} {ok:<18} {dt:5.1f} s   log: {run_out / 'run.log'}")
+            b = s["baseline"]
+            ok = ("FAILED CHECKS" if not s["ok"] and b["ok"] is not False else
+                  "drift reported" if b["ok"] is None and b.get("note") else
+                  {True: "ok", False: "OUTSIDE TOLERANCE", None: "not compared"}[b["ok"]])
+            console.print(f"  {name:<22} {ok:<18} {dt:5.1f} s   log: {run_out / 'run.log'}")
             if not s["ok"]:
                 failed.append(name)
         else:
             failed.append(name)
-            console.print(f"  {name:<12} [bold red]FAILED[/] (exit {rc}); log: {run_out / 'run.log'}")
+            console.print(f"  {name:<22} [bold red]FAILED[/] (exit {rc}); log: {run_out / 'run.log'}")
     print_table(summaries, title="dtlab tour: every lab against the single-process baseline")
     for name, why in skipped:
         console.print(f"  skipped {name}: {why}")

@@ -22,7 +22,7 @@ COLUMNS = ("lab", "variant", "world", "steps", "loss first->last", "max rel dlos
 
 def row(s: dict) -> list[str]:
     b = s["baseline"]
-    ok = {True: "yes", False: "NO", None: "-"}[b["ok"]]
+    ok = {True: "yes", False: "NO", None: "drift" if b.get("note") else "-"}[b["ok"]]
     peaks = [m["peak"] for m in s["memory"]["per_rank"]]
     return [s["lab"], s["variant"], str(s["world_size"]), str(s["steps"]),
             f"{s['losses'][0]:.3f}->{s['losses'][-1]:.3f}", _sci(b.get("max_rel_loss_diff")),
