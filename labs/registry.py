@@ -55,6 +55,8 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
     Lab("amp", "autocast fp16/bf16, our dynamic loss scaler beside torch's GradScaler and "
         "DeepSpeed's, fp32 master weights", tolerance="fp16 1e-2, bf16 3e-2 (see docs/amp.md)",
         tour_args=("--inject-overflow-at", "3")),
+    Lab("tensor_parallel", "Megatron column/row-parallel layers, heads split, vocab-parallel "
+        "loss (own) and DTensor's plan (torch)", data_parallel=False),
     Lab("ring_allreduce", "ring all-reduce from isend/irecv (plus naive and tree), checked "
         "against the library, then used to train", tour_nproc=3, tour_args=("--batch-size", "12")),
 ]}

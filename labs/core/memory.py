@@ -17,9 +17,14 @@ from typing import Iterable
 import torch
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's bytes are its local shard's (its own storage is not a real one)."""
+    return getattr(t, "_local_tensor", t)
+
+
 def _storage_key(t: torch.Tensor) -> tuple:
-    s = t.untyped_storage()
-    return (t.device.type, t.device.index, s.data_ptr())
+    t = _local(t)
+    return (t.device.type, t.device.index, t.untyped_storage().data_ptr())
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -32,7 +37,7 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
         if key in seen:
             continue
         seen.add(key)
-        total += t.untyped_storage().nbytes()
+        total += _local(t).untyped_storage().nbytes()
     return total
 
 
@@ -69,7 +74,7 @@ class ActivationMeter:
             key = _storage_key(t)
             if key not in skip and key not in seen:
                 seen.add(key)
-                total += t.untyped_storage().nbytes()
+                total += _local(t).untyped_storage().nbytes()
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

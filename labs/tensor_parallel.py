@@ -1,0 +1,309 @@
+"""Tensor (intra-layer) parallelism: every weight matrix cut across the ranks, Megatron style.
+
+Answers QUESTIONS.md 5, 6 and 10. All TP ranks see the same batch and each holds a slice of every
+layer; a linear layer Y = X A^T becomes
+- column parallel: A cut by output rows, rank r computes Y_r = X A_r^T, its own slice of Y's
+  columns; nothing to communicate in forward, but the gradient of X is a sum over ranks;
+- row parallel: A cut by input columns, rank r computes X_r A_r^T from its slice of X, a partial
+  sum; the full Y is the all-reduce of the partials.
+Pairing them makes a block cost two all-reduces forward and two backward: attention's q/k/v are
+column parallel (each rank owns n_head/TP whole heads, so attention itself needs no
+communication) and its output projection row parallel; the MLP's fc is column parallel (GELU is
+elementwise, so it applies to the slice) and its proj row parallel. The two autograd functions
+that carry this are ``CopyToTP`` (forward identity, backward all-reduce: Megatron's f) and
+``ReduceFromTP`` (forward all-reduce, backward identity: g).
+
+The LM head is column parallel over the vocabulary and the loss is computed without ever
+gathering the logits: ``VocabParallelCrossEntropy`` all-reduces the row maxima, the sums of
+exponentials and the target logits (3 floats per token), and its backward is softmax - one-hot on
+each rank's own vocabulary slice.
+
+``--impl torch`` applies the same plan with ``torch.distributed.tensor.parallel`` (DTensor):
+``ColwiseParallel`` and ``RowwiseParallel`` on the same layers, the head gathering its logits.
+
+Run:
+    torchrun --nproc_per_node=2 -m labs.tensor_parallel --steps 10
+    dtlab run tensor_parallel --nproc 4 --preset small --impl torch
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from labs.core.comm import CommCounter
+from labs.core.model import ToyGPT
+from labs.core.train import Strategy, UsageError, add_common_args, run_lab
+from labs.ring_allreduce import chunk_sizes
+
+COUNTER: CommCounter | None = None  # set by the strategy; the autograd functions report to it
+
+
+def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if COUNTER is not None:
+        COUNTER.record("all_reduce", t)
+    dist.all_reduce(t, op=op)
+    return t
+
+
+class CopyToTP(torch.autograd.Function):
+    """f: the input of a column-parallel layer. Every rank uses the whole X, so X's gradient is
+    the sum of the ranks' contributions."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad.contiguous().clone())
+
+
+class ReduceFromTP(torch.autograd.Function):
+    """g: the output of a row-parallel layer. The partial sums are added; the gradient of each
+    partial is the gradient of the sum."""
+
+    @staticmethod
+    def forward(ctx, partial):
+        return _all_reduce(partial.contiguous().clone())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class LayerNormThenCopy(nn.LayerNorm):
+    """A LayerNorm whose output feeds column-parallel layers: f sits here, once, even when
+    several layers (q, k and v) read the same input. Same parameter names as the LayerNorm it
+    replaces, so shards map back to the baseline."""
+
+    @classmethod
+    def from_layernorm(cls, ln: nn.LayerNorm) -> "LayerNormThenCopy":
+        new = cls(ln.normalized_shape, eps=ln.eps).to(ln.weight.device)
+        new.load_state_dict(ln.state_dict())
+        return new
+
+    def forward(self, x):
+        return CopyToTP.apply(super().forward(x))
+
+
+class ColumnParallelLinear(nn.Module):
+    """Rows [lo, hi) of a full Linear's weight (and bias): this rank's output features. Its
+    input must come through f (``LayerNormThenCopy``)."""
+
+    def __init__(self, full: nn.Linear, lo: int, hi: int):
+        super().__init__()
+        self.in_features, self.out_features = full.in_features, full.out_features
+        self.weight = nn.Parameter(full.weight.detach()[lo:hi].clone())
+        self.bias = None if full.bias is None else nn.Parameter(full.bias.detach()[lo:hi].clone())
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """Columns [lo, hi) of a full Linear's weight: this rank's input features. The bias is
+    whole and added once, after the all-reduce."""
+
+    def __init__(self, full: nn.Linear, lo: int, hi: int):
+        super().__init__()
+        self.in_features, self.out_features = full.in_features, full.out_features
+        self.weight = nn.Parameter(full.weight.detach()[:, lo:hi].clone())
+        self.bias = None if full.bias is None else nn.Parameter(full.bias.detach().clone())
+
+    def forward(self, x_local):
+        y = ReduceFromTP.apply(F.linear(x_local, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelCrossEntropy(torch.autograd.Function):
+    """Mean cross entropy over N tokens from logits split by vocabulary: [N, V_r] on rank r
+    holding vocabulary ids [lo, lo + V_r)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, lo):
+        logits = logits.float()
+        row_max = _all_reduce(logits.max(dim=1).values, op=dist.ReduceOp.MAX)
+        shifted = logits - row_max[:, None]
+        exp = shifted.exp()
+        sum_exp = _all_reduce(exp.sum(dim=1))
+        mine = (target >= lo) & (target < lo + logits.shape[1])
+        local_t = (target - lo).clamp(0, logits.shape[1] - 1)
+        target_logit = torch.where(mine, shifted.gather(1, local_t[:, None])[:, 0],
+                                   torch.zeros_like(row_max))
+        target_logit = _all_reduce(target_logit)
+        ctx.save_for_backward(exp / sum_exp[:, None], mine, local_t)
+        return (sum_exp.log() - target_logit).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, mine, local_t = ctx.saved_tensors
+        g = softmax.clone()
+        rows = torch.arange(g.shape[0], device=g.device)
+        g[rows[mine], local_t[mine]] -= 1.0
+        return g * (grad / g.shape[0]), None, None
+
+
+class OwnTensorParallel(Strategy):
+    name, variant = "tensor_parallel", "own"
+
+    def build(self) -> None:
+        global COUNTER
+        COUNTER = self.comm
+        tp, r = self.rt.world_size, self.rt.rank
+        full = ToyGPT(self.settings.model).to(self.rt.device)  # cut from the baseline's init
+        self.shard_dims: dict[str, int] = {}
+        if tp > 1:
+            for i, block in enumerate(full.layers[1:-1], start=1):
+                d, dff = self.settings.model.d_model, self.settings.model.d_ff
+                a, m = block.attn, block.mlp
+                block.ln1 = LayerNormThenCopy.from_layernorm(block.ln1)
+                block.ln2 = LayerNormThenCopy.from_layernorm(block.ln2)
+                for name in ("q", "k", "v"):
+                    setattr(a, name, ColumnParallelLinear(getattr(a, name), *_span(d, tp, r)))
+                a.proj = RowParallelLinear(a.proj, *_span(d, tp, r))
+                m.fc = ColumnParallelLinear(m.fc, *_span(dff, tp, r))
+                m.proj = RowParallelLinear(m.proj, *_span(dff, tp, r))
+                for name in ("q", "k", "v"):
+                    self.shard_dims[f"layers.{i}.attn.{name}.weight"] = 0
+                self.shard_dims[f"layers.{i}.attn.proj.weight"] = 1
+                self.shard_dims[f"layers.{i}.mlp.fc.weight"] = 0
+                self.shard_dims[f"layers.{i}.mlp.fc.bias"] = 0
+                self.shard_dims[f"layers.{i}.mlp.proj.weight"] = 1
+            head = full.layers[-1]
+            head.ln_f = LayerNormThenCopy.from_layernorm(head.ln_f)
+            self.vocab_lo, hi = _span(self.settings.model.vocab_size, tp, r)
+            head.head = ColumnParallelLinear(head.head, self.vocab_lo, hi)
+            self.shard_dims[f"layers.{len(full.layers) - 1}.head.weight"] = 0
+        self.model = full
+        self.optimizer = self.make_optimizer(self.model.parameters())
+        self.extra["tp"] = tp
+
+    # every TP rank trains on the whole global batch
+    @property
+    def dp_world(self) -> int:
+        return 1
+
+    @property
+    def dp_rank(self) -> int:
+        return 0
+
+    def forward_backward(self, x, y):
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.meter.measure(self.model.parameters()):
+            logits = self.model(x)
+            if self.rt.world_size > 1:
+                loss = VocabParallelCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]),
+                                                       y.reshape(-1), self.vocab_lo)
+            else:
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        loss.backward()
+        return loss.detach()
+
+    def global_loss(self, local_loss):
+        return local_loss.item()  # already the loss of the whole batch on every rank
+
+    def num_params(self) -> int:
+        return ToyGPT.count_params(self.settings.model)
+
+    def full_state(self):
+        return gather_shards({n: p.detach().cpu() for n, p in self.model.named_parameters()},
+                             self.shard_dims, self.rt)
+
+
+def _span(n: int, tp: int, r: int) -> tuple[int, int]:
+    sizes = chunk_sizes(n, tp)
+    lo = sum(sizes[:r])
+    return lo, lo + sizes[r]
+
+
+def gather_shards(local: dict, shard_dims: dict, rt) -> dict | None:
+    """Rebuild full parameters on rank 0: sharded ones concatenated along their dimension,
+    replicated ones taken from rank 0."""
+    if not rt.distributed or rt.world_size == 1:
+        return local if rt.is_main else None
+    parts = [None] * rt.world_size
+    dist.all_gather_object(parts, {k: v for k, v in local.items() if k in shard_dims})
+    if not rt.is_main:
+        return None
+    out = dict(local)
+    for name, dim in shard_dims.items():
+        out[name] = torch.cat([p[name] for p in parts], dim=dim)
+    return out
+
+
+class TorchTensorParallel(OwnTensorParallel):
+    """The same plan through DTensor's parallelize_module."""
+
+    variant = "torch"
+
+    def build(self) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                       parallelize_module)
+        tp = self.rt.world_size
+        model = ToyGPT(self.settings.model).to(self.rt.device)
+        mesh = init_device_mesh(self.rt.device.type, (tp,))
+        plan = {}
+        for i in range(1, len(model.layers) - 1):
+            for name in ("q", "k", "v"):
+                plan[f"layers.{i}.attn.{name}"] = ColwiseParallel()
+            plan[f"layers.{i}.attn.proj"] = RowwiseParallel()
+            plan[f"layers.{i}.mlp.fc"] = ColwiseParallel()
+            plan[f"layers.{i}.mlp.proj"] = RowwiseParallel()
+        plan[f"layers.{len(model.layers) - 1}.head"] = ColwiseParallel(
+            output_layouts=Replicate())  # gather the logits; the loss is the ordinary one
+        self.model = parallelize_module(model, mesh, plan)
+        self.optimizer = self.make_optimizer(self.model.parameters())
+        self.extra["tp"] = tp
+
+    def forward_backward(self, x, y):
+        from torch.distributed.tensor.debug import CommDebugMode
+        self.optimizer.zero_grad(set_to_none=True)
+        # DTensor issues its collectives itself; CommDebugMode counts them (calls, not bytes).
+        with CommDebugMode() as comm_mode, self.meter.measure(self.model.parameters()):
+            logits = self.model(x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+            loss.backward()
+        self.extra["dtensor_comm_counts_per_step"] = {
+            str(op).split(".")[-1]: n for op, n in comm_mode.get_comm_counts().items()}
+        return loss.detach()
+
+    def full_state(self):
+        full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+                for n, p in self.model.named_parameters()}
+        return full if self.rt.is_main else None
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="labs.tensor_parallel", description=__doc__.splitlines()[0])
+    p.add_argument("--impl", default="own", choices=["own", "torch"])
+    return add_common_args(p)
+
+
+def check_args(args, settings, world: int) -> None:
+    cfg = settings.model
+    if cfg.n_head % world:
+        raise UsageError(f"tensor parallel size {world} must divide the {cfg.n_head} attention "
+                         f"heads of preset {settings.preset!r}; use --nproc that divides "
+                         f"{cfg.n_head} or a preset with more heads (small has 4)")
+    if cfg.d_ff % world or cfg.d_model % world:
+        raise UsageError(f"tensor parallel size {world} must divide d_model={cfg.d_model} and "
+                         f"d_ff={cfg.d_ff}")
+
+
+def make_strategy(rt, settings, args) -> Strategy:
+    return (TorchTensorParallel if args.impl == "torch" else OwnTensorParallel)(rt, settings)
+
+
+def main(argv=None) -> int:
+    return run_lab("tensor_parallel", make_parser(), make_strategy, argv, check_args=check_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
