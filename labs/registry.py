@@ -57,6 +57,8 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
         tour_args=("--inject-overflow-at", "3")),
     Lab("tensor_parallel", "Megatron column/row-parallel layers, heads split, vocab-parallel "
         "loss (own) and DTensor's plan (torch)", data_parallel=False),
+    Lab("pipeline", "stages over ranks, GPipe and 1F1B as action lists, measured bubble and "
+        "live micro-batches, schedule picture", data_parallel=False),
     Lab("ring_allreduce", "ring all-reduce from isend/irecv (plus naive and tree), checked "
         "against the library, then used to train", tour_nproc=3, tour_args=("--batch-size", "12")),
 ]}
