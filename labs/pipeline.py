@@ -84,14 +84,25 @@ class OwnPipeline(Strategy):
     def dp_rank(self) -> int:
         return 0
 
-    def build(self) -> None:
+    # Where this rank sits in the pipeline. Here every rank is one stage; parallel3d.py places
+    # several pipelines side by side and overrides these.
+    def pipeline_position(self) -> tuple[int, int, int | None, int | None]:
+        """(stage index, number of stages, rank of the previous stage, rank of the next)."""
         p, r = self.rt.world_size, self.rt.rank
+        return r, p, (r - 1 if r > 0 else None), (r + 1 if r < p - 1 else None)
+
+    def stage_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss_fn(out, y)
+
+    def build(self) -> None:
+        self.stage_index, p, self.prev_rank, self.next_rank = self.pipeline_position()
+        self.n_stages = p
         self.full = ToyGPT(self.settings.model).to(self.rt.device)  # same init as the baseline
-        self.lo, self.hi = stage_bounds(self.settings.model.n_layer, p)[r]
-        self.stage = self.full.stages(p)[r]
+        self.lo, self.hi = stage_bounds(self.settings.model.n_layer, p)[self.stage_index]
+        self.stage = self.full.stages(p)[self.stage_index]
         self.model = self.stage
         self.optimizer = self.make_optimizer(self.stage.parameters())
-        self.actions = SCHEDULES[self.schedule_name](p, self.m, r)
+        self.actions = SCHEDULES[self.schedule_name](p, self.m, self.stage_index)
         self.extra.update(stages=p, microbatches=self.m, schedule=self.schedule_name,
                           stage_layers=[self.lo, self.hi], actions=[f"{a}{i}" for a, i in
                                                                     self.actions])
@@ -102,8 +113,8 @@ class OwnPipeline(Strategy):
             time.sleep(min(1e-3, max(0.0, end - time.perf_counter())))
 
     def forward_backward(self, x, y):
-        p, r, m = self.rt.world_size, self.rt.rank, self.m
-        first, last = r == 0, r == p - 1
+        m = self.m
+        first, last = self.prev_rank is None, self.next_rank is None
         cfg = self.settings.model
         xs, ys = x.chunk(m), y.chunk(m)
         self.optimizer.zero_grad(set_to_none=True)
@@ -120,13 +131,13 @@ class OwnPipeline(Strategy):
                 else:
                     inp = torch.empty(xs[i].shape[0], cfg.seq_len, cfg.d_model,
                                       device=self.rt.device)
-                    dist.recv(inp, r - 1, tag=2 * i)
+                    dist.recv(inp, self.prev_rank, tag=2 * i)
                     inp.requires_grad_(True)
                 t1 = time.time()  # waiting for the message is idle time, not work
                 with self.meter.measure(self.stage.parameters()) as meter:
                     out = self.stage(inp)
                     if last:
-                        out = loss_fn(out, ys[i]) / m  # mean of equal micro-batch means
+                        out = self.stage_loss(out, ys[i]) / m  # mean of equal micro means
                 live[i] = meter.last
                 live_bytes += meter.last
                 self.peak_live = max(self.peak_live, len(live))
@@ -136,7 +147,7 @@ class OwnPipeline(Strategy):
                 if last:
                     total_loss += out.detach()
                 else:
-                    sends.append(dist.isend(out.detach(), r + 1, tag=2 * i))
+                    sends.append(dist.isend(out.detach(), self.next_rank, tag=2 * i))
                     self.comm.record("send", out, sent_bytes=nbytes(out))
             else:
                 out = outputs.pop(i)
@@ -145,13 +156,13 @@ class OwnPipeline(Strategy):
                     out.backward()
                 else:
                     grad = torch.empty_like(out)
-                    dist.recv(grad, r + 1, tag=2 * i + 1)
+                    dist.recv(grad, self.next_rank, tag=2 * i + 1)
                     t1 = time.time()
                     out.backward(grad)
                 inp = inputs.pop(i)
                 self._busy(2 * self.compute_s)
                 if not first:
-                    sends.append(dist.isend(inp.grad, r - 1, tag=2 * i + 1))
+                    sends.append(dist.isend(inp.grad, self.prev_rank, tag=2 * i + 1))
                     self.comm.record("send", inp.grad, sent_bytes=nbytes(inp.grad))
                 live_bytes -= live.pop(i)
             timeline.append((kind, i, t1, time.time(), t0))
@@ -162,7 +173,7 @@ class OwnPipeline(Strategy):
 
     def global_loss(self, local_loss: torch.Tensor) -> float:
         """Only the last stage knows the loss; it is shared for the record (not counted)."""
-        t = local_loss.detach().clone() if self.rt.rank == self.rt.world_size - 1 else \
+        t = local_loss.detach().clone() if self.next_rank is None else \
             torch.zeros((), device=self.rt.device)
         if self.rt.distributed:
             dist.all_reduce(t)

@@ -59,6 +59,9 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
         "loss (own) and DTensor's plan (torch)", data_parallel=False),
     Lab("pipeline", "stages over ranks, GPipe and 1F1B as action lists, measured bubble and "
         "live micro-batches, schedule picture", data_parallel=False),
+    Lab("parallel3d", "data x pipeline x tensor parallel on one grid of ranks (TP inside, PP "
+        "across, DP outermost)", min_world=1, tour_nproc=4, data_parallel=False,
+        tour_args=("--dp", "1", "--pp", "2", "--tp", "2", "--preset", "small")),
     Lab("ring_allreduce", "ring all-reduce from isend/irecv (plus naive and tree), checked "
         "against the library, then used to train", tour_nproc=3, tour_args=("--batch-size", "12")),
 ]}

@@ -35,18 +35,22 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from labs.core.comm import CommCounter
+from labs.core.comm import CommCounter, nbytes, ring_sent_bytes
 from labs.core.model import ToyGPT
 from labs.core.train import Strategy, UsageError, add_common_args, run_lab
 from labs.ring_allreduce import chunk_sizes
 
-COUNTER: CommCounter | None = None  # set by the strategy; the autograd functions report to it
+# Set by the strategy: where the autograd functions report their traffic, and the process group
+# of the TP ranks (None: all ranks; parallel3d.py gives each TP group its own).
+COUNTER: CommCounter | None = None
+TP_GROUP: dist.ProcessGroup | None = None
 
 
 def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if COUNTER is not None:
-        COUNTER.record("all_reduce", t)
-    dist.all_reduce(t, op=op)
+        COUNTER.record("all_reduce", t, sent_bytes=ring_sent_bytes(
+            "all_reduce", nbytes(t), dist.get_world_size(TP_GROUP)))
+    dist.all_reduce(t, op=op, group=TP_GROUP)
     return t
 
 
@@ -156,29 +160,7 @@ class OwnTensorParallel(Strategy):
         COUNTER = self.comm
         tp, r = self.rt.world_size, self.rt.rank
         full = ToyGPT(self.settings.model).to(self.rt.device)  # cut from the baseline's init
-        self.shard_dims: dict[str, int] = {}
-        if tp > 1:
-            for i, block in enumerate(full.layers[1:-1], start=1):
-                d, dff = self.settings.model.d_model, self.settings.model.d_ff
-                a, m = block.attn, block.mlp
-                block.ln1 = LayerNormThenCopy.from_layernorm(block.ln1)
-                block.ln2 = LayerNormThenCopy.from_layernorm(block.ln2)
-                for name in ("q", "k", "v"):
-                    setattr(a, name, ColumnParallelLinear(getattr(a, name), *_span(d, tp, r)))
-                a.proj = RowParallelLinear(a.proj, *_span(d, tp, r))
-                m.fc = ColumnParallelLinear(m.fc, *_span(dff, tp, r))
-                m.proj = RowParallelLinear(m.proj, *_span(dff, tp, r))
-                for name in ("q", "k", "v"):
-                    self.shard_dims[f"layers.{i}.attn.{name}.weight"] = 0
-                self.shard_dims[f"layers.{i}.attn.proj.weight"] = 1
-                self.shard_dims[f"layers.{i}.mlp.fc.weight"] = 0
-                self.shard_dims[f"layers.{i}.mlp.fc.bias"] = 0
-                self.shard_dims[f"layers.{i}.mlp.proj.weight"] = 1
-            head = full.layers[-1]
-            head.ln_f = LayerNormThenCopy.from_layernorm(head.ln_f)
-            self.vocab_lo, hi = _span(self.settings.model.vocab_size, tp, r)
-            head.head = ColumnParallelLinear(head.head, self.vocab_lo, hi)
-            self.shard_dims[f"layers.{len(full.layers) - 1}.head.weight"] = 0
+        self.shard_dims, self.vocab_lo = shard_layers(full, range(len(full.layers)), tp, r)
         self.model = full
         self.optimizer = self.make_optimizer(self.model.parameters())
         self.extra["tp"] = tp
@@ -197,8 +179,7 @@ class OwnTensorParallel(Strategy):
         with self.meter.measure(self.model.parameters()):
             logits = self.model(x)
             if self.rt.world_size > 1:
-                loss = VocabParallelCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]),
-                                                       y.reshape(-1), self.vocab_lo)
+                loss = vocab_parallel_loss(logits, y, self.vocab_lo)
             else:
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         loss.backward()
@@ -215,6 +196,41 @@ class OwnTensorParallel(Strategy):
                              self.shard_dims, self.rt)
 
 
+def shard_layers(full: ToyGPT, indices, tp: int, r: int) -> tuple[dict[str, int], int]:
+    """Replace, in place, the layers ``full.layers[i]`` for i in ``indices`` by TP rank r's
+    shards. Returns {parameter name: dimension it is cut along} and the first vocabulary id of
+    this rank's slice of the LM head (0 when the head is not among the layers)."""
+    shard_dims, vocab_lo = {}, 0
+    if tp == 1:
+        return shard_dims, vocab_lo
+    cfg, last = full.cfg, len(full.layers) - 1
+    for i in indices:
+        layer = full.layers[i]
+        if 0 < i < last:  # a block
+            a, m = layer.attn, layer.mlp
+            layer.ln1 = LayerNormThenCopy.from_layernorm(layer.ln1)
+            layer.ln2 = LayerNormThenCopy.from_layernorm(layer.ln2)
+            for name in ("q", "k", "v"):
+                setattr(a, name, ColumnParallelLinear(getattr(a, name), *_span(cfg.d_model, tp, r)))
+                shard_dims[f"layers.{i}.attn.{name}.weight"] = 0
+            a.proj = RowParallelLinear(a.proj, *_span(cfg.d_model, tp, r))
+            m.fc = ColumnParallelLinear(m.fc, *_span(cfg.d_ff, tp, r))
+            m.proj = RowParallelLinear(m.proj, *_span(cfg.d_ff, tp, r))
+            shard_dims.update({f"layers.{i}.attn.proj.weight": 1, f"layers.{i}.mlp.fc.weight": 0,
+                               f"layers.{i}.mlp.fc.bias": 0, f"layers.{i}.mlp.proj.weight": 1})
+        elif i == last:  # the LM head, split by vocabulary
+            layer.ln_f = LayerNormThenCopy.from_layernorm(layer.ln_f)
+            vocab_lo, hi = _span(cfg.vocab_size, tp, r)
+            layer.head = ColumnParallelLinear(layer.head, vocab_lo, hi)
+            shard_dims[f"layers.{i}.head.weight"] = 0
+    return shard_dims, vocab_lo
+
+
+def vocab_parallel_loss(logits: torch.Tensor, y: torch.Tensor, vocab_lo: int) -> torch.Tensor:
+    return VocabParallelCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                           vocab_lo)
+
+
 def _span(n: int, tp: int, r: int) -> tuple[int, int]:
     sizes = chunk_sizes(n, tp)
     lo = sum(sizes[:r])
@@ -228,11 +244,15 @@ def gather_shards(local: dict, shard_dims: dict, rt) -> dict | None:
         return local if rt.is_main else None
     parts = [None] * rt.world_size
     dist.all_gather_object(parts, {k: v for k, v in local.items() if k in shard_dims})
-    if not rt.is_main:
-        return None
+    return join_shards(local, parts, shard_dims) if rt.is_main else None
+
+
+def join_shards(local: dict, parts: list[dict], shard_dims: dict) -> dict:
+    """``local`` with every sharded entry replaced by its TP shards (in TP rank order) joined."""
     out = dict(local)
     for name, dim in shard_dims.items():
-        out[name] = torch.cat([p[name] for p in parts], dim=dim)
+        if name in out:
+            out[name] = torch.cat([p[name] for p in parts], dim=dim)
     return out
 
 

@@ -104,3 +104,37 @@ def test_measured_bubble_matches_theory(schedule, stages, preset, m, tmp_path):
         if m >= stages:  # live activation bytes fall from the first stage to the last
             live = e["peak_live_activation_bytes"]
             assert live[0] > live[-1]
+
+
+from labs.parallel3d import grid_coords, grid_rank  # noqa: E402
+
+
+def test_grid_layout_tp_fastest_dp_slowest():
+    coords = [grid_coords(r, pp=2, tp=2) for r in range(8)]
+    assert coords[:4] == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1)]
+    assert coords[4] == (1, 0, 0)
+    assert all(grid_rank(*grid_coords(r, 2, 2), pp=2, tp=2) == r for r in range(8))
+
+
+@pytest.mark.parametrize("dp, pp, tp", [(1, 2, 2), (2, 2, 1), (2, 1, 2)])
+def test_parallel3d_equals_baseline(dp, pp, tp, tmp_path):
+    p, s = run_lab("parallel3d", dp * pp * tp, tmp_path, "--dp", dp, "--pp", pp, "--tp", tp,
+                   "--preset", "small", "--steps", 3)
+    assert p.returncode == 0, p.stderr[-3000:]
+    b = s["baseline"]
+    assert b["ok"] is True and b["max_rel_loss_diff"] <= 1e-5 and b["max_abs_param_diff"] <= 1e-4
+    assert s["extra"]["grid"] == {"dp": dp, "pp": pp, "tp": tp}
+
+
+@pytest.mark.slow
+def test_parallel3d_2x2x2_on_8_ranks(tmp_path):
+    p, s = run_lab("parallel3d", 8, tmp_path, "--dp", 2, "--pp", 2, "--tp", 2, "--preset",
+                   "small", "--steps", 3, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert s["baseline"]["ok"] is True and s["world_size"] == 8
+
+
+def test_parallel3d_bad_grid_is_one_line(tmp_path):
+    p, s = run_lab("parallel3d", 4, tmp_path, "--dp", 2, "--pp", 2, "--tp", 2)
+    assert p.returncode == 2 and s is None
+    assert "world size 4 != dp x pp x tp = 2 x 2 x 2 = 8" in p.stderr
