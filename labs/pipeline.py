@@ -76,13 +76,7 @@ class OwnPipeline(Strategy):
         self.peak_live, self.peak_live_bytes = 0, 0
 
     # every stage sees the whole batch (the first needs the tokens, the last the targets)
-    @property
-    def dp_world(self) -> int:
-        return 1
-
-    @property
-    def dp_rank(self) -> int:
-        return 0
+    whole_batch = True
 
     # Where this rank sits in the pipeline. Here every rank is one stage; parallel3d.py places
     # several pipelines side by side and overrides these.

@@ -166,13 +166,7 @@ class OwnTensorParallel(Strategy):
         self.extra["tp"] = tp
 
     # every TP rank trains on the whole global batch
-    @property
-    def dp_world(self) -> int:
-        return 1
-
-    @property
-    def dp_rank(self) -> int:
-        return 0
+    whole_batch = True
 
     def forward_backward(self, x, y):
         self.optimizer.zero_grad(set_to_none=True)

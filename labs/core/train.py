@@ -140,13 +140,15 @@ class Strategy:
         return torch.optim.AdamW(params, lr=self.settings.lr, betas=(0.9, 0.95),
                                  weight_decay=self.settings.weight_decay)
 
+    whole_batch = False  # True: every rank takes the whole global batch (tensor, pipeline)
+
     @property
     def dp_rank(self) -> int:
-        return self.rt.rank
+        return 0 if self.whole_batch else self.rt.rank
 
     @property
     def dp_world(self) -> int:
-        return self.rt.world_size
+        return 1 if self.whole_batch else self.rt.world_size
 
     # ---- one step
     def local_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
