@@ -45,13 +45,15 @@ class Lab:
 LABS: dict[str, Lab] = {lab.name: lab for lab in [
     Lab("baseline", "one process, whole global batch: the reference every lab must equal",
         min_world=1, max_world=1, tour_nproc=1),
-    Lab("ddp", "DistributedDataParallel: replicas, bucketed gradient all-reduce, counted bytes"),
     Lab("dataparallel", "nn.DataParallel and the same written out: scatter, replicate, "
         "parallel_apply, gather, reduce; device 0's extra memory measured",
         min_world=1, max_world=1, tour_nproc=1, data_parallel=False),
     Lab("torch_multiprocessing", "mp.spawn workers averaging gradients in shared memory; "
         "Hogwild reported as not equivalent", min_world=1, max_world=1, tour_nproc=1,
         data_parallel=False),
+    Lab("ring_allreduce", "ring all-reduce from isend/irecv (plus naive and tree), checked "
+        "against the library, then used to train", tour_nproc=3, tour_args=("--batch-size", "12")),
+    Lab("ddp", "DistributedDataParallel: replicas, bucketed gradient all-reduce, counted bytes"),
     Lab("amp", "autocast fp16/bf16, our dynamic loss scaler beside torch's GradScaler and "
         "DeepSpeed's, fp32 master weights", tolerance="fp16 1e-2, bf16 3e-2 (see docs/amp.md)",
         tour_args=("--inject-overflow-at", "3")),
@@ -62,8 +64,6 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
     Lab("parallel3d", "data x pipeline x tensor parallel on one grid of ranks (TP inside, PP "
         "across, DP outermost)", min_world=1, tour_nproc=4, data_parallel=False,
         tour_args=("--dp", "1", "--pp", "2", "--tp", "2", "--preset", "small")),
-    Lab("ring_allreduce", "ring all-reduce from isend/irecv (plus naive and tree), checked "
-        "against the library, then used to train", tour_nproc=3, tour_args=("--batch-size", "12")),
 ]}
 
 
