@@ -18,13 +18,14 @@ import importlib
 import os
 import subprocess
 import sys
+from typing import NoReturn
 import time
 from pathlib import Path
 
 from labs import registry
 
 
-def fail(msg: str) -> "NoReturn":  # noqa: F821
+def fail(msg: str) -> NoReturn:
     print(f"dtlab: error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 

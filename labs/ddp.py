@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from labs.core.comm import counting_allreduce_hook
+from labs.core.comm import counting_allreduce_hook, unflatten_into
 from labs.core.data import check_divisible
 from labs.core.model import loss_fn
 from labs.core.train import Strategy, UsageError, add_common_args, run_lab
@@ -168,10 +168,7 @@ class OwnDDP(Strategy):
             self.next_bucket += 1
         for b in self.buckets:
             b.pending.wait() if self.allreduce == "library" else b.pending.result()
-            offset = 0
-            for p in b.params:
-                p.grad.copy_(b.flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+            unflatten_into(b.flat, [p.grad for p in b.params])
         self.timings["wait_s"].append(time.perf_counter() - t0)
 
     def close(self) -> None:

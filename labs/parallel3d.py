@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from labs import tensor_parallel as tpl
-from labs.core.comm import nbytes, ring_sent_bytes
+from labs.core.comm import flatten, nbytes, ring_sent_bytes, unflatten_into
 from labs.core.data import check_divisible
 from labs.core.train import Strategy, UsageError, add_common_args, run_lab
 from labs.pipeline import SCHEDULES, OwnPipeline
@@ -94,15 +94,11 @@ class Parallel3D(OwnPipeline):
         if self.dp == 1:
             return
         grads = [p.grad for p in self.stage.parameters()]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = flatten(grads)
         self.comm.record("all_reduce", flat,
                          sent_bytes=ring_sent_bytes("all_reduce", nbytes(flat), self.dp))
         dist.all_reduce(flat, group=self.dp_group)
-        flat.div_(self.dp)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        unflatten_into(flat.div_(self.dp), grads)
 
     def global_loss(self, local_loss):
         """The last stage of every replica knows its replica's loss (every TP rank of it the

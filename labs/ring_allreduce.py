@@ -31,7 +31,7 @@ import threading
 import torch
 import torch.distributed as dist
 
-from labs.core.comm import CommCounter, nbytes
+from labs.core.comm import CommCounter, flatten, nbytes, unflatten_into
 from labs.core.train import Strategy, add_common_args, run_lab
 
 
@@ -220,13 +220,9 @@ class RingDataParallel(Strategy):
         if not self.rt.distributed:
             return
         grads = [p.grad for p in self.model.parameters()]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = flatten(grads)
         self.algo(flat, self.comm)
-        flat.div_(self.rt.world_size)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        unflatten_into(flat.div_(self.rt.world_size), grads)
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
+from labs.core.comm import flatten, unflatten_into
 from labs.core.model import ToyGPT
 from labs.core.runtime import Runtime, fail
 from labs.core.train import (Strategy, UsageError, add_common_args, run_lab,
@@ -71,15 +72,12 @@ class SharedMemoryDP(Strategy):
             return  # no communication at all: the optimizer writes the shared weights directly
         grads = [p.grad for p in self.model.parameters()]
         table, r, w = self.shared.grads, self.rt.rank, self.rt.world_size
-        table[r].copy_(torch.cat([g.reshape(-1) for g in grads]))
+        table[r].copy_(flatten(grads))
         self.comm.record("shared_memory_write", table[r], sent_bytes=table[r].numel() * 4)
         self.shared.barrier.wait(self.rt.timeout_s)                 # every row written
         mean = table.sum(0) / w                    # same order everywhere: identical results
         self.shared.barrier.wait(self.rt.timeout_s)                 # every row read; rows may be rewritten
-        offset = 0
-        for g in grads:
-            g.copy_(mean[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        unflatten_into(mean, grads)
 
     def global_loss(self, local_loss: torch.Tensor) -> float:
         self.shared.losses[self.rt.rank] = local_loss.item()

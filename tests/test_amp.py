@@ -1,6 +1,5 @@
 """AMP: our dynamic loss scaler against torch's GradScaler and DeepSpeed's engine, the drift of
 fp16/bf16 from the fp32 baseline, and why fp32 master weights matter."""
-import json
 
 import pytest
 

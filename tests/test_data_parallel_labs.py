@@ -1,14 +1,10 @@
 """The data-parallel labs from the inside: ring all-reduce, our DDP, DataParallel written out,
 torch.multiprocessing. Each is a real multi-process (or multi-thread) run compared with the
 single-process baseline."""
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, run_lab
+from conftest import run_lab
 from labs.core.model import ToyGPT, config_from_preset
 from labs.ring_allreduce import chunk_sizes, parse_lengths
 

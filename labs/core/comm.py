@@ -80,6 +80,19 @@ class CommCounter:
         }
 
 
+def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One contiguous 1-D copy of several tensors: one message instead of many."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy consecutive pieces of ``flat`` back into ``tensors`` (the inverse of flatten)."""
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def counting_allreduce_hook(counter: CommCounter):
     """A DDP communication hook that does what DDP's default does (divide the bucket by the
     world size, all-reduce it asynchronously) and counts each bucket it sends."""

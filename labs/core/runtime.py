@@ -13,6 +13,7 @@ import datetime as _dt
 import os
 import random
 import sys
+from typing import NoReturn
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,7 +125,7 @@ def shutdown(rt: Runtime) -> None:
     rt.distributed = False
 
 
-def fail(msg: str, code: int = 2) -> "NoReturn":  # noqa: F821
+def fail(msg: str, code: int = 2) -> NoReturn:
     """One line on stderr, no traceback, the given exit status."""
     print(f"dtlab: error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(code)
