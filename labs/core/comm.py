@@ -24,6 +24,7 @@ RING_FACTORS = {
     "all_gather": lambda w: (w - 1) / w,
     "reduce_scatter": lambda w: (w - 1) / w,
     "broadcast": lambda w: (w - 1) / w,
+    "reduce": lambda w: (w - 1) / w,
 }
 
 
@@ -107,3 +108,42 @@ def counting_allreduce_hook(counter: CommCounter):
         return fut.then(lambda f: f.value()[0])
 
     return hook
+
+
+# c10d operator -> (our op name, which argument holds the payload). The payload is what the
+# operation hands over: the gathered output of an all-gather, the full input of a reduce-scatter.
+_C10D_OPS = {
+    "allreduce_": ("all_reduce", 0), "allreduce_coalesced_": ("all_reduce", 0),
+    "broadcast_": ("broadcast", 0), "reduce_": ("reduce", 0),
+    "_allgather_base_": ("all_gather", 0), "allgather_": ("all_gather", 0),
+    "allgather_into_tensor_coalesced_": ("all_gather", 0),
+    "_reduce_scatter_base_": ("reduce_scatter", 1), "reduce_scatter_": ("reduce_scatter", 1),
+    "reduce_scatter_tensor_coalesced_": ("reduce_scatter", 1),
+    "alltoall_base_": ("all_to_all", 0), "send": ("send", 0), "recv_": ("recv", 0),
+}
+
+
+def _payload_bytes(arg) -> int:
+    if isinstance(arg, torch.Tensor):
+        return nbytes(arg)
+    return sum(_payload_bytes(a) for a in arg) if isinstance(arg, (list, tuple)) else 0
+
+
+def library_collectives(counter: CommCounter):
+    """A context in which every torch.distributed operation issued from this thread by library
+    code (FSDP, FairScale, DeepSpeed) is counted into ``counter``: it watches the c10d operators
+    at the dispatcher, where every collective passes whatever Python API called it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Counting(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._overloadpacket.__name__
+            if func.namespace == "c10d" and name in _C10D_OPS:
+                op, i = _C10D_OPS[name]
+                size = _payload_bytes(args[i])
+                sent = {"send": size, "recv": 0,
+                        "all_to_all": size * (counter.world_size - 1) / counter.world_size}
+                counter.record(op, size, sent.get(op))
+            return func(*args, **(kwargs or {}))
+
+    return _Counting()

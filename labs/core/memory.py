@@ -65,13 +65,16 @@ class ActivationMeter:
 
     @contextmanager
     def measure(self, params: Iterable[torch.Tensor] = ()):
+        params = list(params)
         skip = {_storage_key(p) for p in params}
         seen: set = set()
         total = 0
 
         def pack(t: torch.Tensor):
-            nonlocal total
+            nonlocal total, skip
             key = _storage_key(t)
+            if key not in skip:  # parameters may have moved (ZeRO-3 gathers them on demand)
+                skip = {_storage_key(p) for p in params}
             if key not in skip and key not in seen:
                 seen.add(key)
                 total += _local(t).untyped_storage().nbytes()
