@@ -5,6 +5,7 @@
     dtlab tour [--nproc N] [--out DIR] [--only a,b] [--skip c]
     dtlab bench comm [--nproc 2,4] [--ops ...] [--impl library,ring,...] [--sizes ...] [--json F]
     dtlab bench ddp [--nproc 2] [--preset small] [--steps 30] [--repeats 3]
+    dtlab memory --params 7e9 [--nodes N --gpus-per-node G] [--zero 0|1|2|3] [--offload ...]
 
 ``run`` checks the request before starting anything (unknown lab or preset, a world size the lab
 does not support, a batch that does not split), then starts torchrun on a free port, streams
@@ -313,6 +314,10 @@ def make_parser() -> argparse.ArgumentParser:
     bd.add_argument("--steps", type=int, default=30)
     bd.add_argument("--repeats", type=int, default=3)
     bd.add_argument("--out", default="runs/bench/ddp")
+    from labs.tools import estimate
+    estimate.add_arguments(sub.add_parser(
+        "memory", help="estimate GPU and CPU memory per ZeRO stage, offload and precision",
+        description=estimate.__doc__.split("\n\n")[0]))
     return p
 
 
@@ -333,6 +338,9 @@ def main(argv=None) -> int:
         return cmd_bench_ddp(args)
     if args.command == "list":
         return cmd_list(args)
+    if args.command == "memory":
+        from labs.tools import estimate
+        return estimate.run(args)
     if args.nproc is not None and args.nproc < 1:
         fail(f"--nproc must be >= 1, got {args.nproc}")
     return cmd_tour(args)

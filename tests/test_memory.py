@@ -1,0 +1,123 @@
+"""`dtlab memory` (labs/tools/estimate.py): its model-state figures equal DeepSpeed's own
+estimators where the assumptions match, its fp32 figures equal the bytes labs/zero.py counts from
+live tensors (tests/test_zero.py runs that), and its activation figure equals the bytes autograd
+saves in a real forward pass."""
+import json
+
+import pytest
+import torch
+
+from conftest import dtlab
+from labs.core.memory import ActivationMeter
+from labs.core.model import ToyGPT, build_model, config_from_preset, loss_fn
+from labs.tools.estimate import (Arch, Setup, activation_bytes, deepspeed_reference,
+                                 model_states, parse_count)
+
+LLAMA65 = Arch(n_layer=80, d_model=8192, n_head=64, d_ff=22016, vocab_size=32000, seq_len=2048)
+ARCH = {10**9: Arch(24, 2048, 16, 5504, 32000, 2048), 7 * 10**9: Arch(32, 4096, 32, 11008, 32000,
+                                                                      4096), 65 * 10**9: LLAMA65}
+
+
+def test_parse_count():
+    assert parse_count("7e9") == parse_count("7B") == parse_count("7b") == 7 * 10**9
+    assert parse_count("350M") == 350 * 10**6 and parse_count("1.5T") == 1.5e12
+    assert parse_count("27136") == 27136
+
+
+@pytest.mark.deepspeed
+@pytest.mark.parametrize("params", [10**9, 7 * 10**9, 65 * 10**9])
+@pytest.mark.parametrize("gpn", [1, 4, 8])
+@pytest.mark.parametrize("stage,offload", [(2, "none"), (2, "optimizer"), (3, "none"),
+                                           (3, "optimizer"), (3, "param")])
+def test_model_states_equal_deepspeed_estimators_on_one_node(params, gpn, stage, offload):
+    s = Setup(params=params, gpus_per_node=gpn, precision="mixed", arch=ARCH[params])
+    ours = model_states(s, stage, offload)
+    ds_cpu, ds_gpu = deepspeed_reference(s, stage, offload, buffer_factor=1.5)
+    # GPU: same bytes (DeepSpeed truncates to an int)
+    assert ours["gpu"]["total"] == pytest.approx(ds_gpu, rel=1e-9, abs=1)
+    # CPU: DeepSpeed multiplies its figure by additional_buffer_factor=1.5
+    assert ours["cpu_per_node"]["total"] * 1.5 == pytest.approx(ds_cpu, rel=1e-9, abs=1)
+
+
+@pytest.mark.deepspeed
+def test_where_deepspeed_differs_it_is_more_conservative_across_nodes():
+    # DeepSpeed's ZeRO-2 offload CPU figure per node is P x max(4 x all GPUs, 16): as if every
+    # process of the job loaded its fp32 copy on this node, and as if this node held every
+    # partition. Per node, only its own 2 processes load (4 B x 2) and it holds a quarter of the
+    # 16 B/param partitions, so ours is max(8, 4) = 8 B/param where DeepSpeed says 32.
+    s = Setup(params=7 * 10**9, nodes=4, gpus_per_node=2, precision="mixed", arch=ARCH[7 * 10**9])
+    ours = model_states(s, 2, "optimizer")["cpu_per_node"]
+    ds_cpu, ds_gpu = deepspeed_reference(s, 2, "optimizer", buffer_factor=1.0)
+    assert ds_cpu == 32 * s.params
+    assert ours["loading"] == 8 * s.params and ours["offloaded"] == 16 * s.params / 4
+    assert ours["total"] == 8 * s.params
+    assert ds_gpu == model_states(s, 2, "optimizer")["gpu"]["total"]
+
+
+def test_fp32_figures_are_the_zero_lab_formula():
+    from labs.zero import formula_bytes
+    P, W = 27136, 4
+    for stage in (0, 1, 2, 3):
+        for off in ("none", "optimizer", "param"):
+            if (off != "none" and stage == 0) or (off == "param" and stage != 3):
+                continue
+            s = Setup(params=P, gpus_per_node=W, precision="fp32")
+            est, lab = model_states(s, stage, off), formula_bytes(P, W, stage, off)
+            assert est["gpu"]["total"] - (est["gpu"]["layer_buffer"] or 0) == \
+                pytest.approx(lab["device"]["total"])
+            assert est["cpu_per_node"]["offloaded"] == pytest.approx(W * lab["cpu"]["total"])
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_activation_estimate_equals_saved_bytes(name, batch):
+    cfg = config_from_preset(name, vocab_size=13)
+    model, meter = build_model(cfg), ActivationMeter()
+    x = torch.randint(0, 13, (batch, cfg.seq_len))
+    with meter.measure(model.parameters()):
+        loss_fn(model(x), x)
+    s = Setup(params=ToyGPT.count_params(cfg), precision="fp32", batch=batch,
+              arch=Arch(cfg.n_layer, cfg.d_model, cfg.n_head, cfg.d_ff, cfg.vocab_size,
+                        cfg.seq_len), seq_len=cfg.seq_len)
+    # the only thing left out is the 4-byte scalar loss
+    assert activation_bytes(s, checkpointing=False) == pytest.approx(meter.last, abs=8)
+
+
+def test_65b_on_four_v100s():
+    s = Setup(params=65 * 10**9, gpus_per_node=4, precision="mixed", arch=LLAMA65, batch=1,
+              seq_len=2048)
+    gb = 10**9
+    acts = activation_bytes(s, checkpointing=True)
+    need = {(st, off): model_states(s, st, off)["gpu"]["total"] + acts
+            for st, off in [(2, "optimizer"), (3, "none"), (3, "optimizer"), (3, "param")]}
+    # only ZeRO-3 with parameters and optimizer on the CPU fits 32 GB per GPU ...
+    assert [k for k, v in need.items() if v <= 32 * gb] == [(3, "param")]
+    # ... and then the node needs 18 B/param of CPU memory: 1.17 TB (DeepSpeed adds 50%)
+    assert model_states(s, 3, "param")["cpu_per_node"]["total"] == 18 * 65 * 10**9
+
+
+def test_cli_json_and_table():
+    p = dtlab("memory", "--preset", "small", "--gpus-per-node", "2", "--precision", "fp32",
+              "--zero", "3", "--offload", "none", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    (row,) = r["rows"]
+    P = r["setup"]["params"]
+    assert P == ToyGPT.count_params(config_from_preset("small", vocab_size=256)) or P > 0
+    assert row["gpu"]["weights"] + row["gpu"]["grads"] + row["gpu"]["optimizer"] == 16 * P / 2
+    p = dtlab("memory", "--params", "7B", "--gpus-per-node", "8", "--gpu-mem", "80")
+    assert p.returncode == 0, p.stderr
+    assert "7,000,000,000 parameters" in p.stdout and "fits 80 GB" in p.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--params", "seven"], "--params 'seven'"),
+    (["--params", "7B", "--zero", "5"], "--zero '5'"),
+    (["--params", "7B", "--offload", "disk"], "--offload 'disk'"),
+    ([], "give the model"),
+    (["--preset", "huge"], "--preset"),
+    (["--params", "7B", "--nodes", "0"], "--nodes must be >= 1"),
+])
+def test_cli_bad_input(args, message):
+    p = dtlab("memory", *args)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
