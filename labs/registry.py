@@ -57,16 +57,16 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
     Lab("amp", "autocast fp16/bf16, our dynamic loss scaler beside torch's GradScaler and "
         "DeepSpeed's, fp32 master weights", tolerance="fp16 1e-2, bf16 3e-2 (see docs/amp.md)",
         tour_args=("--inject-overflow-at", "3")),
-    Lab("tensor_parallel", "Megatron column/row-parallel layers, heads split, vocab-parallel "
-        "loss (own) and DTensor's plan (torch)", data_parallel=False),
-    Lab("pipeline", "stages over ranks, GPipe and 1F1B as action lists, measured bubble and "
-        "live micro-batches, schedule picture", data_parallel=False),
     Lab("zero", "ZeRO stages 0-3 written out: optimizer state, gradients, parameters "
         "partitioned; CPU offload; memory counted beside the formulas", min_world=2,
         tour_args=("--stage", "3")),
     Lab("deepspeed_zero", "DeepSpeed's engine with ZeRO 0-3 and CPU offload from JSON configs; "
         "stage-3 parameters gathered and a checkpoint merged to fp32", requires=("deepspeed",),
         extra="deepspeed", tour_args=("--config", "ds_zero3")),
+    Lab("tensor_parallel", "Megatron column/row-parallel layers, heads split, vocab-parallel "
+        "loss (own) and DTensor's plan (torch)", data_parallel=False),
+    Lab("pipeline", "stages over ranks, GPipe and 1F1B as action lists, measured bubble and "
+        "live micro-batches, schedule picture", data_parallel=False),
     Lab("parallel3d", "data x pipeline x tensor parallel on one grid of ranks (TP inside, PP "
         "across, DP outermost)", min_world=1, tour_nproc=4, data_parallel=False,
         tour_args=("--dp", "1", "--pp", "2", "--tp", "2", "--preset", "small")),
