@@ -63,6 +63,9 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
     Lab("deepspeed_zero", "DeepSpeed's engine with ZeRO 0-3 and CPU offload from JSON configs; "
         "stage-3 parameters gathered and a checkpoint merged to fp32", requires=("deepspeed",),
         extra="deepspeed", tour_args=("--config", "ds_zero3")),
+    Lab("accelerate_lab", "Hugging Face accelerate: Accelerator.prepare, backward, gradient "
+        "accumulation, the DeepSpeed plugin; the CPU launch that really starts N processes",
+        requires=("accelerate",), extra="accelerate", tour_args=("--accum", "2")),
     Lab("tensor_parallel", "Megatron column/row-parallel layers, heads split, vocab-parallel "
         "loss (own) and DTensor's plan (torch)", data_parallel=False),
     Lab("pipeline", "stages over ranks, GPipe and 1F1B as action lists, measured bubble and "

@@ -1,0 +1,112 @@
+"""DeepSpeed's and accelerate's launchers (launchers/deepspeed.sh, launchers/accelerate.sh) and
+the accelerate lab: real multi-process runs equal to the baseline, and clear errors on bad
+input."""
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import ROOT, free_port, run_lab
+
+
+def launch(script, *args, env=None, timeout=300):
+    e = dict(os.environ, MASTER_PORT=str(free_port()), **(env or {}))
+    return subprocess.run([str(ROOT / "launchers" / script), *map(str, args)], cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def summary(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+# ---- accelerate
+@pytest.mark.parametrize("accum", [1, 2])
+def test_accelerate_lab_equals_baseline(accum, tmp_path):
+    pytest.importorskip("accelerate")
+    p, s = run_lab("accelerate_lab", 2, tmp_path, "--steps", 4, "--accum", accum)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert s["ok"] is True and s["world_size"] == 2
+    assert s["extra"]["distributed_type"].endswith("MULTI_CPU")
+    assert s["extra"]["wrapped_as"] == "DistributedDataParallel"
+    # DDP's all-reduce, once per optimizer step whatever the accumulation (no_sync inside)
+    ops = s["comm"]["by_op"]
+    assert ops["all_reduce"]["bytes"] == 4 * 4 * s["n_params"]
+
+
+def test_accelerate_launcher_multi_cpu_starts_every_process(tmp_path):
+    pytest.importorskip("accelerate")
+    p = launch("accelerate.sh", "multi_cpu", "--steps", 3, "--out", tmp_path)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    s = summary(tmp_path)
+    assert s["world_size"] == 2 and s["ok"] is True
+
+
+def test_accelerate_launcher_single_and_nproc(tmp_path):
+    pytest.importorskip("accelerate")
+    p = launch("accelerate.sh", "single", "--steps", 3, "--out", tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert summary(tmp_path)["world_size"] == 1
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
+@pytest.mark.parametrize("config", ["deepspeed", "fsdp", "multi_gpu"])
+def test_accelerate_gpu_configs_refused_on_cpu(config):
+    p = launch("accelerate.sh", config)
+    assert p.returncode == 2 and "needs GPUs" in p.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
+def test_accelerate_zero_stage_on_cpu_explains(tmp_path):
+    pytest.importorskip("accelerate")
+    p, _ = run_lab("accelerate_lab", 2, tmp_path, "--zero-stage", "2")
+    assert p.returncode == 2 and "only on accelerators" in p.stderr
+
+
+def test_accelerate_bad_config_name():
+    p = launch("accelerate.sh", "tpu_pod")
+    assert p.returncode == 2 and "unknown config 'tpu_pod'" in p.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ["multi_gpu", "deepspeed", "fsdp"])
+def test_accelerate_plugins_on_gpu(config, tmp_path):
+    p = launch("accelerate.sh", config, "--steps", 4, "--out", tmp_path,
+               env={"NPROC": str(min(2, __import__("torch").cuda.device_count()))})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert summary(tmp_path)["ok"] is True
+
+
+# ---- deepspeed
+def test_deepspeed_launcher_on_this_machine(tmp_path):
+    pytest.importorskip("deepspeed")
+    p = launch("deepspeed.sh", "deepspeed_zero", "--config", "ds_zero2", "--steps", 3,
+               "--out", tmp_path, env={"NUM_GPUS": "2"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    s = summary(tmp_path)
+    assert s["world_size"] == 2 and s["ok"] is True
+
+
+def test_deepspeed_launcher_hostfile_include(tmp_path):
+    pytest.importorskip("deepspeed")
+    hf = tmp_path / "hostfile"
+    hf.write_text("localhost slots=2\n")
+    # one slot of two; DeepSpeed checks ssh to the first host and asks it for its address
+    # unless told not to / told the address
+    p = launch("deepspeed.sh", "deepspeed_zero", "--steps", 3, "--out", tmp_path / "run",
+               env={"HOSTFILE": str(hf), "INCLUDE": "localhost:1", "NO_SSH_CHECK": "1",
+                    "MASTER_ADDR": "127.0.0.1"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert summary(tmp_path / "run")["world_size"] == 1
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"HOSTFILE": "/nonexistent/hosts"}, "not found (DeepSpeed would silently run"),
+    ({"HOSTFILE": "/etc/hostname", "INCLUDE": "a", "EXCLUDE": "b"}, "cannot be used together"),
+    ({"INCLUDE": "a"}, "INCLUDE/EXCLUDE need a HOSTFILE"),
+    ({"HOSTFILE": "/etc/hostname", "NO_SSH": "1"}, "NO_SSH=1 needs NODE_RANK"),
+    ({"NUM_GPUS": "two"}, "NUM_GPUS must be a positive integer"),
+])
+def test_deepspeed_launcher_bad_input(env, message):
+    p = launch("deepspeed.sh", "deepspeed_zero", env=env)
+    assert p.returncode == 2 and message in p.stderr, p.stderr
