@@ -5,6 +5,7 @@
     dtlab tour [--nproc N] [--out DIR] [--only a,b] [--skip c]
     dtlab bench comm [--nproc 2,4] [--ops ...] [--impl library,ring,...] [--sizes ...] [--json F]
     dtlab bench ddp [--nproc 2] [--preset small] [--steps 30] [--repeats 3]
+    dtlab doctor [--hostfile F] [--include S | --exclude S] [--master-addr A] [--json]
     dtlab memory --params 7e9 [--nodes N --gpus-per-node G] [--zero 0|1|2|3] [--offload ...]
 
 ``run`` checks the request before starting anything (unknown lab or preset, a world size the lab
@@ -314,7 +315,10 @@ def make_parser() -> argparse.ArgumentParser:
     bd.add_argument("--steps", type=int, default=30)
     bd.add_argument("--repeats", type=int, default=3)
     bd.add_argument("--out", default="runs/bench/ddp")
-    from labs.tools import estimate
+    from labs.tools import doctor, estimate
+    doctor.add_arguments(sub.add_parser(
+        "doctor", help="check a DeepSpeed hostfile and a multi-node setup before launch",
+        description=doctor.__doc__.split("\n\n")[0]))
     estimate.add_arguments(sub.add_parser(
         "memory", help="estimate GPU and CPU memory per ZeRO stage, offload and precision",
         description=estimate.__doc__.split("\n\n")[0]))
@@ -338,6 +342,9 @@ def main(argv=None) -> int:
         return cmd_bench_ddp(args)
     if args.command == "list":
         return cmd_list(args)
+    if args.command == "doctor":
+        from labs.tools import doctor
+        return doctor.run(args)
     if args.command == "memory":
         from labs.tools import estimate
         return estimate.run(args)
