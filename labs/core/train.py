@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import resource
 import statistics
 import sys
 import time
@@ -290,6 +291,10 @@ def run(strategy: Strategy, lab: str, compare_baseline: bool = True,
                    "max_abs_param_diff": None, "tolerance": dict(strategy.tolerance), "ok": None}
         comm = dict(comms[0])
         comm["per_rank"] = [c["bytes_per_step"] for c in comms]
+        from labs.tools.flops import flops_record  # after training: its matmuls disturb nothing
+        flops = flops_record(s.model, s.batch_size, step_s, rt.world_size, rt.device)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        flops["cpu_utilisation_rank0"] = (usage.ru_utime + usage.ru_stime) / wall
         summary = {
             "lab": lab, "variant": strategy.variant, "world_size": rt.world_size,
             "backend": rt.backend, "device": str(rt.device), "dtype": strategy.dtype,
@@ -298,7 +303,7 @@ def run(strategy: Strategy, lab: str, compare_baseline: bool = True,
             "losses": losses, "baseline": cmp,
             "time": {"step_s_median": step_s,
                      "tokens_per_s": s.batch_size * s.model.seq_len / step_s, "wall_s": wall},
-            "comm": comm, "memory": {"per_rank": mems}, "extra": strategy.extra,
+            "comm": comm, "memory": {"per_rank": mems}, "flops": flops, "extra": strategy.extra,
             # the verdict: baseline within tolerance (or not compared) and the lab's own checks
             "ok": cmp["ok"] is not False and bool(strategy.checks_ok),
         }
