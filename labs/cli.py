@@ -230,7 +230,10 @@ def cmd_bench_comm(args, rest: list[str]) -> int:
         base = lib.get((r["op"], r["world_size"], r["bytes"]))
         r["busbw_vs_library"] = r["busbw_GBps"] / base if base else None
     from labs.core.record import atomic_write_text
-    atomic_write_text(out, json.dumps({"rows": rows}, indent=1) + "\n")
+    fits = commbench.fit_alpha_beta(rows)
+    png = commbench.plot_busbw(rows, out.with_suffix(".png"))
+    atomic_write_text(out, json.dumps({"rows": rows, "alpha_beta": fits, "plot": str(png)},
+                                      indent=1) + "\n")
     from rich.console import Console
     from rich.table import Table
     from labs.tools.report import human_bytes
@@ -247,7 +250,19 @@ def cmd_bench_comm(args, rest: list[str]) -> int:
                   "-" if ratio is None else f"{ratio:.2f}x", "ok" if r["ok"] else "WRONG")
     console = Console() if sys.stdout.isatty() else Console(width=160)
     console.print(t)
-    console.print(f"rows: {out}")
+    f = Table(title="alpha-beta model: time = alpha + bytes / beta (least squares over sizes)")
+    for c in ("op", "impl", "world", "alpha us", "beta GB/s", "busbw limit GB/s", "max rel err"):
+        f.add_column(c, justify="left" if c in ("op", "impl") else "right")
+    for r in fits:
+        f.add_row(r["op"], r["impl"], str(r["world_size"]), f"{r['alpha_s'] * 1e6:.1f}",
+                  "-" if r["beta_GBps"] is None else f"{r['beta_GBps']:.3f}",
+                  "-" if r["busbw_limit_GBps"] is None else f"{r['busbw_limit_GBps']:.3f}",
+                  f"{r['max_rel_error']:.0%}")
+    console.print(f)
+    console.print("ring model: t = 2(p-1) alpha + 2(p-1)/p * S/B; bus bandwidth divides out the "
+                  "2(p-1)/p, so it compares across world sizes; across nodes B is the network's "
+                  "(a few GB/s to 50 GB/s) instead of memory or loopback.")
+    console.print(f"rows: {out}   picture: {png}")
     return 0 if all(r["ok"] for r in rows) else 1
 
 

@@ -17,11 +17,14 @@ def test_parse_size():
 
 def test_bench_comm_rows(tmp_path):
     out = tmp_path / "comm.json"
-    p = dtlab("bench", "comm", "--nproc", "2,3", "--impl", "library,ring,tree", "--sizes",
+    p = dtlab("bench", "comm", "--nproc", "2,3", "--impl", "library,ring,tree,shm", "--sizes",
               "4KiB,1MiB", "--iters", 2, "--warmup", 1, "--json", out, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
-    rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 2 * 3 * 2
+    record = json.loads(out.read_text())
+    rows = record["rows"]
+    assert len(rows) == 2 * 4 * 2  # world sizes x implementations x sizes, every one exact
+    assert {f["impl"] for f in record["alpha_beta"]} == {"library", "ring", "tree", "shm"}
+    assert (tmp_path / "comm.png").stat().st_size > 10_000
     for r in rows:
         assert set(r) >= {"op", "impl", "world_size", "bytes", "time_s_median", "algbw_GBps",
                           "busbw_GBps", "ok"}
@@ -62,3 +65,15 @@ def test_bench_ddp_record(tmp_path):
     assert s["ratio_vs_torch"]["torch"] == 1.0
     for v, t in s["step_s_median"].items():
         assert t > 0 and s["ratio_vs_torch"][v] == pytest.approx(t / s["step_s_median"]["torch"])
+
+
+def test_alpha_beta_fit_recovers_the_model():
+    from labs.tools.commbench import fit_alpha_beta
+    alpha, beta = 50e-6, 2e9  # 50 us and 2 GB/s
+    rows = [{"op": "all_reduce", "impl": "x", "world_size": 4, "bytes": b,
+             "time_s_median": alpha + b / beta} for b in (1024, 2**16, 2**20, 2**24)]
+    (f,) = fit_alpha_beta(rows)
+    assert f["alpha_s"] == pytest.approx(alpha, rel=1e-6)
+    assert f["beta_GBps"] == pytest.approx(2.0, rel=1e-6)
+    assert f["busbw_limit_GBps"] == pytest.approx(2.0 * 2 * 3 / 4, rel=1e-6)
+    assert f["max_rel_error"] < 1e-6

@@ -33,7 +33,8 @@ from labs.core import runtime
 BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
               "reduce_scatter": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0}
 OPS = tuple(BUS_FACTOR)
-OUR_IMPLS = ("ring", "naive", "tree")  # all_reduce only, from labs/ring_allreduce.py
+OUR_IMPLS = ("ring", "naive", "tree", "shm")  # all_reduce only: labs/ring_allreduce.py and
+# labs/shm_allreduce.py
 DEFAULT_SIZES = "1KiB,16KiB,256KiB,1MiB,4MiB,16MiB,64MiB"
 
 
@@ -82,6 +83,9 @@ def _inputs(op: str, numel: int, world: int, rank: int):
 
 
 def _call(op: str, impl: str, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if impl == "shm":
+        from labs.shm_allreduce import shm_all_reduce
+        return shm_all_reduce(x)
     if impl != "library":
         from labs.ring_allreduce import ALGORITHMS
         return ALGORITHMS[impl](x)
@@ -188,3 +192,58 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --------------------------------------------------------------------------- model and picture
+
+def fit_alpha_beta(rows: list[dict]) -> list[dict]:
+    """Fit of time = alpha + bytes / beta per (op, impl, world size), least squares on relative
+    error: alpha is the
+    fixed cost of a call (latency, synchronisation), beta the bandwidth the call approaches for
+    large messages. For a ring all-reduce the model is 2(p-1) alpha_link + 2(p-1)/p * S / B, so
+    this beta is B / (2(p-1)/p): the bus bandwidth the table shows is the comparable number."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["impl"], r["world_size"]), []).append(r)
+    fits = []
+    for (op, impl, world), rs in sorted(groups.items()):
+        if len(rs) < 2:
+            continue
+        x = torch.tensor([r["bytes"] for r in rs], dtype=torch.float64)
+        y = torch.tensor([r["time_s_median"] for r in rs], dtype=torch.float64)
+        # relative errors, so the microsecond calls count as much as the 64 MiB ones
+        a = torch.stack([torch.ones_like(x), x], dim=1) / y.unsqueeze(1)
+        fit = torch.linalg.lstsq(a, torch.ones_like(y).unsqueeze(1)).solution[:, 0]
+        alpha, inv_beta = float(fit[0]), float(fit[1])
+        pred = alpha + inv_beta * x
+        rel = float(((pred - y).abs() / y).max())
+        fits.append({"op": op, "impl": impl, "world_size": world, "alpha_s": alpha,
+                     "beta_GBps": (1 / inv_beta / 1e9) if inv_beta > 0 else None,
+                     "busbw_limit_GBps": (1 / inv_beta / 1e9 * BUS_FACTOR[op](world))
+                     if inv_beta > 0 else None, "max_rel_error": rel})
+    return fits
+
+
+def plot_busbw(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["impl"], r["world_size"]), []).append(r)
+    for (op, impl, world), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["bytes"])
+        ax.plot([r["bytes"] for r in rs], [r["busbw_GBps"] for r in rs], marker="o",
+                label=f"{op} {impl} W={world}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("message size (bytes)")
+    ax.set_ylabel("bus bandwidth (GB/s)")
+    ax.set_title("bus bandwidth vs message size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
