@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 comma  := ,
 PY     := $(VENV)/bin/python
-EXTRAS ?= dev,deepspeed,fairscale,accelerate
+EXTRAS ?= dev,deepspeed,fairscale,accelerate,profile
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 PYTEST_ARGS ?=

@@ -5,6 +5,7 @@
     dtlab tour [--nproc N] [--out DIR] [--only a,b] [--skip c]
     dtlab bench comm [--nproc 2,4] [--ops ...] [--impl library,ring,...] [--sizes ...] [--json F]
     dtlab bench ddp [--nproc 2] [--preset small] [--steps 30] [--repeats 3]
+    dtlab profile LAB [--nproc N] [--steps S] [--out DIR] [lab flags...]
     dtlab doctor [--hostfile F] [--include S | --exclude S] [--master-addr A] [--json]
     dtlab memory --params 7e9 [--nodes N --gpus-per-node G] [--zero 0|1|2|3] [--offload ...]
 
@@ -128,6 +129,89 @@ def cmd_run(args, lab_args: list[str]) -> int:
                if summary["baseline"]["ok"] is False else "failing its own checks (see extra)")
         print(f"dtlab: {lab.name} is {why}", file=sys.stderr)
         return 1
+    return rc
+
+
+PROFILE_COMPARE = [  # (name, lab, flags): the strategies whose time split is compared
+    ("ddp torch", "ddp", ["--impl", "torch"]),
+    ("ddp own (ring, 20 KiB buckets)", "ddp", ["--impl", "own", "--bucket-mb", "0.02"]),
+    ("zero stage 1", "zero", ["--stage", "1"]),
+    ("zero stage 2", "zero", ["--stage", "2"]),
+    ("zero stage 3", "zero", ["--stage", "3"]),
+    ("fsdp2", "zero", ["--impl", "fsdp2"]),
+    ("tensor parallel", "tensor_parallel", []),
+    ("pipeline 1f1b", "pipeline", ["--schedule", "1f1b"]),
+]
+
+
+def cmd_profile_compare(args, lab_args: list[str]) -> int:
+    """Every strategy of PROFILE_COMPARE profiled alike; one table of rank 0's shares."""
+    import json
+    out = Path(_opt_value(lab_args, "--out") or "runs/profile")
+    extra = [a for a in lab_args]
+    if "--out" in extra:
+        i = extra.index("--out")
+        del extra[i:i + 2]
+    rows = []
+    for name, lab, flags in PROFILE_COMPARE:
+        run_dir = out / name.split(" (")[0].replace(" ", "-")
+        ns = argparse.Namespace(lab=lab, nproc=args.nproc or 2)
+        with open(os.devnull, "w") as quiet:
+            old = sys.stdout
+            sys.stdout = quiet
+            try:
+                rc = cmd_profile(ns, [*flags, *extra, "--out", str(run_dir)])
+            finally:
+                sys.stdout = old
+        f = run_dir / "summary.json"
+        if rc != 0 or not f.is_file():
+            print(f"dtlab: profiling {name} failed (exit {rc})", file=sys.stderr)
+            return rc or 1
+        s = json.loads(f.read_text())
+        shares = [r["share_of_step"] for r in s["extra"]["profile"]]
+        mean = {k: sum(x[k] for x in shares) / len(shares) for k in shares[0]}
+        rows.append({"strategy": name, "world_size": s["world_size"],
+                     "step_ms": s["extra"]["profile"][0]["us_per_step"]["step"] / 1e3,
+                     "comm_bytes_per_step": s["comm"]["bytes_per_step"], **mean})
+        print(f"  {name:<32} ok  comm {mean['communication']:.0%}  exposed "
+              f"{mean['exposed_communication']:.0%}", flush=True)
+    from labs.core.record import atomic_write_text
+    from labs.tools.report import human_bytes
+    atomic_write_text(out / "compare.json", json.dumps({"rows": rows}, indent=1) + "\n")
+    head = ("strategy", "ranks", "step ms", "comm/step/rank", "computation", "communication",
+            "overlap", "exposed comm", "other")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["strategy"], str(r["world_size"]), f"{r['step_ms']:.1f}",
+            human_bytes(r["comm_bytes_per_step"])] + [f"{r[k]:.0%}" for k in (
+                "computation", "communication", "overlap", "exposed_communication", "other")])
+            + " |")
+    atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"(shares of a profiled step, mean over ranks; {out / 'compare.json'})")
+    return 0
+
+
+def cmd_profile(args, lab_args: list[str]) -> int:
+    """``dtlab run`` under the profiler: traces in OUT/tb, the summary table per rank."""
+    import shutil
+    if args.lab == "compare":
+        return cmd_profile_compare(args, lab_args)
+    out = Path(_opt_value(lab_args, "--out") or f"runs/profile/{args.lab}-n{args.nproc}")
+    if _opt_value(lab_args, "--out") is None:
+        lab_args = [*lab_args, "--out", str(out)]
+    if _opt_value(lab_args, "--steps") is None:
+        lab_args = [*lab_args, "--steps", "8"]
+    shutil.rmtree(out / "tb", ignore_errors=True)
+    os.environ["DTLAB_PROFILE_DIR"] = str(out)
+    rc = cmd_run(args, lab_args)
+    summary_file = out / "summary.json"
+    if summary_file.is_file():
+        from labs.core.record import read_summary
+        from labs.tools.profile import print_summary
+        print_summary(read_summary(out))
+        print(f"traces: {out / 'tb'}  (tensorboard --logdir {out / 'tb'}, with torch-tb-profiler)")
     return rc
 
 
@@ -330,6 +414,14 @@ def make_parser() -> argparse.ArgumentParser:
     bd.add_argument("--steps", type=int, default=30)
     bd.add_argument("--repeats", type=int, default=3)
     bd.add_argument("--out", default="runs/bench/ddp")
+    pr = sub.add_parser("profile", allow_abbrev=False,
+                        help="run a lab under torch.profiler: computation, communication, "
+                             "overlap per rank, TensorBoard traces",
+                        description="Flags other than --nproc go to the lab; --out DIR gets "
+                                    "the run record and DIR/tb the traces (default 8 steps).")
+    pr.add_argument("lab", help="a lab, or `compare`: DDP (torch, ours), ZeRO 1-3, FSDP2, TP "
+                    "and PP profiled alike, one table")
+    pr.add_argument("--nproc", type=int, default=None, help="processes (default: tour size)")
     from labs.tools import doctor, estimate
     doctor.add_arguments(sub.add_parser(
         "doctor", help="check a DeepSpeed hostfile and a multi-node setup before launch",
@@ -343,10 +435,12 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = make_parser().parse_known_args(argv)
-    if args.command == "run":
+    if args.command == "profile" and args.lab == "compare":
+        return cmd_profile_compare(args, rest)
+    if args.command in ("run", "profile"):
         if args.nproc is None:
             args.nproc = registry.LABS[args.lab].tour_nproc if args.lab in registry.LABS else 1
-        return cmd_run(args, rest)
+        return (cmd_run if args.command == "run" else cmd_profile)(args, rest)
     if args.command == "bench" and args.bench == "comm":
         return cmd_bench_comm(args, rest)
     if rest:

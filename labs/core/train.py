@@ -16,6 +16,7 @@ cached) baseline with identical settings, and writes the run record.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import resource
@@ -217,12 +218,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train(strategy: Strategy, log_every: int | None = None) -> tuple[list[float], list[dict]]:
+def train(strategy: Strategy, log_every: int | None = None,
+          profile: bool = True) -> tuple[list[float], list[dict]]:
     rt, s = strategy.rt, strategy.settings
     corpus = s.corpus()
     losses, steps = [], []
     if log_every is None:
         log_every = max(1, s.steps // 10)
+    from labs.tools.profile import maybe_profiler  # DTLAB_PROFILE_DIR: dtlab profile
+    prof = maybe_profiler(rt.rank, s.steps, rt.device.type) if profile else None
+    with prof or contextlib.nullcontext():
+        _steps(strategy, corpus, losses, steps, log_every, prof)
+    if prof is not None:
+        strategy.extra["profile"] = prof.summary
+    return losses, steps
+
+
+def _steps(strategy, corpus, losses, steps, log_every, prof) -> None:
+    rt, s = strategy.rt, strategy.settings
     for step in range(s.steps):
         x, y = corpus.global_batch(step)
         x, y = strategy.local_batch(x.to(rt.device), y.to(rt.device))
@@ -239,7 +252,8 @@ def train(strategy: Strategy, log_every: int | None = None) -> tuple[list[float]
                       "comm_bytes": strategy.comm.step_sent[-1]})
         if log_every and (step % log_every == 0 or step == s.steps - 1):
             rt.log(f"step {step:4d}  loss {losses[-1]:.4f}  {dt * 1e3:7.1f} ms")
-    return losses, steps
+        if prof is not None:
+            prof.step()
 
 
 def baseline(settings: Settings, device: torch.device) -> tuple[list[float], dict]:
@@ -251,7 +265,7 @@ def baseline(settings: Settings, device: torch.device) -> tuple[list[float], dic
     rt = runtime.Runtime(device=device)
     strat = Strategy(rt, settings)
     strat.build()
-    losses, _ = train(strat, log_every=0)
+    losses, _ = train(strat, log_every=0, profile=False)
     params = strat.full_state()
     record.store_cached(key, losses, params)
     return losses, params
@@ -270,6 +284,8 @@ def run(strategy: Strategy, lab: str, compare_baseline: bool = True,
     losses, steps = train(strategy, log_every)
     wall = time.perf_counter() - t_wall
     full = strategy.full_state()
+    if "profile" in strategy.extra:  # every rank's own summary, on rank 0
+        strategy.extra["profile"] = strategy.gather_object(strategy.extra["profile"])
     mems = strategy.gather_object(strategy.memory())
     comms = strategy.gather_object(strategy.comm.summary())
     # Every rank leaves the process group together before rank 0 turns to the baseline, so no
