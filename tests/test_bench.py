@@ -77,3 +77,15 @@ def test_alpha_beta_fit_recovers_the_model():
     assert f["beta_GBps"] == pytest.approx(2.0, rel=1e-6)
     assert f["busbw_limit_GBps"] == pytest.approx(2.0 * 2 * 3 / 4, rel=1e-6)
     assert f["max_rel_error"] < 1e-6
+
+
+@pytest.mark.deepspeed
+def test_deepspeed_shared_memory_row(tmp_path):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "ds.json"
+    p = dtlab("bench", "comm", "--nproc", "2", "--impl", "library,deepspeed-shm", "--sizes",
+              "4KiB,1MiB", "--iters", 2, "--warmup", 1, "--json", out, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"library", "deepspeed-shm"}
+    assert all(r["ok"] for r in rows)  # DeepSpeed's result checked exactly like ours

@@ -146,12 +146,15 @@ def doctor(tmp_path, hostfile_text, *args, env=None, cwd=None):
 
 
 def test_good_hostfile_passes(hosts, tmp_path):
-    rc, r, errors = doctor(tmp_path, "dthost1 slots=1\ndthost2 slots=1\n")
+    rc, r, errors = doctor(tmp_path, "dthost1 slots=1\ndthost2 slots=1\n", "--ds-report")
     assert rc == 0 and errors == []
     assert set(r["hosts"]) == {"dthost1", "dthost2"}
     assert r["hosts"]["dthost1"]["deepspeed"] == r["hosts"]["dthost2"]["deepspeed"]
     checks = {f["check"] for f in r["findings"] if f["severity"] == "ok"}
     assert {"hostfile", "resolve", "ssh", "master"} <= checks
+    # ds_report's op table from each host, parsed: cpu_adam can be built on the CPU
+    for h in ("dthost1", "dthost2"):
+        assert r["hosts"][h]["ds_report"]["cpu_adam"]["compatible"] is True
 
 
 @pytest.mark.parametrize("text,args,env,check,needle", [

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
@@ -83,6 +84,10 @@ def _inputs(op: str, numel: int, world: int, rank: int):
 
 
 def _call(op: str, impl: str, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if impl == "deepspeed-shm":
+        import deepspeed.comm as dscomm
+        dscomm.inference_all_reduce(x)
+        return x
     if impl == "shm":
         from labs.shm_allreduce import shm_all_reduce
         return shm_all_reduce(x)
@@ -143,7 +148,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="labs.tools.commbench", description=__doc__.splitlines()[0])
     p.add_argument("--ops", default="all_reduce", help=f"comma list of {', '.join(OPS)}, or all")
     p.add_argument("--impl", default="library,ring",
-                   help="comma list: library, and for all_reduce ring, naive, tree")
+                   help="comma list: library, and for all_reduce ring, naive, tree, shm "
+                        "(ours) and deepspeed-shm (DeepSpeed's CPU shared-memory op)")
     p.add_argument("--sizes", default=DEFAULT_SIZES, help=f"message sizes (default {DEFAULT_SIZES})")
     p.add_argument("--iters", type=int, default=10, help="timed calls per row (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
@@ -154,10 +160,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 def validate(args) -> tuple[list[str], list[str], list[int]]:
     ops = parse_list(args.ops, OPS, "ops")
-    impls = parse_list(args.impl, ("library",) + OUR_IMPLS, "impl")
+    impls = parse_list(args.impl, ("library",) + OUR_IMPLS + ("deepspeed-shm",), "impl")
     if any(i != "library" for i in impls) and ops != ["all_reduce"]:
-        raise BenchError("--impl ring/naive/tree implement all_reduce only; use --ops "
-                         "all_reduce with them, or --impl library for other ops")
+        raise BenchError("--impl ring/naive/tree/shm/deepspeed-shm implement all_reduce only; "
+                         "use --ops all_reduce with them, or --impl library for other ops")
     if args.iters < 1 or args.warmup < 0:
         raise BenchError("--iters must be >= 1 and --warmup >= 0")
     return ops, impls, [parse_size(s) for s in args.sizes.split(",") if s.strip()]
@@ -173,6 +179,15 @@ def main(argv=None) -> int:
     if not rt.distributed:
         runtime.fail("run the benchmark under torchrun (dtlab bench comm --nproc N does)")
     torch.set_num_threads(1)
+    if "deepspeed-shm" in impls:
+        # DeepSpeed's CPU shared-memory op reads LOCAL_SIZE (its launcher sets it, torchrun does
+        # not); without it the op crashed with SIGSEGV on its first all-reduce here.
+        os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        try:
+            import deepspeed
+        except ImportError:
+            runtime.fail("--impl deepspeed-shm needs DeepSpeed: pip install -e '.[deepspeed]'")
+        deepspeed.init_distributed(dist_backend="gloo")  # builds the shm_comm op on first use
     rows = []
     total = len(ops) * len(impls) * len(sizes)
     for op in ops:

@@ -20,6 +20,7 @@ Every check that applies is run, from the cheapest to the most involved:
                      and .deepspeed_env) and which set here will not; .deepspeed_env linted
     slots            slots per host against the GPUs visible there; GPU model and
                      `nvidia-smi topo -m` where present
+    ds_report        (--ds-report) DeepSpeed's op report on every host, differences flagged
 
 Safety: host names and values from files are validated before use (no leading '-', no shell
 characters) and ssh always gets an argument list; the remote command is quoted with shlex.
@@ -186,6 +187,8 @@ class Doctor:
         self.probes = {h: self.probes[h] for h in self.reachable}
         self.check_versions()
         self.check_slots(active)
+        if self.a.ds_report:
+            self.check_ds_report()
         self.check_interfaces()
         if self.reachable and hosts[0] in self.reachable:
             self.check_master(hosts[0])
@@ -376,6 +379,40 @@ class Doctor:
             if p.get("topo"):
                 self.add("slots", "info", f"{host}: nvidia-smi topo -m\n{p['topo']}", host=host)
 
+    def check_ds_report(self) -> None:
+        """DeepSpeed's op report on every host: which C++/CUDA ops are built or can be built."""
+        import re
+        ds_report = str(Path(self.python).with_name("ds_report"))
+        ansi = re.compile(r"\x1b\[[0-9;]*m")
+        row = re.compile(r"^(\w+) \.+ \[(NO|YES|OKAY)\] \.+ \[(NO|OKAY)\]")
+        reports = {}
+        for host in self.reachable:
+            p = self.ssh(host, [ds_report], timeout=self.a.connect_timeout + 120)
+            ops = {}
+            for line in ansi.sub("", p.stdout).splitlines():
+                m = row.match(line.strip())
+                if m:
+                    ops[m.group(1)] = {"installed": m.group(2) != "NO",
+                                       "compatible": m.group(3) == "OKAY"}
+            if not ops:
+                self.add("ds_report", "warn", f"{host}: ds_report gave no op table "
+                         f"({(p.stderr or p.stdout).strip()[-200:]})", "run ds_report there",
+                         host)
+                continue
+            reports[host] = ops
+            bad = sorted(k for k, v in ops.items() if not v["compatible"])
+            built = sorted(k for k, v in ops.items() if v["installed"])
+            self.add("ds_report", "info", f"{host}: {len(ops)} ops, built: "
+                     f"{', '.join(built) or 'none (JIT on first use)'}; cannot build: "
+                     f"{', '.join(bad) or 'none'}", "async_io needs libaio-dev (NVMe offload)"
+                     if "async_io" in bad else "", host)
+            self.probes.setdefault(host, {})["ds_report"] = ops
+        if len({json.dumps(r, sort_keys=True) for r in reports.values()}) > 1:
+            self.add("ds_report", "warn", "DeepSpeed ops differ between hosts: " + "; ".join(
+                f"{h}: {sorted(k for k, v in r.items() if v['compatible'])}"
+                for h, r in reports.items()), "build the same ops everywhere (DS_BUILD_OPS=1 "
+                "pip install deepspeed, or the same image)")
+
     def check_interfaces(self) -> None:
         env = dict(self.deepspeed_env())
         for var in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
@@ -484,6 +521,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--connect-timeout", type=int, default=5, help="ssh/connect seconds (5)")
     p.add_argument("--python", help="the Python DeepSpeed will run (default: this one)")
     p.add_argument("--cwd", help="the directory DeepSpeed will cd to (default: this one)")
+    p.add_argument("--ds-report", action="store_true",
+                   help="also run DeepSpeed's ds_report on every host (op build status)")
     p.add_argument("--json", action="store_true", help="every finding as JSON")
     return p
 
