@@ -35,5 +35,7 @@ def test_every_run_records_flops_and_mfu(tmp_path):
     assert f["model_flops_per_step"] == counted_flops_per_step(
         config_from_preset("tiny", vocab_size=13), 16)
     assert 0 < f["mfu"] <= 1
+    util = f["utilisation_per_rank"]
+    assert len(util) == 2 and all(u["what"] == "cpu_cores_busy" for u in util)
     assert f["achieved_flops_per_s"] == pytest.approx(
         f["model_flops_per_step"] / s["time"]["step_s_median"])

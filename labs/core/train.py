@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import gc
 import os
-import resource
 import statistics
 import sys
 import time
@@ -281,8 +280,11 @@ def run(strategy: Strategy, lab: str, compare_baseline: bool = True,
     rt.log(f"{lab} [{strategy.variant}]  world {rt.world_size}  {rt.backend}/{rt.device}  "
            f"preset {s.preset} ({n_params:,} parameters)"
            f"  global batch {s.batch_size} x {s.model.seq_len} tokens  {s.steps} steps")
-    losses, steps = train(strategy, log_every)
+    from labs.tools.flops import UtilisationSampler
+    with UtilisationSampler(rt.device) as sampler:  # GPU (NVML) or this process's CPU
+        losses, steps = train(strategy, log_every)
     wall = time.perf_counter() - t_wall
+    utilisation = strategy.gather_object(sampler.summary())
     full = strategy.full_state()
     if "profile" in strategy.extra:  # every rank's own summary, on rank 0
         strategy.extra["profile"] = strategy.gather_object(strategy.extra["profile"])
@@ -309,8 +311,7 @@ def run(strategy: Strategy, lab: str, compare_baseline: bool = True,
         comm["per_rank"] = [c["bytes_per_step"] for c in comms]
         from labs.tools.flops import flops_record  # after training: its matmuls disturb nothing
         flops = flops_record(s.model, s.batch_size, step_s, rt.world_size, rt.device)
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        flops["cpu_utilisation_rank0"] = (usage.ru_utime + usage.ru_stime) / wall
+        flops["utilisation_per_rank"] = utilisation
         summary = {
             "lab": lab, "variant": strategy.variant, "world_size": rt.world_size,
             "backend": rt.backend, "device": str(rt.device), "dtype": strategy.dtype,

@@ -77,3 +77,54 @@ def flops_record(cfg, batch: int, step_s: float, world: int, device: torch.devic
             "formula_over_counted": formula / counted, "achieved_flops_per_s": achieved,
             "peak_flops_per_s_per_device": peak, "peak_method": how, "devices": devices,
             "mfu": achieved / (devices * peak)}
+
+
+class UtilisationSampler:
+    """Samples this process's device utilisation every ``interval`` seconds in a thread: the GPU's
+    (NVML through torch.cuda.utilization) on CUDA, else the CPU time this process used per wall
+    second (1.0 = one core busy). ``summary()`` gives the mean, the max and the samples' count."""
+
+    def __init__(self, device: torch.device, interval: float = 0.2):
+        import threading
+        self.device, self.interval = device, interval
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _read(self):
+        if self.device.type == "cuda":
+            try:
+                return float(torch.cuda.utilization(self.device)) / 100
+            except Exception:  # no NVML (pynvml) on this machine
+                return None
+        return time.process_time()
+
+    def _run(self):
+        last_wall, last = time.perf_counter(), self._read()
+        while not self._stop.wait(self.interval):
+            now_wall, now = time.perf_counter(), self._read()
+            if now is None:
+                return
+            if self.device.type == "cuda":
+                self.samples.append(now)
+            else:
+                self.samples.append((now - last) / (now_wall - last_wall))
+            last_wall, last = now_wall, now
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def summary(self) -> dict:
+        what = "gpu_utilisation" if self.device.type == "cuda" else "cpu_cores_busy"
+        if not self.samples:
+            return {"what": what, "samples": 0}
+        out = {"what": what, "samples": len(self.samples),
+               "mean": sum(self.samples) / len(self.samples), "max": max(self.samples)}
+        if self.device.type == "cuda":
+            out["gpu_name"] = torch.cuda.get_device_name(self.device)
+        return out
