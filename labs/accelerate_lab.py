@@ -5,7 +5,7 @@ Answers QUESTIONS.md 50. ``Accelerator`` reads how it was launched (the environm
 whether to wrap the model in DDP, in FSDP or in a DeepSpeed engine, the precision, gradient
 accumulation. The loop is written once:
 
-    accelerator = Accelerator(gradient_accumulation_steps=K, mixed_precision="no")
+    accelerator = Accelerator(gradient_accumulation_steps=K, mixed_precision="no")  # or bf16
     model, optimizer = accelerator.prepare(model, optimizer)
     for micro_batch in ...:
         with accelerator.accumulate(model):          # no gradient sync until the K-th
@@ -47,9 +47,15 @@ from labs.core.train import Strategy, UsageError, add_common_args, run_lab
 class AccelerateStrategy(Strategy):
     name = "accelerate_lab"
 
-    def __init__(self, rt, settings, accum: int = 1, zero_stage: int | None = None):
+    def __init__(self, rt, settings, accum: int = 1, zero_stage: int | None = None,
+                 mixed_precision: str = "no"):
         super().__init__(rt, settings)
-        self.accum, self.zero_stage = accum, zero_stage
+        self.accum, self.zero_stage, self.mixed_precision = accum, zero_stage, mixed_precision
+        if mixed_precision != "no":
+            # autocast to 16 bits, fp32 weights; compared with the fp32 baseline at the AMP lab's
+            # stated bound for that type (docs/amp.md explains it)
+            from labs.amp import AMP_TOLERANCE
+            self.dtype, self.tolerance = mixed_precision, AMP_TOLERANCE[mixed_precision]
 
     def build(self) -> None:
         try:
@@ -63,7 +69,8 @@ class AccelerateStrategy(Strategy):
             plugin = DeepSpeedPlugin(zero_stage=self.zero_stage,
                                      gradient_accumulation_steps=self.accum)
         self.accelerator = Accelerator(gradient_accumulation_steps=self.accum,
-                                       mixed_precision="no", deepspeed_plugin=plugin,
+                                       mixed_precision=self.mixed_precision,
+                                       deepspeed_plugin=plugin,
                                        cpu=self.rt.device.type == "cpu" and plugin is None)
         state = self.accelerator.state
         if state.deepspeed_plugin is not None:
@@ -71,9 +78,16 @@ class AccelerateStrategy(Strategy):
             micro = self.settings.batch_size // (self.rt.world_size * self.accum)
             state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        # What autocast really computes in: the dtype of a linear layer's output (accelerate
+        # casts the model's outputs back to fp32, so the logits would not tell).
+        first_linear = next(m for m in self.accelerator.unwrap_model(self.model).modules()
+                            if isinstance(m, torch.nn.Linear))
+        first_linear.register_forward_hook(lambda m, i, out: self.extra.__setitem__(
+            "matmul_dtype", str(out.dtype).replace("torch.", "")))
         self.variant = str(state.distributed_type).split(".")[-1].lower() + \
             (f"-zero{state.deepspeed_plugin.zero_stage}" if state.deepspeed_plugin else "") + \
-            (f"-accum{self.accum}" if self.accum > 1 else "")
+            (f"-accum{self.accum}" if self.accum > 1 else "") + \
+            (f"-{self.mixed_precision}" if self.mixed_precision != "no" else "")
         self.extra.update(distributed_type=str(state.distributed_type),
                           num_processes=state.num_processes, accum=self.accum,
                           wrapped_as=type(self.model).__name__)
@@ -125,6 +139,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3],
                    help="use accelerate's DeepSpeed plugin with this ZeRO stage (default: "
                         "whatever the accelerate config says, else no DeepSpeed)")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
+                   help="accelerate's mixed_precision: autocast to bf16 or fp16, with its "
+                        "gradient scaler for fp16 (default no)")
     return add_common_args(p)
 
 
@@ -149,7 +166,7 @@ def check_args(args, settings, world: int) -> None:
 
 
 def make_strategy(rt, settings, args) -> Strategy:
-    return AccelerateStrategy(rt, settings, args.accum, args.zero_stage)
+    return AccelerateStrategy(rt, settings, args.accum, args.zero_stage, args.mixed_precision)
 
 
 def main(argv=None) -> int:

@@ -37,7 +37,7 @@ lines = st.one_of(
 
 
 @pytest.mark.deepspeed
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(st.lists(lines, max_size=6))
 def test_parser_accepts_and_rejects_exactly_what_deepspeed_does(file_lines):
     pytest.importorskip("deepspeed")
@@ -55,7 +55,7 @@ specs = st.lists(st.builds(lambda h, s: h + (":" + ",".join(map(str, s)) if s el
 
 
 @pytest.mark.deepspeed
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(specs, st.booleans())
 def test_include_exclude_resolve_like_deepspeed(parts, include):
     pytest.importorskip("deepspeed")

@@ -34,6 +34,23 @@ def test_accelerate_lab_equals_baseline(accum, tmp_path):
     assert ops["all_reduce"]["bytes"] == 4 * 4 * s["n_params"]
 
 
+def test_accelerate_mixed_precision_flag(tmp_path):
+    pytest.importorskip("accelerate")
+    p, s = run_lab("accelerate_lab", 2, tmp_path / "bf16", "--steps", 4,
+                   "--mixed-precision", "bf16")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert s["ok"] is True and s["dtype"] == "bf16"
+    assert s["extra"]["matmul_dtype"] == "bfloat16"      # autocast really ran
+    assert s["baseline"]["max_abs_param_diff"] > 1e-5    # and changed the numbers (within bf16's bound)
+    if not __import__("torch").cuda.is_available():
+        p, s = run_lab("accelerate_lab", 2, tmp_path / "fp16", "--steps", 4,
+                       "--mixed-precision", "fp16")
+        assert p.returncode == 0, p.stderr[-2000:]
+        # accelerate 1.15 accepts fp16 on the CPU but does not autocast: fp32 throughout
+        assert s["extra"]["matmul_dtype"] == "float32"
+        assert s["baseline"]["max_rel_loss_diff"] < 1e-5
+
+
 def test_accelerate_launcher_multi_cpu_starts_every_process(tmp_path):
     pytest.importorskip("accelerate")
     p = launch("accelerate.sh", "multi_cpu", "--steps", 3, "--out", tmp_path)
