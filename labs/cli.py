@@ -132,72 +132,12 @@ def cmd_run(args, lab_args: list[str]) -> int:
     return rc
 
 
-PROFILE_COMPARE = [  # (name, lab, flags): the strategies whose time split is compared
-    ("ddp torch", "ddp", ["--impl", "torch"]),
-    ("ddp own (ring, 20 KiB buckets)", "ddp", ["--impl", "own", "--bucket-mb", "0.02"]),
-    ("zero stage 1", "zero", ["--stage", "1"]),
-    ("zero stage 2", "zero", ["--stage", "2"]),
-    ("zero stage 3", "zero", ["--stage", "3"]),
-    ("fsdp2", "zero", ["--impl", "fsdp2"]),
-    ("tensor parallel", "tensor_parallel", []),
-    ("pipeline 1f1b", "pipeline", ["--schedule", "1f1b"]),
-]
-
-
-def cmd_profile_compare(args, lab_args: list[str]) -> int:
-    """Every strategy of PROFILE_COMPARE profiled alike; one table of rank 0's shares."""
-    import json
-    out = Path(_opt_value(lab_args, "--out") or "runs/profile")
-    extra = [a for a in lab_args]
-    if "--out" in extra:
-        i = extra.index("--out")
-        del extra[i:i + 2]
-    rows = []
-    for name, lab, flags in PROFILE_COMPARE:
-        run_dir = out / name.split(" (")[0].replace(" ", "-")
-        ns = argparse.Namespace(lab=lab, nproc=args.nproc or 2)
-        with open(os.devnull, "w") as quiet:
-            old = sys.stdout
-            sys.stdout = quiet
-            try:
-                rc = cmd_profile(ns, [*flags, *extra, "--out", str(run_dir)])
-            finally:
-                sys.stdout = old
-        f = run_dir / "summary.json"
-        if rc != 0 or not f.is_file():
-            print(f"dtlab: profiling {name} failed (exit {rc})", file=sys.stderr)
-            return rc or 1
-        s = json.loads(f.read_text())
-        shares = [r["share_of_step"] for r in s["extra"]["profile"]]
-        mean = {k: sum(x[k] for x in shares) / len(shares) for k in shares[0]}
-        rows.append({"strategy": name, "world_size": s["world_size"],
-                     "step_ms": s["extra"]["profile"][0]["us_per_step"]["step"] / 1e3,
-                     "comm_bytes_per_step": s["comm"]["bytes_per_step"], **mean})
-        print(f"  {name:<32} ok  comm {mean['communication']:.0%}  exposed "
-              f"{mean['exposed_communication']:.0%}", flush=True)
-    from labs.core.record import atomic_write_text
-    from labs.tools.report import human_bytes
-    atomic_write_text(out / "compare.json", json.dumps({"rows": rows}, indent=1) + "\n")
-    head = ("strategy", "ranks", "step ms", "comm/step/rank", "computation", "communication",
-            "overlap", "exposed comm", "other")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append("| " + " | ".join([
-            r["strategy"], str(r["world_size"]), f"{r['step_ms']:.1f}",
-            human_bytes(r["comm_bytes_per_step"])] + [f"{r[k]:.0%}" for k in (
-                "computation", "communication", "overlap", "exposed_communication", "other")])
-            + " |")
-    atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"(shares of a profiled step, mean over ranks; {out / 'compare.json'})")
-    return 0
-
-
 def cmd_profile(args, lab_args: list[str]) -> int:
     """``dtlab run`` under the profiler: traces in OUT/tb, the summary table per rank."""
     import shutil
     if args.lab == "compare":
-        return cmd_profile_compare(args, lab_args)
+        from labs.tools.profile import compare
+        return compare(args, lab_args, cmd_profile)
     out = Path(_opt_value(lab_args, "--out") or f"runs/profile/{args.lab}-n{args.nproc}")
     if _opt_value(lab_args, "--out") is None:
         lab_args = [*lab_args, "--out", str(out)]
@@ -436,7 +376,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = make_parser().parse_known_args(argv)
     if args.command == "profile" and args.lab == "compare":
-        return cmd_profile_compare(args, rest)
+        from labs.tools.profile import compare
+        return compare(args, rest, cmd_profile)
     if args.command in ("run", "profile"):
         if args.nproc is None:
             args.nproc = registry.LABS[args.lab].tour_nproc if args.lab in registry.LABS else 1

@@ -109,3 +109,19 @@ def test_tensorboard_plugin_and_browser_show_the_run(tmp_path):
     finally:
         tb.terminate()
         tb.wait(timeout=20)
+
+
+def test_profile_compare_table(tmp_path):
+    p = dtlab("profile", "compare", "--nproc", 2, "--steps", 4, "--out", tmp_path, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
+    names = [r["strategy"] for r in rows]
+    assert names[0] == "ddp torch" and "zero stage 3" in names and "pipeline 1f1b" in names
+    for r in rows:
+        assert r["computation"] + r["communication"] - r["overlap"] + r["other"] == \
+            pytest.approx(1.0, abs=2e-3)
+    # ZeRO-3 moves 1.5x what ZeRO-1 moves; the table carries the counted bytes
+    by = {r["strategy"]: r for r in rows}
+    assert by["zero stage 3"]["comm_bytes_per_step"] == pytest.approx(
+        1.5 * by["zero stage 1"]["comm_bytes_per_step"])
+    assert "| strategy |" in (tmp_path / "compare.md").read_text()
