@@ -125,6 +125,16 @@ def shutdown(rt: Runtime) -> None:
     rt.distributed = False
 
 
+def exit_now(code: int) -> NoReturn:
+    """Leave a launched rank without the interpreter's teardown, once everything is written and
+    the group destroyed: C++ objects that libraries keep in Python globals (gloo contexts, device
+    meshes, DeepSpeed's communication backend) can abort the process from their destructors
+    ("terminate called without an active exception"), turning a correct run into a failed one."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def fail(msg: str, code: int = 2) -> NoReturn:
     """One line on stderr, no traceback, the given exit status."""
     print(f"dtlab: error: {msg}", file=sys.stderr, flush=True)

@@ -364,12 +364,5 @@ def run_lab(lab: str, parser: argparse.ArgumentParser, make_strategy, argv=None,
             runtime.shutdown(rt)
     code = 0 if summary is None or summary["ok"] else 1  # summary is None off rank 0
     if given_rt is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # A rank started by a launcher leaves without the interpreter's teardown: everything
-        # is written and the group is destroyed, but C++ objects that libraries keep in Python
-        # globals (gloo contexts, device meshes) can still abort the process from their
-        # destructors ("terminate called without an active exception"), seen in about one run
-        # in 300 and turning a correct run into a failed one.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        runtime.exit_now(code)  # a launched rank: no interpreter teardown (see exit_now)
     return code

@@ -202,7 +202,7 @@ def main(argv=None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     runtime.shutdown(rt)
-    return 0 if all(r["ok"] for r in rows) else 1
+    runtime.exit_now(0 if all(r["ok"] for r in rows) else 1)  # see runtime.exit_now
 
 
 if __name__ == "__main__":
