@@ -17,13 +17,13 @@ def test_parse_size():
 
 def test_bench_comm_rows(tmp_path):
     out = tmp_path / "comm.json"
-    p = dtlab("bench", "comm", "--nproc", "2,3", "--impl", "library,ring,tree,shm", "--sizes",
+    p = dtlab("bench", "comm", "--nproc", "2,3", "--impl", "library,ring,tree,shm,shm-inplace", "--sizes",
               "4KiB,1MiB", "--iters", 2, "--warmup", 1, "--json", out, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     record = json.loads(out.read_text())
     rows = record["rows"]
-    assert len(rows) == 2 * 4 * 2  # world sizes x implementations x sizes, every one exact
-    assert {f["impl"] for f in record["alpha_beta"]} == {"library", "ring", "tree", "shm"}
+    assert len(rows) == 2 * 5 * 2  # world sizes x implementations x sizes, every one exact
+    assert {f["impl"] for f in record["alpha_beta"]} == {"library", "ring", "tree", "shm", "shm-inplace"}
     assert (tmp_path / "comm.png").stat().st_size > 10_000
     for r in rows:
         assert set(r) >= {"op", "impl", "world_size", "bytes", "time_s_median", "algbw_GBps",

@@ -34,7 +34,7 @@ from labs.core import runtime
 BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
               "reduce_scatter": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0}
 OPS = tuple(BUS_FACTOR)
-OUR_IMPLS = ("ring", "naive", "tree", "shm")  # all_reduce only: labs/ring_allreduce.py and
+OUR_IMPLS = ("ring", "naive", "tree", "shm", "shm-inplace")  # all_reduce only: labs/ring_allreduce.py and
 # labs/shm_allreduce.py
 DEFAULT_SIZES = "1KiB,16KiB,256KiB,1MiB,4MiB,16MiB,64MiB"
 
@@ -88,7 +88,7 @@ def _call(op: str, impl: str, x: torch.Tensor, out: torch.Tensor | None) -> torc
         import deepspeed.comm as dscomm
         dscomm.inference_all_reduce(x)
         return x
-    if impl == "shm":
+    if impl in ("shm", "shm-inplace"):
         from labs.shm_allreduce import shm_all_reduce
         return shm_all_reduce(x)
     if impl != "library":
@@ -121,6 +121,9 @@ def bench_size(op: str, impls: list[str], nbytes: int, iters: int, warmup: int) 
     for i in range(warmup + iters):
         for impl in impls:
             x = src.clone()
+            if impl == "shm-inplace":  # the tensor lives in this rank's shared buffer
+                from labs.shm_allreduce import shm_tensor
+                x = shm_tensor(src.numel(), src.dtype).view_as(src).copy_(src)
             dist.barrier()
             t0 = time.perf_counter()
             res = _call(op, impl, x, out)
@@ -194,7 +197,7 @@ def main(argv=None) -> int:
         for size in sizes:
             for row in bench_size(op, impls, size, args.iters, args.warmup):
                 rows.append(row)
-                rt.log(f"[{len(rows):3d}/{total}] {op:<14} {row['impl']:<8} "
+                rt.log(f"[{len(rows):3d}/{total}] {op:<14} {row['impl']:<13} "
                        f"W={row['world_size']} {row['bytes']:>11,d} B  "
                        f"{row['time_s_median'] * 1e3:9.3f} ms  busbw {row['busbw_GBps']:7.3f} "
                        f"GB/s  {'ok' if row['ok'] else 'WRONG'}")
