@@ -58,6 +58,7 @@ def validate(lab: registry.Lab, nproc: int, lab_args: list[str]) -> None:
         fail(f"lab {lab.name!r} needs {', '.join(missing)}; install it with "
              f"pip install -c constraints.txt -e '.[{lab.extra or 'all'}]'")
     from labs.core.data import DataError, check_divisible
+    from labs.core.checkpoint import CheckpointError
     from labs.core.train import UsageError, settings_from_args
     mod = importlib.import_module(lab.module)
     args = mod.make_parser().parse_args(lab_args)  # argparse prints usage and exits 2 itself
@@ -67,14 +68,38 @@ def validate(lab: registry.Lab, nproc: int, lab_args: list[str]) -> None:
             check_divisible(settings.batch_size, nproc)
         if hasattr(mod, "check_args"):
             mod.check_args(args, settings, nproc)
-    except (UsageError, DataError) as e:
+        check_checkpoint_dir(lab, nproc, settings, args)
+    except (UsageError, DataError, CheckpointError) as e:
         fail(str(e))
 
 
-def launch(lab: registry.Lab, nproc: int, lab_args: list[str], log: Path | None = None) -> int:
-    """torchrun on a free port (``--standalone``); returns its exit status."""
+def check_checkpoint_dir(lab: registry.Lab, nproc: int, settings, args) -> None:
+    """The reliability flags, and a --ckpt-dir that holds another run's checkpoint, before any
+    process starts (the lab checks again when it loads)."""
+    from labs.core import checkpoint as ckpt
+    from labs.core.train import UsageError, checkpoint_identity, lab_flags, plans_from_args
+    plan, _ = plans_from_args(args, settings, nproc)
+    if plan.ckpt_dir is None:
+        return
+    if lab.no_checkpoint:
+        raise UsageError(f"--ckpt-dir: lab {lab.name!r} cannot checkpoint: {lab.no_checkpoint}")
+    found = ckpt.latest(Path(plan.ckpt_dir))
+    if found is not None:
+        folder, manifest = found
+        flags = lab_flags(args)
+        ckpt.check_compatible(manifest, folder,
+                              checkpoint_identity(lab.name, nproc, settings, flags), flags,
+                              settings.steps)
+
+
+def launch(lab: registry.Lab, nproc: int, lab_args: list[str], log: Path | None = None,
+           max_restarts: int = 0) -> int:
+    """torchrun on a free port (``--standalone``); returns its exit status. With
+    ``max_restarts`` torchrun restarts every rank when one dies (the lab resumes from its
+    newest checkpoint when given --ckpt-dir)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "--max-restarts=0", "-m", lab.module, *lab_args]
+           f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}", "-m", lab.module,
+           *lab_args]
     env = dict(os.environ)
     # Oversubscribing a small machine with torch's default thread pools makes every rank slower.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
@@ -115,7 +140,9 @@ def cmd_run(args, lab_args: list[str]) -> int:
     validate(lab, args.nproc, lab_args)
     out = Path(_opt_value(lab_args, "--out"))
     (out / "summary.json").unlink(missing_ok=True)
-    rc = launch(lab, args.nproc, lab_args)
+    if args.max_restarts < 0:
+        fail(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    rc = launch(lab, args.nproc, lab_args, max_restarts=args.max_restarts)
     if not (out / "summary.json").is_file():
         print(f"dtlab: {lab.name} ended with exit status {rc} and wrote no run record "
               f"(see the output above)", file=sys.stderr)
@@ -123,6 +150,11 @@ def cmd_run(args, lab_args: list[str]) -> int:
     from labs.core.record import read_summary
     from labs.tools.report import print_table
     summary = read_summary(out)
+    if "failure" in summary:  # the lab said what failed on stderr; the record keeps it
+        print(f"dtlab: {lab.name} failed at step {summary['failure']['step']} "
+              f"({summary['failure']['kind']} in {summary['failure']['op']}); "
+              f"record: {out / 'summary.json'}", file=sys.stderr)
+        return rc or 3
     print_table([summary])
     if not summary["ok"]:
         why = ("OUTSIDE its tolerance " + str(summary["baseline"]["tolerance"])
@@ -335,6 +367,8 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("lab")
     r.add_argument("--nproc", type=int, default=None,
                    help="processes (default: the lab's tour size)")
+    r.add_argument("--max-restarts", type=int, default=0,
+                   help="torchrun restarts after a rank dies (use with the lab's --ckpt-dir)")
     t = sub.add_parser("tour", help="run every available lab, verified, and print one table")
     t.add_argument("--nproc", type=int, default=None, help="processes for multi-process labs")
     t.add_argument("--steps", type=int, default=20)

@@ -60,6 +60,9 @@ def load_config(name_or_path: str) -> tuple[Path, dict]:
         path = named
     try:
         cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--config {path}: cannot read it ({e.__class__.__name__}); give a "
+                         "DeepSpeed JSON config") from None
     except json.JSONDecodeError as e:
         raise UsageError(f"--config {path}: not valid JSON at line {e.lineno} column {e.colno} "
                          f"({e.msg}); fix the file (JSON allows no comments or trailing commas)"
@@ -79,8 +82,11 @@ def load_config(name_or_path: str) -> tuple[Path, dict]:
                              f"cpu or nvme, got {dev!r}")
     if zero.get("offload_param") and stage != 3:
         raise UsageError(f"--config {path}: offload_param needs zero_optimization.stage 3")
-    if any(k in cfg for k in ("fp16", "bf16")) and \
-            (cfg.get("fp16", {}).get("enabled") or cfg.get("bf16", {}).get("enabled")):
+    for key in ("fp16", "bf16"):
+        if not isinstance(cfg.get(key, {}), dict):
+            raise UsageError(f"--config {path}: {key} must be an object such as "
+                             f'{{"enabled": false}}, got {cfg[key]!r}')
+    if cfg.get("fp16", {}).get("enabled") or cfg.get("bf16", {}).get("enabled"):
         raise UsageError(f"--config {path}: this lab compares fp32 training with the fp32 "
                          "baseline; remove fp16/bf16 (mixed precision: dtlab run amp --impl "
                          "deepspeed)")
@@ -88,6 +94,8 @@ def load_config(name_or_path: str) -> tuple[Path, dict]:
 
 
 class DeepSpeedZeRO(Strategy):
+    supports_checkpoint = False
+    supports_checkpoint_why = ("DeepSpeed writes its own sharded checkpoints with engine.save_checkpoint (docs/deepspeed.md)")
     name = "deepspeed_zero"
 
     def __init__(self, rt, settings, config_path: Path, config: dict):

@@ -66,6 +66,7 @@ def bubble_theory(p: int, m: int) -> float:
 
 
 class OwnPipeline(Strategy):
+    checkpoint_sharded = True  # every rank holds its own stage
     name = "pipeline"
 
     def __init__(self, rt, settings, schedule: str, microbatches: int, compute_ms: float):

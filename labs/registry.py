@@ -22,6 +22,7 @@ class Lab:
     tolerance: str = "fp32: loss 1e-5 rel, params 1e-4 abs"
     data_parallel: bool = True            # the global batch is split over all ranks
     tour_args: tuple[str, ...] = field(default=())
+    no_checkpoint: str | None = None      # why --ckpt-dir cannot work with it, if it cannot
 
     @property
     def module(self) -> str:
@@ -47,25 +48,31 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
         min_world=1, max_world=1, tour_nproc=1),
     Lab("dataparallel", "nn.DataParallel and the same written out: scatter, replicate, "
         "parallel_apply, gather, reduce; device 0's extra memory measured",
-        min_world=1, max_world=1, tour_nproc=1, data_parallel=False),
+        min_world=1, max_world=1, tour_nproc=1, data_parallel=False,
+        no_checkpoint="a single process driving several GPUs; nothing to restart"),
     Lab("torch_multiprocessing", "mp.spawn workers averaging gradients in shared memory; "
         "Hogwild reported as not equivalent", min_world=1, max_world=1, tour_nproc=1,
-        data_parallel=False),
+        data_parallel=False,
+        no_checkpoint="its workers are started by torch.multiprocessing, not torchrun, so "
+                      "nothing restarts them"),
     Lab("ring_allreduce", "ring all-reduce from isend/irecv (plus naive and tree), checked "
         "against the library, then used to train", tour_nproc=3, tour_args=("--batch-size", "12")),
     Lab("ddp", "DistributedDataParallel: replicas, bucketed gradient all-reduce, counted bytes"),
     Lab("amp", "autocast fp16/bf16, our dynamic loss scaler beside torch's GradScaler and "
         "DeepSpeed's, fp32 master weights", tolerance="fp16 1e-2, bf16 3e-2 (see docs/amp.md)",
-        tour_args=("--inject-overflow-at", "3")),
+        tour_args=("--inject-overflow-at", "3"),
+        no_checkpoint="its fp32 master weights and loss-scaler state are not checkpointed yet"),
     Lab("zero", "ZeRO stages 0-3 written out: optimizer state, gradients, parameters "
         "partitioned; CPU offload; memory counted beside the formulas", min_world=2,
         tour_args=("--stage", "3")),
     Lab("deepspeed_zero", "DeepSpeed's engine with ZeRO 0-3 and CPU offload from JSON configs; "
         "stage-3 parameters gathered and a checkpoint merged to fp32", requires=("deepspeed",),
-        extra="deepspeed", tour_args=("--config", "ds_zero3")),
+        extra="deepspeed", tour_args=("--config", "ds_zero3"),
+        no_checkpoint="DeepSpeed checkpoints through engine.save_checkpoint (docs/deepspeed.md)"),
     Lab("accelerate_lab", "Hugging Face accelerate: Accelerator.prepare, backward, gradient "
         "accumulation, the DeepSpeed plugin; the CPU launch that really starts N processes",
-        requires=("accelerate",), extra="accelerate", tour_args=("--accum", "2")),
+        requires=("accelerate",), extra="accelerate", tour_args=("--accum", "2"),
+        no_checkpoint="accelerate checkpoints through Accelerator.save_state"),
     Lab("tensor_parallel", "Megatron column/row-parallel layers, heads split, vocab-parallel "
         "loss (own) and DTensor's plan (torch)", data_parallel=False),
     Lab("pipeline", "stages over ranks, GPipe and 1F1B as action lists, measured bubble and "

@@ -153,6 +153,7 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 class OwnTensorParallel(Strategy):
+    checkpoint_sharded = True  # every rank holds its own column/row slices
     name, variant = "tensor_parallel", "own"
 
     def build(self) -> None:

@@ -209,6 +209,26 @@ class ZeRO(Strategy):
                 self.comm.record("all_gather", u.full)
                 dist.all_gather_into_tensor(u.full, u.shard.clone())
 
+    # ---- checkpoints: this rank's slice and its optimizer state (stages 1-3), or everything
+    checkpoint_sharded = True
+
+    def checkpoint_state(self) -> dict:
+        own = [u.full if self.stage < 3 else u.shard for u in self.units]  # stages 0-2: whole
+        masters = [m for u, m in zip(self.units, self.masters) if m is not u.shard]
+        return {"units": [t.detach() for t in own],
+                "masters": [m.detach() for m in masters] if self.stage else [],
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        with torch.no_grad():
+            for u, saved in zip(self.units, state["units"]):
+                (u.full if self.stage < 3 else u.shard).copy_(saved)
+            if self.stage:
+                separate = [m for u, m in zip(self.units, self.masters) if m is not u.shard]
+                for m, saved in zip(separate, state["masters"]):
+                    m.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+
     # ---- afterwards
     def full_state(self):
         if self.stage == 3:  # a collective: every rank gathers, rank 0 keeps a copy
@@ -308,6 +328,9 @@ def check_args(args, settings, world: int) -> None:
         if args.stage not in (None, IMPLS[args.impl]) or args.offload != "none":
             raise UsageError(f"--impl {args.impl} is ZeRO stage {IMPLS[args.impl]} without "
                              "offload; drop --stage/--offload (they belong to --impl own)")
+    if args.impl != "own" and getattr(args, "ckpt_dir", None):
+        raise UsageError(f"--ckpt-dir works with --impl own; the libraries' sharded optimizer "
+                         f"states (--impl {args.impl}) are not checkpointed here")
     args.stage = 2 if args.stage is None else args.stage
     if args.offload != "none" and args.stage == 0:
         raise UsageError("--offload needs a ZeRO stage: use --stage 1, 2 or 3")

@@ -101,8 +101,19 @@ def init(backend: str | None = None, device: str | None = None,
             raise RuntimeSetupError(f"{var} is not set; start the lab with torchrun (or set "
                                     "MASTER_ADDR and MASTER_PORT for every rank)")
     try:
-        dist.init_process_group(be, rank=rank, world_size=world,
-                                timeout=_dt.timedelta(seconds=timeout_s))
+        timeout = _dt.timedelta(seconds=timeout_s)
+        attempt = env.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            dist.init_process_group(be, rank=rank, world_size=world, timeout=timeout)
+        else:
+            # Under torchrun the key-value store is the launcher's and outlives a restart. gloo
+            # publishes each rank's address in it under fixed keys, so a restarted rank could
+            # read its peer's address from the failed attempt and connect to a dead port. A
+            # prefix per attempt keeps every attempt's keys apart.
+            store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+            store = dist.PrefixStore(f"dtlab/attempt-{attempt}", store)
+            dist.init_process_group(be, store=store, rank=rank, world_size=world,
+                                    timeout=timeout)
         # A first collective proves every rank is here; with gloo this also bounds the wait.
         dist.barrier()
     except Exception as e:  # the torch error text is long; keep its first line as the cause

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import hashlib
 import os
 import statistics
 import sys
@@ -28,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from labs.core import checkpoint as ckpt
+from labs.core import faults
 from labs.core import memory as mem
 from labs.core import record, runtime
 from labs.core.comm import CommCounter
@@ -86,7 +89,43 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--no-baseline", action="store_true",
                    help="skip the baseline comparison (baseline.ok is then null)")
     g.add_argument("--log-every", type=int, default=None, help="print a loss line every N steps")
+    r = p.add_argument_group("checkpoints and injected faults (docs/reliability.md)")
+    r.add_argument("--ckpt-dir", default=None,
+                   help="write checkpoints here, and resume from the newest complete one")
+    r.add_argument("--ckpt-every", type=int, default=5, help="steps between checkpoints (default 5)")
+    r.add_argument("--ckpt-keep", type=int, default=2,
+                   help="complete checkpoints kept; older ones are deleted (default 2)")
+    r.add_argument("--fail-at-step", type=int, default=None,
+                   help="kill --fail-rank with SIGKILL at the start of this step (first attempt only)")
+    r.add_argument("--fail-rank", type=int, default=0, help="rank that --fail-at-step kills (default 0)")
+    r.add_argument("--fail-in", default="step", choices=["step", "checkpoint"],
+                   help="checkpoint: die while writing the first checkpoint at or after "
+                        "--fail-at-step instead (default step)")
+    r.add_argument("--stall-at-step", type=int, default=None,
+                   help="--stall-rank stops answering at the start of this step")
+    r.add_argument("--stall-rank", type=int, default=0, help="rank that stalls (default 0)")
     return p
+
+
+def plans_from_args(args: argparse.Namespace, settings: Settings,
+                    world: int) -> tuple[ckpt.Plan, faults.FaultPlan]:
+    """The checkpoint and fault flags, validated (UsageError names the flag and the fix)."""
+    plan = ckpt.Plan(getattr(args, "ckpt_dir", None), getattr(args, "ckpt_every", 5),
+                     getattr(args, "ckpt_keep", 2))
+    if plan.ckpt_every < 1:
+        raise UsageError(f"--ckpt-every must be >= 1, got {plan.ckpt_every}")
+    if plan.ckpt_keep < 1:
+        raise UsageError(f"--ckpt-keep must be >= 1, got {plan.ckpt_keep}")
+    if plan.ckpt_dir is not None:
+        d = Path(plan.ckpt_dir)
+        if d.exists() and not d.is_dir():
+            raise UsageError(f"--ckpt-dir {d} is a file; give a folder (it is created if missing)")
+    fp = faults.FaultPlan(getattr(args, "fail_at_step", None), getattr(args, "fail_rank", 0),
+                          getattr(args, "fail_in", "step"), getattr(args, "stall_at_step", None),
+                          getattr(args, "stall_rank", 0))
+    if (msg := fp.check(world, settings.steps, plan.ckpt_dir)):
+        raise UsageError(msg)
+    return plan, fp
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -130,6 +169,11 @@ class Strategy:
         self.comm = CommCounter(rt.world_size)
         self.meter = mem.ActivationMeter()
         self.extra: dict = {}
+        self.lab = self.name
+        self.ckpt_plan, self.fault_plan = ckpt.Plan(), faults.FaultPlan()
+        self.current_step: int | None = None
+        self.lab_flags: dict = {}
+        self.history: tuple[list, list] = ([], [])
 
     # ---- set-up
     def build(self) -> None:
@@ -191,6 +235,20 @@ class Strategy:
         params = list(self.model.parameters())
         return mem.snapshot(params, self.optimizer, self.meter, self.rt.device)
 
+    # ---- checkpoints (labs.core.checkpoint): what determines the rest of the run
+    supports_checkpoint = True   # False: the lab has no resumable state here (it says why)
+    supports_checkpoint_why = ""
+    checkpoint_sharded = False   # True: every rank's state differs (ZeRO, TP, PP): all write
+
+    def checkpoint_state(self) -> dict:
+        m = getattr(self.model, "module", self.model)
+        return {"model": m.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        m = getattr(self.model, "module", self.model)
+        m.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
     def gather_object(self, obj) -> list:
         """Every rank's ``obj`` as a list on rank 0 (processes without a process group, such as
         torch.multiprocessing workers, override this)."""
@@ -221,21 +279,30 @@ def train(strategy: Strategy, log_every: int | None = None,
           profile: bool = True) -> tuple[list[float], list[dict]]:
     rt, s = strategy.rt, strategy.settings
     corpus = s.corpus()
-    losses, steps = [], []
+    losses, steps = strategy.history = [], []  # the failure report reads the history so far
+    start = _resume(strategy, losses, steps)
     if log_every is None:
         log_every = max(1, s.steps // 10)
     from labs.tools.profile import maybe_profiler  # DTLAB_PROFILE_DIR: dtlab profile
     prof = maybe_profiler(rt.rank, s.steps, rt.device.type) if profile else None
     with prof or contextlib.nullcontext():
-        _steps(strategy, corpus, losses, steps, log_every, prof)
+        _steps(strategy, corpus, losses, steps, log_every, prof, start)
     if prof is not None:
         strategy.extra["profile"] = prof.summary
     return losses, steps
 
 
-def _steps(strategy, corpus, losses, steps, log_every, prof) -> None:
+def _steps(strategy, corpus, losses, steps, log_every, prof, start=0) -> None:
     rt, s = strategy.rt, strategy.settings
-    for step in range(s.steps):
+    plan, fp = strategy.ckpt_plan, strategy.fault_plan
+    for step in range(start, s.steps):
+        strategy.current_step = step
+        faults.heartbeat(rt.rank, step)
+        if fp.fail_at_step == step and fp.fail_in == "step" and rt.rank == fp.fail_rank \
+                and faults.first_attempt():
+            faults.die(rt.rank, f"--fail-at-step {step}")
+        if fp.stall_at_step == step and rt.rank == fp.stall_rank:
+            faults.stall(rt.rank, step, rt.timeout_s)
         x, y = corpus.global_batch(step)
         x, y = strategy.local_batch(x.to(rt.device), y.to(rt.device))
         _sync(rt.device)
@@ -251,8 +318,79 @@ def _steps(strategy, corpus, losses, steps, log_every, prof) -> None:
                       "comm_bytes": strategy.comm.step_sent[-1]})
         if log_every and (step % log_every == 0 or step == s.steps - 1):
             rt.log(f"step {step:4d}  loss {losses[-1]:.4f}  {dt * 1e3:7.1f} ms")
+        if plan.due(step + 1, s.steps):
+            steps[-1]["ckpt_s"] = _save(strategy, step + 1, losses, steps)
         if prof is not None:
             prof.step()
+
+
+def _identity(strategy) -> dict:
+    return checkpoint_identity(strategy.lab, strategy.rt.world_size, strategy.settings,
+                               strategy.lab_flags)
+
+
+def lab_flags(args: argparse.Namespace) -> dict:
+    """The lab's own flags (--stage, --impl, ...): the command-line values minus the common run
+    settings, which ``Settings`` already holds."""
+    common = {a.dest for a in add_common_args(argparse.ArgumentParser())._actions}
+    return {k: v for k, v in sorted(vars(args).items()) if k not in common}
+
+
+def checkpoint_identity(lab: str, world: int, settings: Settings, flags: dict) -> dict:
+    """What a checkpoint must match to be resumed by a run (``dtlab run`` checks it before it
+    starts any process; the lab checks it again on load)."""
+    return {"lab": lab, "world_size": world,
+            "config_hash": ckpt.config_hash({**settings.identity(), "lab_flags": flags})}
+
+
+def _save(strategy, finished: int, losses, steps) -> float:
+    """Every writer writes its shard, then rank 0 commits the manifest; returns seconds taken."""
+    rt, plan, fp = strategy.rt, strategy.ckpt_plan, strategy.fault_plan
+    t0 = time.perf_counter()
+    folder = ckpt.step_dir(Path(plan.ckpt_dir), finished)
+    dying = (fp.fail_in == "checkpoint" and fp.fail_at_step is not None and rt.rank == fp.fail_rank
+             and finished > fp.fail_at_step and faults.first_attempt())
+    if rt.is_main:  # a manifest left from an earlier attempt must not vouch for new files
+        (folder / "manifest.json").unlink(missing_ok=True)
+    strategy.barrier()
+    entry = None
+    if strategy.checkpoint_sharded or rt.is_main:
+        hook = (lambda tmp: faults.die(rt.rank, f"--fail-in checkpoint, {tmp} half done")) \
+            if dying else None
+        entry = ckpt.write_shard(folder, rt.rank, strategy.checkpoint_state(), hook)
+    if dying:
+        faults.die(rt.rank, f"--fail-in checkpoint at step {finished}")
+    entries = strategy.gather_object(entry)  # also: nobody commits before every shard is in
+    if rt.is_main:
+        meta = {**_identity(strategy), "variant": strategy.variant, "lab_flags": strategy.lab_flags,
+                "step": finished, "sharded": strategy.checkpoint_sharded,
+                "history": {"losses": losses, "steps": steps}}
+        ckpt.write_manifest(folder, meta, [e for e in entries if e is not None])
+        ckpt.prune(Path(plan.ckpt_dir), plan.ckpt_keep)
+    strategy.extra.setdefault("checkpoint", {}).setdefault("saved_steps", []).append(finished)
+    return time.perf_counter() - t0
+
+
+def _resume(strategy, losses, steps) -> int:
+    """Load the newest complete checkpoint, if any; returns the first step still to run."""
+    rt, plan = strategy.rt, strategy.ckpt_plan
+    info = {"dir": plan.ckpt_dir, "every": plan.ckpt_every, "resumed_from": None,
+            "restart_count": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}
+    if plan.ckpt_dir is None:
+        return 0
+    strategy.extra["checkpoint"] = info
+    found = ckpt.latest(Path(plan.ckpt_dir), log=rt.log)
+    if found is None:
+        return 0
+    folder, manifest = found
+    ckpt.check_compatible(manifest, folder, _identity(strategy), strategy.lab_flags,
+                          strategy.settings.steps)
+    strategy.load_checkpoint_state(ckpt.load_shard(folder, manifest, rt.rank, rt.device))
+    losses.extend(manifest["history"]["losses"])
+    steps.extend(manifest["history"]["steps"])
+    info["resumed_from"] = manifest["step"]
+    rt.log(f"resumed from {folder} (step {manifest['step']}, attempt {info['restart_count']})")
+    return manifest["step"]
 
 
 def baseline(settings: Settings, device: torch.device) -> tuple[list[float], dict]:
@@ -275,6 +413,7 @@ def run(strategy: Strategy, lab: str, compare_baseline: bool = True,
     """Build, train, compare with the baseline, write the record; returns the summary."""
     rt, s = strategy.rt, strategy.settings
     t_wall = time.perf_counter()
+    strategy.lab = lab
     strategy.build()
     n_params = strategy.num_params()
     rt.log(f"{lab} [{strategy.variant}]  world {rt.world_size}  {rt.backend}/{rt.device}  "
@@ -321,6 +460,7 @@ def run(strategy: Strategy, lab: str, compare_baseline: bool = True,
             "time": {"step_s_median": step_s,
                      "tokens_per_s": s.batch_size * s.model.seq_len / step_s, "wall_s": wall},
             "comm": comm, "memory": {"per_rank": mems}, "flops": flops, "extra": strategy.extra,
+            "params_sha256": params_digest(full),
             # the verdict: baseline within tolerance (or not compared) and the lab's own checks
             "ok": cmp["ok"] is not False and bool(strategy.checks_ok),
         }
@@ -332,6 +472,38 @@ def run(strategy: Strategy, lab: str, compare_baseline: bool = True,
                    f"{cmp['max_abs_param_diff']:.2e}  -> {verdict}")
         rt.log(f"wrote {Path(s.out) / 'summary.json'}")
     return summary
+
+
+def params_digest(params: dict[str, torch.Tensor] | None) -> str | None:
+    """SHA-256 over the full parameters in name order: equal digests mean bitwise-equal models."""
+    if params is None:
+        return None
+    h = hashlib.sha256()
+    for name in sorted(params):
+        t = params[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _report_failure(strategy, lab: str, e: BaseException) -> int:
+    """A collective failed (a silent or dead rank): say which rank and which operation, record
+    the failure in the run record, exit status 3."""
+    rt = strategy.rt
+    info = faults.diagnose(e, rt.rank, rt.world_size, strategy.current_step, rt.timeout_s)
+    reporters = [r for r in range(rt.world_size) if r not in info["silent_ranks"]]
+    if rt.rank == (reporters[0] if reporters else 0):
+        print(f"dtlab: error: {faults.describe(info)}", file=sys.stderr, flush=True)
+        losses, steps = strategy.history
+        s = strategy.settings
+        summary = {"lab": lab, "variant": strategy.variant, "world_size": rt.world_size,
+                   "backend": rt.backend, "device": str(rt.device), "dtype": strategy.dtype,
+                   "preset": s.preset, "steps": s.steps, "seed": s.seed, "losses": losses,
+                   "baseline": {"ok": None, "note": "the run failed before the comparison"},
+                   "time": None, "comm": None, "memory": None, "extra": strategy.extra,
+                   "failure": info, "ok": False}
+        record.write_record(Path(s.out), summary, steps)
+    return 3
 
 
 def run_lab(lab: str, parser: argparse.ArgumentParser, make_strategy, argv=None,
@@ -348,11 +520,25 @@ def run_lab(lab: str, parser: argparse.ArgumentParser, make_strategy, argv=None,
             check_args(args, settings, world)
         else:
             check_divisible(settings.batch_size, world)
+        plan, fault_plan = plans_from_args(args, settings, world)
         rt = rt or runtime.init(args.backend, args.device, args.timeout, args.seed)
         strategy = make_strategy(rt, settings, args)
-        summary = run(strategy, lab, compare_baseline=not args.no_baseline,
-                      log_every=args.log_every)
-    except (UsageError, DataError) as e:
+        if plan.ckpt_dir is not None and not strategy.supports_checkpoint:
+            raise UsageError(f"--ckpt-dir: {lab} [{strategy.variant}] cannot checkpoint here: "
+                             f"{strategy.supports_checkpoint_why}")
+        strategy.ckpt_plan, strategy.fault_plan = plan, fault_plan
+        strategy.lab_flags = lab_flags(args)
+        try:
+            summary = run(strategy, lab, compare_baseline=not args.no_baseline,
+                          log_every=args.log_every)
+        except RuntimeError as e:
+            if not (rt.distributed and faults.is_comm_failure(e)):
+                raise
+            code = _report_failure(strategy, lab, e)
+            if given_rt is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                runtime.exit_now(code)
+            return code
+    except (UsageError, DataError, ckpt.CheckpointError) as e:
         if (given_rt.rank if given_rt else int(os.environ.get("RANK", "0"))) == 0:
             print(f"dtlab: error: {e}", file=sys.stderr, flush=True)
         return 2

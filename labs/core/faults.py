@@ -1,0 +1,151 @@
+"""Injected faults and the diagnosis of a failed collective.
+
+Faults (for learning what a job does when a rank goes wrong, and for the tests that prove it):
+
+- ``--fail-at-step K --fail-rank R``: rank R kills itself with SIGKILL at the start of step K
+  (``--fail-in checkpoint``: in the middle of writing the checkpoint due after step K, with its
+  shard on disk under the temporary name). Only on the first attempt (torchrun's
+  TORCHELASTIC_RESTART_COUNT is 0), so a job started with ``--max-restarts 1`` comes back, resumes
+  from the last complete checkpoint and finishes.
+- ``--stall-at-step K --stall-rank R``: rank R stops (sleeps) at the start of step K. The others
+  wait in their next collective until the process-group timeout (``--timeout``) and the job ends
+  with an error naming the silent rank and the operation.
+
+Naming the rank: every rank writes a heartbeat (its step and the time) into the job's key-value
+store at the start of every step. A rank whose collective fails writes which operation failed and
+waits a moment for the others to do the same; the ranks that wrote nothing are the ones that
+stopped. The store is torchrun's (it lives in the launcher, not in a rank), so it still answers
+when a rank is stuck.
+"""
+from __future__ import annotations
+
+import linecache
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+# Text of the exceptions gloo and NCCL raise when a peer is silent or gone.
+COMM_FAILURE_MARKERS = ("Timed out", "timed out", "Connection closed", "Connection reset",
+                        "Broken pipe", "NCCL communicator was aborted", "DistBackendError")
+REPORT_WAIT_S = 1.0  # how long a failed rank waits for the others to report their own failure
+
+
+@dataclass
+class FaultPlan:
+    fail_at_step: int | None = None
+    fail_rank: int = 0
+    fail_in: str = "step"  # step | checkpoint
+    stall_at_step: int | None = None
+    stall_rank: int = 0
+
+    def check(self, world: int, steps: int, ckpt_dir: str | None) -> str | None:
+        """An error message for impossible settings, or None."""
+        for flag, step, rank in (("--fail", self.fail_at_step, self.fail_rank),
+                                 ("--stall", self.stall_at_step, self.stall_rank)):
+            if step is None:
+                continue
+            if not 0 <= step < steps:
+                return f"{flag}-at-step must be in 0..{steps - 1} (--steps is {steps}), got {step}"
+            if not 0 <= rank < world:
+                return f"{flag}-rank must be in 0..{world - 1} for {world} process(es), got {rank}"
+        if self.fail_in == "checkpoint" and self.fail_at_step is not None and not ckpt_dir:
+            return "--fail-in checkpoint needs --ckpt-dir (there is no checkpoint to interrupt)"
+        return None
+
+
+def first_attempt() -> bool:
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+
+
+def die(rank: int, why: str) -> None:
+    print(f"[rank {rank}] injected failure: {why}; SIGKILL", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # no process group, or a torch without this private accessor
+        return None
+
+
+def heartbeat(rank: int, step: int) -> None:
+    store = _store()
+    if store is not None:
+        store.set(f"dtlab/hb/{rank}", f"{step} {time.time():.3f}")
+
+
+def stall(rank: int, step: int, timeout_s: float) -> None:
+    """Stop answering; give up after long enough that the others must have noticed."""
+    print(f"[rank {rank}] injected stall at step {step}: not answering any collective",
+          file=sys.stderr, flush=True)
+    time.sleep(3 * timeout_s + 10)
+    print(f"[rank {rank}] injected stall: nobody ended the job, leaving", file=sys.stderr,
+          flush=True)
+    os._exit(4)
+
+
+def is_comm_failure(e: BaseException) -> bool:
+    text = f"{type(e).__name__}: {e}"
+    return isinstance(e, RuntimeError) and any(m in text for m in COMM_FAILURE_MARKERS)
+
+
+def failed_op(e: BaseException) -> tuple[str, str]:
+    """(collective, call site): the innermost torch.distributed function in the traceback and
+    the innermost frame of our own code that called into torch."""
+    op, site = "a collective", "?"
+    for frame, lineno in traceback.walk_tb(e.__traceback__):
+        path = frame.f_code.co_filename
+        if path.endswith("distributed_c10d.py"):
+            op = frame.f_code.co_name
+        elif "/labs/" in path and not path.endswith("core/faults.py"):
+            code = linecache.getline(path, lineno).strip()
+            site = f"{path[path.index('/labs/') + 1:]}:{lineno}" + (f" `{code}`" if code else "")
+    if op == "a collective" and "running the callback" in str(e):
+        op = "all_reduce of a DDP gradient bucket (torch DDP's reducer, in backward)"
+    return op, site
+
+
+def diagnose(e: BaseException, rank: int, world: int, step: int | None,
+             timeout_s: float) -> dict:
+    """What failed, where, and which ranks stopped (those that did not report a failure)."""
+    op, site = failed_op(e)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    kind = "timeout" if "imed out" in first else "peer lost"
+    info = {"kind": kind, "op": op, "site": site, "step": step, "rank": rank,
+            "timeout_s": timeout_s, "error": first[:300], "silent_ranks": [], "last_seen": {}}
+    store = _store()
+    if store is None:
+        return info
+    now = time.time()
+    try:
+        store.set(f"dtlab/failed/{rank}", op)
+        time.sleep(REPORT_WAIT_S)
+        for r in range(world):
+            if not store.check([f"dtlab/failed/{r}"]):
+                info["silent_ranks"].append(r)
+            if store.check([f"dtlab/hb/{r}"]):
+                s, t = store.get(f"dtlab/hb/{r}").decode().split()
+                info["last_seen"][r] = {"step": int(s), "seconds_ago": round(now - float(t), 2)}
+    except Exception:  # the store itself is gone (the launcher is tearing the job down)
+        pass
+    return info
+
+
+def describe(info: dict) -> str:
+    silent = info["silent_ranks"]
+    who = (f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} stopped "
+           f"responding" if silent else "a peer failed")
+    seen = "; ".join(f"rank {r} last started step {v['step']} {v['seconds_ago']:.1f} s ago"
+                     for r, v in info["last_seen"].items() if r in silent)
+    how = (f"gave up after the {info['timeout_s']:g} s timeout" if info["kind"] == "timeout"
+           else "lost its connection")
+    return (f"{who}: rank {info['rank']} {how} in {info['op']} ({info['site']}) at step "
+            f"{info['step']} ({info['error']})"
+            + (f"; {seen}" if seen else "") +
+            ". Look at that rank's log; raise --timeout if its step is legitimately slow")

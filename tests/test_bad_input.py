@@ -1,0 +1,190 @@
+"""Bad input fails fast: exit status 2 and one line naming the input and the fix, no traceback.
+
+Fuzzed with hypothesis: the checks `dtlab run` makes before it starts any process (every lab's
+flags, presets, world size against the lab's layout, batch divisibility, checkpoint and fault
+flags), DeepSpeed JSON configs and accelerate YAML configs. The contract asserted for every
+generated input: either it is accepted, or the answer is SystemExit(2) with one `dtlab: error:`
+line (or argparse's usage + error lines); any other exception is a bug. A few real subprocess
+runs check the same from the outside.
+"""
+import contextlib
+import io
+import json
+import string
+import subprocess
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import ROOT, dtlab
+from labs import cli, registry
+from labs.core.train import UsageError
+from labs.deepspeed_zero import load_config
+from labs.tools.configcheck import ConfigError, check_accelerate_config
+
+LABS = [name for name, lab in registry.LABS.items() if not lab.missing() and not lab.gpu_only]
+FLAGS = ["--steps", "--preset", "--batch-size", "--lr", "--seed", "--timeout", "--stage",
+         "--offload", "--impl", "--dp", "--pp", "--tp", "--schedule", "--microbatches",
+         "--ckpt-dir", "--ckpt-every", "--ckpt-keep", "--fail-at-step", "--fail-rank",
+         "--fail-in", "--stall-at-step", "--stall-rank", "--accum", "--bucket-mb", "--config",
+         "--mixed-precision", "--data", "--algo", "--bogus"]
+VALUES = ["0", "1", "2", "3", "-1", "7", "1e9", "nan", "abc", "", "tiny", "small", "gpt2-124m",
+          "huge", "own", "torch", "none", "param", "optimizer", "1f1b", "gpipe", "checkpoint",
+          "step", "0.5", "/nonexistent/file", "ds_zero2", "ds_zero9", "fp16", "bf16"]
+token = st.one_of(st.sampled_from(FLAGS), st.sampled_from(VALUES),
+                  st.text(string.ascii_letters + string.digits + string.punctuation + " ", max_size=8))
+
+
+def _outcome(fn) -> tuple[str, str]:
+    """('ok'|'exit2', stderr) for fn(); any other exception propagates and fails the test."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            fn()
+        except SystemExit as e:
+            assert e.code == 2, f"exit status {e.code}, stderr {err.getvalue()!r}"
+            return "exit2", err.getvalue()
+    return "ok", err.getvalue()
+
+
+def _assert_one_line_error(text: str) -> None:
+    lines = text.strip().split("\n")  # only newlines: a generated argument may hold a \r
+    assert "Traceback" not in text
+    if lines and lines[0].startswith("usage:"):  # argparse: usage, then `prog: error: ...`
+        assert ": error: " in lines[-1], text
+    else:
+        assert len(lines) == 1 and lines[0].startswith("dtlab: error: ") and len(lines[0]) > 30, \
+            text
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lab=st.sampled_from(LABS), nproc=st.integers(-2, 9), argv=st.lists(token, max_size=6))
+def test_run_checks_before_launch(lab, nproc, argv):
+    """Everything `dtlab run LAB --nproc N ARGS` checks before it starts a process."""
+    kind, err = _outcome(lambda: cli.validate(registry.LABS[lab], nproc, argv))
+    if kind == "exit2":
+        _assert_one_line_error(err)
+
+
+@pytest.mark.parametrize("lab,nproc,argv,says", [
+    ("ddp", 3, [], "--batch-size 16 is not divisible by the data-parallel world size 3"),
+    ("tensor_parallel", 3, [], "3"),
+    ("parallel3d", 8, ["--dp", "1", "--pp", "2", "--tp", "2"], "world size 8 != dp x pp x tp"),
+    ("ddp", 2, ["--preset", "huge"], "--preset"),
+    ("ddp", 2, ["--steps", "0"], "--steps must be >= 1"),
+    ("zero", 1, [], "runs on >=2 process(es), not 1"),
+    ("zero", 2, ["--stage", "1", "--offload", "param"], "--offload param"),
+    ("ddp", 2, ["--ckpt-every", "0", "--ckpt-dir", "x"], "--ckpt-every must be >= 1"),
+])
+def test_named_bad_inputs(lab, nproc, argv, says):
+    kind, err = _outcome(lambda: cli.validate(registry.LABS[lab], nproc, argv))
+    assert kind == "exit2" and says in err, err
+    _assert_one_line_error(err)
+
+
+# ---- DeepSpeed JSON configs
+
+json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-2, 5), st.floats(allow_nan=False),
+                      st.sampled_from(["cpu", "none", "nvme", "gpu", "", "auto"]))
+ds_keys = st.sampled_from(["zero_optimization", "stage", "offload_optimizer", "offload_param",
+                           "device", "fp16", "bf16", "enabled", "train_batch_size", "x"])
+json_value = st.recursive(json_leaf, lambda kids: st.one_of(
+    st.lists(kids, max_size=3), st.dictionaries(ds_keys, kids, max_size=4)), max_leaves=12)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cfg=json_value)
+def test_deepspeed_config_fuzz(tmp_path, cfg):
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps(cfg))
+    try:
+        path, loaded = load_config(str(f))
+    except UsageError as e:
+        assert str(e).startswith(f"--config {f}: ") and "\n" not in str(e)
+        return
+    assert loaded == cfg  # accepted only when every checked key is sound
+    zero = cfg.get("zero_optimization", {"stage": 0})
+    assert zero.get("stage", 0) in (0, 1, 2, 3)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=64))
+def test_deepspeed_config_garbage_bytes(tmp_path, raw):
+    f = tmp_path / "ds.json"
+    f.write_bytes(raw)
+    try:
+        load_config(str(f))
+    except UsageError as e:
+        assert str(e).startswith(f"--config {f}: ")
+
+
+# ---- accelerate YAML configs
+
+acc_keys = st.sampled_from(["distributed_type", "num_processes", "num_machines", "machine_rank",
+                            "mixed_precision", "deepspeed_config", "zero_stage", "fsdp_config",
+                            "use_cpu"])
+acc_leaf = st.one_of(st.none(), st.booleans(), st.integers(-2, 9),
+                     st.sampled_from(["MULTI_GPU", "MULTI_CPU", "DEEPSPEED", "FSDP", "NO", "GPU",
+                                      "no", "fp16", "bf16", "fp32", ""]))
+acc_value = st.recursive(acc_leaf, lambda kids: st.one_of(
+    st.lists(kids, max_size=3), st.dictionaries(acc_keys, kids, max_size=5)), max_leaves=12)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cfg=acc_value)
+def test_accelerate_config_fuzz(tmp_path, cfg):
+    f = tmp_path / "acc.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    try:
+        loaded = check_accelerate_config(f)
+    except ConfigError as e:
+        assert str(e).startswith(f"{f}: ") and "\n" not in str(e)
+        return
+    assert isinstance(loaded, dict) and loaded.get("num_processes", 1) >= 1
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=64))
+def test_accelerate_config_garbage_bytes(tmp_path, raw):
+    f = tmp_path / "acc.yaml"
+    f.write_bytes(raw)
+    try:
+        check_accelerate_config(f)
+    except ConfigError as e:
+        assert str(e).startswith(f"{f}: ")
+
+
+def test_shipped_accelerate_configs_pass():
+    files = sorted((ROOT / "launchers/configs").glob("accelerate_*.yaml"))
+    assert len(files) == 5
+    for f in files:
+        assert check_accelerate_config(f)["num_processes"] >= 1
+
+
+# ---- from the outside: real processes
+
+@pytest.mark.parametrize("args,says", [
+    (("run", "nosuchlab"), "unknown lab"),
+    (("run", "ddp", "--nproc", "3"), "is not divisible by the data-parallel world size 3"),
+    (("run", "ddp", "--nproc", "2", "--preset", "huge"), "--preset"),
+    (("run", "deepspeed_zero", "--nproc", "2", "--config", "ds_zero9"), "--config ds_zero9: no such file"),
+    (("run", "ddp", "--nproc", "2", "--max-restarts", "-1"), "--max-restarts must be >= 0"),
+    (("memory", "--params", "lots"), "--params"),
+    (("bench", "comm", "--sizes", "lots"), "lots"),
+])
+def test_cli_bad_input_exit_2_one_line(args, says):
+    p = dtlab(*args, timeout=60)
+    assert p.returncode == 2, p.stdout + p.stderr
+    _assert_one_line_error(p.stderr)
+    assert says in p.stderr
+
+
+def test_accelerate_launcher_checks_its_config(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("distributed_type: MULTI_GPU\nnum_processes: 0\n")
+    p = subprocess.run(["bash", "launchers/accelerate.sh", str(bad)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert p.stderr.strip() == f"dtlab: error: {bad}: num_processes must be a positive " \
+                               "integer, got 0"
