@@ -8,7 +8,9 @@ summary.json fields (stable; tools and tests read them):
     comm              {bytes_per_step, calls_per_step, by_op: {op: {calls, bytes, sent_bytes}},
                        per_rank: [bytes_per_step of each rank]}
     memory            {per_rank: [{params, grads, optimizer, activations_peak, peak}]}  (bytes)
-    extra             lab-specific figures
+    extra             lab-specific figures (extra.checkpoint: resumed_from, restart_count, ...)
+    params_sha256     SHA-256 of the full final parameters in name order (bitwise equality)
+    failure           only when a collective failed: kind, op, site, step, silent_ranks, ...
     ok                the verdict: baseline.ok is not false and the lab's own checks passed
 """
 from __future__ import annotations
