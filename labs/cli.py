@@ -93,14 +93,14 @@ def check_checkpoint_dir(lab: registry.Lab, nproc: int, settings, args) -> None:
 
 
 def launch(lab: registry.Lab, nproc: int, lab_args: list[str], log: Path | None = None,
-           max_restarts: int = 0) -> int:
+           max_restarts: int = 0, env: dict | None = None) -> int:
     """torchrun on a free port (``--standalone``); returns its exit status. With
     ``max_restarts`` torchrun restarts every rank when one dies (the lab resumes from its
     newest checkpoint when given --ckpt-dir)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}", "-m", lab.module,
            *lab_args]
-    env = dict(os.environ)
+    env = dict(os.environ, **(env or {}))
     # Oversubscribing a small machine with torch's default thread pools makes every rank slower.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -188,9 +188,12 @@ def cmd_profile(args, lab_args: list[str]) -> int:
 
 
 def cmd_tour(args) -> int:
+    """Every lab and variant this machine can run, each against the baseline, profiled; a
+    running table, then report.md / report.html and the pictures in --out."""
     from rich.console import Console
-    from labs.core.record import atomic_write_text, read_summary
-    from labs.tools.report import markdown_table, print_table
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from labs.core.record import read_summary
+    from labs.tools.report import print_table, report_row, run_label, write_report
     console = Console() if sys.stdout.isatty() else Console(width=200)
     names = list(registry.LABS)
     if args.only:
@@ -203,9 +206,11 @@ def cmd_tour(args) -> int:
     for n in skip:
         if n not in registry.LABS:
             fail(f"--skip: unknown lab {n!r}; labs: {', '.join(registry.LABS)}")
+    if args.steps < 3:
+        fail(f"--steps must be >= 3 for the tour (each run is profiled), got {args.steps}")
     out = Path(args.out)
-    summaries, skipped, failed = [], [], []
-    for i, name in enumerate(n for n in names if n not in skip):
+    plan, skipped = [], []
+    for name in (n for n in names if n not in skip):
         lab = registry.LABS[name]
         if lab.missing():
             skipped.append((name, f"needs {', '.join(lab.missing())} (extra '{lab.extra}')"))
@@ -216,35 +221,49 @@ def cmd_tour(args) -> int:
                 skipped.append((name, f"needs CUDA: {lab.gpu_only}"))
                 continue
         nproc = lab.tour_nproc if lab.max_world == lab.min_world else (args.nproc or lab.tour_nproc)
-        run_out = out / f"{name}-n{nproc}"
-        lab_args = ["--steps", str(args.steps), "--out", str(run_out), *lab.tour_args]
-        validate(lab, nproc, lab_args)
-        t0 = time.perf_counter()
-        with console.status(f"[{i + 1}/{len(names)}] {name} on {nproc} process(es)..."):
+        for k, variant in enumerate((lab.tour_args, *lab.tour_more)):
+            run_out = out / (f"{name}-n{nproc}" + (f"-{k}" if k else ""))
+            lab_args = ["--steps", str(args.steps), "--out", str(run_out), *variant]
+            validate(lab, nproc, lab_args)
+            plan.append((lab, nproc, variant, run_out, lab_args))
+    summaries, failed, runs = [], [], {}
+    t_tour = time.perf_counter()
+    cols = ("lab", "variant", "world", "max rel loss diff", "max abs param diff", "ok", "step ms",
+            "tokens/s", "comm/step/rank", "exposed comm", "peak mem/rank")
+    console.print("  ".join(f"{c:>{w}}" for c, w in zip(cols, (22, 22, 5, 17, 18, 6, 8, 9, 14,
+                                                                 12, 13))))
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                  "{task.total}"), TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("tour", total=len(plan))
+        for lab, nproc, variant, run_out, lab_args in plan:
+            progress.update(task, description=f"{lab.name} {' '.join(variant)} x{nproc}")
             (run_out / "summary.json").unlink(missing_ok=True)
-            rc = launch(lab, nproc, lab_args, log=run_out / "run.log")
-        dt = time.perf_counter() - t0
-        if (run_out / "summary.json").is_file():
-            s = read_summary(run_out)
-            summaries.append(s)
-            b = s["baseline"]
-            ok = ("FAILED CHECKS" if not s["ok"] and b["ok"] is not False else
-                  "drift reported" if b["ok"] is None and b.get("note") else
-                  {True: "ok", False: "OUTSIDE TOLERANCE", None: "not compared"}[b["ok"]])
-            console.print(f"  {name:<22} {ok:<18} {dt:5.1f} s   log: {run_out / 'run.log'}")
-            if not s["ok"]:
-                failed.append(name)
-        else:
-            failed.append(name)
-            console.print(f"  {name:<22} [bold red]FAILED[/] (exit {rc}); log: {run_out / 'run.log'}")
+            env_profile = {"DTLAB_PROFILE_DIR": str(run_out / "profile")}
+            rc = launch(lab, nproc, lab_args, log=run_out / "run.log", env=env_profile)
+            if (run_out / "summary.json").is_file():
+                s = read_summary(run_out)
+                summaries.append(s)
+                runs[run_label(s)] = run_out
+                r = report_row(s)
+                style = "" if s["ok"] else "[bold red]"
+                progress.console.print(style + "  ".join(f"{c:>{w}}" for c, w in zip(
+                    r, (22, 22, 5, 17, 18, 6, 8, 9, 14, 12, 13))), markup=bool(style))
+                if not s["ok"]:
+                    failed.append((lab.name, f"{' '.join(variant)}: outside tolerance or failed "
+                                             f"checks; log {run_out / 'run.log'}"))
+            else:
+                failed.append((lab.name, f"{' '.join(variant)}: exit {rc}, no record; log "
+                                         f"{run_out / 'run.log'}"))
+                progress.console.print(f"[bold red]  {lab.name} {' '.join(variant)} FAILED "
+                                       f"(exit {rc}); log: {run_out / 'run.log'}")
+            progress.advance(task)
+    wall = time.perf_counter() - t_tour
     print_table(summaries, title="dtlab tour: every lab against the single-process baseline")
     for name, why in skipped:
         console.print(f"  skipped {name}: {why}")
-    report = ["# dtlab tour\n", markdown_table(summaries)]
-    report += [f"- skipped {n}: {why}\n" for n, why in skipped]
-    report += [f"- FAILED {n}: see {out / n}*/run.log\n" for n in failed]
-    atomic_write_text(out / "report.md", "".join(report))
-    console.print(f"report: {out / 'report.md'}")
+    report = write_report(out, summaries, skipped, failed, wall, runs)
+    console.print(f"{len(summaries)} runs in {wall:.0f} s; report: {report} and "
+                  f"{out / 'report.html'} (opens without a server)")
     return 1 if failed else 0
 
 

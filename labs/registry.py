@@ -22,6 +22,7 @@ class Lab:
     tolerance: str = "fp32: loss 1e-5 rel, params 1e-4 abs"
     data_parallel: bool = True            # the global batch is split over all ranks
     tour_args: tuple[str, ...] = field(default=())
+    tour_more: tuple[tuple[str, ...], ...] = field(default=())  # further variants in the tour
     no_checkpoint: str | None = None      # why --ckpt-dir cannot work with it, if it cannot
 
     @property
@@ -56,15 +57,19 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
         no_checkpoint="its workers are started by torch.multiprocessing, not torchrun, so "
                       "nothing restarts them"),
     Lab("ring_allreduce", "ring all-reduce from isend/irecv (plus naive and tree), checked "
-        "against the library, then used to train", tour_nproc=3, tour_args=("--batch-size", "12")),
-    Lab("ddp", "DistributedDataParallel: replicas, bucketed gradient all-reduce, counted bytes"),
+        "against the library, then used to train", tour_nproc=3, tour_args=("--batch-size", "12"),
+        tour_more=(("--batch-size", "12", "--algo", "tree"),)),
+    Lab("ddp", "DistributedDataParallel: replicas, bucketed gradient all-reduce, counted bytes",
+        tour_more=(("--impl", "own"),)),
     Lab("amp", "autocast fp16/bf16, our dynamic loss scaler beside torch's GradScaler and "
         "DeepSpeed's, fp32 master weights", tolerance="fp16 1e-2, bf16 3e-2 (see docs/amp.md)",
-        tour_args=("--inject-overflow-at", "3"),
+        tour_args=("--inject-overflow-at", "3"), tour_more=(("--dtype", "bf16"),),
         no_checkpoint="its fp32 master weights and loss-scaler state are not checkpointed yet"),
     Lab("zero", "ZeRO stages 0-3 written out: optimizer state, gradients, parameters "
         "partitioned; CPU offload; memory counted beside the formulas", min_world=2,
-        tour_args=("--stage", "3")),
+        tour_args=("--stage", "3"),
+        tour_more=(("--stage", "0"), ("--stage", "1"), ("--stage", "2"),
+                   ("--stage", "3", "--offload", "param"))),
     Lab("deepspeed_zero", "DeepSpeed's engine with ZeRO 0-3 and CPU offload from JSON configs; "
         "stage-3 parameters gathered and a checkpoint merged to fp32", requires=("deepspeed",),
         extra="deepspeed", tour_args=("--config", "ds_zero3"),
@@ -74,9 +79,11 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
         requires=("accelerate",), extra="accelerate", tour_args=("--accum", "2"),
         no_checkpoint="accelerate checkpoints through Accelerator.save_state"),
     Lab("tensor_parallel", "Megatron column/row-parallel layers, heads split, vocab-parallel "
-        "loss (own) and DTensor's plan (torch)", data_parallel=False),
+        "loss (own) and DTensor's plan (torch)", data_parallel=False,
+        tour_more=(("--impl", "torch"),)),
     Lab("pipeline", "stages over ranks, GPipe and 1F1B as action lists, measured bubble and "
-        "live micro-batches, schedule picture", data_parallel=False),
+        "live micro-batches, schedule picture", data_parallel=False,
+        tour_more=(("--schedule", "gpipe"), ("--impl", "torch"))),
     Lab("parallel3d", "data x pipeline x tensor parallel on one grid of ranks (TP inside, PP "
         "across, DP outermost)", min_world=1, tour_nproc=4, data_parallel=False,
         tour_args=("--dp", "1", "--pp", "2", "--tp", "2", "--preset", "small")),

@@ -173,7 +173,7 @@ class Strategy:
         self.ckpt_plan, self.fault_plan = ckpt.Plan(), faults.FaultPlan()
         self.current_step: int | None = None
         self.lab_flags: dict = {}
-        self.history: tuple[list, list] = ([], [])
+        self.trajectory: tuple[list, list] = ([], [])
 
     # ---- set-up
     def build(self) -> None:
@@ -279,7 +279,7 @@ def train(strategy: Strategy, log_every: int | None = None,
           profile: bool = True) -> tuple[list[float], list[dict]]:
     rt, s = strategy.rt, strategy.settings
     corpus = s.corpus()
-    losses, steps = strategy.history = [], []  # the failure report reads the history so far
+    losses, steps = strategy.trajectory = [], []  # the failure report reads the history so far
     start = _resume(strategy, losses, steps)
     if log_every is None:
         log_every = max(1, s.steps // 10)
@@ -440,6 +440,7 @@ def run(strategy: Strategy, lab: str, compare_baseline: bool = True,
         if compare_baseline:
             base_losses, base_params = baseline(s, rt.device)
             cmp = record.compare(losses, full, base_losses, base_params, strategy.tolerance)
+            cmp["losses"] = base_losses  # the reference curve, for plots
             if not strategy.equivalent:  # drift is the expected outcome, not a failure
                 cmp["ok"] = None
                 cmp["note"] = "not numerically equivalent by design; the drift is reported"
@@ -494,7 +495,7 @@ def _report_failure(strategy, lab: str, e: BaseException) -> int:
     reporters = [r for r in range(rt.world_size) if r not in info["silent_ranks"]]
     if rt.rank == (reporters[0] if reporters else 0):
         print(f"dtlab: error: {faults.describe(info)}", file=sys.stderr, flush=True)
-        losses, steps = strategy.history
+        losses, steps = strategy.trajectory
         s = strategy.settings
         summary = {"lab": lab, "variant": strategy.variant, "world_size": rt.world_size,
                    "backend": rt.backend, "device": str(rt.device), "dtype": strategy.dtype,

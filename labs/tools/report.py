@@ -1,6 +1,8 @@
 """Tables of run records, for the terminal (rich) and for markdown reports."""
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def human_bytes(n: float | None) -> str:
     if n is None:
@@ -53,3 +55,174 @@ def markdown_table(summaries: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row(s)) + " |" for s in summaries]
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- the tour report
+
+REPORT_COLUMNS = ("lab", "variant", "world", "max rel loss diff", "max abs param diff", "ok",
+                  "step ms", "tokens/s", "comm/step/rank", "exposed comm", "peak mem/rank")
+
+
+def run_label(s: dict) -> str:
+    return f"{s['lab']} [{s['variant']}] x{s['world_size']}"
+
+
+def exposed_share(s: dict) -> float | None:
+    """Mean over ranks of the profiled step's exposed-communication share (dtlab profile)."""
+    rows = [r for r in (s.get("extra", {}).get("profile") or []) if r]
+    if not rows:
+        return None
+    return sum(r["share_of_step"]["exposed_communication"] for r in rows) / len(rows)
+
+
+def report_row(s: dict) -> list[str]:
+    b = s["baseline"]
+    ok = {True: "yes", False: "NO", None: "drift" if b.get("note") else "-"}[b["ok"]]
+    if not s["ok"] and b["ok"] is not False:
+        ok = "checks FAILED"
+    peaks = [m["peak"] for m in s["memory"]["per_rank"]]
+    ex = exposed_share(s)
+    return [s["lab"], s["variant"], str(s["world_size"]), _sci(b.get("max_rel_loss_diff")),
+            _sci(b.get("max_abs_param_diff")), ok, f"{s['time']['step_s_median'] * 1e3:.1f}",
+            f"{s['time']['tokens_per_s']:,.0f}", human_bytes(s["comm"]["bytes_per_step"]),
+            "-" if ex is None else f"{ex:.0%}", human_bytes(max(peaks) if peaks else None)]
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_losses(summaries: list[dict], path: Path) -> Path:
+    """Every strategy's loss curve over its baseline's, and each one's distance from it."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
+    refs = {}
+    for s in summaries:
+        a.plot(s["losses"], lw=1, alpha=0.7, label=run_label(s))
+        base = s["baseline"].get("losses")
+        if base:
+            refs[(s["preset"], s["batch_size"])] = base
+            d = [max(abs(x - y) / max(abs(y), 1e-12), 1e-9) for x, y in zip(s["losses"], base)]
+            b.semilogy(d, lw=1, marker=".", label=run_label(s))
+    for (preset, batch), base in refs.items():
+        a.plot(base, "k--", lw=2, label=f"baseline, 1 process ({preset}, batch {batch})")
+    a.set(xlabel="step", ylabel="loss of the global batch", title="loss: every strategy")
+    b.set(xlabel="step", ylabel="|loss - baseline| / baseline (floor 1e-9)",
+          title="distance from the baseline (red: fp32 bound 1e-5)")
+    b.axhline(1e-5, color="red", lw=1, ls=":")
+    a.legend(fontsize=6, ncol=2)
+    b.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+STATES = ("params", "grads", "optimizer")
+
+
+def plot_memory(summaries: list[dict], path: Path) -> Path:
+    """Rank 0's model states by category (stacked, ZeRO's formula as a black bar) and its peak
+    saved activations, for each strategy."""
+    plt = _plt()
+    runs = [s for s in summaries if s["memory"]["per_rank"]]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(max(12, 0.9 * len(runs) + 4), 5.5),
+                               gridspec_kw={"width_ratios": [3, 2]})
+    x = range(len(runs))
+    bottoms = [0.0] * len(runs)
+    for cat in STATES:
+        vals = [s["memory"]["per_rank"][0].get(cat, 0) / 2**10 for s in runs]
+        a.bar(x, vals, bottom=bottoms, label=cat)
+        bottoms = [u + v for u, v in zip(bottoms, vals)]
+    shown = False
+    for i, s in enumerate(runs):
+        f = s.get("extra", {}).get("memory_formula")
+        if f and "device" in f:
+            total = sum(f["device"].get(k, 0) for k in STATES)
+            a.plot([i - 0.4, i + 0.4], [total / 2**10] * 2, "k-", lw=2.5,
+                   label=None if shown else "ZeRO formula")
+            shown = True
+    b.bar(x, [s["memory"]["per_rank"][0].get("activations_peak", 0) / 2**10 for s in runs],
+          color="tab:red")
+    labels = [run_label(s) for s in runs]
+    for ax, title in ((a, "model states on rank 0 (params + grads + optimizer)"),
+                      (b, "peak saved activations on rank 0")):
+        ax.set_xticks(list(x), labels, rotation=70, ha="right", fontsize=7)
+        ax.set(ylabel="KiB", title=title)
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_comm(summaries: list[dict], path: Path) -> Path:
+    plt = _plt()
+    runs = [s for s in summaries if s["world_size"] > 1]
+    fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(runs) + 3), 4.5))
+    ax.bar(range(len(runs)), [s["comm"]["bytes_per_step"] / 2**10 for s in runs],
+           color="tab:purple")
+    ax.set_xticks(range(len(runs)), [run_label(s) for s in runs], rotation=60, ha="right",
+                  fontsize=7)
+    ax.set(ylabel="KiB sent per step by rank 0", title="communication per step (counted at the "
+           "collectives)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, summaries: list[dict], skipped: list[tuple[str, str]],
+                 failed: list[tuple[str, str]], wall_s: float, runs: dict[str, Path]) -> Path:
+    """report.md, the PNGs beside it, and report.html with the PNGs inside (no server needed)."""
+    import base64
+    import html
+    import shutil
+    from labs.core.record import atomic_write_text
+    out = Path(out)
+    pics = [("Loss curves over the baseline's", plot_losses(summaries, out / "loss.png")),
+            ("Memory per rank by category", plot_memory(summaries, out / "memory.png")),
+            ("Communication per step", plot_comm(summaries, out / "comm.png"))]
+    for s in summaries:
+        src = runs.get(run_label(s), Path("-")) / "schedule.png"
+        if s["lab"] == "pipeline" and src.is_file():
+            dst = out / f"schedule-{s['variant']}.png"
+            shutil.copyfile(src, dst)
+            pics.append((f"Pipeline schedule: {s['variant']}", dst))
+    n_bad = len(failed)  # runs outside tolerance or failing checks, and runs with no record
+    head = (f"{len(summaries)} runs in {wall_s:.0f} s; "
+            + ("all within tolerance" if n_bad == 0 else f"{n_bad} NOT OK"))
+    md = ["# dtlab tour\n\n", head + ".\n\n",
+          "Each run trained the same model on the same data as the single-process baseline; "
+          "`max rel loss diff` and `max abs param diff` are its distance from it (fp32 bound "
+          "1e-5 / 1e-4; mixed precision states its own). `exposed comm` is the share of a "
+          "profiled step spent in communication that no computation overlapped "
+          "(docs/profiling.md).\n\n"]
+    md.append("| " + " | ".join(REPORT_COLUMNS) + " |\n|" + "---|" * len(REPORT_COLUMNS) + "\n")
+    md += ["| " + " | ".join(report_row(s)) + " |\n" for s in summaries]
+    md += ["\n"] + [f"- skipped {n}: {why}\n" for n, why in skipped]
+    md += [f"- FAILED {n}: {why}\n" for n, why in failed]
+    for title, p in pics:
+        md.append(f"\n## {title}\n\n![{title}]({p.name})\n")
+    atomic_write_text(out / "report.md", "".join(md))
+    e = html.escape
+    rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in report_row(s)) + "</tr>\n"
+                   for s in summaries)
+    imgs = "".join(f"<h2>{e(t)}</h2><img alt='{e(t)}' src='data:image/png;base64,"
+                   f"{base64.b64encode(p.read_bytes()).decode()}'>\n" for t, p in pics)
+    notes = "".join(f"<li>skipped {e(n)}: {e(w)}</li>" for n, w in skipped) + \
+        "".join(f"<li><b>FAILED</b> {e(n)}: {e(w)}</li>" for n, w in failed)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dtlab tour</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #bbb;padding:2px 8px;text-align:right}} td:nth-child(-n+2){{text-align:left}}
+img{{max-width:100%;border:1px solid #ddd}}</style></head><body>
+<h1>dtlab tour</h1><p>{e(head)}.</p>
+<table><tr>{''.join(f'<th>{e(c)}</th>' for c in REPORT_COLUMNS)}</tr>
+{rows}</table><ul>{notes}</ul>
+{imgs}</body></html>
+"""
+    atomic_write_text(out / "report.html", page)
+    return out / "report.md"
