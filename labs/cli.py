@@ -422,7 +422,32 @@ def make_parser() -> argparse.ArgumentParser:
     estimate.add_arguments(sub.add_parser(
         "memory", help="estimate GPU and CPU memory per ZeRO stage, offload and precision",
         description=estimate.__doc__.split("\n\n")[0]))
+    ex = sub.add_parser("exercise", help="write an exercise skeleton (TODOs and hints) to fill in")
+    ex.add_argument("name", help="ring_allreduce, loss_scaler, tensor_parallel, 1f1b or zero1")
+    ex.add_argument("--dest", default=".", help="folder to write it into (default: here)")
+    ex.add_argument("--force", action="store_true", help="overwrite an existing file")
+    ck = sub.add_parser("check", help="grade an exercise: run it through its lab's verification")
+    ck.add_argument("name", help="the exercise (see dtlab exercise)")
+    ck.add_argument("--impl", default=None, help="your file (default: ./<exercise file>)")
     return p
+
+
+def cmd_exercise(args) -> int:
+    from labs import exercises
+    try:
+        if args.command == "exercise":
+            path = exercises.write_skeleton(args.name, args.dest, args.force)
+            print(f"wrote {path}: fill in the TODOs, then run\n"
+                  f"  dtlab check {args.name} --impl {path}")
+            return 0
+        impl = args.impl or exercises.get(args.name).file
+        print(f"checking {impl} ({exercises.get(args.name).summary}) ...", flush=True)
+        passed, lines = exercises.check(args.name, impl)
+    except exercises.ExerciseError as e:
+        fail(str(e))
+    print("\n".join(lines))
+    print("PASS" if passed else "FAIL: see above for what differed")
+    return 0 if passed else 1
 
 
 def main(argv=None) -> int:
@@ -451,6 +476,8 @@ def main(argv=None) -> int:
     if args.command == "memory":
         from labs.tools import estimate
         return estimate.run(args)
+    if args.command in ("exercise", "check"):
+        return cmd_exercise(args)
     if args.nproc is not None and args.nproc < 1:
         fail(f"--nproc must be >= 1, got {args.nproc}")
     return cmd_tour(args)
