@@ -77,7 +77,8 @@ def check_checkpoint_dir(lab: registry.Lab, nproc: int, settings, args) -> None:
     """The reliability flags, and a --ckpt-dir that holds another run's checkpoint, before any
     process starts (the lab checks again when it loads)."""
     from labs.core import checkpoint as ckpt
-    from labs.core.train import UsageError, checkpoint_identity, lab_flags, plans_from_args
+    from labs.core.checkpoint import checkpoint_identity
+    from labs.core.train import UsageError, lab_flags, plans_from_args
     plan, _ = plans_from_args(args, settings, nproc)
     if plan.ckpt_dir is None:
         return

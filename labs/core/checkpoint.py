@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from labs.core import faults
+
 FORMAT = 1
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
@@ -188,3 +190,67 @@ class Plan:
     def due(self, finished: int, total: int) -> bool:
         return self.ckpt_dir is not None and (finished % self.ckpt_every == 0 or
                                               finished == total)
+
+
+# --------------------------------------------------------------------------- in the loop
+
+def _identity(strategy) -> dict:
+    return checkpoint_identity(strategy.lab, strategy.rt.world_size, strategy.settings,
+                               strategy.lab_flags)
+
+
+def checkpoint_identity(lab: str, world: int, settings, flags: dict) -> dict:
+    """What a checkpoint must match to be resumed by a run (``dtlab run`` checks it before it
+    starts any process; the lab checks it again on load)."""
+    return {"lab": lab, "world_size": world,
+            "config_hash": config_hash({**settings.identity(), "lab_flags": flags})}
+
+
+def save(strategy, finished: int, losses, steps) -> float:
+    """Every writer writes its shard, then rank 0 commits the manifest; returns seconds taken."""
+    rt, plan, fp = strategy.rt, strategy.ckpt_plan, strategy.fault_plan
+    t0 = time.perf_counter()
+    folder = step_dir(Path(plan.ckpt_dir), finished)
+    dying = (fp.fail_in == "checkpoint" and fp.fail_at_step is not None and rt.rank == fp.fail_rank
+             and finished > fp.fail_at_step and faults.first_attempt())
+    if rt.is_main:  # a manifest left from an earlier attempt must not vouch for new files
+        (folder / "manifest.json").unlink(missing_ok=True)
+    strategy.barrier()
+    entry = None
+    if strategy.checkpoint_sharded or rt.is_main:
+        hook = (lambda tmp: faults.die(rt.rank, f"--fail-in checkpoint, {tmp} half done")) \
+            if dying else None
+        entry = write_shard(folder, rt.rank, strategy.checkpoint_state(), hook)
+    if dying:
+        faults.die(rt.rank, f"--fail-in checkpoint at step {finished}")
+    entries = strategy.gather_object(entry)  # also: nobody commits before every shard is in
+    if rt.is_main:
+        meta = {**_identity(strategy), "variant": strategy.variant, "lab_flags": strategy.lab_flags,
+                "step": finished, "sharded": strategy.checkpoint_sharded,
+                "history": {"losses": losses, "steps": steps}}
+        write_manifest(folder, meta, [e for e in entries if e is not None])
+        prune(Path(plan.ckpt_dir), plan.ckpt_keep)
+    strategy.extra.setdefault("checkpoint", {}).setdefault("saved_steps", []).append(finished)
+    return time.perf_counter() - t0
+
+
+def resume(strategy, losses, steps) -> int:
+    """Load the newest complete checkpoint, if any; returns the first step still to run."""
+    rt, plan = strategy.rt, strategy.ckpt_plan
+    info = {"dir": plan.ckpt_dir, "every": plan.ckpt_every, "resumed_from": None,
+            "restart_count": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}
+    if plan.ckpt_dir is None:
+        return 0
+    strategy.extra["checkpoint"] = info
+    found = latest(Path(plan.ckpt_dir), log=rt.log)
+    if found is None:
+        return 0
+    folder, manifest = found
+    check_compatible(manifest, folder, _identity(strategy), strategy.lab_flags,
+                          strategy.settings.steps)
+    strategy.load_checkpoint_state(load_shard(folder, manifest, rt.rank, rt.device))
+    losses.extend(manifest["history"]["losses"])
+    steps.extend(manifest["history"]["steps"])
+    info["resumed_from"] = manifest["step"]
+    rt.log(f"resumed from {folder} (step {manifest['step']}, attempt {info['restart_count']})")
+    return manifest["step"]

@@ -26,8 +26,11 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch.distributed as dist
+
+from labs.core import record
 
 # Text of the exceptions gloo and NCCL raise when a peer is silent or gone.
 COMM_FAILURE_MARKERS = ("Timed out", "timed out", "Connection closed", "Connection reset",
@@ -149,3 +152,23 @@ def describe(info: dict) -> str:
             f"{info['step']} ({info['error']})"
             + (f"; {seen}" if seen else "") +
             ". Look at that rank's log; raise --timeout if its step is legitimately slow")
+
+
+def report_failure(strategy, lab: str, e: BaseException) -> int:
+    """A collective failed (a silent or dead rank): say which rank and which operation, record
+    the failure in the run record, exit status 3."""
+    rt = strategy.rt
+    info = diagnose(e, rt.rank, rt.world_size, strategy.current_step, rt.timeout_s)
+    reporters = [r for r in range(rt.world_size) if r not in info["silent_ranks"]]
+    if rt.rank == (reporters[0] if reporters else 0):
+        print(f"dtlab: error: {describe(info)}", file=sys.stderr, flush=True)
+        losses, steps = strategy.trajectory
+        s = strategy.settings
+        summary = {"lab": lab, "variant": strategy.variant, "world_size": rt.world_size,
+                   "backend": rt.backend, "device": str(rt.device), "dtype": strategy.dtype,
+                   "preset": s.preset, "steps": s.steps, "seed": s.seed, "losses": losses,
+                   "baseline": {"ok": None, "note": "the run failed before the comparison"},
+                   "time": None, "comm": None, "memory": None, "extra": strategy.extra,
+                   "failure": info, "ok": False}
+        record.write_record(Path(s.out), summary, steps)
+    return 3

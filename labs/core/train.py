@@ -280,7 +280,7 @@ def train(strategy: Strategy, log_every: int | None = None,
     rt, s = strategy.rt, strategy.settings
     corpus = s.corpus()
     losses, steps = strategy.trajectory = [], []  # the failure report reads the history so far
-    start = _resume(strategy, losses, steps)
+    start = ckpt.resume(strategy, losses, steps)
     if log_every is None:
         log_every = max(1, s.steps // 10)
     from labs.tools.profile import maybe_profiler  # DTLAB_PROFILE_DIR: dtlab profile
@@ -319,14 +319,9 @@ def _steps(strategy, corpus, losses, steps, log_every, prof, start=0) -> None:
         if log_every and (step % log_every == 0 or step == s.steps - 1):
             rt.log(f"step {step:4d}  loss {losses[-1]:.4f}  {dt * 1e3:7.1f} ms")
         if plan.due(step + 1, s.steps):
-            steps[-1]["ckpt_s"] = _save(strategy, step + 1, losses, steps)
+            steps[-1]["ckpt_s"] = ckpt.save(strategy, step + 1, losses, steps)
         if prof is not None:
             prof.step()
-
-
-def _identity(strategy) -> dict:
-    return checkpoint_identity(strategy.lab, strategy.rt.world_size, strategy.settings,
-                               strategy.lab_flags)
 
 
 def lab_flags(args: argparse.Namespace) -> dict:
@@ -334,63 +329,6 @@ def lab_flags(args: argparse.Namespace) -> dict:
     settings, which ``Settings`` already holds."""
     common = {a.dest for a in add_common_args(argparse.ArgumentParser())._actions}
     return {k: v for k, v in sorted(vars(args).items()) if k not in common}
-
-
-def checkpoint_identity(lab: str, world: int, settings: Settings, flags: dict) -> dict:
-    """What a checkpoint must match to be resumed by a run (``dtlab run`` checks it before it
-    starts any process; the lab checks it again on load)."""
-    return {"lab": lab, "world_size": world,
-            "config_hash": ckpt.config_hash({**settings.identity(), "lab_flags": flags})}
-
-
-def _save(strategy, finished: int, losses, steps) -> float:
-    """Every writer writes its shard, then rank 0 commits the manifest; returns seconds taken."""
-    rt, plan, fp = strategy.rt, strategy.ckpt_plan, strategy.fault_plan
-    t0 = time.perf_counter()
-    folder = ckpt.step_dir(Path(plan.ckpt_dir), finished)
-    dying = (fp.fail_in == "checkpoint" and fp.fail_at_step is not None and rt.rank == fp.fail_rank
-             and finished > fp.fail_at_step and faults.first_attempt())
-    if rt.is_main:  # a manifest left from an earlier attempt must not vouch for new files
-        (folder / "manifest.json").unlink(missing_ok=True)
-    strategy.barrier()
-    entry = None
-    if strategy.checkpoint_sharded or rt.is_main:
-        hook = (lambda tmp: faults.die(rt.rank, f"--fail-in checkpoint, {tmp} half done")) \
-            if dying else None
-        entry = ckpt.write_shard(folder, rt.rank, strategy.checkpoint_state(), hook)
-    if dying:
-        faults.die(rt.rank, f"--fail-in checkpoint at step {finished}")
-    entries = strategy.gather_object(entry)  # also: nobody commits before every shard is in
-    if rt.is_main:
-        meta = {**_identity(strategy), "variant": strategy.variant, "lab_flags": strategy.lab_flags,
-                "step": finished, "sharded": strategy.checkpoint_sharded,
-                "history": {"losses": losses, "steps": steps}}
-        ckpt.write_manifest(folder, meta, [e for e in entries if e is not None])
-        ckpt.prune(Path(plan.ckpt_dir), plan.ckpt_keep)
-    strategy.extra.setdefault("checkpoint", {}).setdefault("saved_steps", []).append(finished)
-    return time.perf_counter() - t0
-
-
-def _resume(strategy, losses, steps) -> int:
-    """Load the newest complete checkpoint, if any; returns the first step still to run."""
-    rt, plan = strategy.rt, strategy.ckpt_plan
-    info = {"dir": plan.ckpt_dir, "every": plan.ckpt_every, "resumed_from": None,
-            "restart_count": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}
-    if plan.ckpt_dir is None:
-        return 0
-    strategy.extra["checkpoint"] = info
-    found = ckpt.latest(Path(plan.ckpt_dir), log=rt.log)
-    if found is None:
-        return 0
-    folder, manifest = found
-    ckpt.check_compatible(manifest, folder, _identity(strategy), strategy.lab_flags,
-                          strategy.settings.steps)
-    strategy.load_checkpoint_state(ckpt.load_shard(folder, manifest, rt.rank, rt.device))
-    losses.extend(manifest["history"]["losses"])
-    steps.extend(manifest["history"]["steps"])
-    info["resumed_from"] = manifest["step"]
-    rt.log(f"resumed from {folder} (step {manifest['step']}, attempt {info['restart_count']})")
-    return manifest["step"]
 
 
 def baseline(settings: Settings, device: torch.device) -> tuple[list[float], dict]:
@@ -487,26 +425,6 @@ def params_digest(params: dict[str, torch.Tensor] | None) -> str | None:
     return h.hexdigest()
 
 
-def _report_failure(strategy, lab: str, e: BaseException) -> int:
-    """A collective failed (a silent or dead rank): say which rank and which operation, record
-    the failure in the run record, exit status 3."""
-    rt = strategy.rt
-    info = faults.diagnose(e, rt.rank, rt.world_size, strategy.current_step, rt.timeout_s)
-    reporters = [r for r in range(rt.world_size) if r not in info["silent_ranks"]]
-    if rt.rank == (reporters[0] if reporters else 0):
-        print(f"dtlab: error: {faults.describe(info)}", file=sys.stderr, flush=True)
-        losses, steps = strategy.trajectory
-        s = strategy.settings
-        summary = {"lab": lab, "variant": strategy.variant, "world_size": rt.world_size,
-                   "backend": rt.backend, "device": str(rt.device), "dtype": strategy.dtype,
-                   "preset": s.preset, "steps": s.steps, "seed": s.seed, "losses": losses,
-                   "baseline": {"ok": None, "note": "the run failed before the comparison"},
-                   "time": None, "comm": None, "memory": None, "extra": strategy.extra,
-                   "failure": info, "ok": False}
-        record.write_record(Path(s.out), summary, steps)
-    return 3
-
-
 def run_lab(lab: str, parser: argparse.ArgumentParser, make_strategy, argv=None,
             check_args=None, rt: runtime.Runtime | None = None) -> int:
     """A lab's ``main``: parse, join the process group, run, report. Exit status 0 when within
@@ -535,7 +453,7 @@ def run_lab(lab: str, parser: argparse.ArgumentParser, make_strategy, argv=None,
         except RuntimeError as e:
             if not (rt.distributed and faults.is_comm_failure(e)):
                 raise
-            code = _report_failure(strategy, lab, e)
+            code = faults.report_failure(strategy, lab, e)
             if given_rt is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 runtime.exit_now(code)
             return code
