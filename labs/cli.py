@@ -222,7 +222,15 @@ def cmd_tour(args) -> int:
                 skipped.append((name, f"needs CUDA: {lab.gpu_only}"))
                 continue
         nproc = lab.tour_nproc if lab.max_world == lab.min_world else (args.nproc or lab.tour_nproc)
-        for k, variant in enumerate((lab.tour_args, *lab.tour_more)):
+        variants = [lab.tour_args, *lab.tour_more]
+        if lab.tour_gpu:
+            import torch
+            for gpu_args, why in lab.tour_gpu:
+                if torch.cuda.is_available():
+                    variants.append(gpu_args)
+                else:
+                    skipped.append((f"{name} {' '.join(gpu_args)}", f"needs CUDA: {why}"))
+        for k, variant in enumerate(variants):
             run_out = out / (f"{name}-n{nproc}" + (f"-{k}" if k else ""))
             lab_args = ["--steps", str(args.steps), "--out", str(run_out), *variant]
             validate(lab, nproc, lab_args)

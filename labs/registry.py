@@ -23,6 +23,7 @@ class Lab:
     data_parallel: bool = True            # the global batch is split over all ranks
     tour_args: tuple[str, ...] = field(default=())
     tour_more: tuple[tuple[str, ...], ...] = field(default=())  # further variants in the tour
+    tour_gpu: tuple[tuple[tuple[str, ...], str], ...] = field(default=())  # (args, why CUDA)
     no_checkpoint: str | None = None      # why --ckpt-dir cannot work with it, if it cannot
 
     @property
@@ -50,6 +51,7 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
     Lab("dataparallel", "nn.DataParallel and the same written out: scatter, replicate, "
         "parallel_apply, gather, reduce; device 0's extra memory measured",
         min_world=1, max_world=1, tour_nproc=1, data_parallel=False,
+        tour_gpu=((("--impl", "torch"), "nn.DataParallel itself needs CUDA devices"),),
         no_checkpoint="a single process driving several GPUs; nothing to restart"),
     Lab("torch_multiprocessing", "mp.spawn workers averaging gradients in shared memory; "
         "Hogwild reported as not equivalent", min_world=1, max_world=1, tour_nproc=1,
@@ -60,10 +62,13 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
         "against the library, then used to train", tour_nproc=3, tour_args=("--batch-size", "12"),
         tour_more=(("--batch-size", "12", "--algo", "tree"),)),
     Lab("ddp", "DistributedDataParallel: replicas, bucketed gradient all-reduce, counted bytes",
-        tour_more=(("--impl", "own"),)),
+        tour_more=(("--impl", "own"),),
+        tour_gpu=((("--backend", "nccl"), "NCCL runs on CUDA devices only"),)),
     Lab("amp", "autocast fp16/bf16, our dynamic loss scaler beside torch's GradScaler and "
         "DeepSpeed's, fp32 master weights", tolerance="fp16 1e-2, bf16 3e-2 (see docs/amp.md)",
         tour_args=("--inject-overflow-at", "3"), tour_more=(("--dtype", "bf16"),),
+        tour_gpu=((("--dtype", "fp16", "--scaler", "torch"),
+                   "fp16 autocast with tensor cores is the case AMP exists for; on CUDA only"),),
         no_checkpoint="its fp32 master weights and loss-scaler state are not checkpointed yet"),
     Lab("zero", "ZeRO stages 0-3 written out: optimizer state, gradients, parameters "
         "partitioned; CPU offload; memory counted beside the formulas", min_world=2,
@@ -77,6 +82,8 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
     Lab("accelerate_lab", "Hugging Face accelerate: Accelerator.prepare, backward, gradient "
         "accumulation, the DeepSpeed plugin; the CPU launch that really starts N processes",
         requires=("accelerate",), extra="accelerate", tour_args=("--accum", "2"),
+        tour_gpu=((("--zero-stage", "2"), "accelerate 1.15 uses its DeepSpeed plugin on "
+                   "accelerators only"),),
         no_checkpoint="accelerate checkpoints through Accelerator.save_state"),
     Lab("tensor_parallel", "Megatron column/row-parallel layers, heads split, vocab-parallel "
         "loss (own) and DTensor's plan (torch)", data_parallel=False,

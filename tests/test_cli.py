@@ -90,13 +90,18 @@ def test_tour_report_md_html_and_pictures(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "dtlab tour" in p.stdout and "runs in" in p.stdout
     runnable = [lab for lab in registry.LABS.values() if not lab.missing() and not lab.gpu_only]
-    expected = sum(1 + len(lab.tour_more) for lab in runnable)
+    import torch
+    cuda = torch.cuda.is_available()
+    expected = sum(1 + len(lab.tour_more) + (len(lab.tour_gpu) if cuda else 0) for lab in runnable)
     report = (tmp_path / "report.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == expected + 1  # the header and one row per run
     assert rows[1].startswith("| baseline | single | 1 | - | - | - |")  # the reference itself
     assert all(line.split(" | ")[5] in ("yes", "drift") for line in rows[2:]), report
     assert "| zero | own-stage3-offload-param | 2 |" in report
+    if not cuda:  # the GPU-only variants are listed with the reason
+        assert "- skipped dataparallel --impl torch: needs CUDA: nn.DataParallel itself needs " \
+               "CUDA" in report and "- skipped ddp --backend nccl: needs CUDA" in report
     exposed = [line.split(" | ")[9] for line in rows[1:]]
     assert sum(e.endswith("%") for e in exposed) >= expected - 1  # every run but the baseline
     pics = ["loss.png", "memory.png", "comm.png", "schedule-own-1f1b.png",
