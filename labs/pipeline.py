@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from labs.core import memory as mem
-from labs.core.comm import nbytes
+from labs.core.comm import library_collectives, nbytes
 from labs.core.model import ToyGPT, loss_fn, stage_bounds
 from labs.core.train import Strategy, UsageError, add_common_args, run_lab
 
@@ -264,7 +264,7 @@ class TorchPipeline(OwnPipeline):
         losses: list[torch.Tensor] = []
         # Saved tensors of the whole step: an upper bound on the live activations here, since
         # torch's schedule frees each micro-batch's after its backward.
-        with self.meter.measure(self.stage.parameters()):
+        with self.meter.measure(self.stage.parameters()), library_collectives(self.comm):
             if r == 0:
                 self.sched.step(x)
             elif last:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from labs.core.comm import CommCounter, nbytes, ring_sent_bytes
+from labs.core.comm import CommCounter, library_collectives, nbytes, ring_sent_bytes
 from labs.core.model import ToyGPT
 from labs.core.train import Strategy, UsageError, add_common_args, run_lab
 from labs.ring_allreduce import chunk_sizes
@@ -280,8 +280,10 @@ class TorchTensorParallel(OwnTensorParallel):
     def forward_backward(self, x, y):
         from torch.distributed.tensor.debug import CommDebugMode
         self.optimizer.zero_grad(set_to_none=True)
-        # DTensor issues its collectives itself; CommDebugMode counts them (calls, not bytes).
-        with CommDebugMode() as comm_mode, self.meter.measure(self.model.parameters()):
+        # DTensor issues its collectives itself: CommDebugMode names them, library_collectives
+        # counts their bytes at the dispatcher.
+        with CommDebugMode() as comm_mode, library_collectives(self.comm), \
+                self.meter.measure(self.model.parameters()):
             logits = self.model(x)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
             loss.backward()

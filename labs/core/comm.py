@@ -123,6 +123,12 @@ _C10D_OPS = {
 }
 
 
+_FUNCTIONAL_OPS = {"all_reduce": "all_reduce", "all_reduce_": "all_reduce",
+                   "all_gather_into_tensor": "all_gather", "reduce_scatter_tensor":
+                   "reduce_scatter", "broadcast": "broadcast", "broadcast_": "broadcast",
+                   "all_to_all_single": "all_to_all"}
+
+
 def _payload_bytes(arg) -> int:
     if isinstance(arg, torch.Tensor):
         return nbytes(arg)
@@ -138,7 +144,13 @@ def library_collectives(counter: CommCounter):
     class _Counting(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func._overloadpacket.__name__
-            if func.namespace == "c10d" and name in _C10D_OPS:
+            if func.namespace == "_c10d_functional" and name in _FUNCTIONAL_OPS:
+                op = _FUNCTIONAL_OPS[name]  # DTensor's collectives (out-of-place, functional)
+                size = _payload_bytes(args[0])
+                if op == "all_gather":
+                    size *= args[1]  # the gathered tensor: the shard times the group size
+                counter.record(op, size, None)
+            elif func.namespace == "c10d" and name in _C10D_OPS:
                 op, i = _C10D_OPS[name]
                 size = _payload_bytes(args[i])
                 sent = {"send": size, "recv": 0,
