@@ -141,9 +141,10 @@ def cmd_run(args, lab_args: list[str]) -> int:
     validate(lab, args.nproc, lab_args)
     out = Path(_opt_value(lab_args, "--out"))
     (out / "summary.json").unlink(missing_ok=True)
-    if args.max_restarts < 0:
-        fail(f"--max-restarts must be >= 0, got {args.max_restarts}")
-    rc = launch(lab, args.nproc, lab_args, max_restarts=args.max_restarts)
+    restarts = getattr(args, "max_restarts", 0)  # `dtlab profile` comes through here too
+    if restarts < 0:
+        fail(f"--max-restarts must be >= 0, got {restarts}")
+    rc = launch(lab, args.nproc, lab_args, max_restarts=restarts)
     if not (out / "summary.json").is_file():
         print(f"dtlab: {lab.name} ended with exit status {rc} and wrote no run record "
               f"(see the output above)", file=sys.stderr)
@@ -397,7 +398,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="processes (default: the lab's tour size)")
     r.add_argument("--max-restarts", type=int, default=0,
                    help="torchrun restarts after a rank dies (use with the lab's --ckpt-dir)")
-    t = sub.add_parser("tour", help="run every available lab, verified, and print one table")
+    t = sub.add_parser("tour", help="run every lab and variant this machine can, verified; "
+                       "report.md, report.html and pictures in --out")
     t.add_argument("--nproc", type=int, default=None, help="processes for multi-process labs")
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--out", default="runs/tour")

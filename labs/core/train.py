@@ -92,12 +92,15 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     r = p.add_argument_group("checkpoints and injected faults (docs/reliability.md)")
     r.add_argument("--ckpt-dir", default=None,
                    help="write checkpoints here, and resume from the newest complete one")
-    r.add_argument("--ckpt-every", type=int, default=5, help="steps between checkpoints (default 5)")
+    r.add_argument("--ckpt-every", type=int, default=5,
+                   help="steps between checkpoints (default 5)")
     r.add_argument("--ckpt-keep", type=int, default=2,
                    help="complete checkpoints kept; older ones are deleted (default 2)")
     r.add_argument("--fail-at-step", type=int, default=None,
-                   help="kill --fail-rank with SIGKILL at the start of this step (first attempt only)")
-    r.add_argument("--fail-rank", type=int, default=0, help="rank that --fail-at-step kills (default 0)")
+                   help="kill --fail-rank with SIGKILL at the start of this step "
+                        "(first attempt only)")
+    r.add_argument("--fail-rank", type=int, default=0,
+                   help="rank that --fail-at-step kills (default 0)")
     r.add_argument("--fail-in", default="step", choices=["step", "checkpoint"],
                    help="checkpoint: die while writing the first checkpoint at or after "
                         "--fail-at-step instead (default step)")

@@ -149,8 +149,9 @@ def check_loss_scaler(mod, rank: int, world: int) -> list[str]:
             torch._amp_update_scale_(scale, tracker, torch.tensor([float(overflow)]), 2.0, 0.5,
                                      interval)
             if float(s.scale) != scale.item():
+                history = "".join("X" if o else "." for o in pattern[:step + 1])
                 return [f"pattern {k} (growth_interval {interval}), step {step} "
-                        f"(overflow={overflow}, history {''.join('X' if o else '.' for o in pattern[:step + 1])}): "
+                        f"(overflow={overflow}, history {history}): "
                         f"expected scale {scale.item():g}, got {float(s.scale):g}"]
             if taken is not None and bool(taken) == overflow:
                 return [f"pattern {k}, step {step}: update returned {taken!r}; an overflowed step "
