@@ -163,8 +163,10 @@ def plot_comm(summaries: list[dict], path: Path) -> Path:
     plt = _plt()
     runs = [s for s in summaries if s["world_size"] > 1]
     fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(runs) + 3), 4.5))
-    ax.bar(range(len(runs)), [s["comm"]["bytes_per_step"] / 2**10 for s in runs],
-           color="tab:purple")
+    kib = [s["comm"]["bytes_per_step"] / 2**10 for s in runs]
+    bars = ax.bar(range(len(runs)), kib, color="tab:purple")
+    ax.bar_label(bars, [f"{v:,.0f}" for v in kib], fontsize=7)
+    ax.set_yscale("log")  # 64 KiB (a pipeline cut) to MiB (3D on a bigger preset) in one view
     ax.set_xticks(range(len(runs)), [run_label(s) for s in runs], rotation=60, ha="right",
                   fontsize=7)
     ax.set(ylabel="KiB sent per step by rank 0", title="communication per step (counted at the "
