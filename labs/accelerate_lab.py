@@ -45,8 +45,6 @@ from labs.core.train import Strategy, UsageError, add_common_args, run_lab
 
 
 class AccelerateStrategy(Strategy):
-    supports_checkpoint = False
-    supports_checkpoint_why = ("accelerate checkpoints through Accelerator.save_state/load_state, which this lab does not wire")
     name = "accelerate_lab"
 
     def __init__(self, rt, settings, accum: int = 1, zero_stage: int | None = None,

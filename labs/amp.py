@@ -117,8 +117,6 @@ class DynamicLossScaler:
 
 
 class MixedPrecision(Strategy):
-    supports_checkpoint = False
-    supports_checkpoint_why = ("its fp32 master weights and loss-scaler state are not checkpointed yet; use the fp32 labs")
     name = "amp"
 
     def __init__(self, rt, settings, args):

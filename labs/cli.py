@@ -78,12 +78,10 @@ def check_checkpoint_dir(lab: registry.Lab, nproc: int, settings, args) -> None:
     process starts (the lab checks again when it loads)."""
     from labs.core import checkpoint as ckpt
     from labs.core.checkpoint import checkpoint_identity
-    from labs.core.train import UsageError, lab_flags, plans_from_args
-    plan, _ = plans_from_args(args, settings, nproc)
+    from labs.core.train import lab_flags, plans_from_args
+    plan, _ = plans_from_args(args, settings, nproc, lab.name)
     if plan.ckpt_dir is None:
         return
-    if lab.no_checkpoint:
-        raise UsageError(f"--ckpt-dir: lab {lab.name!r} cannot checkpoint: {lab.no_checkpoint}")
     found = ckpt.latest(Path(plan.ckpt_dir))
     if found is not None:
         folder, manifest = found

@@ -94,8 +94,6 @@ def load_config(name_or_path: str) -> tuple[Path, dict]:
 
 
 class DeepSpeedZeRO(Strategy):
-    supports_checkpoint = False
-    supports_checkpoint_why = ("DeepSpeed writes its own sharded checkpoints with engine.save_checkpoint (docs/deepspeed.md)")
     name = "deepspeed_zero"
 
     def __init__(self, rt, settings, config_path: Path, config: dict):

@@ -51,8 +51,6 @@ class Shared:
 
 
 class SharedMemoryDP(Strategy):
-    supports_checkpoint = False
-    supports_checkpoint_why = ("its workers are started by torch.multiprocessing, not torchrun, so nothing restarts them")
     name = "torch_multiprocessing"
 
     def __init__(self, rt, settings, shared: Shared, mode: str):

@@ -35,8 +35,6 @@ def _fairscale():
 
 
 class LibraryZeRO(Strategy):
-    supports_checkpoint = False
-    supports_checkpoint_why = ("the libraries' sharded optimizer states need their own consolidation; use --impl own")
     name = "zero"
 
     def __init__(self, rt, settings, impl: str):

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from labs import registry
 from labs.core import checkpoint as ckpt
 from labs.core import faults
 from labs.core import memory as mem
@@ -110,11 +111,13 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def plans_from_args(args: argparse.Namespace, settings: Settings,
-                    world: int) -> tuple[ckpt.Plan, faults.FaultPlan]:
+def plans_from_args(args: argparse.Namespace, settings: Settings, world: int,
+                    lab: str) -> tuple[ckpt.Plan, faults.FaultPlan]:
     """The checkpoint and fault flags, validated (UsageError names the flag and the fix)."""
-    plan = ckpt.Plan(getattr(args, "ckpt_dir", None), getattr(args, "ckpt_every", 5),
-                     getattr(args, "ckpt_keep", 2))
+    plan = ckpt.Plan(args.ckpt_dir, args.ckpt_every, args.ckpt_keep)
+    why = registry.LABS[lab].no_checkpoint if lab in registry.LABS else None
+    if plan.ckpt_dir is not None and why:
+        raise UsageError(f"--ckpt-dir: lab {lab!r} cannot checkpoint: {why}")
     if plan.ckpt_every < 1:
         raise UsageError(f"--ckpt-every must be >= 1, got {plan.ckpt_every}")
     if plan.ckpt_keep < 1:
@@ -123,9 +126,8 @@ def plans_from_args(args: argparse.Namespace, settings: Settings,
         d = Path(plan.ckpt_dir)
         if d.exists() and not d.is_dir():
             raise UsageError(f"--ckpt-dir {d} is a file; give a folder (it is created if missing)")
-    fp = faults.FaultPlan(getattr(args, "fail_at_step", None), getattr(args, "fail_rank", 0),
-                          getattr(args, "fail_in", "step"), getattr(args, "stall_at_step", None),
-                          getattr(args, "stall_rank", 0))
+    fp = faults.FaultPlan(args.fail_at_step, args.fail_rank, args.fail_in, args.stall_at_step,
+                          args.stall_rank)
     if (msg := fp.check(world, settings.steps, plan.ckpt_dir)):
         raise UsageError(msg)
     return plan, fp
@@ -238,9 +240,8 @@ class Strategy:
         params = list(self.model.parameters())
         return mem.snapshot(params, self.optimizer, self.meter, self.rt.device)
 
-    # ---- checkpoints (labs.core.checkpoint): what determines the rest of the run
-    supports_checkpoint = True   # False: the lab has no resumable state here (it says why)
-    supports_checkpoint_why = ""
+    # ---- checkpoints (labs.core.checkpoint): what determines the rest of the run; a lab that
+    # cannot resume says why in the registry (Lab.no_checkpoint)
     checkpoint_sharded = False   # True: every rank's state differs (ZeRO, TP, PP): all write
 
     def checkpoint_state(self) -> dict:
@@ -442,12 +443,9 @@ def run_lab(lab: str, parser: argparse.ArgumentParser, make_strategy, argv=None,
             check_args(args, settings, world)
         else:
             check_divisible(settings.batch_size, world)
-        plan, fault_plan = plans_from_args(args, settings, world)
+        plan, fault_plan = plans_from_args(args, settings, world, lab)
         rt = rt or runtime.init(args.backend, args.device, args.timeout, args.seed)
         strategy = make_strategy(rt, settings, args)
-        if plan.ckpt_dir is not None and not strategy.supports_checkpoint:
-            raise UsageError(f"--ckpt-dir: {lab} [{strategy.variant}] cannot checkpoint here: "
-                             f"{strategy.supports_checkpoint_why}")
         strategy.ckpt_plan, strategy.fault_plan = plan, fault_plan
         strategy.lab_flags = lab_flags(args)
         try:
