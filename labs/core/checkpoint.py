@@ -247,7 +247,7 @@ def resume(strategy, losses, steps) -> int:
         return 0
     folder, manifest = found
     check_compatible(manifest, folder, _identity(strategy), strategy.lab_flags,
-                          strategy.settings.steps)
+                     strategy.settings.steps)
     strategy.load_checkpoint_state(load_shard(folder, manifest, rt.rank, rt.device))
     losses.extend(manifest["history"]["losses"])
     steps.extend(manifest["history"]["steps"])
