@@ -1,9 +1,8 @@
 """Hugging Face accelerate: one training loop, the parallelism chosen by the launcher's config.
 
-Answers QUESTIONS.md 50. ``Accelerator`` reads how it was launched (the environment that
-``accelerate launch`` or torchrun set, plus the config file) and decides the rest: which device,
-whether to wrap the model in DDP, in FSDP or in a DeepSpeed engine, the precision, gradient
-accumulation. The loop is written once:
+``Accelerator`` reads how it was launched (the environment that ``accelerate launch`` or torchrun
+set, plus the config file) and decides the rest: which device, whether to wrap the model in DDP, in
+FSDP or in a DeepSpeed engine, the precision, gradient accumulation. The loop is written once:
 
     accelerator = Accelerator(gradient_accumulation_steps=K, mixed_precision="no")  # or bf16
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -29,6 +28,8 @@ GPU, and launchers/accelerate.sh and configs/accelerate_multi_cpu.yaml do the la
     launchers/accelerate.sh multi_cpu --steps 20
     launchers/accelerate.sh deepspeed --steps 20     # the DeepSpeed plugin (ZeRO-2), GPUs only
     dtlab run accelerate_lab --nproc 2 --accum 2
+
+Explained in docs/launch.md (question 50 of docs/questions.md).
 """
 from __future__ import annotations
 
@@ -38,10 +39,13 @@ import sys
 
 import torch
 
-from labs.core.comm import library_collectives
-from labs.core.data import check_divisible
-from labs.core.model import loss_fn
-from labs.core.train import Strategy, UsageError, add_common_args, run_lab
+from dtlab import registry
+from dtlab.core import memory as mem
+from dtlab.core.comm import library_collectives
+from dtlab.core.data import check_divisible
+from dtlab.core.model import loss_fn
+from dtlab.core.precision import AMP_TOLERANCE
+from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
 
 
 class AccelerateStrategy(Strategy):
@@ -54,7 +58,6 @@ class AccelerateStrategy(Strategy):
         if mixed_precision != "no":
             # autocast to 16 bits, fp32 weights; compared with the fp32 baseline at the AMP lab's
             # stated bound for that type (docs/amp.md explains it)
-            from labs.amp import AMP_TOLERANCE
             self.dtype, self.tolerance = mixed_precision, AMP_TOLERANCE[mixed_precision]
 
     def build(self) -> None:
@@ -127,7 +130,6 @@ class AccelerateStrategy(Strategy):
         return {k: v.detach().float().cpu() for k, v in sd.items()} if self.rt.is_main else None
 
     def memory(self) -> dict:
-        from labs.core import memory as mem
         opt = getattr(self.optimizer, "optimizer", self.optimizer)
         return mem.snapshot(list(self.model.parameters()), opt, self.meter, self.rt.device)
 
@@ -173,7 +175,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         # Without it accelerate ignores the process group torchrun describes (DistributedType.NO).
         os.environ.setdefault("ACCELERATE_USE_CPU", "1")
-    return run_lab("accelerate_lab", make_parser(), make_strategy, argv, check_args=check_args)
+    return run_lab(registry.get("accelerate_lab"), make_parser(), make_strategy, argv,
+                   check_args=check_args)
 
 
 if __name__ == "__main__":

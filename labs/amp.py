@@ -1,7 +1,7 @@
 """AMP: autocast, dynamic loss scaling and fp32 master weights, ours beside torch's.
 
-Answers QUESTIONS.md 42-46 and 65. Mixed precision runs the big matrix multiplies in a 16-bit
-type (half the bytes, and on GPUs several times the FLOP/s) and keeps what is sensitive in fp32.
+Mixed precision runs the big matrix multiplies in a 16-bit type (half the bytes, and on GPUs
+several times the FLOP/s) and keeps what is sensitive in fp32.
 
 - ``--dtype fp16|bf16`` runs forward and backward under ``torch.autocast`` on the run's device:
   matmuls and linear layers in the low type, softmax, layer norm and the loss in fp32 (autocast's
@@ -19,6 +19,8 @@ type (half the bytes, and on GPUs several times the FLOP/s) and keeps what is se
 - ``--inject-overflow-at 3,10`` puts an inf into one gradient at those steps so skipping and
   backing off can be watched on demand.
 
+Explained in docs/amp.md (questions 42-46 and 65 of docs/questions.md).
+
 Run:
     python -m labs.amp --dtype fp16 --scaler own --inject-overflow-at 3,10 --steps 20
     torchrun --nproc_per_node=2 -m labs.amp --dtype bf16 --scaler none
@@ -32,23 +34,13 @@ import sys
 import torch
 import torch.distributed as dist
 
-from labs.core.model import loss_fn
-from labs.core.train import Strategy, UsageError, add_common_args, run_lab
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-# Mixed precision is not bit-equal to fp32 by design. Every op rounds to the low type's mantissa
-# (fp16: 10 bits, relative step 2^-11 = 4.9e-4; bf16: 7 bits, 2^-8 = 3.9e-3) and those errors
-# compound over layers and steps. Measured drift on the tiny preset over 50 steps (docs/amp.md):
-# fp16 autocast with loss scaling 4.2e-3 (loss, relative) / 6.8e-3 (parameters); pure fp16 with
-# fp32 master weights 1.9e-2 / 1.3e-2; bf16 autocast 1.5e-2 / 2.4e-2. The bounds below sit about
-# 2x above those and far below the loss's own fall over the run (2.56 -> 1.6).
-# DeepSpeed's fp16 engine drifts further (9.8e-2 / 7.3e-2 measured) for reasons docs/amp.md
-# discusses; its bound is looser accordingly.
-AMP_TOLERANCE = {"fp16": {"loss_rel": 1e-2, "param_abs": 1.5e-2},
-                 "fp16-master": {"loss_rel": 4e-2, "param_abs": 3e-2},
-                 "fp16-deepspeed": {"loss_rel": 1.5e-1, "param_abs": 1e-1},
-                 "bf16": {"loss_rel": 3e-2, "param_abs": 5e-2}}
+from dtlab import registry
+from dtlab.core.data import check_divisible
+from dtlab.core.model import loss_fn
+from dtlab.core.precision import (AMP_TOLERANCE, DTYPES, ScaleHistory,
+                                  deepspeed_fp16_unsupported)
+from dtlab.core.runtime import choose_backend_device
+from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
 
 
 class DynamicLossScaler:
@@ -126,7 +118,6 @@ class MixedPrecision(Strategy):
         self.variant = f"{args.dtype}-{args.scaler}" + ("-master" if args.master_weights else "") \
             + ("-dsrules" if args.rules == "deepspeed" and args.scaler == "own" else "")
         self.master_weights = args.master_weights
-        self.inject = {int(s) for s in args.inject_overflow_at}
         if args.dtype != "fp32":
             self.tolerance = AMP_TOLERANCE[self.dtype]
         kw = dict(init_scale=args.init_scale, growth_factor=args.growth_factor,
@@ -139,16 +130,14 @@ class MixedPrecision(Strategy):
             self.scaler = torch.amp.GradScaler(rt.device.type, **kw)
         else:
             self.scaler = None
-        self.args = args
-        self.step_index = 0
-        self.history = {"loss_scale": [], "skipped_steps": [], "overflowed_grads": []}
+        self.history = ScaleHistory(args.inject_overflow_at)
 
     def build(self) -> None:
         super().build()
         if self.rt.distributed:  # data parallel across ranks: DDP, its traffic counted
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            from labs.core.comm import counting_allreduce_hook
+            from dtlab.core.comm import counting_allreduce_hook
             self.model = DDP(self.model)
             self.model.register_comm_hook(None, counting_allreduce_hook(self.comm))
         if self.master_weights:
@@ -167,11 +156,7 @@ class MixedPrecision(Strategy):
                 torch.autocast(self.rt.device.type, dtype=DTYPES[self.dtype_name],
                                enabled=autocast):
             loss = loss_fn(self.model(x), y)
-        handle = None
-        if self.step_index in self.inject and self.rt.rank == 0:
-            # An overflow in rank 0's backward: the hook runs before the gradient is
-            # accumulated, so under DDP the inf travels through the all-reduce like a real one.
-            handle = next(self.model.parameters()).register_hook(_poison)
+        handle = self.history.inject(next(self.model.parameters()), self.rt.rank)
         if self.scaler_kind == "torch":
             self.scaler.scale(loss).backward()
         elif self.scaler_kind == "own":
@@ -184,8 +169,8 @@ class MixedPrecision(Strategy):
 
     def optimizer_step(self) -> None:
         params = list(self.model.parameters())
-        self.history["overflowed_grads"].append(
-            sum(int((~torch.isfinite(p.grad)).any()) for p in params if p.grad is not None))
+        overflowed = sum(int((~torch.isfinite(p.grad)).any()) for p in params
+                         if p.grad is not None)
         if self.master_weights:  # fp16 gradients -> the fp32 master copies
             for m, p in zip(self.master, params):
                 m.grad = p.grad.float()
@@ -209,10 +194,7 @@ class MixedPrecision(Strategy):
             with torch.no_grad():
                 for m, p in zip(self.master, self.net.parameters()):
                     p.copy_(m)  # cast the updated fp32 weights back to fp16
-        self.history["loss_scale"].append(scale)
-        if skipped:
-            self.history["skipped_steps"].append(self.step_index)
-        self.step_index += 1
+        self.history.record(scale, skipped, overflowed)
 
     def full_state(self):
         if not self.rt.is_main:
@@ -223,21 +205,16 @@ class MixedPrecision(Strategy):
         return super().full_state()
 
     def close(self) -> None:
-        h = self.history
-        if h["skipped_steps"]:
-            # The baseline took the steps this run skipped (an injected or a real overflow), so
-            # the two trajectories part there by design: report the drift, do not judge it.
-            self.equivalent = False
-        self.extra.update(loss_scale=h["loss_scale"], skipped_steps=h["skipped_steps"],
-                          overflowed_grads=sum(h["overflowed_grads"]),
-                          master_weights_demo=master_weights_demo())
+        # A skipped step (injected or real overflow) is one the baseline took, so the two
+        # trajectories part there by design: the drift is reported, not judged.
+        self.equivalent = self.history.report(
+            self.extra, self.settings.out if self.rt.is_main else None, self.variant)
+        self.extra["master_weights_demo"] = master_weights_demo()
         grads = [p.grad for p in getattr(self, "master", None) or self.model.parameters()
                  if p.grad is not None]
-        if grads and self.scaler_kind != "deepspeed":
+        if grads:
             self.extra["fp16_underflow"] = fp16_underflow(torch.cat(
                 [g.detach().float().reshape(-1) for g in grads]))
-        if self.rt.is_main:
-            plot_history(h["loss_scale"], h["skipped_steps"], self.settings.out, self.variant)
         super().close()
 
 
@@ -260,36 +237,6 @@ def fp16_underflow(grads: torch.Tensor, scale: float = 2.0**16) -> dict:
             "zero_in_fp16_scaled": frac((g * scale).half() == 0),
             "subnormal_in_fp16_scaled": frac(((g * scale) < 2.0**-14) & ((g * scale).half() != 0)),
             "overflow_in_fp16_scaled": frac(torch.isinf((g * scale).half()))}
-
-
-def plot_history(scales: list[float], skipped: list[int], out: str, title: str) -> None:
-    """loss_scale.png in the run's folder: the scale per step, skipped steps marked."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return  # the figures are in summary.json either way
-    from pathlib import Path
-    fig, ax = plt.subplots(figsize=(7, 3))
-    ax.step(range(len(scales)), scales, where="post", label="loss scale after the step")
-    ax.scatter(skipped, [scales[i] for i in skipped], color="red", zorder=3,
-               label="overflow: step skipped")
-    ax.set_yscale("log", base=2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss scale")
-    ax.set_title(f"dynamic loss scaling ({title})")
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    Path(out).mkdir(parents=True, exist_ok=True)
-    fig.savefig(Path(out) / "loss_scale.png", dpi=110)
-    plt.close(fig)
-
-
-def _poison(grad: torch.Tensor) -> torch.Tensor:
-    grad = grad.clone()
-    grad.view(-1)[0] = float("inf")
-    return grad
 
 
 def master_weights_demo(weight: float = 1.0, update: float = 1e-4, steps: int = 100) -> dict:
@@ -315,23 +262,37 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--scaler", default="own", choices=["own", "torch", "none"])
     p.add_argument("--master-weights", action="store_true",
                    help="model in fp16, optimizer on fp32 copies (pure fp16 training)")
-    p.add_argument("--init-scale", type=float, default=2.0**16)
-    p.add_argument("--growth-factor", type=float, default=2.0)
-    p.add_argument("--backoff-factor", type=float, default=0.5)
-    p.add_argument("--growth-interval", type=int, default=2000)
+    p.add_argument("--init-scale", type=float, default=2.0**16,
+                   help="the loss scale at the first step (default 2^16, as GradScaler's)")
+    p.add_argument("--growth-factor", type=float, default=2.0,
+                   help="scale multiplier after --growth-interval clean steps (default 2)")
+    p.add_argument("--backoff-factor", type=float, default=0.5,
+                   help="scale multiplier on an overflow (default 0.5)")
+    p.add_argument("--growth-interval", type=int, default=2000,
+                   help="clean steps in a row before the scale grows (default 2000)")
     p.add_argument("--rules", default="torch", choices=["torch", "deepspeed"],
                    help="--scaler own: whose scale-update rules to follow (default torch)")
     p.add_argument("--hysteresis", type=int, default=1,
                    help="--rules deepspeed: overflows tolerated before backing off")
     p.add_argument("--consecutive-hysteresis", action="store_true",
                    help="--rules deepspeed: refill hysteresis after every clean step")
-    p.add_argument("--inject-overflow-at", type=lambda s: [int(t) for t in s.split(",") if t],
-                   default=[], help="steps (from 0) at which one gradient is set to inf")
+    p.add_argument("--inject-overflow-at", type=step_list, default=[],
+                   help="comma-separated steps (from 0) at which one gradient is set to inf")
     return add_common_args(p)
 
 
+def step_list(text: str) -> list[int]:
+    """'3,10' -> [3, 10] (argparse reports a ValueError as an invalid value of the flag)."""
+    steps = [int(t) for t in text.split(",") if t.strip()]
+    if any(k < 0 for k in steps):
+        raise ValueError(text)
+    return steps
+
+
+step_list.__name__ = "list of steps"  # what argparse names in its error message
+
+
 def check_args(args, settings, world: int) -> None:
-    from labs.core.data import check_divisible
     check_divisible(settings.batch_size, world)
     if args.init_scale <= 0 or args.growth_factor < 1 or not 0 < args.backoff_factor < 1:
         raise UsageError("--init-scale must be > 0, --growth-factor >= 1 and --backoff-factor "
@@ -345,6 +306,9 @@ def check_args(args, settings, world: int) -> None:
         if args.init_scale != 2 ** round(math.log2(args.init_scale)):
             raise UsageError("--impl deepspeed: --init-scale must be a power of 2 "
                              "(DeepSpeed takes initial_scale_power)")
+        _, device = choose_backend_device(args.backend, args.device, 0)
+        if (why := deepspeed_fp16_unsupported(device.type)):
+            raise UsageError(f"--impl deepspeed: {why}")
         return
     if (args.hysteresis != 1 or args.consecutive_hysteresis) and \
             (args.scaler != "own" or args.rules != "deepspeed"):
@@ -359,15 +323,17 @@ def check_args(args, settings, world: int) -> None:
 
 
 def make_strategy(rt, settings, args) -> Strategy:
-    if args.impl == "deepspeed":
+    if args.impl == "deepspeed":  # kept apart so that DeepSpeed is imported only for it
         from labs.amp_deepspeed import DeepSpeedFP16
-        args.scaler, args.master_weights = "deepspeed", True
-        return DeepSpeedFP16(rt, settings, args)
+        return DeepSpeedFP16(rt, settings, args.ds_stage, args.init_scale, args.growth_interval,
+                             args.hysteresis, args.consecutive_hysteresis,
+                             args.inject_overflow_at)
     return MixedPrecision(rt, settings, args)
 
 
 def main(argv=None) -> int:
-    return run_lab("amp", make_parser(), make_strategy, argv, check_args=check_args)
+    return run_lab(registry.get("amp"), make_parser(), make_strategy, argv,
+                   check_args=check_args)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,33 @@
 """The AMP lab's DeepSpeed variant (``python -m labs.amp --impl deepspeed``): the same training
 through DeepSpeed's fp16 engine, to record DeepSpeed's own loss-scale history next to ours.
-Kept apart so that labs/amp.py reads as the algorithm and DeepSpeed is imported only here."""
+Kept apart so that labs/amp.py reads as the algorithm and DeepSpeed is imported only here; it
+shares nothing with labs/amp.py but what dtlab/core/precision.py holds for both."""
 from __future__ import annotations
 
 import math
 
-from labs.amp import AMP_TOLERANCE, MixedPrecision, _poison
-from labs.core.model import ToyGPT, loss_fn
-from labs.core.train import UsageError
+from dtlab.core.errors import UsageError
+from dtlab.core.model import ToyGPT, loss_fn
+from dtlab.core.precision import AMP_TOLERANCE, ScaleHistory
+from dtlab.core.settings import ADAMW_BETAS
+from dtlab.core.train import Strategy
 
 
-class DeepSpeedFP16(MixedPrecision):
-    """The same training through DeepSpeed's engine with ``fp16.enabled`` and dynamic loss
-    scaling, to record DeepSpeed's own scale history on the same injected overflows. The engine
-    keeps the model in fp16 and fp32 master weights in its optimizer. With ZeRO stage 1 or 2 it
-    scales with hysteresis; DeepSpeed 0.19.8's stage-0 fp16 optimizers ignore ``hysteresis``."""
+class DeepSpeedFP16(Strategy):
+    """DeepSpeed's engine with ``fp16.enabled`` and dynamic loss scaling, on the same injected
+    overflows as our scaler. The engine keeps the model in fp16 and fp32 master weights in its
+    optimizer. With ZeRO stage 1 or 2 it scales with hysteresis; DeepSpeed 0.19.8's stage-0 fp16
+    optimizers ignore ``hysteresis``."""
+
+    name, variant, dtype = "amp", "fp16-deepspeed-master", "fp16-master"
+    tolerance = AMP_TOLERANCE["fp16-deepspeed"]
+
+    def __init__(self, rt, settings, stage: int, init_scale: float, growth_interval: int,
+                 hysteresis: int, consecutive_hysteresis: bool, inject_at=()):
+        super().__init__(rt, settings)
+        self.stage, self.init_scale, self.growth_interval = stage, init_scale, growth_interval
+        self.hysteresis, self.consecutive_hysteresis = hysteresis, consecutive_hysteresis
+        self.history = ScaleHistory(inject_at)
 
     def build(self) -> None:
         try:
@@ -22,23 +35,22 @@ class DeepSpeedFP16(MixedPrecision):
         except ImportError:
             raise UsageError("--impl deepspeed needs DeepSpeed: pip install -c constraints.txt "
                              "-e '.[deepspeed]'") from None
-        a = self.args
         if self.rt.distributed:
             deepspeed.init_distributed(dist_backend=self.rt.backend)
-        self.tolerance = AMP_TOLERANCE["fp16-deepspeed"]
-        model = ToyGPT(self.settings.model).to(self.rt.device)
+        s = self.settings
+        model = ToyGPT(s.model).to(self.rt.device)
         self.ds_config = {
-            "train_batch_size": self.settings.batch_size,
-            "train_micro_batch_size_per_gpu": self.settings.batch_size // self.rt.world_size,
+            "train_batch_size": s.batch_size,
+            "train_micro_batch_size_per_gpu": s.batch_size // self.rt.world_size,
             "gradient_accumulation_steps": 1,
             "optimizer": {"type": "AdamW", "params": {
-                "lr": self.settings.lr, "betas": [0.9, 0.95], "eps": 1e-8,
-                "weight_decay": self.settings.weight_decay, "torch_adam": True}},
+                "lr": s.lr, "betas": list(ADAMW_BETAS), "eps": 1e-8,
+                "weight_decay": s.weight_decay, "torch_adam": True}},
             "fp16": {"enabled": True, "loss_scale": 0,
-                     "initial_scale_power": int(round(math.log2(a.init_scale))),
-                     "loss_scale_window": a.growth_interval, "hysteresis": a.hysteresis,
-                     "consecutive_hysteresis": a.consecutive_hysteresis, "min_loss_scale": 1},
-            "zero_optimization": {"stage": a.ds_stage},
+                     "initial_scale_power": int(round(math.log2(self.init_scale))),
+                     "loss_scale_window": self.growth_interval, "hysteresis": self.hysteresis,
+                     "consecutive_hysteresis": self.consecutive_hysteresis, "min_loss_scale": 1},
+            "zero_optimization": {"stage": self.stage},
             "steps_per_print": 10**9,
         }
         self.model, self.optimizer, _, _ = deepspeed.initialize(
@@ -46,9 +58,7 @@ class DeepSpeedFP16(MixedPrecision):
         self.extra["ds_config"] = self.ds_config
 
     def forward_backward(self, x, y):
-        handle = None
-        if self.step_index in self.inject and self.rt.rank == 0:
-            handle = next(self.model.module.parameters()).register_hook(_poison)
+        handle = self.history.inject(next(self.model.module.parameters()), self.rt.rank)
         with self.meter.measure(self.model.parameters()):
             loss = loss_fn(self.model(x), y)
         self.model.backward(loss)  # DeepSpeed scales the loss itself
@@ -59,13 +69,15 @@ class DeepSpeedFP16(MixedPrecision):
     def optimizer_step(self) -> None:
         before = self.model.skipped_steps
         self.model.step()
-        self.history["loss_scale"].append(float(self.optimizer.loss_scale))
-        if self.model.skipped_steps > before:
-            self.history["skipped_steps"].append(self.step_index)
-        self.history["overflowed_grads"].append(int(self.model.skipped_steps > before))
-        self.step_index += 1
+        skipped = self.model.skipped_steps > before
+        self.history.record(float(self.optimizer.loss_scale), skipped, int(skipped))
 
     def full_state(self):
         if not self.rt.is_main:
             return None
         return {n: p.detach().float().cpu() for n, p in self.model.module.named_parameters()}
+
+    def close(self) -> None:
+        self.equivalent = self.history.report(
+            self.extra, self.settings.out if self.rt.is_main else None, self.variant)
+        super().close()

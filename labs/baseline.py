@@ -4,9 +4,9 @@ Every other lab is compared with this run: same model, same initial weights, sam
 optimizer. Whatever a strategy does (split the batch, shard the weights, cut the model into
 stages), its losses and final parameters must match these within the lab's tolerance.
 
-It also answers QUESTIONS.md 8 and 27 for the small case: what one device does by default is
-exactly this loop (forward, loss, backward, optimizer step), and the run record shows what that
-costs in memory by category and in time per step.
+What one device does by default is exactly this loop (forward, loss, backward, optimizer step),
+and the run record shows what that costs in memory by category and in time per step.
+Explained in docs/baseline.md (questions 8 and 27 of docs/questions.md).
 
 Run:
     python -m labs.baseline --steps 200
@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from labs.core.train import Strategy, UsageError, add_common_args, run_lab
+from dtlab import registry
+from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -39,8 +40,8 @@ def main(argv=None) -> int:
     # Comparing the baseline with itself would prove nothing; the record still carries the
     # losses, timing and memory that the other labs are compared against.
     argv = list(sys.argv[1:] if argv is None else argv)
-    return run_lab("baseline", make_parser(), make_strategy, argv + ["--no-baseline"],
-                   check_args=check_args)
+    return run_lab(registry.get("baseline"), make_parser(), make_strategy,
+                   argv + ["--no-baseline"], check_args=check_args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """nn.DataParallel, and the same single-process data parallelism written out step by step.
 
-Answers QUESTIONS.md 27-34. One process drives R devices; every step:
+One process drives R devices; every step:
   1. scatter:        cut the batch into R row slices, one per device;
   2. replicate:      copy the parameters from device 0 to every other device (every step, since
                      only device 0's parameters are updated);
@@ -17,6 +17,8 @@ each counted apart). ``--impl torch`` is nn.DataParallel itself and needs CUDA d
 them the lab says so and runs ``own``. nn.DataParallel does steps 2 and 6 inside autograd: its
 Broadcast function's backward is the reduce-add. Both runs also show saving and loading with and
 without the ``module.`` prefix that the wrapper adds to every key (question 30).
+
+Explained in docs/dataparallel.md (questions 27-34 of docs/questions.md).
 
 Run:
     python -m labs.dataparallel --replicas 2 --steps 20
@@ -36,9 +38,10 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from labs.core import memory as mem
-from labs.core.model import ToyGPT, loss_fn
-from labs.core.train import Strategy, UsageError, add_common_args, run_lab
+from dtlab import registry
+from dtlab.core import memory as mem
+from dtlab.core.model import ToyGPT, loss_fn
+from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
 
 
 class Gather(torch.autograd.Function):
@@ -212,7 +215,8 @@ def make_strategy(rt, settings, args) -> Strategy:
 
 
 def main(argv=None) -> int:
-    return run_lab("dataparallel", make_parser(), make_strategy, argv, check_args=check_args)
+    return run_lab(registry.get("dataparallel"), make_parser(), make_strategy, argv,
+                   check_args=check_args)
 
 
 if __name__ == "__main__":

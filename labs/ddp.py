@@ -1,12 +1,11 @@
 """DDP: data parallelism with one process per device, gradients averaged by all-reduce.
 
-Answers QUESTIONS.md 3, 9 and 35-38. Every rank holds a full replica, starts from the same
-weights, takes its rows of the global batch and runs forward and backward on them. During
-backward, gradients are packed into buckets (25 MiB by default, filled in reverse parameter
-order, the order backward produces them) and each bucket is all-reduced as soon as it is full,
-so communication overlaps the rest of backward. After the average every replica holds the same
-gradient, the same optimizer step keeps them equal, and the run equals one process training on
-the whole global batch.
+Every rank holds a full replica, starts from the same weights, takes its rows of the global batch
+and runs forward and backward on them. During backward, gradients are packed into buckets (25 MiB
+by default, filled in reverse parameter order, the order backward produces them) and each bucket is
+all-reduced as soon as it is full, so communication overlaps the rest of backward. After the
+average every replica holds the same gradient, the same optimizer step keeps them equal, and the
+run equals one process training on the whole global batch.
 
 Two implementations:
 - ``--impl torch``: torch.nn.parallel.DistributedDataParallel, its all-reduce routed through a
@@ -20,6 +19,8 @@ Two implementations:
   what the overlap saves.
 
 Per step and rank, with G gradient bytes and W ranks, a ring all-reduce sends 2(W-1)/W * G.
+
+Explained in docs/ddp.md (questions 3, 9 and 35-38 of docs/questions.md).
 
 Run:
     torchrun --nproc_per_node=2 -m labs.ddp --steps 20
@@ -37,11 +38,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from labs.core.comm import counting_allreduce_hook, unflatten_into
-from labs.core.data import check_divisible
-from labs.core.model import loss_fn
-from labs.core.train import Strategy, UsageError, add_common_args, run_lab
-from labs.ring_allreduce import ring_all_reduce
+from dtlab import registry
+from dtlab.core.comm import counting_allreduce_hook, unflatten_into
+from dtlab.core.data import check_divisible
+from dtlab.core.model import loss_fn
+from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
+from dtlab.collectives.ring import ring_all_reduce
 
 
 class TorchDDP(Strategy):
@@ -217,7 +219,8 @@ def make_strategy(rt, settings, args) -> Strategy:
 
 
 def main(argv=None) -> int:
-    return run_lab("ddp", make_parser(), make_strategy, argv, check_args=check_args)
+    return run_lab(registry.get("ddp"), make_parser(), make_strategy, argv,
+                   check_args=check_args)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """DeepSpeed's ZeRO on the shared model: the engine, a JSON config per stage, offload, and getting
 the full parameters back out.
 
-Answers QUESTIONS.md 47-49. ``deepspeed.initialize`` wraps the model in an *engine* that owns
-the optimizer, the data-parallel gradient reduction, the precision and the ZeRO partitioning;
-all of it is chosen by the config file, not by code. The training step becomes
+``deepspeed.initialize`` wraps the model in an *engine* that owns the optimizer, the data-parallel
+gradient reduction, the precision and the ZeRO partitioning; all of it is chosen by the config
+file, not by code. The training step becomes
 
     loss = loss_fn(engine(x), y)
     engine.backward(loss)      # gradients, reduced (and partitioned) as the config says
@@ -24,6 +24,8 @@ Getting full parameters back (what this lab checks against the baseline):
   into one fp32 state dict (the same as the ``zero_to_fp32.py`` script DeepSpeed puts in dir).
 Both routes are checked equal to each other and to the baseline.
 
+Explained in docs/deepspeed.md (questions 47-49 of docs/questions.md).
+
 Run (torchrun, or DeepSpeed's own launcher):
     torchrun --nproc_per_node=2 -m labs.deepspeed_zero --config ds_zero3 --steps 20
     deepspeed --num_gpus 2 --no_local_rank --module labs.deepspeed_zero --config ds_zero2
@@ -38,11 +40,13 @@ from pathlib import Path
 
 import torch
 
-from labs.core import memory as mem
-from labs.core.comm import library_collectives
-from labs.core.data import check_divisible
-from labs.core.model import ToyGPT, loss_fn
-from labs.core.train import Strategy, UsageError, add_common_args, run_lab
+from dtlab import registry
+from dtlab.core import memory as mem
+from dtlab.core.comm import library_collectives
+from dtlab.core.data import check_divisible
+from dtlab.core.model import ToyGPT, loss_fn
+from dtlab.core.settings import ADAMW_BETAS
+from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "launchers" / "configs"
 
@@ -124,7 +128,7 @@ class DeepSpeedZeRO(Strategy):
         if opt["params"].get("lr") not in (None, s.lr):
             changed.append(f"optimizer lr {opt['params']['lr']} -> {s.lr}")
         cfg.update(wanted)
-        opt["params"].update(lr=s.lr, betas=[0.9, 0.95], weight_decay=s.weight_decay)
+        opt["params"].update(lr=s.lr, betas=list(ADAMW_BETAS), weight_decay=s.weight_decay)
         if changed:
             self.rt.log(f"{self.config_path.name}: set from the lab's flags: {'; '.join(changed)}")
         model = ToyGPT(s.model).to(self.rt.device)
@@ -202,16 +206,17 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args, settings, world: int) -> None:
-    args.config_path, args.config_dict = load_config(args.config)
+    load_config(args.config)
     check_divisible(settings.batch_size, world)
 
 
 def make_strategy(rt, settings, args) -> Strategy:
-    return DeepSpeedZeRO(rt, settings, args.config_path, args.config_dict)
+    return DeepSpeedZeRO(rt, settings, *load_config(args.config))
 
 
 def main(argv=None) -> int:
-    return run_lab("deepspeed_zero", make_parser(), make_strategy, argv, check_args=check_args)
+    return run_lab(registry.get("deepspeed_zero"), make_parser(), make_strategy, argv,
+                   check_args=check_args)
 
 
 if __name__ == "__main__":

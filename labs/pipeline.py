@@ -1,13 +1,13 @@
 """Pipeline parallelism: the model cut into P stages, micro-batches flowing through, GPipe and 1F1B.
 
-Answers QUESTIONS.md 4, 11, 24-26. Rank r holds stage r (contiguous layers from
-``model.stages(P)``); activations go forward to r+1 and their gradients come back from r+1 by
-point-to-point messages. One stage alone would leave P-1 devices idle, so the batch is cut into M
-micro-batches: while stage 1 works on micro-batch 0, stage 0 starts micro-batch 1. Gradients of
-the micro-batches add up before the one optimizer step (gradient accumulation), so the run equals
-the baseline.
+Rank r holds stage r (contiguous layers from ``model.stages(P)``); activations go forward to r+1
+and their gradients come back from r+1 by point-to-point messages. One stage alone would leave
+P-1 devices idle, so the batch is cut into M micro-batches: while stage 1 works on micro-batch 0,
+stage 0 starts micro-batch 1. Gradients of the micro-batches add up before the one optimizer step
+(gradient accumulation), so the run equals the baseline.
 
-A schedule is a list of actions per rank, ``("F", m)`` or ``("B", m)``, executed in order:
+A schedule is a list of actions per rank, ``("F", m)`` or ``("B", m)``, executed in order by
+:func:`run_schedule`:
 - GPipe: every forward, then every backward. Simple; holds the activations of all M micro-batches.
 - 1F1B: rank r does P-1-r warm-up forwards, then alternates one forward and one backward, then
   drains the remaining backwards. Same bubble as GPipe, but at most P-r micro-batches are alive on
@@ -20,26 +20,36 @@ shape dominates and the measured bubble can be set against the theory on a small
 writes ``schedule.png`` (one row per rank) into its run folder.
 
 ``--impl torch`` runs the same stages with ``torch.distributed.pipelining`` (PipelineStage,
-ScheduleGPipe, Schedule1F1B).
+ScheduleGPipe, Schedule1F1B). labs/parallel3d.py reuses ``run_schedule`` inside each replica.
+
+Explained in docs/pipeline.md (questions 4, 11 and 24-26 of docs/questions.md).
 
 Run:
     torchrun --nproc_per_node=2 -m labs.pipeline --schedule 1f1b --microbatches 4
-    dtlab run pipeline --nproc 4 --preset small --schedule gpipe --microbatches 8 --stage-compute-ms 20
+    dtlab run pipeline --nproc 4 --preset small --schedule gpipe --microbatches 8 \\
+        --stage-compute-ms 20
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from labs.core import memory as mem
-from labs.core.comm import library_collectives, nbytes
-from labs.core.model import ToyGPT, loss_fn, stage_bounds
-from labs.core.train import Strategy, UsageError, add_common_args, run_lab
+from dtlab import registry
+from dtlab.core import memory as mem
+from dtlab.core.comm import CommCounter, library_collectives, nbytes
+from dtlab.core.grid import Grid
+from dtlab.core.model import ToyGPT, loss_fn, stage_bounds
+from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
 
+
+# --------------------------------------------------------------------------- schedules
 
 def gpipe_schedule(p: int, m: int, rank: int) -> list[tuple[str, int]]:
     return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
@@ -58,149 +68,225 @@ def one_f_one_b_schedule(p: int, m: int, rank: int) -> list[tuple[str, int]]:
     return actions
 
 
-SCHEDULES = {"gpipe": gpipe_schedule, "1f1b": one_f_one_b_schedule}
+SCHEDULES = MappingProxyType({"gpipe": gpipe_schedule, "1f1b": one_f_one_b_schedule})
 
 
 def bubble_theory(p: int, m: int) -> float:
     return (p - 1) / (m + p - 1)
 
 
+# --------------------------------------------------------------------------- one stage
+
+@dataclass
+class Stage:
+    """One rank's stage: layers ``full.layers[lo:hi]`` of the full model, and its loss (the last
+    stage's; tensor-parallel stages use the vocabulary-parallel one)."""
+    module: torch.nn.Module
+    lo: int
+    hi: int
+    width: int                       # d_model: what travels between stages is [rows, seq, width]
+    loss: Callable = loss_fn
+    peak_live: int = 0               # most micro-batches alive at once, and their saved bytes
+    peak_live_bytes: int = 0
+    timelines: list = field(default_factory=list)
+
+    def params(self, full: ToyGPT) -> dict[str, torch.Tensor]:
+        """This stage's parameters under the full model's names (CPU copies)."""
+        return {n: p.detach().cpu() for n, p in full.named_parameters()
+                if self.lo <= int(n.split(".")[1]) < self.hi}
+
+    def memory(self, optimizer, meter, device) -> dict:
+        snap = mem.snapshot(list(self.module.parameters()), optimizer, meter, device)
+        snap["activations_peak"] = self.peak_live_bytes  # all live micro-batches at once
+        return snap
+
+
+def cut_stage(full: ToyGPT, index: int, stages: int) -> Stage:
+    """Stage ``index`` of ``stages``: it shares the full model's modules, so an optimizer over
+    its parameters trains the full model's slice and the names map back to the baseline's."""
+    lo, hi = stage_bounds(full.cfg.n_layer, stages)[index]
+    return Stage(full.stages(stages)[index], lo, hi, full.cfg.d_model)
+
+
+def _busy(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        time.sleep(min(1e-3, max(0.0, end - time.perf_counter())))
+
+
+def run_schedule(stage: Stage, actions: list[tuple[str, int]], xs, ys, grid: Grid,
+                 comm: CommCounter, meter: mem.ActivationMeter,
+                 compute_s: float = 0.0) -> torch.Tensor:
+    """Execute one rank's action list for one step; returns the summed micro-batch losses (the
+    last stage's; zero elsewhere). Receives block until the neighbour's message arrives, sends
+    do not (isend), so any schedule whose dependencies are acyclic runs without deadlock. The
+    step's timeline (kind, micro-batch, work start, end, start of waiting) is appended to
+    ``stage.timelines``."""
+    m, device = len(xs), xs[0].device
+    first, last = grid.prev_rank is None, grid.next_rank is None
+    inputs, outputs, live, live_bytes, sends = {}, {}, {}, 0, []
+    total_loss = torch.zeros((), device=device)
+    timeline = []
+    for kind, i in actions:
+        t0 = time.time()
+        if kind == "F":
+            if first:
+                inp = xs[i]
+            else:
+                inp = torch.empty(xs[i].shape[0], xs[i].shape[1], stage.width, device=device)
+                dist.recv(inp, grid.prev_rank, tag=2 * i)
+                inp.requires_grad_(True)
+            t1 = time.time()  # waiting for the message is idle time, not work
+            with meter.measure(stage.module.parameters()) as saved:
+                out = stage.module(inp)
+                if last:
+                    out = stage.loss(out, ys[i]) / m  # mean of equal micro-batch means
+            live[i] = saved.last
+            live_bytes += saved.last
+            stage.peak_live = max(stage.peak_live, len(live))
+            stage.peak_live_bytes = max(stage.peak_live_bytes, live_bytes)
+            inputs[i], outputs[i] = inp, out
+            _busy(compute_s)
+            if last:
+                total_loss += out.detach()
+            else:
+                sends.append(dist.isend(out.detach(), grid.next_rank, tag=2 * i))
+                comm.record("send", out, sent_bytes=nbytes(out))
+        else:
+            out = outputs.pop(i)
+            if last:
+                t1 = time.time()
+                out.backward()
+            else:
+                grad = torch.empty_like(out)
+                dist.recv(grad, grid.next_rank, tag=2 * i + 1)
+                t1 = time.time()
+                out.backward(grad)
+            inp = inputs.pop(i)
+            _busy(2 * compute_s)
+            if not first:
+                sends.append(dist.isend(inp.grad, grid.prev_rank, tag=2 * i + 1))
+                comm.record("send", inp.grad, sent_bytes=nbytes(inp.grad))
+            live_bytes -= live.pop(i)
+        timeline.append((kind, i, t1, time.time(), t0))
+    for s in sends:
+        s.wait()
+    stage.timelines.append(timeline)
+    return total_loss
+
+
+def pipeline_loss(local_loss: torch.Tensor, grid: Grid) -> float:
+    """Only the last stage knows the loss (every TP rank of it the same value): each replica's
+    last stage at TP index 0 contributes, the sum over replicas divided by DP is the global
+    batch's loss. Bookkeeping for the record, not counted as traffic."""
+    keep = grid.next_rank is None and grid.t == 0
+    t = local_loss.detach().clone() if keep else torch.zeros((), device=local_loss.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.item() / grid.dp
+
+
+# --------------------------------------------------------------------------- the strategies
+
 class OwnPipeline(Strategy):
-    checkpoint_sharded = True  # every rank holds its own stage
     name = "pipeline"
+    whole_batch = True          # every stage sees the whole batch (the first needs the tokens,
+    checkpoint_sharded = True   # the last the targets); every rank holds its own stage
 
     def __init__(self, rt, settings, schedule: str, microbatches: int, compute_ms: float):
         super().__init__(rt, settings)
         self.schedule_name, self.m, self.compute_s = schedule, microbatches, compute_ms / 1e3
         self.variant = f"own-{schedule}"
-        self.timelines: list[list] = []
-        self.peak_live, self.peak_live_bytes = 0, 0
-
-    # every stage sees the whole batch (the first needs the tokens, the last the targets)
-    whole_batch = True
-
-    # Where this rank sits in the pipeline. Here every rank is one stage; parallel3d.py places
-    # several pipelines side by side and overrides these.
-    def pipeline_position(self) -> tuple[int, int, int | None, int | None]:
-        """(stage index, number of stages, rank of the previous stage, rank of the next)."""
-        p, r = self.rt.world_size, self.rt.rank
-        return r, p, (r - 1 if r > 0 else None), (r + 1 if r < p - 1 else None)
-
-    def stage_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return loss_fn(out, y)
+        self.grid = Grid(pp=rt.world_size, rank=rt.rank)
 
     def build(self) -> None:
-        self.stage_index, p, self.prev_rank, self.next_rank = self.pipeline_position()
-        self.n_stages = p
+        p, r = self.grid.pp, self.grid.p
         self.full = ToyGPT(self.settings.model).to(self.rt.device)  # same init as the baseline
-        self.lo, self.hi = stage_bounds(self.settings.model.n_layer, p)[self.stage_index]
-        self.stage = self.full.stages(p)[self.stage_index]
-        self.model = self.stage
-        self.optimizer = self.make_optimizer(self.stage.parameters())
-        self.actions = SCHEDULES[self.schedule_name](p, self.m, self.stage_index)
+        self.stage = cut_stage(self.full, r, p)
+        self.model = self.stage.module
+        self.optimizer = self.make_optimizer(self.model.parameters())
+        self.actions = SCHEDULES[self.schedule_name](p, self.m, r)
         self.extra.update(stages=p, microbatches=self.m, schedule=self.schedule_name,
-                          stage_layers=[self.lo, self.hi], actions=[f"{a}{i}" for a, i in
-                                                                    self.actions])
-
-    def _busy(self, seconds: float) -> None:
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            time.sleep(min(1e-3, max(0.0, end - time.perf_counter())))
+                          stage_layers=[self.stage.lo, self.stage.hi],
+                          actions=[f"{a}{i}" for a, i in self.actions])
 
     def forward_backward(self, x, y):
-        m = self.m
-        first, last = self.prev_rank is None, self.next_rank is None
-        cfg = self.settings.model
-        xs, ys = x.chunk(m), y.chunk(m)
         self.optimizer.zero_grad(set_to_none=True)
-        inputs, outputs, live, live_bytes, sends = {}, {}, {}, 0, []
-        total_loss = torch.zeros((), device=self.rt.device)
-        timeline = []
-        if self.rt.distributed:
-            dist.barrier()
-        for kind, i in self.actions:
-            t0 = time.time()
-            if kind == "F":
-                if first:
-                    inp = xs[i]
-                else:
-                    inp = torch.empty(xs[i].shape[0], cfg.seq_len, cfg.d_model,
-                                      device=self.rt.device)
-                    dist.recv(inp, self.prev_rank, tag=2 * i)
-                    inp.requires_grad_(True)
-                t1 = time.time()  # waiting for the message is idle time, not work
-                with self.meter.measure(self.stage.parameters()) as meter:
-                    out = self.stage(inp)
-                    if last:
-                        out = self.stage_loss(out, ys[i]) / m  # mean of equal micro means
-                live[i] = meter.last
-                live_bytes += meter.last
-                self.peak_live = max(self.peak_live, len(live))
-                self.peak_live_bytes = max(self.peak_live_bytes, live_bytes)
-                inputs[i], outputs[i] = inp, out
-                self._busy(self.compute_s)
-                if last:
-                    total_loss += out.detach()
-                else:
-                    sends.append(dist.isend(out.detach(), self.next_rank, tag=2 * i))
-                    self.comm.record("send", out, sent_bytes=nbytes(out))
-            else:
-                out = outputs.pop(i)
-                if last:
-                    t1 = time.time()
-                    out.backward()
-                else:
-                    grad = torch.empty_like(out)
-                    dist.recv(grad, self.next_rank, tag=2 * i + 1)
-                    t1 = time.time()
-                    out.backward(grad)
-                inp = inputs.pop(i)
-                self._busy(2 * self.compute_s)
-                if not first:
-                    sends.append(dist.isend(inp.grad, self.prev_rank, tag=2 * i + 1))
-                    self.comm.record("send", inp.grad, sent_bytes=nbytes(inp.grad))
-                live_bytes -= live.pop(i)
-            timeline.append((kind, i, t1, time.time(), t0))
-        for s in sends:
-            s.wait()
-        self.timelines.append(timeline)
-        return total_loss
+        self.barrier()  # every stage starts the step together: the timeline measures the step
+        return run_schedule(self.stage, self.actions, x.chunk(self.m), y.chunk(self.m),
+                            self.grid, self.comm, self.meter, self.compute_s)
 
     def global_loss(self, local_loss: torch.Tensor) -> float:
-        """Only the last stage knows the loss; it is shared for the record (not counted)."""
-        t = local_loss.detach().clone() if self.next_rank is None else \
-            torch.zeros((), device=self.rt.device)
-        if self.rt.distributed:
-            dist.all_reduce(t)
-        return t.item()
-
-    def num_params(self) -> int:
-        return ToyGPT.count_params(self.settings.model)
+        return pipeline_loss(local_loss, self.grid)
 
     def full_state(self):
-        mine = {n: p.detach().cpu() for n, p in self.full.named_parameters()
-                if self.lo <= int(n.split(".")[1]) < self.hi}
-        parts = self.gather_object(mine)
-        if not self.rt.is_main:
-            return None
-        return {k: v for part in parts for k, v in part.items()}
+        parts = self.gather_object(self.stage.params(self.full))
+        return {k: v for part in parts for k, v in part.items()} if self.rt.is_main else None
 
     def memory(self) -> dict:
-        snap = mem.snapshot(list(self.stage.parameters()), self.optimizer, self.meter,
-                            self.rt.device)
-        snap["activations_peak"] = self.peak_live_bytes  # all live micro-batches at once
-        return snap
+        return self.stage.memory(self.optimizer, self.meter, self.rt.device)
 
     def close(self) -> None:
         # The first step includes warm-up (allocations, connections); measure the later ones.
-        steps = self.timelines[1:] or self.timelines
-        per_rank = self.gather_object({"timelines": steps, "peak_live": self.peak_live,
-                                       "peak_live_bytes": self.peak_live_bytes})
+        steps = self.stage.timelines[1:] or self.stage.timelines
+        per_rank = self.gather_object({"timelines": steps, "peak_live": self.stage.peak_live,
+                                       "peak_live_bytes": self.stage.peak_live_bytes})
         if self.rt.is_main:
             self.extra.update(analyse(per_rank, self.rt.world_size, self.m))
             draw_schedule(per_rank, self.settings.out, self.variant, self.extra)
         super().close()
 
+
+class TorchPipeline(Strategy):
+    """The same stages through torch.distributed.pipelining's own schedules."""
+
+    name = "pipeline"
+    whole_batch = True
+    checkpoint_sharded = True
+
+    def __init__(self, rt, settings, schedule: str, microbatches: int):
+        super().__init__(rt, settings)
+        self.schedule_name, self.m = schedule, microbatches
+        self.variant = f"torch-{schedule}"
+
+    def build(self) -> None:
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        r, p = self.rt.rank, self.rt.world_size
+        self.full = ToyGPT(self.settings.model).to(self.rt.device)
+        self.stage = cut_stage(self.full, r, p)
+        self.model = self.stage.module
+        self.optimizer = self.make_optimizer(self.model.parameters())
+        torch_stage = PipelineStage(self.model, r, p, self.rt.device)
+        cls = ScheduleGPipe if self.schedule_name == "gpipe" else Schedule1F1B
+        # loss per micro-batch; the schedule divides the gradients by M (scale_grads)
+        self.sched = cls(torch_stage, n_microbatches=self.m, loss_fn=loss_fn)
+
+    def forward_backward(self, x, y):
+        self.optimizer.zero_grad(set_to_none=True)
+        r, last = self.rt.rank, self.rt.rank == self.rt.world_size - 1
+        losses: list[torch.Tensor] = []
+        # Saved tensors of the whole step: an upper bound on the live activations here, since
+        # torch's schedule frees each micro-batch's after its backward.
+        with self.meter.measure(self.model.parameters()), library_collectives(self.comm):
+            if r == 0:
+                self.sched.step(x)
+            elif last:
+                self.sched.step(target=y, losses=losses)
+            else:
+                self.sched.step()
+        if last:
+            return torch.stack(losses).mean().detach()
+        return torch.zeros((), device=self.rt.device)
+
+    def global_loss(self, local_loss: torch.Tensor) -> float:
+        return pipeline_loss(local_loss, Grid(pp=self.rt.world_size, rank=self.rt.rank))
+
+    def full_state(self):
+        parts = self.gather_object(self.stage.params(self.full))
+        return {k: v for part in parts for k, v in part.items()} if self.rt.is_main else None
+
+
+# --------------------------------------------------------------------------- measured vs theory
 
 def analyse(per_rank: list[dict], p: int, m: int) -> dict:
     """Measured bubble: per step, the span from the first action's start to the last action's
@@ -219,6 +305,7 @@ def analyse(per_rank: list[dict], p: int, m: int) -> dict:
 
 
 def draw_schedule(per_rank: list[dict], out: str, title: str, figures: dict) -> None:
+    """schedule.png: one row per stage, forwards blue, backwards green, gaps the bubble."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -246,42 +333,7 @@ def draw_schedule(per_rank: list[dict], out: str, title: str, figures: dict) -> 
     plt.close(fig)
 
 
-class TorchPipeline(OwnPipeline):
-    """The same stages through torch.distributed.pipelining's own schedules."""
-
-    def build(self) -> None:
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-        super().build()
-        self.variant = f"torch-{self.schedule_name}"
-        stage = PipelineStage(self.stage, self.rt.rank, self.rt.world_size, self.rt.device)
-        cls = ScheduleGPipe if self.schedule_name == "gpipe" else Schedule1F1B
-        # loss per micro-batch; the schedule divides the gradients by M (scale_grads)
-        self.sched = cls(stage, n_microbatches=self.m, loss_fn=loss_fn)
-
-    def forward_backward(self, x, y):
-        self.optimizer.zero_grad(set_to_none=True)
-        r, last = self.rt.rank, self.rt.rank == self.rt.world_size - 1
-        losses: list[torch.Tensor] = []
-        # Saved tensors of the whole step: an upper bound on the live activations here, since
-        # torch's schedule frees each micro-batch's after its backward.
-        with self.meter.measure(self.stage.parameters()), library_collectives(self.comm):
-            if r == 0:
-                self.sched.step(x)
-            elif last:
-                self.sched.step(target=y, losses=losses)
-            else:
-                self.sched.step()
-        if last:
-            return torch.stack(losses).mean().detach()
-        return torch.zeros((), device=self.rt.device)
-
-    def memory(self) -> dict:
-        return mem.snapshot(list(self.stage.parameters()), self.optimizer, self.meter,
-                            self.rt.device)
-
-    def close(self) -> None:
-        Strategy.close(self)  # no timeline of our own: the schedule is torch's
-
+# --------------------------------------------------------------------------- command line
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="labs.pipeline", description=__doc__.splitlines()[0])
@@ -294,25 +346,24 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args, settings, world: int) -> None:
-    n_layer = settings.model.n_layer
-    if world > n_layer:
-        raise UsageError(f"{world} pipeline stages but preset {settings.preset!r} has {n_layer} "
-                         f"blocks; use --nproc <= {n_layer} or a preset with more layers")
-    if args.microbatches < 1 or settings.batch_size % args.microbatches:
-        raise UsageError(f"--microbatches {args.microbatches} must be >= 1 and divide --batch-size "
-                         f"{settings.batch_size}")
-    if args.stage_compute_ms < 0:
-        raise UsageError("--stage-compute-ms must be >= 0")
+    Grid(pp=world).validate(world, settings.model, settings.batch_size, args.microbatches,
+                            settings.preset)
+    if not args.stage_compute_ms >= 0:  # also refuses nan
+        raise UsageError(f"--stage-compute-ms must be >= 0, got {args.stage_compute_ms}")
+    if args.impl == "torch" and args.stage_compute_ms:
+        raise UsageError("--stage-compute-ms belongs to --impl own (torch's schedules run "
+                         "their own steps)")
 
 
 def make_strategy(rt, settings, args) -> Strategy:
     if args.impl == "torch":
-        return TorchPipeline(rt, settings, args.schedule, args.microbatches, args.stage_compute_ms)
+        return TorchPipeline(rt, settings, args.schedule, args.microbatches)
     return OwnPipeline(rt, settings, args.schedule, args.microbatches, args.stage_compute_ms)
 
 
 def main(argv=None) -> int:
-    return run_lab("pipeline", make_parser(), make_strategy, argv, check_args=check_args)
+    return run_lab(registry.get("pipeline"), make_parser(), make_strategy, argv,
+                   check_args=check_args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Tensor (intra-layer) parallelism: every weight matrix cut across the ranks, Megatron style.
 
-Answers QUESTIONS.md 5, 6 and 10. All TP ranks see the same batch and each holds a slice of every
-layer; a linear layer Y = X A^T becomes
+All TP ranks see the same batch and each holds a slice of every layer; a linear layer Y = X A^T
+becomes
 - column parallel: A cut by output rows, rank r computes Y_r = X A_r^T, its own slice of Y's
   columns; nothing to communicate in forward, but the gradient of X is a sum over ranks;
 - row parallel: A cut by input columns, rank r computes X_r A_r^T from its slice of X, a partial
@@ -11,7 +11,8 @@ column parallel (each rank owns n_head/TP whole heads, so attention itself needs
 communication) and its output projection row parallel; the MLP's fc is column parallel (GELU is
 elementwise, so it applies to the slice) and its proj row parallel. The two autograd functions
 that carry this are ``CopyToTP`` (forward identity, backward all-reduce: Megatron's f) and
-``ReduceFromTP`` (forward all-reduce, backward identity: g).
+``ReduceFromTP`` (forward all-reduce, backward identity: g); both take the TP process group and
+the byte counter as arguments, so several TP groups (labs/parallel3d.py) can coexist.
 
 The LM head is column parallel over the vocabulary and the loss is computed without ever
 gathering the logits: ``VocabParallelCrossEntropy`` all-reduces the row maxima, the sums of
@@ -20,6 +21,8 @@ each rank's own vocabulary slice.
 
 ``--impl torch`` applies the same plan with ``torch.distributed.tensor.parallel`` (DTensor):
 ``ColwiseParallel`` and ``RowwiseParallel`` on the same layers, the head gathering its logits.
+
+Explained in docs/tensor-parallel.md (questions 5, 6 and 10 of docs/questions.md).
 
 Run:
     torchrun --nproc_per_node=2 -m labs.tensor_parallel --steps 10
@@ -35,22 +38,18 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from labs.core.comm import CommCounter, library_collectives, nbytes, ring_sent_bytes
-from labs.core.model import ToyGPT
-from labs.core.train import Strategy, UsageError, add_common_args, run_lab
-from labs.ring_allreduce import chunk_sizes
-
-# Set by the strategy: where the autograd functions report their traffic, and the process group
-# of the TP ranks (None: all ranks; parallel3d.py gives each TP group its own).
-COUNTER: CommCounter | None = None
-TP_GROUP: dist.ProcessGroup | None = None
+from dtlab import registry
+from dtlab.collectives.ring import chunk_sizes
+from dtlab.core.comm import CommCounter, library_collectives, nbytes, ring_sent_bytes
+from dtlab.core.grid import Grid
+from dtlab.core.model import ToyGPT, loss_fn
+from dtlab.core.train import Strategy, add_common_args, run_lab
 
 
-def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if COUNTER is not None:
-        COUNTER.record("all_reduce", t, sent_bytes=ring_sent_bytes(
-            "all_reduce", nbytes(t), dist.get_world_size(TP_GROUP)))
-    dist.all_reduce(t, op=op, group=TP_GROUP)
+def _all_reduce(t: torch.Tensor, group, counter: CommCounter, op=dist.ReduceOp.SUM):
+    counter.record("all_reduce", t, sent_bytes=ring_sent_bytes(
+        "all_reduce", nbytes(t), dist.get_world_size(group)))
+    dist.all_reduce(t, op=op, group=group)
     return t
 
 
@@ -59,12 +58,13 @@ class CopyToTP(torch.autograd.Function):
     the sum of the ranks' contributions."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, group, counter):
+        ctx.group, ctx.counter = group, counter
         return x
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad.contiguous().clone())
+        return _all_reduce(grad.contiguous().clone(), ctx.group, ctx.counter), None, None
 
 
 class ReduceFromTP(torch.autograd.Function):
@@ -72,12 +72,12 @@ class ReduceFromTP(torch.autograd.Function):
     partial is the gradient of the sum."""
 
     @staticmethod
-    def forward(ctx, partial):
-        return _all_reduce(partial.contiguous().clone())
+    def forward(ctx, partial, group, counter):
+        return _all_reduce(partial.contiguous().clone(), group, counter)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return grad, None, None
 
 
 class LayerNormThenCopy(nn.LayerNorm):
@@ -86,13 +86,14 @@ class LayerNormThenCopy(nn.LayerNorm):
     replaces, so shards map back to the baseline."""
 
     @classmethod
-    def from_layernorm(cls, ln: nn.LayerNorm) -> "LayerNormThenCopy":
+    def from_layernorm(cls, ln: nn.LayerNorm, group, counter) -> "LayerNormThenCopy":
         new = cls(ln.normalized_shape, eps=ln.eps).to(ln.weight.device)
         new.load_state_dict(ln.state_dict())
+        new.group, new.counter = group, counter
         return new
 
     def forward(self, x):
-        return CopyToTP.apply(super().forward(x))
+        return CopyToTP.apply(super().forward(x), self.group, self.counter)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -113,14 +114,15 @@ class RowParallelLinear(nn.Module):
     """Columns [lo, hi) of a full Linear's weight: this rank's input features. The bias is
     whole and added once, after the all-reduce."""
 
-    def __init__(self, full: nn.Linear, lo: int, hi: int):
+    def __init__(self, full: nn.Linear, lo: int, hi: int, group, counter):
         super().__init__()
         self.in_features, self.out_features = full.in_features, full.out_features
         self.weight = nn.Parameter(full.weight.detach()[:, lo:hi].clone())
         self.bias = None if full.bias is None else nn.Parameter(full.bias.detach().clone())
+        self.group, self.counter = group, counter
 
     def forward(self, x_local):
-        y = ReduceFromTP.apply(F.linear(x_local, self.weight))
+        y = ReduceFromTP.apply(F.linear(x_local, self.weight), self.group, self.counter)
         return y if self.bias is None else y + self.bias
 
 
@@ -129,17 +131,17 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
     holding vocabulary ids [lo, lo + V_r)."""
 
     @staticmethod
-    def forward(ctx, logits, target, lo):
+    def forward(ctx, logits, target, lo, group, counter):
         logits = logits.float()
-        row_max = _all_reduce(logits.max(dim=1).values, op=dist.ReduceOp.MAX)
+        row_max = _all_reduce(logits.max(dim=1).values, group, counter, op=dist.ReduceOp.MAX)
         shifted = logits - row_max[:, None]
         exp = shifted.exp()
-        sum_exp = _all_reduce(exp.sum(dim=1))
+        sum_exp = _all_reduce(exp.sum(dim=1), group, counter)
         mine = (target >= lo) & (target < lo + logits.shape[1])
         local_t = (target - lo).clamp(0, logits.shape[1] - 1)
         target_logit = torch.where(mine, shifted.gather(1, local_t[:, None])[:, 0],
                                    torch.zeros_like(row_max))
-        target_logit = _all_reduce(target_logit)
+        target_logit = _all_reduce(target_logit, group, counter)
         ctx.save_for_backward(exp / sum_exp[:, None], mine, local_t)
         return (sum_exp.log() - target_logit).mean()
 
@@ -149,97 +151,53 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         g = softmax.clone()
         rows = torch.arange(g.shape[0], device=g.device)
         g[rows[mine], local_t[mine]] -= 1.0
-        return g * (grad / g.shape[0]), None, None
+        return g * (grad / g.shape[0]), None, None, None, None
 
 
-class OwnTensorParallel(Strategy):
-    checkpoint_sharded = True  # every rank holds its own column/row slices
-    name, variant = "tensor_parallel", "own"
-
-    def build(self) -> None:
-        global COUNTER
-        COUNTER = self.comm
-        tp, r = self.rt.world_size, self.rt.rank
-        full = ToyGPT(self.settings.model).to(self.rt.device)  # cut from the baseline's init
-        self.shard_dims, self.vocab_lo = shard_layers(full, range(len(full.layers)), tp, r)
-        self.model = full
-        self.optimizer = self.make_optimizer(self.model.parameters())
-        self.extra["tp"] = tp
-
-    # every TP rank trains on the whole global batch
-    whole_batch = True
-
-    def forward_backward(self, x, y):
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.meter.measure(self.model.parameters()):
-            logits = self.model(x)
-            if self.rt.world_size > 1:
-                loss = vocab_parallel_loss(logits, y, self.vocab_lo)
-            else:
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-        loss.backward()
-        return loss.detach()
-
-    def global_loss(self, local_loss):
-        return local_loss.item()  # already the loss of the whole batch on every rank
-
-    def num_params(self) -> int:
-        return ToyGPT.count_params(self.settings.model)
-
-    def full_state(self):
-        return gather_shards({n: p.detach().cpu() for n, p in self.model.named_parameters()},
-                             self.shard_dims, self.rt)
-
-
-def shard_layers(full: ToyGPT, indices, tp: int, r: int) -> tuple[dict[str, int], int]:
-    """Replace, in place, the layers ``full.layers[i]`` for i in ``indices`` by TP rank r's
-    shards. Returns {parameter name: dimension it is cut along} and the first vocabulary id of
-    this rank's slice of the LM head (0 when the head is not among the layers)."""
+def shard_layers(full: ToyGPT, indices, grid: Grid, counter: CommCounter) -> tuple[dict, int]:
+    """Replace, in place, the layers ``full.layers[i]`` for i in ``indices`` by TP rank
+    ``grid.t``'s shards (communicating in ``grid.tp_group``). Returns {parameter name: dimension
+    it is cut along} and the first vocabulary id of this rank's slice of the LM head (0 when the
+    head is not among the layers)."""
     shard_dims, vocab_lo = {}, 0
+    tp, r, group = grid.tp, grid.t, grid.tp_group
     if tp == 1:
         return shard_dims, vocab_lo
     cfg, last = full.cfg, len(full.layers) - 1
+
+    def span(n: int) -> tuple[int, int]:
+        sizes = chunk_sizes(n, tp)
+        return sum(sizes[:r]), sum(sizes[:r + 1])
+
     for i in indices:
         layer = full.layers[i]
         if 0 < i < last:  # a block
             a, m = layer.attn, layer.mlp
-            layer.ln1 = LayerNormThenCopy.from_layernorm(layer.ln1)
-            layer.ln2 = LayerNormThenCopy.from_layernorm(layer.ln2)
+            layer.ln1 = LayerNormThenCopy.from_layernorm(layer.ln1, group, counter)
+            layer.ln2 = LayerNormThenCopy.from_layernorm(layer.ln2, group, counter)
             for name in ("q", "k", "v"):
-                setattr(a, name, ColumnParallelLinear(getattr(a, name), *_span(cfg.d_model, tp, r)))
+                setattr(a, name, ColumnParallelLinear(getattr(a, name), *span(cfg.d_model)))
                 shard_dims[f"layers.{i}.attn.{name}.weight"] = 0
-            a.proj = RowParallelLinear(a.proj, *_span(cfg.d_model, tp, r))
-            m.fc = ColumnParallelLinear(m.fc, *_span(cfg.d_ff, tp, r))
-            m.proj = RowParallelLinear(m.proj, *_span(cfg.d_ff, tp, r))
+            a.proj = RowParallelLinear(a.proj, *span(cfg.d_model), group, counter)
+            m.fc = ColumnParallelLinear(m.fc, *span(cfg.d_ff))
+            m.proj = RowParallelLinear(m.proj, *span(cfg.d_ff), group, counter)
             shard_dims.update({f"layers.{i}.attn.proj.weight": 1, f"layers.{i}.mlp.fc.weight": 0,
                                f"layers.{i}.mlp.fc.bias": 0, f"layers.{i}.mlp.proj.weight": 1})
         elif i == last:  # the LM head, split by vocabulary
-            layer.ln_f = LayerNormThenCopy.from_layernorm(layer.ln_f)
-            vocab_lo, hi = _span(cfg.vocab_size, tp, r)
+            layer.ln_f = LayerNormThenCopy.from_layernorm(layer.ln_f, group, counter)
+            vocab_lo, hi = span(cfg.vocab_size)
             layer.head = ColumnParallelLinear(layer.head, vocab_lo, hi)
             shard_dims[f"layers.{i}.head.weight"] = 0
     return shard_dims, vocab_lo
 
 
-def vocab_parallel_loss(logits: torch.Tensor, y: torch.Tensor, vocab_lo: int) -> torch.Tensor:
+def vocab_parallel_loss(logits: torch.Tensor, y: torch.Tensor, vocab_lo: int, grid: Grid,
+                        counter: CommCounter) -> torch.Tensor:
+    """The loss of logits split by vocabulary over the TP group (plain ``loss_fn`` at TP 1)."""
+    if grid.tp == 1:
+        return loss_fn(logits, y)
     return VocabParallelCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                           vocab_lo)
-
-
-def _span(n: int, tp: int, r: int) -> tuple[int, int]:
-    sizes = chunk_sizes(n, tp)
-    lo = sum(sizes[:r])
-    return lo, lo + sizes[r]
-
-
-def gather_shards(local: dict, shard_dims: dict, rt) -> dict | None:
-    """Rebuild full parameters on rank 0: sharded ones concatenated along their dimension,
-    replicated ones taken from rank 0."""
-    if not rt.distributed or rt.world_size == 1:
-        return local if rt.is_main else None
-    parts = [None] * rt.world_size
-    dist.all_gather_object(parts, {k: v for k, v in local.items() if k in shard_dims})
-    return join_shards(local, parts, shard_dims) if rt.is_main else None
+                                           vocab_lo, grid.tp_group, counter)
 
 
 def join_shards(local: dict, parts: list[dict], shard_dims: dict) -> dict:
@@ -251,10 +209,39 @@ def join_shards(local: dict, parts: list[dict], shard_dims: dict) -> dict:
     return out
 
 
-class TorchTensorParallel(OwnTensorParallel):
+class OwnTensorParallel(Strategy):
+    name, variant = "tensor_parallel", "own"
+    whole_batch = True          # every TP rank trains on the whole global batch
+    checkpoint_sharded = True   # every rank holds its own column/row slices
+
+    def build(self) -> None:
+        self.grid = Grid(tp=self.rt.world_size, rank=self.rt.rank).with_groups()
+        self.model = ToyGPT(self.settings.model).to(self.rt.device)  # cut from the baseline's
+        self.shard_dims, self.vocab_lo = shard_layers(  # init, layer by layer
+            self.model, range(len(self.model.layers)), self.grid, self.comm)
+        self.optimizer = self.make_optimizer(self.model.parameters())
+        self.extra["tp"] = self.grid.tp
+
+    def forward_backward(self, x, y):
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.meter.measure(self.model.parameters()):
+            loss = vocab_parallel_loss(self.model(x), y, self.vocab_lo, self.grid, self.comm)
+        loss.backward()
+        return loss.detach()
+
+    def full_state(self):
+        """Rank 0 rebuilds the full parameters: sharded ones concatenated along their
+        dimension, replicated ones taken from rank 0."""
+        local = {n: p.detach().cpu() for n, p in self.model.named_parameters()}
+        parts = self.gather_object({k: v for k, v in local.items() if k in self.shard_dims})
+        return join_shards(local, parts, self.shard_dims) if self.rt.is_main else None
+
+
+class TorchTensorParallel(Strategy):
     """The same plan through DTensor's parallelize_module."""
 
-    variant = "torch"
+    name, variant = "tensor_parallel", "torch"
+    whole_batch = True
 
     def build(self) -> None:
         from torch.distributed.device_mesh import init_device_mesh
@@ -284,17 +271,11 @@ class TorchTensorParallel(OwnTensorParallel):
         # counts their bytes at the dispatcher.
         with CommDebugMode() as comm_mode, library_collectives(self.comm), \
                 self.meter.measure(self.model.parameters()):
-            logits = self.model(x)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+            loss = loss_fn(self.model(x), y)
             loss.backward()
         self.extra["dtensor_comm_counts_per_step"] = {
             str(op).split(".")[-1]: n for op, n in comm_mode.get_comm_counts().items()}
         return loss.detach()
-
-    def full_state(self):
-        full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
-                for n, p in self.model.named_parameters()}
-        return full if self.rt.is_main else None
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -304,14 +285,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args, settings, world: int) -> None:
-    cfg = settings.model
-    if cfg.n_head % world:
-        raise UsageError(f"tensor parallel size {world} must divide the {cfg.n_head} attention "
-                         f"heads of preset {settings.preset!r}; use --nproc that divides "
-                         f"{cfg.n_head} or a preset with more heads (small has 4)")
-    if cfg.d_ff % world or cfg.d_model % world:
-        raise UsageError(f"tensor parallel size {world} must divide d_model={cfg.d_model} and "
-                         f"d_ff={cfg.d_ff}")
+    Grid(tp=world).validate(world, settings.model, settings.batch_size, preset=settings.preset)
 
 
 def make_strategy(rt, settings, args) -> Strategy:
@@ -319,7 +293,8 @@ def make_strategy(rt, settings, args) -> Strategy:
 
 
 def main(argv=None) -> int:
-    return run_lab("tensor_parallel", make_parser(), make_strategy, argv, check_args=check_args)
+    return run_lab(registry.get("tensor_parallel"), make_parser(), make_strategy, argv,
+                   check_args=check_args)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,8 @@
 """torch.multiprocessing: workers started with mp.spawn, gradients averaged in shared memory.
 
-Answers QUESTIONS.md 39-41. No process group and no network: the parent puts tensors in shared
-memory (``share_memory_()``) and hands them to W workers it starts with ``mp.spawn``. torch's
-pickler sends a shared tensor as a handle to the same memory, not as a copy, so every worker
-reads and writes the very same bytes.
+No process group and no network: the parent puts tensors in shared memory (``share_memory_()``) and
+hands them to W workers it starts with ``mp.spawn``. torch's pickler sends a shared tensor as a
+handle to the same memory, not as a copy, so every worker reads and writes the very same bytes.
 
 ``--mode sync`` (equal to the baseline): a shared [W, P] gradient table. After backward, worker r
 writes its flattened gradient into row r, all wait at a barrier, and every worker sums the rows
@@ -17,6 +16,8 @@ how far it drifted instead of pretending.
 
 ``--sharing-strategy file_descriptor|file_system`` picks how shared storage reaches the other
 process; ``extra.sharing`` records what each leaves behind (open descriptors, /dev/shm files).
+
+Explained in docs/multiprocessing.md (questions 39-41 of docs/questions.md).
 
 Run:
     python -m labs.torch_multiprocessing --workers 2 --steps 20
@@ -32,10 +33,12 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from labs.core.comm import flatten, unflatten_into
-from labs.core.model import ToyGPT
-from labs.core.runtime import Runtime, fail
-from labs.core.train import (Strategy, UsageError, add_common_args, run_lab,
+from dtlab import registry
+from dtlab.core.comm import flatten, unflatten_into
+from dtlab.core.model import ToyGPT
+from dtlab.core.errors import fail
+from dtlab.core.runtime import Runtime
+from dtlab.core.train import (Strategy, UsageError, add_common_args, run_lab,
                              settings_from_args)
 
 
@@ -74,16 +77,16 @@ class SharedMemoryDP(Strategy):
         table, r, w = self.shared.grads, self.rt.rank, self.rt.world_size
         table[r].copy_(flatten(grads))
         self.comm.record("shared_memory_write", table[r], sent_bytes=table[r].numel() * 4)
-        self.shared.barrier.wait(self.rt.timeout_s)                 # every row written
-        mean = table.sum(0) / w                    # same order everywhere: identical results
-        self.shared.barrier.wait(self.rt.timeout_s)                 # every row read; rows may be rewritten
+        self.barrier()                    # every row written
+        mean = table.sum(0) / w           # same order everywhere: identical results
+        self.barrier()                    # every row read; rows may be rewritten
         unflatten_into(mean, grads)
 
     def global_loss(self, local_loss: torch.Tensor) -> float:
         self.shared.losses[self.rt.rank] = local_loss.item()
-        self.shared.barrier.wait(self.rt.timeout_s)
+        self.barrier()
         value = self.shared.losses.sum().item() / self.rt.world_size
-        self.shared.barrier.wait(self.rt.timeout_s)
+        self.barrier()
         return value
 
     def gather_object(self, obj) -> list:
@@ -115,7 +118,7 @@ def _worker(rank: int, argv: list[str], shared: Shared, workers: int, strategy: 
     torch.set_num_threads(1)  # W workers share the machine's cores
     rt = Runtime(rank=rank, world_size=workers, local_rank=rank, backend="shared-memory")
     parser = make_parser()
-    codes[rank] = run_lab("torch_multiprocessing", parser,
+    codes[rank] = run_lab(registry.get("torch_multiprocessing"), parser,
                           lambda rt_, s, a: SharedMemoryDP(rt_, s, shared, mode), argv, rt=rt)
 
 

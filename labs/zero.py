@@ -1,7 +1,7 @@
 """ZeRO written out: optimizer state, gradients and parameters partitioned over data-parallel ranks.
 
-Answers QUESTIONS.md 51-54. Data parallelism keeps W full copies of everything; ZeRO keeps one
-copy spread over the W ranks and moves pieces to where they are needed, step by step:
+Data parallelism keeps W full copies of everything; ZeRO keeps one copy spread over the W ranks and
+moves pieces to where they are needed, step by step:
 
     stage 0  (plain data parallel)  params 4P   grads 4P    Adam state 8P     all-reduce
     stage 1  optimizer state split  params 4P   grads 4P    Adam state 8P/W   reduce-scatter +
@@ -37,6 +37,8 @@ expected bytes per step from the volumes above.
 The same stages from the libraries, on the same model and data: ``--impl fairscale-oss`` (1),
 ``fairscale-sdp`` (2), ``fsdp2`` (3); see labs/zero_libraries.py and labs/deepspeed_zero.py.
 
+Explained in docs/zero.md (questions 51-54 of docs/questions.md).
+
 Run:
     torchrun --nproc_per_node=2 -m labs.zero --stage 3 --steps 20
     dtlab run zero --nproc 4 --stage 2 --offload optimizer
@@ -50,10 +52,12 @@ import sys
 import torch
 import torch.distributed as dist
 
-from labs.core import memory as mem
-from labs.core.comm import flatten, unflatten_into
-from labs.core.data import check_divisible
-from labs.core.train import Strategy, UsageError, add_common_args, run_lab
+from dtlab import registry
+from dtlab.core import memory as mem
+from dtlab.core.comm import flatten, unflatten_into
+from dtlab.core.data import check_divisible
+from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
+from dtlab.core.zero_formula import zero_state_bytes
 
 OFFLOAD_DEVICE = torch.device("cpu")
 
@@ -95,6 +99,7 @@ class Unit:
 
 class ZeRO(Strategy):
     name = "zero"
+    checkpoint_sharded = True  # every rank owns its slices (stage 0: rank 0's copy would do)
 
     def __init__(self, rt, settings, stage: int = 2, offload: str = "none"):
         super().__init__(rt, settings)
@@ -131,7 +136,7 @@ class ZeRO(Strategy):
                           units=[{"numel": u.numel, "shard_numel": u.shard_numel}
                                  for u in self.units],
                           padded_params=sum(u.padded for u in self.units))
-        self.extra["memory_formula"] = formula_bytes(P, W, self.stage, self.offload)
+        self.extra["memory_formula"] = zero_state_bytes(P, W, self.stage, self.offload)
         pad = sum(u.padded for u in self.units)
         volumes = {0: 2, 1: 2, 2: 2, 3: 3}  # in units of (W-1)/W x 4 P
         self.extra["comm_expected_bytes_per_step"] = volumes[self.stage] * (W - 1) / W * 4 * pad
@@ -210,8 +215,6 @@ class ZeRO(Strategy):
                 dist.all_gather_into_tensor(u.full, u.shard.clone())
 
     # ---- checkpoints: this rank's slice and its optimizer state (stages 1-3), or everything
-    checkpoint_sharded = True
-
     def checkpoint_state(self) -> dict:
         own = [u.full if self.stage < 3 else u.shard for u in self.units]  # stages 0-2: whole
         masters = [m for u, m in zip(self.units, self.masters) if m is not u.shard]
@@ -284,26 +287,6 @@ class ZeRO(Strategy):
         return rows
 
 
-def formula_bytes(P: int, W: int, stage: int, offload: str = "none") -> dict:
-    """Bytes per rank of fp32 model states with AdamW (4 B a parameter, 4 B a gradient, 8 B of
-    Adam moments), by category, for ZeRO ``stage``; the CPU side with offload."""
-    dev = {"params": 4 * P if stage < 3 else 4 * P / W,
-           "grads": 4 * P if stage < 2 else 4 * P / W,
-           "optimizer": 8 * P if stage == 0 else 8 * P / W}
-    cpu = {"params": 0.0, "grads": 0.0, "optimizer": 0.0}
-    if offload in ("optimizer", "param"):
-        # the step's inputs and state move: slice copy, its gradient, the moments
-        cpu = {"params": 4 * P / W, "grads": 4 * P / W, "optimizer": 8 * P / W}
-        dev["optimizer"] = 0.0
-        if stage >= 2:
-            dev["grads"] = 0.0
-    if offload == "param":
-        dev["params"] = 0.0  # the slice *is* the CPU copy
-    dev["total"] = sum(dev.values())
-    cpu["total"] = sum(cpu.values())
-    return {"device": dev, "cpu": cpu}
-
-
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="labs.zero", description=__doc__.splitlines()[0])
     p.add_argument("--impl", default="own",
@@ -319,6 +302,11 @@ def make_parser() -> argparse.ArgumentParser:
     return add_common_args(p)
 
 
+def own_stage(args) -> int:
+    """--stage for --impl own: 2 unless given (a library's stage is fixed by --impl)."""
+    return 2 if args.stage is None else args.stage
+
+
 def check_args(args, settings, world: int) -> None:
     if world < 2:
         raise UsageError(f"ZeRO partitions state over data-parallel ranks; run it on 2 or more "
@@ -331,10 +319,10 @@ def check_args(args, settings, world: int) -> None:
     if args.impl != "own" and getattr(args, "ckpt_dir", None):
         raise UsageError(f"--ckpt-dir works with --impl own; the libraries' sharded optimizer "
                          f"states (--impl {args.impl}) are not checkpointed here")
-    args.stage = 2 if args.stage is None else args.stage
-    if args.offload != "none" and args.stage == 0:
+    stage = own_stage(args)
+    if args.offload != "none" and stage == 0:
         raise UsageError("--offload needs a ZeRO stage: use --stage 1, 2 or 3")
-    if args.offload == "param" and args.stage != 3:
+    if args.offload == "param" and stage != 3:
         raise UsageError("--offload param keeps parameter slices on the CPU, which only stage 3 "
                          "has; use --stage 3 (or --offload optimizer)")
     check_divisible(settings.batch_size, world)
@@ -344,11 +332,12 @@ def make_strategy(rt, settings, args) -> Strategy:
     if args.impl != "own":
         from labs.zero_libraries import LibraryZeRO
         return LibraryZeRO(rt, settings, args.impl)
-    return ZeRO(rt, settings, args.stage, args.offload)
+    return ZeRO(rt, settings, own_stage(args), args.offload)
 
 
 def main(argv=None) -> int:
-    return run_lab("zero", make_parser(), make_strategy, argv, check_args=check_args)
+    return run_lab(registry.get("zero"), make_parser(), make_strategy, argv,
+                   check_args=check_args)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,20 @@ same baseline. Kept apart so that labs/zero.py reads as the algorithm.
   parameters become DTensors sharded on dim 0; each layer's are all-gathered before its forward
   and backward and its gradients reduce-scattered, as in ours.
 
-Library collectives are counted at the dispatcher (``labs.core.comm.library_collectives``), so the
+Library collectives are counted at the dispatcher (``dtlab.core.comm.library_collectives``), so the
 bytes per step are what these libraries really issued.
 """
 from __future__ import annotations
 
-from labs.core import memory as mem
-from labs.core.comm import library_collectives
-from labs.core.train import Strategy, UsageError
+from types import MappingProxyType
 
-IMPLS = {"fairscale-oss": 1, "fairscale-sdp": 2, "fsdp2": 3}  # variant -> ZeRO stage it matches
+from dtlab.core import memory as mem
+from dtlab.core.comm import library_collectives
+from dtlab.core.errors import UsageError
+from dtlab.core.train import Strategy
+
+# variant -> the ZeRO stage it matches
+IMPLS = MappingProxyType({"fairscale-oss": 1, "fairscale-sdp": 2, "fsdp2": 3})
 
 
 def _fairscale():
@@ -45,7 +49,7 @@ class LibraryZeRO(Strategy):
     def build(self) -> None:
         import torch
         super().build()
-        adamw = dict(lr=self.settings.lr, betas=(0.9, 0.95), weight_decay=self.settings.weight_decay)
+        adamw = self.settings.adamw()
         if self.variant.startswith("fairscale"):
             OSS, ShardedDataParallel = _fairscale()
             self.optimizer = OSS(self.model.parameters(), optim=torch.optim.AdamW, **adamw)
@@ -72,12 +76,6 @@ class LibraryZeRO(Strategy):
     def optimizer_step(self) -> None:
         with library_collectives(self.comm):  # OSS broadcasts the updated parameters
             self.optimizer.step()
-
-    def full_state(self):
-        m = getattr(self.model, "module", self.model)
-        full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
-                for n, p in m.named_parameters()}  # full_tensor() is a collective (FSDP2)
-        return full if self.rt.is_main else None
 
     def memory(self) -> dict:
         inner = getattr(self.optimizer, "optim", self.optimizer)  # OSS wraps the local AdamW

@@ -24,7 +24,7 @@ esac
 [[ -f "$file" ]] || { echo "accelerate.sh: config file '$file' not found" >&2; exit 2; }
 LAB="${LAB:-accelerate_lab}"
 dtlab_resolve_lab accelerate_lab
-(cd "$here" && "$PYTHON" -m labs.tools.configcheck accelerate "$(realpath "$file")") || exit 2
+(cd "$here" && "$PYTHON" -m dtlab.tools.configcheck accelerate "$(realpath "$file")") || exit 2
 accelerate="$(dirname "$PYTHON")/accelerate"
 [[ -x "$accelerate" ]] || { echo "accelerate.sh: no accelerate next to $PYTHON; pip install -c \
 constraints.txt -e '.[accelerate]'" >&2; exit 2; }

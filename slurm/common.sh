@@ -5,14 +5,19 @@ dtlab_slurm_fail() { echo "$(basename "${SLURM_JOB_NAME:-sbatch}"): $*" >&2; exi
 
 [[ -n "${SLURM_JOB_ID:-}" ]] || dtlab_slurm_fail "run this through sbatch (no SLURM_JOB_ID)"
 root="${DTLAB_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
-[[ -f "$root/labs/cli.py" ]] || dtlab_slurm_fail "no dtlab checkout at '$root'; submit from the \
+[[ -f "$root/dtlab/cli.py" ]] || dtlab_slurm_fail "no dtlab checkout at '$root'; submit from the \
 repository root or set DTLAB_ROOT"
 cd "$root"
 PYTHON="${PYTHON:-$([ -x "$root/.venv/bin/python" ] && echo "$root/.venv/bin/python" || echo python3)}"
-command -v "$PYTHON" >/dev/null || dtlab_slurm_fail "PYTHON '$PYTHON' not found"
+# A bare name (python3, or an activated virtual environment's python) becomes its full path, so
+# the deepspeed and accelerate launchers are found beside the interpreter that has dtlab.
+resolved="$(command -v "$PYTHON" || true)"
+[[ -n "$resolved" ]] || dtlab_slurm_fail "PYTHON '$PYTHON' not found"
+[[ "$PYTHON" == */* ]] || PYTHON="$resolved"
 lab="${1:-}"
-[[ "$lab" =~ ^[a-z_0-9]+$ && -f "$root/labs/$lab.py" ]] || dtlab_slurm_fail "first argument \
-must be a lab (see 'dtlab list'), got '$lab'"
+# The registry says which labs exist (`dtlab list --names`), not the files in labs/.
+[[ "$lab" =~ ^[a-z_0-9]+$ ]] && "$PYTHON" -m dtlab list --names | grep -x "$lab" >/dev/null || \
+  dtlab_slurm_fail "first argument must be a lab (see 'dtlab list'), got '$lab'"
 NPROC_PER_NODE="${NPROC_PER_NODE:-${SLURM_NTASKS_PER_NODE:-1}}"
 [[ "$NPROC_PER_NODE" =~ ^[1-9][0-9]*$ ]] || dtlab_slurm_fail "NPROC_PER_NODE must be a positive \
 integer, got '$NPROC_PER_NODE'"

@@ -25,7 +25,7 @@ def free_port() -> int:
 def dtlab(*args, timeout=300, env=None, cwd=None) -> subprocess.CompletedProcess:
     """Run the real console entry point as a user would."""
     e = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "labs.cli", *map(str, args)], cwd=cwd or ROOT,
+    return subprocess.run([sys.executable, "-m", "dtlab", *map(str, args)], cwd=cwd or ROOT,
                           env=e, capture_output=True, text=True, timeout=timeout)
 
 

@@ -2,7 +2,7 @@
 tour's red path is tested with a real run. Not a real lab: it lives with the tests."""
 import torch
 
-from labs.core.train import Strategy, add_common_args, run_lab
+from dtlab.core.train import Strategy, add_common_args, run_lab
 
 
 class Drifting(Strategy):

@@ -4,7 +4,8 @@ fp16/bf16 from the fp32 baseline, and why fp32 master weights matter."""
 import pytest
 
 from conftest import run_lab
-from labs.amp import AMP_TOLERANCE, DynamicLossScaler, master_weights_demo
+from dtlab.core.precision import AMP_TOLERANCE, deepspeed_fp16_unsupported
+from labs.amp import DynamicLossScaler, master_weights_demo
 
 
 def history(s):
@@ -52,6 +53,10 @@ def test_own_scaler_history_equals_torch_gradscaler(world, tmp_path):
 @pytest.mark.parametrize("world", [1, 2])
 def test_hysteresis_history_equals_deepspeed_engine(world, tmp_path):
     pytest.importorskip("deepspeed")
+    import torch
+    why = deepspeed_fp16_unsupported("cuda" if torch.cuda.is_available() else "cpu")
+    if why:
+        pytest.skip(why)
     flags = ["--inject-overflow-at", "3,4,10", "--growth-interval", 5, "--hysteresis", 2,
              "--steps", 20]
     p1, own = run_lab("amp", world, tmp_path / "own", "--scaler", "own", "--rules",
@@ -117,3 +122,24 @@ def test_bad_amp_flags_are_one_line(tmp_path):
     assert p.returncode == 2 and "with --dtype fp32 use --scaler none" in p.stderr
     p, _ = run_lab("amp", 1, tmp_path, "--hysteresis", 2)
     assert p.returncode == 2 and "add --scaler own --rules deepspeed" in p.stderr
+
+
+def test_deepspeed_fp16_is_refused_where_the_cpu_lacks_it(monkeypatch):
+    """DeepSpeed's CPU accelerator has fp16 only with oneDNN fp16 kernels; without them the lab
+    says so before anything starts (exit 2 through dtlab run), with them it goes ahead."""
+    import torch
+
+    from dtlab import registry
+    from dtlab.core.errors import UsageError
+    from dtlab.tools import launch
+    pytest.importorskip("deepspeed")
+    real = bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    assert (deepspeed_fp16_unsupported("cpu") is None) == real
+    assert deepspeed_fp16_unsupported("cuda") is None
+    argv = ["--impl", "deepspeed", "--device", "cpu", "--steps", "2"]
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False)
+    with pytest.raises(UsageError, match="needs oneDNN fp16 kernels .* --scaler own --rules "
+                                         "deepspeed"):
+        launch.validate(registry.get("amp"), 1, argv)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: True)
+    launch.validate(registry.get("amp"), 1, argv)

@@ -18,10 +18,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import ROOT, dtlab
-from labs import cli, registry
-from labs.core.train import UsageError
+from dtlab import registry
+from dtlab.core.errors import UsageError, fail
+from dtlab.tools import launch
+from dtlab.tools.configcheck import ConfigError, check_accelerate_config
 from labs.deepspeed_zero import load_config
-from labs.tools.configcheck import ConfigError, check_accelerate_config
 
 LABS = [name for name, lab in registry.LABS.items() if not lab.missing() and not lab.gpu_only]
 FLAGS = ["--steps", "--preset", "--batch-size", "--lr", "--seed", "--timeout", "--stage",
@@ -48,6 +49,14 @@ def _outcome(fn) -> tuple[str, str]:
     return "ok", err.getvalue()
 
 
+def _validate(lab: str, nproc: int, argv: list[str]) -> None:
+    """What `dtlab run` does before it starts anything: the checks, bad input as exit 2."""
+    try:
+        launch.validate(registry.LABS[lab], nproc, argv)
+    except UsageError as e:
+        fail(str(e))
+
+
 def _assert_one_line_error(text: str) -> None:
     lines = text.strip().split("\n")  # only newlines: a generated argument may hold a \r
     assert "Traceback" not in text
@@ -62,7 +71,7 @@ def _assert_one_line_error(text: str) -> None:
 @given(lab=st.sampled_from(LABS), nproc=st.integers(-2, 9), argv=st.lists(token, max_size=6))
 def test_run_checks_before_launch(lab, nproc, argv):
     """Everything `dtlab run LAB --nproc N ARGS` checks before it starts a process."""
-    kind, err = _outcome(lambda: cli.validate(registry.LABS[lab], nproc, argv))
+    kind, err = _outcome(lambda: _validate(lab, nproc, argv))
     if kind == "exit2":
         _assert_one_line_error(err)
 
@@ -78,7 +87,7 @@ def test_run_checks_before_launch(lab, nproc, argv):
     ("ddp", 2, ["--ckpt-every", "0", "--ckpt-dir", "x"], "--ckpt-every must be >= 1"),
 ])
 def test_named_bad_inputs(lab, nproc, argv, says):
-    kind, err = _outcome(lambda: cli.validate(registry.LABS[lab], nproc, argv))
+    kind, err = _outcome(lambda: _validate(lab, nproc, argv))
     assert kind == "exit2" and says in err, err
     _assert_one_line_error(err)
 

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from conftest import ROOT, dtlab, run_lab
-from labs.core.record import SUMMARY_FIELDS
+from dtlab.core.record import SUMMARY_FIELDS
 
 
 @pytest.mark.parametrize("args, message", [
@@ -65,7 +65,7 @@ def test_outside_tolerance_exits_nonzero(tmp_path):
     """A strategy that drifts from the baseline must fail the run (exit 1), not just print."""
     import argparse
 
-    from labs.core.train import Strategy, add_common_args, run_lab as run_lab_main
+    from dtlab.core.train import Strategy, add_common_args, run_lab as run_lab_main
 
     class Drifting(Strategy):
         variant = "drifting"
@@ -85,7 +85,7 @@ def test_outside_tolerance_exits_nonzero(tmp_path):
 def test_tour_report_md_html_and_pictures(tmp_path):
     """The README's main command: every lab and variant, the report in markdown and in HTML
     (pictures inside, opens from a file), loss/memory/communication/schedule pictures."""
-    from labs import registry
+    from dtlab import registry
     p = dtlab("tour", "--steps", 4, "--out", tmp_path, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "dtlab tour" in p.stdout and "runs in" in p.stdout
@@ -133,7 +133,7 @@ def test_tour_report_md_html_and_pictures(tmp_path):
 
 def test_tour_exits_nonzero_when_a_lab_drifts(tmp_path, monkeypatch):
     """A lab outside its tolerance turns the whole tour red: exit status 1, named in the report."""
-    from labs import cli, registry
+    from dtlab import cli, registry
 
     class TestLab(registry.Lab):
         @property

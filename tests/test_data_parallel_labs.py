@@ -5,8 +5,9 @@ single-process baseline."""
 import pytest
 
 from conftest import run_lab
-from labs.core.model import ToyGPT, config_from_preset
-from labs.ring_allreduce import chunk_sizes, parse_lengths
+from dtlab.core.model import ToyGPT, config_from_preset
+from dtlab.collectives.ring import chunk_sizes
+from labs.ring_allreduce import parse_lengths
 
 TINY_PARAMS = ToyGPT.count_params(config_from_preset("tiny", vocab_size=13))
 

@@ -43,13 +43,13 @@ def test_quoted_command_parses(doc, cmd):
         words = words[:words.index("&&")]
     head = words[0]
     if head == "dtlab":
-        from labs.cli import make_parser
+        from dtlab.cli import make_parser
         args, rest = make_parser().parse_known_args(words[1:])
         if args.command in ("run", "profile"):
             # `profile compare` hands the common flags to every lab it profiles
             lab_args_parse("ddp" if args.lab == "compare" else args.lab, rest)
         elif args.command == "bench" and args.bench == "comm":
-            from labs.tools import commbench
+            from dtlab.tools import commbench
             commbench.validate(commbench.make_parser().parse_args(rest))
         else:
             assert not rest, f"unknown flags {rest} in: {cmd}"
@@ -59,7 +59,7 @@ def test_quoted_command_parses(doc, cmd):
         module = words[words.index(flag) + 1]
         assert module.startswith("labs."), cmd
         rest = words[words.index(flag) + 2:]
-        if module.startswith("labs.tools."):
+        if module.startswith("dtlab.tools."):
             importlib.import_module(module).make_parser().parse_args(rest)
         else:
             lab_args_parse(module.split(".", 1)[1], rest)

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import ROOT, dtlab, free_port
-from labs.tools.hostfile import parse, resolve
-from labs.tools.doctor import matching_interfaces
+from dtlab.tools.hostfile import parse, resolve
+from dtlab.tools.doctor import matching_interfaces
 
 
 # ---- the parser, against DeepSpeed's

@@ -3,7 +3,7 @@ its TODO message, and a subtly wrong solution fails with what differed."""
 import pytest
 
 from conftest import ROOT, dtlab
-from labs import exercises
+from dtlab import exercises
 
 SOLUTIONS = ROOT / "labs" / "exercises" / "solutions"
 NAMES = list(exercises.EXERCISES)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import run_lab
-from labs.core.model import config_from_preset
-from labs.tools.flops import (counted_flops_per_step, flops_record, formula_flops_per_step,
+from dtlab.core.model import config_from_preset
+from dtlab.core.flops import (counted_flops_per_step, flops_record, formula_flops_per_step,
                               measure_peak_flops)
 
 

@@ -1,4 +1,4 @@
-"""`dtlab memory` (labs/tools/estimate.py): its model-state figures equal DeepSpeed's own
+"""`dtlab memory` (dtlab/tools/estimate.py): its model-state figures equal DeepSpeed's own
 estimators where the assumptions match, its fp32 figures equal the bytes labs/zero.py counts from
 live tensors (tests/test_zero.py runs that), and its activation figure equals the bytes autograd
 saves in a real forward pass."""
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import dtlab
-from labs.core.memory import ActivationMeter
-from labs.core.model import ToyGPT, build_model, config_from_preset, loss_fn
-from labs.tools.estimate import (Arch, Setup, activation_bytes, deepspeed_reference,
+from dtlab.core.memory import ActivationMeter
+from dtlab.core.model import ToyGPT, build_model, config_from_preset, loss_fn
+from dtlab.tools.estimate import (Arch, Setup, activation_bytes, deepspeed_reference,
                                  model_states, parse_count)
 
 LLAMA65 = Arch(n_layer=80, d_model=8192, n_head=64, d_ff=22016, vocab_size=32000, seq_len=2048)
@@ -54,18 +54,42 @@ def test_where_deepspeed_differs_it_is_more_conservative_across_nodes():
     assert ds_gpu == model_states(s, 2, "optimizer")["gpu"]["total"]
 
 
-def test_fp32_figures_are_the_zero_lab_formula():
-    from labs.zero import formula_bytes
+def test_zero_formula_by_category():
+    """The one ZeRO formula (the lab asserts its live tensors against it, dtlab memory builds on
+    it), category by category, written out by hand from the ZeRO paper's partitioning."""
+    from dtlab.core.zero_formula import zero_state_bytes
+    P, W = 1000, 4
+    cases = {  # (precision, stage, offload): (device params, grads, optimizer; cpu p, g, o)
+        ("fp32", 0, "none"): (4 * P, 4 * P, 8 * P, 0, 0, 0),
+        ("fp32", 1, "none"): (4 * P, 4 * P, 8 * P / W, 0, 0, 0),
+        ("fp32", 2, "none"): (4 * P, 4 * P / W, 8 * P / W, 0, 0, 0),
+        ("fp32", 3, "none"): (4 * P / W, 4 * P / W, 8 * P / W, 0, 0, 0),
+        ("fp32", 1, "optimizer"): (4 * P, 4 * P, 0, 4 * P / W, 4 * P / W, 8 * P / W),
+        ("fp32", 2, "optimizer"): (4 * P, 0, 0, 4 * P / W, 4 * P / W, 8 * P / W),
+        ("fp32", 3, "param"): (0, 0, 0, 4 * P / W, 4 * P / W, 8 * P / W),
+        ("mixed", 0, "none"): (2 * P, 2 * P, 16 * P, 0, 0, 0),
+        ("mixed", 2, "none"): (2 * P, 2 * P / W, 16 * P / W, 0, 0, 0),
+        ("mixed", 3, "none"): (2 * P / W, 0, 16 * P / W, 0, 0, 0),
+        ("mixed", 3, "param"): (0, 0, 0, 2 * P / W, 0, 16 * P / W),
+    }
+    for (prec, stage, off), want in cases.items():
+        got = zero_state_bytes(P, W, stage, off, prec)
+        row = tuple(got[side][k] for side in ("device", "cpu")
+                    for k in ("params", "grads", "optimizer"))
+        assert row == pytest.approx(want), (prec, stage, off)
+        assert got["device"]["total"] == pytest.approx(sum(want[:3]))
+
+
+def test_estimate_is_the_formula_plus_the_layer_buffer():
+    from dtlab.core.zero_formula import zero_state_bytes
     P, W = 27136, 4
-    for stage in (0, 1, 2, 3):
-        for off in ("none", "optimizer", "param"):
-            if (off != "none" and stage == 0) or (off == "param" and stage != 3):
-                continue
-            s = Setup(params=P, gpus_per_node=W, precision="fp32")
-            est, lab = model_states(s, stage, off), formula_bytes(P, W, stage, off)
-            assert est["gpu"]["total"] - (est["gpu"]["layer_buffer"] or 0) == \
-                pytest.approx(lab["device"]["total"])
-            assert est["cpu_per_node"]["offloaded"] == pytest.approx(W * lab["cpu"]["total"])
+    s = Setup(params=P, gpus_per_node=W, precision="fp32", largest_layer=500)
+    est = model_states(s, 3, "param")
+    assert est["gpu"]["layer_buffer"] == 2 * 4 * 500
+    assert est["gpu"]["total"] - 4000 == pytest.approx(
+        zero_state_bytes(P, W, 3, "param")["device"]["total"])
+    assert est["cpu_per_node"]["offloaded"] == pytest.approx(
+        W * zero_state_bytes(P, W, 3, "param")["cpu"]["total"])
 
 
 @pytest.mark.parametrize("name", ["tiny", "small"])
@@ -104,7 +128,7 @@ def test_cli_json_and_table():
     (row,) = r["rows"]
     P = r["setup"]["params"]
     assert P == ToyGPT.count_params(config_from_preset("small", vocab_size=256)) or P > 0
-    assert row["gpu"]["weights"] + row["gpu"]["grads"] + row["gpu"]["optimizer"] == 16 * P / 2
+    assert row["gpu"]["params"] + row["gpu"]["grads"] + row["gpu"]["optimizer"] == 16 * P / 2
     p = dtlab("memory", "--params", "7B", "--gpus-per-node", "8", "--gpu-mem", "80")
     assert p.returncode == 0, p.stderr
     assert "7,000,000,000 parameters" in p.stdout and "fits 80 GB" in p.stdout

@@ -1,9 +1,11 @@
 """Tensor parallelism: our Megatron-style layers and DTensor's plan equal the baseline, and the
 counted communication equals the analytic count."""
+import re
+
 import pytest
 
 from conftest import run_lab
-from labs.core.model import ToyGPT, config_from_preset
+from dtlab.core.model import ToyGPT, config_from_preset
 
 
 @pytest.mark.parametrize("impl", ["own", "torch"])
@@ -37,7 +39,7 @@ def test_tensor_parallel_equals_baseline(impl, tp, preset, tmp_path):
 def test_tensor_parallel_rejects_heads_not_divisible(tmp_path):
     p, s = run_lab("tensor_parallel", 4, tmp_path, "--preset", "tiny")
     assert p.returncode == 2 and s is None
-    assert "must divide the 2 attention heads" in p.stderr
+    assert "tensor parallel size 4 must divide n_head=2 of preset 'tiny'" in p.stderr
 
 
 from labs.pipeline import bubble_theory, gpipe_schedule, one_f_one_b_schedule  # noqa: E402
@@ -106,14 +108,34 @@ def test_measured_bubble_matches_theory(schedule, stages, preset, m, tmp_path):
             assert live[0] > live[-1]
 
 
-from labs.parallel3d import grid_coords, grid_rank  # noqa: E402
+from dtlab.core.errors import UsageError  # noqa: E402
+from dtlab.core.grid import Grid  # noqa: E402
 
 
 def test_grid_layout_tp_fastest_dp_slowest():
-    coords = [grid_coords(r, pp=2, tp=2) for r in range(8)]
+    g = Grid(dp=2, pp=2, tp=2)
+    coords = [g.at(r).coords for r in range(8)]
     assert coords[:4] == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1)]
     assert coords[4] == (1, 0, 0)
-    assert all(grid_rank(*grid_coords(r, 2, 2), pp=2, tp=2) == r for r in range(8))
+    assert all(g.rank_of(*g.at(r).coords) == r for r in range(8))
+    # pipeline neighbours sit one stage away at the same (dp, tp); TP and DP groups
+    assert (g.at(1).prev_rank, g.at(1).next_rank) == (None, 3)
+    assert (g.at(7).prev_rank, g.at(7).next_rank) == (5, None)
+    assert g.tp_ranks(1, 0) == [4, 5] and g.dp_ranks(1, 1) == [3, 7]
+
+
+@pytest.mark.parametrize("grid, world, batch, micro, says", [
+    (Grid(2, 2, 2), 4, 16, 1, "world size 4 != dp x pp x tp = 2 x 2 x 2 = 8"),
+    (Grid(1, 1, 4), 4, 16, 1, "tensor parallel size 4 must divide n_head=2"),
+    (Grid(1, 3, 1), 3, 16, 1, "3 pipeline stages but preset 'tiny' has 2 blocks"),
+    (Grid(3, 1, 1), 3, 16, 1, "--batch-size 16 is not divisible by the 3 data-parallel"),
+    (Grid(2, 1, 1), 2, 16, 3, "--microbatches 3 must be >= 1 and divide the 8 rows"),
+    (Grid(0, 1, 1), 0, 16, 1, "--dp, --pp and --tp must be >= 1"),
+])
+def test_grid_validation_names_the_fix(grid, world, batch, micro, says):
+    cfg = config_from_preset("tiny", vocab_size=13)
+    with pytest.raises(UsageError, match=re.escape(says)):
+        grid.validate(world, cfg, batch, micro, "tiny")
 
 
 @pytest.mark.parametrize("dp, pp, tp", [(1, 2, 2), (2, 2, 1), (2, 1, 2)])

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import dtlab
-from labs.tools.profile import summarize
+from dtlab.core.profiler import summarize
 
 
 def ev(name, start, end):

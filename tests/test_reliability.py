@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import dtlab, run_lab
-from labs.core import checkpoint as ckpt
+from dtlab.core import checkpoint as ckpt
 
 STEPS = 6
 

@@ -5,8 +5,8 @@ bytes communicated match the known volumes."""
 import pytest
 
 from conftest import run_lab
-from labs.core.model import ToyGPT, config_from_preset
-from labs.zero import formula_bytes
+from dtlab.core.model import ToyGPT, config_from_preset
+from dtlab.core.zero_formula import zero_state_bytes as formula_bytes
 
 P = ToyGPT.count_params(config_from_preset("tiny", vocab_size=13))
 COMBOS = [(0, "none"), (1, "none"), (2, "none"), (3, "none"),

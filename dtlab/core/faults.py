@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from labs.core import record
+from dtlab.core import record
 
 # Text of the exceptions gloo and NCCL raise when a peer is silent or gone.
 COMM_FAILURE_MARKERS = ("Timed out", "timed out", "Connection closed", "Connection reset",
@@ -59,6 +59,15 @@ class FaultPlan:
         if self.fail_in == "checkpoint" and self.fail_at_step is not None and not ckpt_dir:
             return "--fail-in checkpoint needs --ckpt-dir (there is no checkpoint to interrupt)"
         return None
+
+    def before_step(self, rt, step: int) -> None:
+        """At the start of every step: the heartbeat, and the injected fault if it is due."""
+        heartbeat(rt.rank, step)
+        if self.fail_at_step == step and self.fail_in == "step" and rt.rank == self.fail_rank \
+                and first_attempt():
+            die(rt.rank, f"--fail-at-step {step}")
+        if self.stall_at_step == step and rt.rank == self.stall_rank:
+            stall(rt.rank, step, rt.timeout_s)
 
 
 def first_attempt() -> bool:
@@ -163,12 +172,9 @@ def report_failure(strategy, lab: str, e: BaseException) -> int:
     if rt.rank == (reporters[0] if reporters else 0):
         print(f"dtlab: error: {describe(info)}", file=sys.stderr, flush=True)
         losses, steps = strategy.trajectory
-        s = strategy.settings
-        summary = {"lab": lab, "variant": strategy.variant, "world_size": rt.world_size,
-                   "backend": rt.backend, "device": str(rt.device), "dtype": strategy.dtype,
-                   "preset": s.preset, "steps": s.steps, "seed": s.seed, "losses": losses,
-                   "baseline": {"ok": None, "note": "the run failed before the comparison"},
-                   "time": None, "comm": None, "memory": None, "extra": strategy.extra,
-                   "failure": info, "ok": False}
-        record.write_record(Path(s.out), summary, steps)
+        strategy.lab = lab
+        summary = record.build_summary(
+            strategy, losses, {"ok": None, "note": "the run failed before the comparison"},
+            failure=info, ok=False)
+        record.write_record(Path(strategy.settings.out), summary, steps)
     return 3

@@ -4,6 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def console(width: int = 200):
+    """A rich console that keeps wide tables whole: a terminal's own width, or ``width`` when
+    the output goes to a log or a pipe (rich would squeeze tables into 80 columns there)."""
+    from rich.console import Console
+    c = Console()
+    return c if c.is_terminal else Console(width=width)
+
+
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "-"
@@ -34,7 +42,6 @@ def row(s: dict) -> list[str]:
 
 
 def print_table(summaries: list[dict], title: str | None = None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=title)
@@ -45,16 +52,7 @@ def print_table(summaries: list[dict], title: str | None = None) -> None:
         if r[7] == "NO":
             r[7] = "[bold red]NO[/]"
         t.add_row(*r)
-    console = Console()
-    if not console.is_terminal:  # logs and pipes: do not squeeze the table into 80 columns
-        console = Console(width=200)
-    console.print(t)
-
-
-def markdown_table(summaries: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row(s)) + " |" for s in summaries]
-    return "\n".join(lines) + "\n"
+    console().print(t)
 
 
 # --------------------------------------------------------------------------- the tour report
@@ -183,7 +181,8 @@ def write_report(out: Path, summaries: list[dict], skipped: list[tuple[str, str]
     import base64
     import html
     import shutil
-    from labs.core.record import atomic_write_text
+
+    from dtlab.core.record import atomic_write_text
     out = Path(out)
     pics = [("Loss curves over the baseline's", plot_losses(summaries, out / "loss.png")),
             ("Memory per rank by category", plot_memory(summaries, out / "memory.png")),

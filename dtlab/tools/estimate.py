@@ -53,18 +53,16 @@ import re
 import sys
 from dataclasses import asdict, dataclass, field
 
+from dtlab.core.errors import UsageError
+from dtlab.core.zero_formula import BYTES_PER_PARAM, zero_state_bytes
+from dtlab.tools import report
+
 GB = 10**9
 GIB = 2**30
 
-# bytes per parameter: (weights, 16-bit grads or fp32 grads, optimizer side)
-COMPONENTS = {
-    # name: {component: bytes per parameter}
-    "fp32": {"weights": 4, "grads": 4, "optimizer": 8},
-    "mixed": {"weights": 2, "grads": 2, "optimizer": 4 + 4 + 8},  # fp32 grads, master, moments
-}
 
 
-class EstimateError(ValueError):
+class EstimateError(UsageError):
     """Bad input to the estimator (one line, exit status 2)."""
 
 
@@ -123,32 +121,18 @@ class Setup:
 
 
 def model_states(s: Setup, stage: int, offload: str) -> dict:
-    """Bytes of weights, gradients and optimizer state per GPU and per node's CPU."""
-    P, N, c = s.params, s.gpus, COMPONENTS[s.precision]
-    part = lambda from_stage: N if stage >= from_stage else 1  # noqa: E731  partitioned or not
-    gpu = {"weights": c["weights"] * P / part(3), "grads": c["grads"] * P / part(2),
-           "optimizer": c["optimizer"] * P / part(1), "layer_buffer": 0.0}
-    if s.precision == "mixed" and stage == 3:
-        gpu["grads"] = 0.0  # reduced straight into the fp32 partition (counted in optimizer)
-    per_gpu_cpu = 0.0  # bytes per GPU kept on the CPU instead
-    if offload in ("optimizer", "param"):
-        per_gpu_cpu += gpu["optimizer"]
-        gpu["optimizer"] = 0.0
-        if s.precision == "fp32":
-            # the step needs the fp32 weight slice and its gradient on the CPU beside the moments
-            per_gpu_cpu += (4 + 4) * P / N
-        if stage >= 2:
-            gpu["grads"] = 0.0  # each reduced gradient partition leaves for the CPU at once
-    if offload == "param":
-        if s.precision == "mixed":
-            per_gpu_cpu += gpu["weights"]  # fp32 runs keep the one fp32 slice counted above
-        gpu["weights"] = 0.0
+    """Bytes of weights, gradients and optimizer state per GPU (ZeRO's formula,
+    ``dtlab.core.memory.zero_state_bytes``) plus the stage-3 layer buffer, and per node's CPU."""
+    states = zero_state_bytes(s.params, s.gpus, stage, offload, s.precision)
+    gpu = {k: states["device"][k] for k in ("params", "grads", "optimizer")}
     largest = s.largest_layer or s.arch.largest_layer()
+    gpu["layer_buffer"] = 0.0
     if stage == 3:
         # the gathered weights and gradients of the layer in use
-        gpu["layer_buffer"] = 2 * c["weights"] * largest if largest else None
-    load_per_process = 4 * P if not (stage == 3 and s.zero_init) else 4 * (largest or 0)
-    cpu = {"offloaded": per_gpu_cpu * s.gpus_per_node,
+        w = BYTES_PER_PARAM[s.precision]["params"]
+        gpu["layer_buffer"] = 2 * w * largest if largest else None
+    load_per_process = 4 * s.params if not (stage == 3 and s.zero_init) else 4 * (largest or 0)
+    cpu = {"offloaded": states["cpu"]["total"] * s.gpus_per_node,
            "loading": load_per_process * s.gpus_per_node}
     cpu["total"] = max(cpu["offloaded"], cpu["loading"])
     gpu["total"] = sum(v for v in gpu.values() if v is not None)
@@ -220,7 +204,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     m.add_argument("--params", help="parameter count: 7e9, 7B, 350M, ...")
     m.add_argument("--preset", help="a dtlab model preset (tiny, small, gpt2-124m)")
     m.add_argument("--model-config", help="JSON with n_layer, d_model, n_head, d_ff, vocab_size, "
-                   "seq_len (the fields of labs.core.model.ModelConfig)")
+                   "seq_len (the fields of dtlab.core.model.ModelConfig)")
     m.add_argument("--layers", type=int, help="number of transformer layers")
     m.add_argument("--hidden", type=int, help="hidden size d_model")
     m.add_argument("--heads", type=int, help="attention heads")
@@ -233,7 +217,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     h.add_argument("--gpus-per-node", type=int, default=1)
     h.add_argument("--zero", default="all", help="0, 1, 2, 3 or all (default all)")
     h.add_argument("--offload", default="all", help="none, optimizer, param or all (default all)")
-    h.add_argument("--precision", default="mixed", choices=sorted(COMPONENTS),
+    h.add_argument("--precision", default="mixed", choices=sorted(BYTES_PER_PARAM),
                    help="mixed: fp16/bf16 with fp32 master weights (default); fp32")
     h.add_argument("--batch", type=int, default=1, help="micro-batch per GPU in sequences")
     h.add_argument("--seq", type=int, help="sequence length (default: the model's)")
@@ -256,7 +240,7 @@ def setup_from_args(a: argparse.Namespace) -> Setup:
         raise EstimateError("give either --preset or --model-config, not both")
     params = None
     if a.preset or a.model_config:
-        from labs.core.model import ModelConfig, ToyGPT, preset
+        from dtlab.core.model import ModelConfig, ToyGPT, preset
         if a.preset:
             try:
                 cfg = preset(a.preset)
@@ -346,7 +330,6 @@ def run(a: argparse.Namespace) -> int:
 
 
 def print_report(result: dict, a) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     s = result["setup"]
@@ -365,7 +348,7 @@ def print_report(result: dict, a) -> None:
         t.add_column(c, justify="right")
     for r in result["rows"]:
         g, acts = r["gpu"], r["activations"]
-        line = [str(r["stage"]), r["offload"], _gb(g["weights"]), _gb(g["grads"]),
+        line = [str(r["stage"]), r["offload"], _gb(g["params"]), _gb(g["grads"]),
                 _gb(g["optimizer"]), _gb(g["layer_buffer"]), _gb(g["total"]),
                 _gb(acts["no_checkpointing"]), _gb(acts["checkpointing"]),
                 _gb(r["cpu_per_node"]["total"])]
@@ -375,7 +358,7 @@ def print_report(result: dict, a) -> None:
         if a.gpu_mem:
             line.append("yes" if r["fits_gpu"] else "no")
         t.add_row(*line)
-    console = Console() if Console().is_terminal else Console(width=200)
+    console = report.console()
     console.print(t)
     if arch["n_layer"] is None:
         console.print("activations: give --layers, --hidden, --heads and --seq (or --preset) "

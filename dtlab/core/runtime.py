@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dtlab.core.errors import UsageError
+
 DEFAULT_TIMEOUT_S = 60.0
 
 
@@ -65,11 +67,11 @@ def choose_backend_device(backend: str | None, device: str | None,
             device = f"cuda:{local_rank % torch.cuda.device_count()}"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeSetupError(f"--device {device}: CUDA is not available here; use --device cpu")
+        raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu")
     if backend is None:
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend == "nccl" and dev.type != "cuda":
-        raise RuntimeSetupError("--backend nccl needs CUDA devices; use --backend gloo on the CPU")
+        raise UsageError("--backend nccl needs CUDA devices; use --backend gloo on the CPU")
     return backend, dev
 
 
@@ -146,7 +148,3 @@ def exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
-def fail(msg: str, code: int = 2) -> NoReturn:
-    """One line on stderr, no traceback, the given exit status."""
-    print(f"dtlab: error: {msg}", file=sys.stderr, flush=True)
-    raise SystemExit(code)

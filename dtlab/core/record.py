@@ -30,6 +30,35 @@ SUMMARY_FIELDS = ("lab", "variant", "world_size", "backend", "device", "dtype", 
 FP32_TOLERANCE = {"loss_rel": 1e-5, "param_abs": 1e-4}
 
 
+def build_summary(strategy, losses: list[float], baseline: dict, *, ok: bool, time=None,
+                  comm=None, memory=None, flops=None, params_sha256=None, failure=None) -> dict:
+    """The run record of a finished (or failed: ``failure``) run; what describes the run comes
+    from the strategy and its settings, the measured parts from the caller."""
+    rt, s = strategy.rt, strategy.settings
+    summary = {
+        "lab": strategy.lab, "variant": strategy.variant, "world_size": rt.world_size,
+        "backend": rt.backend, "device": str(rt.device), "dtype": strategy.dtype,
+        "preset": s.preset, "steps": s.steps, "seed": s.seed, "batch_size": s.batch_size,
+        "seq_len": s.model.seq_len, "n_params": strategy.num_params(), "losses": losses,
+        "baseline": baseline, "time": time, "comm": comm, "memory": memory, "flops": flops,
+        "extra": strategy.extra, "params_sha256": params_sha256, "ok": ok}
+    if failure is not None:
+        summary["failure"] = failure
+    return summary
+
+
+def params_digest(params: dict[str, torch.Tensor] | None) -> str | None:
+    """SHA-256 over the full parameters in name order: equal digests mean bitwise-equal models."""
+    if params is None:
+        return None
+    h = hashlib.sha256()
+    for name in sorted(params):
+        t = params[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file in the same folder, then rename: readers never see half."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +120,7 @@ def _code_fingerprint() -> str:
     not be answered from an old cache entry."""
     h = hashlib.sha256()
     core = Path(__file__).parent
-    for name in ("model.py", "data.py", "train.py"):
+    for name in ("model.py", "data.py", "train.py", "settings.py"):
         h.update((core / name).read_bytes())
     return h.hexdigest()[:16]
 

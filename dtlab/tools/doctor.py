@@ -41,7 +41,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from labs.tools.hostfile import Finding, Hostfile, load, resolve, safe_name
+from dtlab.tools import report
+from dtlab.tools.hostfile import Finding, Hostfile, load, resolve, safe_name
 
 EXPORT_PREFIXES = ("NCCL", "PYTHON", "MV2", "UCX", "MLFLOW")  # DeepSpeed 0.19.8 with CUDA
 NOT_EXPORTED = ("GLOO_SOCKET_IFNAME", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "OMP_NUM_THREADS",
@@ -555,7 +556,6 @@ def run(a: argparse.Namespace) -> int:
 
 
 def print_table(findings, errors, warns) -> None:
-    from rich.console import Console
     from rich.table import Table
     from rich.markup import escape
 
@@ -566,7 +566,7 @@ def print_table(findings, errors, warns) -> None:
     for f in findings:
         t.add_row(f.check, f.host or "", f"[{colour[f.severity]}]{f.severity}[/]",
                   escape(f.message), escape(f.fix))
-    console = Console() if Console().is_terminal else Console(width=200)
+    console = report.console()
     console.print(t)
     console.print(f"{errors} error(s), {warns} warning(s)")
 

@@ -102,3 +102,4 @@ def snapshot(params: list[torch.Tensor], optimizer, meter: ActivationMeter,
         "activations_peak": meter.peak,
         "peak": process_peak_bytes(device),
     }
+

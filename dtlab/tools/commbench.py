@@ -1,7 +1,7 @@
 """``dtlab bench comm``: time collectives, the library's beside ours, across message sizes.
 
 Run by ``dtlab bench comm`` under torchrun (one launch per world size), or by hand:
-    torchrun --nproc_per_node=2 -m labs.tools.commbench --impl library,ring --json out.json
+    torchrun --nproc_per_node=2 -m dtlab.tools.commbench --impl library,ring --json out.json
 
 For each (op, size): a few warm-up calls, then ``--iters`` timed calls of every implementation in
 turn, each preceded by a barrier and a fresh copy of the input (outside the timing). A call's time is the
@@ -29,17 +29,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from labs.core import runtime
+from dtlab.collectives import ALGORITHMS
+from dtlab.collectives.shm import shm_all_reduce, shm_tensor
+from dtlab.core import runtime
+from dtlab.core.comm import RING_FACTORS
+from dtlab.core.errors import UsageError, fail
 
-BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
-              "reduce_scatter": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0}
+# nccl-tests' bus factors are the ring model's bytes per rank, except broadcast: there the bus
+# bandwidth is the algorithm bandwidth (factor 1), the rate at which the message leaves the root.
+BUS_FACTOR = {**{op: RING_FACTORS[op] for op in ("all_reduce", "all_gather", "reduce_scatter")},
+              "broadcast": lambda n: 1.0}
 OPS = tuple(BUS_FACTOR)
-OUR_IMPLS = ("ring", "naive", "tree", "shm", "shm-inplace")  # all_reduce only: labs/ring_allreduce.py and
-# labs/shm_allreduce.py
+OUR_IMPLS = ("ring", "naive", "tree", "shm", "shm-inplace")  # all_reduce only, dtlab/collectives
 DEFAULT_SIZES = "1KiB,16KiB,256KiB,1MiB,4MiB,16MiB,64MiB"
 
 
-class BenchError(ValueError):
+class BenchError(UsageError):
     pass
 
 
@@ -89,10 +94,8 @@ def _call(op: str, impl: str, x: torch.Tensor, out: torch.Tensor | None) -> torc
         dscomm.inference_all_reduce(x)
         return x
     if impl in ("shm", "shm-inplace"):
-        from labs.shm_allreduce import shm_all_reduce
         return shm_all_reduce(x)
     if impl != "library":
-        from labs.ring_allreduce import ALGORITHMS
         return ALGORITHMS[impl](x)
     if op == "all_reduce":
         dist.all_reduce(x)
@@ -122,7 +125,6 @@ def bench_size(op: str, impls: list[str], nbytes: int, iters: int, warmup: int) 
         for impl in impls:
             x = src.clone()
             if impl == "shm-inplace":  # the tensor lives in this rank's shared buffer
-                from labs.shm_allreduce import shm_tensor
                 x = shm_tensor(src.numel(), src.dtype).view_as(src).copy_(src)
             dist.barrier()
             t0 = time.perf_counter()
@@ -148,7 +150,7 @@ def bench_size(op: str, impls: list[str], nbytes: int, iters: int, warmup: int) 
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="labs.tools.commbench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="dtlab.tools.commbench", description=__doc__.splitlines()[0])
     p.add_argument("--ops", default="all_reduce", help=f"comma list of {', '.join(OPS)}, or all")
     p.add_argument("--impl", default="library,ring",
                    help="comma list: library, and for all_reduce ring, naive, tree, shm "
@@ -177,10 +179,10 @@ def main(argv=None) -> int:
     try:
         ops, impls, sizes = validate(args)
     except BenchError as e:
-        runtime.fail(str(e))
+        fail(str(e))
     rt = runtime.init(backend=None, device="cpu", timeout_s=args.timeout)
     if not rt.distributed:
-        runtime.fail("run the benchmark under torchrun (dtlab bench comm --nproc N does)")
+        fail("run the benchmark under torchrun (dtlab bench comm --nproc N does)")
     torch.set_num_threads(1)
     if "deepspeed-shm" in impls:
         # DeepSpeed's CPU shared-memory op reads LOCAL_SIZE (its launcher sets it, torchrun does
@@ -189,7 +191,7 @@ def main(argv=None) -> int:
         try:
             import deepspeed
         except ImportError:
-            runtime.fail("--impl deepspeed-shm needs DeepSpeed: pip install -e '.[deepspeed]'")
+            fail("--impl deepspeed-shm needs DeepSpeed: pip install -e '.[deepspeed]'")
         deepspeed.init_distributed(dist_backend="gloo")  # builds the shm_comm op on first use
     rows = []
     total = len(ops) * len(impls) * len(sizes)
@@ -207,9 +209,6 @@ def main(argv=None) -> int:
     runtime.shutdown(rt)
     runtime.exit_now(0 if all(r["ok"] for r in rows) else 1)  # see runtime.exit_now
 
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 # --------------------------------------------------------------------------- model and picture
@@ -265,3 +264,85 @@ def plot_busbw(rows: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------- dtlab bench comm
+
+def nprocs(text: str) -> list[int]:
+    try:
+        ns = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise BenchError(f"--nproc: {text!r} is not a list of integers; e.g. --nproc 2 or "
+                         "--nproc 2,4") from None
+    if not ns or min(ns) < 1:
+        raise BenchError(f"--nproc must be >= 1, got {text!r}")
+    return ns
+
+
+def bench_comm(nproc: str, json_path: str, rest: list[str]) -> int:
+    """``dtlab bench comm``: one torchrun per world size, rows merged into one JSON record with
+    the ratio to the library and the alpha-beta fits, a table and a picture."""
+    import subprocess
+    validate(make_parser().parse_args(rest))
+    out = Path(json_path)
+    rows = []
+    for n in nprocs(nproc):
+        part = out.with_name(f".{out.stem}-n{n}.json")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={n}", "-m", "dtlab.tools.commbench", *rest, "--json", str(part)]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        rc = subprocess.call(cmd, env=env)
+        if rc != 0 or not part.is_file():
+            print(f"dtlab: bench comm on {n} processes failed (exit {rc})", file=sys.stderr)
+            return rc or 1
+        rows += json.loads(part.read_text())["rows"]
+        part.unlink()
+    lib = {(r["op"], r["world_size"], r["bytes"]): r["busbw_GBps"] for r in rows
+           if r["impl"] == "library"}
+    for r in rows:
+        base = lib.get((r["op"], r["world_size"], r["bytes"]))
+        r["busbw_vs_library"] = r["busbw_GBps"] / base if base else None
+    from dtlab.core.record import atomic_write_text
+    fits = fit_alpha_beta(rows)
+    png = plot_busbw(rows, out.with_suffix(".png"))
+    atomic_write_text(out, json.dumps({"rows": rows, "alpha_beta": fits, "plot": str(png)},
+                                      indent=1) + "\n")
+    print_tables(rows, fits)
+    print(f"rows: {out}   picture: {png}")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+def print_tables(rows: list[dict], fits: list[dict]) -> None:
+    from rich.table import Table
+
+    from dtlab.tools.report import console, human_bytes
+    t = Table(title="dtlab bench comm (busbw = algbw x nccl-tests factor)")
+    for c in ("op", "impl", "world", "size", "time ms (median)", "spread ms", "algbw GB/s",
+              "busbw GB/s", "vs library", "ok"):
+        t.add_column(c, justify="left" if c in ("op", "impl") else "right")
+    for r in rows:
+        ratio = r["busbw_vs_library"]
+        t.add_row(r["op"], r["impl"], str(r["world_size"]), human_bytes(r["bytes"]),
+                  f"{r['time_s_median'] * 1e3:.3f}",
+                  f"{r['time_s_min'] * 1e3:.2f}-{r['time_s_max'] * 1e3:.2f}",
+                  f"{r['algbw_GBps']:.3f}", f"{r['busbw_GBps']:.3f}",
+                  "-" if ratio is None else f"{ratio:.2f}x", "ok" if r["ok"] else "WRONG")
+    c = console(160)
+    c.print(t)
+    f = Table(title="alpha-beta model: time = alpha + bytes / beta (least squares over sizes)")
+    for col in ("op", "impl", "world", "alpha us", "beta GB/s", "busbw limit GB/s",
+                "max rel err"):
+        f.add_column(col, justify="left" if col in ("op", "impl") else "right")
+    for r in fits:
+        f.add_row(r["op"], r["impl"], str(r["world_size"]), f"{r['alpha_s'] * 1e6:.1f}",
+                  "-" if r["beta_GBps"] is None else f"{r['beta_GBps']:.3f}",
+                  "-" if r["busbw_limit_GBps"] is None else f"{r['busbw_limit_GBps']:.3f}",
+                  f"{r['max_rel_error']:.0%}")
+    c.print(f)
+    c.print("ring model: t = 2(p-1) alpha + 2(p-1)/p * S/B; bus bandwidth divides out the "
+            "2(p-1)/p, so it compares across world sizes; across nodes B is the network's "
+            "(a few GB/s to 50 GB/s) instead of memory or loopback.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

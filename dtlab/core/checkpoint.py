@@ -32,13 +32,14 @@ from pathlib import Path
 
 import torch
 
-from labs.core import faults
+from dtlab.core import faults
+from dtlab.core.errors import UsageError
 
 FORMAT = 1
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint folder that cannot be used for this run; the message says why and the fix."""
 
 
@@ -182,7 +183,7 @@ def prune(root: Path, keep: int) -> None:
 
 @dataclass
 class Plan:
-    """What the user asked for on the command line (see ``labs.core.faults`` for the faults)."""
+    """What the user asked for on the command line (see ``dtlab.core.faults`` for the faults)."""
     ckpt_dir: str | None = None
     ckpt_every: int = 5
     ckpt_keep: int = 2

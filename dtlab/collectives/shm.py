@@ -20,8 +20,8 @@ equal up to summation order otherwise (slice r starts from rank r's values).
 When the tensor already lives in this rank's shared buffer (``shm_tensor``, the way DDP computes
 gradients straight into its buckets), pass 1 disappears and pass 2 reduces in place: about 2.5S
 bytes of memory traffic per rank instead of 5.5S, the least an all-reduce can do (every rank
-writes S result bytes and reads the peers' halves). On a machine whose cores copy about 6 GB/s
-this is what takes it from under 2x gloo's bus bandwidth to 4x at 64 MiB (docs/communication.md).
+writes S result bytes and reads the peers' halves); docs/communication.md has what that is worth
+against gloo, measured.
 
 The barriers are gloo's (a few tens of microseconds), so for small messages the library is as
 fast; the gain is in bandwidth. DeepSpeed's CPU backend (``shm_comm``, used by

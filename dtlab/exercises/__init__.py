@@ -6,7 +6,7 @@
 Each check runs the learner's file through the verification its lab uses: real process groups
 (gloo, on this machine) where the algorithm is distributed, a library or reference result to
 compare against, and a report of what differed (rank, size, position, expected vs got). Reference
-solutions live in ``labs/exercises/solutions/``; the tests prove that every one passes, that
+solutions live in ``dtlab/exercises/solutions/``; the tests prove that every one passes, that
 every untouched skeleton fails with its TODO message, and that a subtly wrong one is caught.
 """
 from __future__ import annotations
@@ -22,6 +22,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from dtlab.core.errors import UsageError
 
 HERE = Path(__file__).resolve().parent
 PG_TIMEOUT_S = 20      # a learner's deadlock ends as a timeout, not a hang
@@ -47,7 +49,7 @@ EXERCISES = {e.name: e for e in [
 ]}
 
 
-class ExerciseError(ValueError):
+class ExerciseError(UsageError):
     """Bad input to `dtlab exercise/check`; one line."""
 
 
@@ -106,19 +108,16 @@ def _first_diff(got, expected) -> str:
            f"got {got[i].item():g}"
 
 
-_PROGRESS: Path | None = None  # where a worker notes the case it is in, for a crash report
+def _quiet(text: str) -> None:
+    """The default ``note``: where a check would say which case it is in (a distributed worker
+    writes it to a file, so a crash report can name the case)."""
 
 
-def _progress(text: str) -> None:
-    if _PROGRESS is not None:
-        _PROGRESS.write_text(text)
-
-
-def check_ring_allreduce(mod, rank: int, world: int) -> list[str]:
+def check_ring_allreduce(mod, rank: int, world: int, note=_quiet) -> list[str]:
     import torch
     out = []
     for n in (1, 2, 3, 7, 64, 1001):
-        _progress(f"size {n}")
+        note(f"size {n}")
         x = (torch.arange(n) % 13 + 100 * rank).float()
         expected = (torch.arange(n) % 13).float() * world + 100 * sum(range(world))
         res = mod.ring_all_reduce(x)
@@ -133,7 +132,7 @@ def check_ring_allreduce(mod, rank: int, world: int) -> list[str]:
     return out
 
 
-def check_loss_scaler(mod, rank: int, world: int) -> list[str]:
+def check_loss_scaler(mod, rank: int, world: int, note=_quiet) -> list[str]:
     import torch
     rng = random.Random(0)
     patterns = [[False] * 7, [True] * 4, [False, False, True, False, False, False, False, True]]
@@ -159,7 +158,7 @@ def check_loss_scaler(mod, rank: int, world: int) -> list[str]:
     return []
 
 
-def check_tensor_parallel(mod, rank: int, world: int) -> list[str]:
+def check_tensor_parallel(mod, rank: int, world: int, note=_quiet) -> list[str]:
     import torch
     import torch.distributed as dist
     g = torch.Generator().manual_seed(0)
@@ -209,7 +208,7 @@ def reference_1f1b(p: int, m: int, s: int) -> list[tuple[str, int]]:
     return one_f_one_b_schedule(p, m, s)
 
 
-def check_1f1b(mod, rank: int, world: int) -> list[str]:
+def check_1f1b(mod, rank: int, world: int, note=_quiet) -> list[str]:
     for p in range(1, 7):
         for m in range(1, 9):
             for s in range(p):
@@ -228,7 +227,7 @@ def check_1f1b(mod, rank: int, world: int) -> list[str]:
     return []
 
 
-def check_zero1(mod, rank: int, world: int) -> list[str]:
+def check_zero1(mod, rank: int, world: int, note=_quiet) -> list[str]:
     import torch
     shapes = [(5, 3), (7,), (4, 4)]
     g = torch.Generator().manual_seed(1)
@@ -284,8 +283,7 @@ def _worker(rank: int, world: int, port: int, name: str, path: str, outdir: str)
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch's renamed collectives
     torch.set_num_threads(1)
     result = {"rank": rank, "failures": []}
-    global _PROGRESS
-    _PROGRESS = Path(outdir) / f"rank{rank}.progress"
+    progress = Path(outdir) / f"rank{rank}.progress"
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world,
@@ -297,7 +295,7 @@ def _worker(rank: int, world: int, port: int, name: str, path: str, outdir: str)
                                    "all-reduce from isend/irecv")
             for op in LIBRARY_COLLECTIVES:
                 setattr(dist, op, lambda *a, _op=op, **k: refuse(_op=_op))
-        result["failures"] = CHECKS[name](mod, rank, world)
+        result["failures"] = CHECKS[name](mod, rank, world, progress.write_text)
     except Exception as e:  # the learner's code failed: say what and where
         text = _describe(e, path)
         if "imed out" in text:

@@ -23,7 +23,7 @@ import torch
 def counted_flops_per_step(cfg, batch: int) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from labs.core.model import ToyGPT, loss_fn
+    from dtlab.core.model import ToyGPT, loss_fn
     with torch.device("meta"):
         model = ToyGPT(cfg)
     x = torch.zeros(batch, cfg.seq_len, dtype=torch.long, device="meta")
@@ -33,7 +33,7 @@ def counted_flops_per_step(cfg, batch: int) -> int:
 
 
 def formula_flops_per_step(cfg, batch: int) -> int:
-    from labs.core.model import ToyGPT
+    from dtlab.core.model import ToyGPT
     tokens = batch * cfg.seq_len
     embedding = cfg.vocab_size * cfg.d_model + cfg.seq_len * cfg.d_model
     n = ToyGPT.count_params(cfg) - embedding

@@ -25,6 +25,7 @@ class Lab:
     tour_more: tuple[tuple[str, ...], ...] = field(default=())  # further variants in the tour
     tour_gpu: tuple[tuple[tuple[str, ...], str], ...] = field(default=())  # (args, why CUDA)
     no_checkpoint: str | None = None      # why --ckpt-dir cannot work with it, if it cannot
+    variant_files: tuple[str, ...] = ()   # labs/<file>.py holding a library variant of the lab
 
     @property
     def module(self) -> str:
@@ -37,6 +38,12 @@ class Lab:
 
     def missing(self) -> list[str]:
         return [m for m in self.requires if importlib.util.find_spec(m) is None]
+
+    def status(self) -> str:
+        """Whether it can run here, for ``dtlab list``."""
+        if (missing := self.missing()):
+            return f"needs {', '.join(missing)} (extra '{self.extra}')"
+        return f"GPU only: {self.gpu_only}" if self.gpu_only else "ready"
 
     def check_world(self, n: int) -> str | None:
         """An error message when ``n`` processes do not suit this lab, else None."""
@@ -69,12 +76,14 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
         tour_args=("--inject-overflow-at", "3"), tour_more=(("--dtype", "bf16"),),
         tour_gpu=((("--dtype", "fp16", "--scaler", "torch"),
                    "fp16 autocast with tensor cores is the case AMP exists for; on CUDA only"),),
-        no_checkpoint="its fp32 master weights and loss-scaler state are not checkpointed yet"),
+        no_checkpoint="its fp32 master weights and loss-scaler state are not checkpointed yet",
+        variant_files=("amp_deepspeed",)),
     Lab("zero", "ZeRO stages 0-3 written out: optimizer state, gradients, parameters "
         "partitioned; CPU offload; memory counted beside the formulas", min_world=2,
         tour_args=("--stage", "3"),
         tour_more=(("--stage", "0"), ("--stage", "1"), ("--stage", "2"),
-                   ("--stage", "3", "--offload", "param"))),
+                   ("--stage", "3", "--offload", "param")),
+        variant_files=("zero_libraries",)),
     Lab("deepspeed_zero", "DeepSpeed's engine with ZeRO 0-3 and CPU offload from JSON configs; "
         "stage-3 parameters gathered and a checkpoint merged to fp32", requires=("deepspeed",),
         extra="deepspeed", tour_args=("--config", "ds_zero3"),

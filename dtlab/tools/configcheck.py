@@ -1,6 +1,6 @@
 """Check an accelerate config file before `accelerate launch` reads it.
 
-    python -m labs.tools.configcheck accelerate launchers/configs/accelerate_multi_cpu.yaml
+    python -m dtlab.tools.configcheck accelerate launchers/configs/accelerate_multi_cpu.yaml
 
 accelerate answers a malformed config with a Python traceback from deep inside its launcher (or,
 worse, starts a different number of processes than meant). launchers/accelerate.sh runs this check
@@ -14,12 +14,14 @@ from pathlib import Path
 
 import yaml
 
+from dtlab.core.errors import UsageError
+
 DISTRIBUTED_TYPES = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_XPU", "DEEPSPEED", "FSDP",
                      "XLA", "MEGATRON_LM")
 MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A config that cannot work; the message names the file, the key and the fix."""
 
 
@@ -27,6 +29,13 @@ def _positive_int(cfg: dict, key: str, path: Path, default: int = 1) -> int:
     v = cfg.get(key, default)
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ConfigError(f"{path}: {key} must be a positive integer, got {v!r}")
+    return v
+
+
+def _one_of(cfg: dict, key: str, allowed: tuple, default, path: Path, hint: str = ""):
+    v = cfg.get(key, default)
+    if v not in allowed:
+        raise ConfigError(f"{path}: {key} must be one of {', '.join(allowed)}, got {v!r}{hint}")
     return v
 
 
@@ -46,10 +55,7 @@ def check_accelerate_config(path: str | Path) -> dict:
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: expected a mapping of accelerate settings at the top level, "
                           f"got {type(cfg).__name__}")
-    dt = cfg.get("distributed_type", "NO")
-    if dt not in DISTRIBUTED_TYPES:
-        raise ConfigError(f"{path}: distributed_type must be one of {', '.join(DISTRIBUTED_TYPES)}"
-                          f", got {dt!r}")
+    dt = _one_of(cfg, "distributed_type", DISTRIBUTED_TYPES, "NO", path)
     nproc = _positive_int(cfg, "num_processes", path)
     machines = _positive_int(cfg, "num_machines", path)
     rank = cfg.get("machine_rank", 0)
@@ -59,10 +65,8 @@ def check_accelerate_config(path: str | Path) -> dict:
     if nproc < machines:
         raise ConfigError(f"{path}: num_processes ({nproc}) counts all machines' processes and "
                           f"cannot be below num_machines ({machines})")
-    mp = cfg.get("mixed_precision", "no")
-    if mp not in MIXED_PRECISION:
-        raise ConfigError(f"{path}: mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
-                          f"got {mp!r} (quote 'no': a bare no is YAML's false)")
+    _one_of(cfg, "mixed_precision", MIXED_PRECISION, "no", path,
+            " (quote 'no': a bare no is YAML's false)")
     if dt == "DEEPSPEED":
         ds = cfg.get("deepspeed_config")
         if not isinstance(ds, dict):
@@ -79,7 +83,7 @@ def check_accelerate_config(path: str | Path) -> dict:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] != "accelerate":
-        print("usage: python -m labs.tools.configcheck accelerate FILE.yaml", file=sys.stderr)
+        print("usage: python -m dtlab.tools.configcheck accelerate FILE.yaml", file=sys.stderr)
         return 2
     try:
         check_accelerate_config(argv[1])

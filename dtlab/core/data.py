@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dtlab.core.errors import UsageError
+
 ARITH_VOCAB = "0123456789+=\n"
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Bad data settings; the message names the input and the fix."""
 
 

@@ -1,0 +1,181 @@
+"""``dtlab``: parse the command line and hand it to the tool that does the work.
+
+    dtlab list [--names]
+    dtlab run LAB [--nproc N] [--max-restarts R] [lab flags...]
+    dtlab tour [--nproc N] [--steps S] [--out DIR] [--only a,b] [--skip c]
+    dtlab bench comm [--nproc 2,4] [--ops ...] [--impl library,ring,...] [--sizes ...] [--json F]
+    dtlab bench ddp [--nproc 2] [--preset small] [--steps 30] [--repeats 3]
+    dtlab profile LAB|compare [--nproc N] [lab flags...]
+    dtlab doctor [--hostfile F] [--include S | --exclude S] [--master-addr A] [--json]
+    dtlab memory --params 7e9 [--nodes N --gpus-per-node G] [--zero 0|1|2|3] [--offload ...]
+    dtlab exercise NAME [--dest DIR]   /   dtlab check NAME [--impl FILE]
+
+Nothing here plans, runs or renders: each command is one call into dtlab/tools (or the
+exercises). Bad input is one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dtlab import registry
+from dtlab.core.errors import UsageError, fail
+
+
+def cmd_list(args, rest) -> int:
+    if args.names:  # one name a line, for scripts (the launchers check lab names with it)
+        print("\n".join(registry.LABS))
+        return 0
+    from rich.table import Table
+
+    from dtlab.tools.report import console
+    t = Table(title="dtlab labs")
+    for c in ("lab", "what it shows", "processes", "status"):
+        t.add_column(c)
+    for lab in registry.LABS.values():
+        t.add_row(lab.name, lab.summary, lab.world_text(), lab.status())
+    console(120).print(t)
+    return 0
+
+
+def cmd_run(args, rest) -> int:
+    from dtlab.tools.launch import run_one
+    return run_one(args.lab, args.nproc, rest, args.max_restarts)
+
+
+def cmd_profile(args, rest) -> int:
+    from dtlab.tools import profile
+    if args.lab == "compare":
+        return profile.compare(args.nproc, rest)
+    return profile.profile_one(args.lab, args.nproc, rest)
+
+
+def cmd_tour(args, rest) -> int:
+    from dtlab.tools.tour import tour
+    return tour(args.only, args.skip, args.nproc, args.steps, args.out)
+
+
+def cmd_bench_comm(args, rest) -> int:
+    from dtlab.tools.commbench import bench_comm
+    return bench_comm(args.nproc, args.json, rest)
+
+
+def cmd_bench_ddp(args, rest) -> int:
+    from dtlab.tools.benchddp import bench_ddp
+    return bench_ddp(args.nproc, args.preset, args.steps, args.repeats, args.out)
+
+
+def cmd_doctor(args, rest) -> int:
+    from dtlab.tools import doctor
+    return doctor.run(args)
+
+
+def cmd_memory(args, rest) -> int:
+    from dtlab.tools import estimate
+    return estimate.run(args)
+
+
+def cmd_exercise(args, rest) -> int:
+    from dtlab import exercises
+    path = exercises.write_skeleton(args.name, args.dest, args.force)
+    print(f"wrote {path}: fill in the TODOs, then run\n  dtlab check {args.name} --impl {path}")
+    return 0
+
+
+def cmd_check(args, rest) -> int:
+    from dtlab import exercises
+    impl = args.impl or exercises.get(args.name).file
+    print(f"checking {impl} ({exercises.get(args.name).summary}) ...", flush=True)
+    passed, lines = exercises.check(args.name, impl)
+    print("\n".join(lines))
+    print("PASS" if passed else "FAIL: see above for what differed")
+    return 0 if passed else 1
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dtlab", description="Distributed-training lab.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ls = sub.add_parser("list", help="every lab, one line, and whether it can run here")
+    ls.add_argument("--names", action="store_true", help="only the names, one a line")
+    ls.set_defaults(func=cmd_list)
+
+    r = sub.add_parser("run", allow_abbrev=False,
+                       help="run one lab under torchrun and compare it with the baseline",
+                       description="Flags other than --nproc and --max-restarts go to the lab "
+                                   "(python -m labs.LAB --help lists them).")
+    r.add_argument("lab")
+    r.add_argument("--nproc", type=int, default=None,
+                   help="processes (default: the lab's tour size)")
+    r.add_argument("--max-restarts", type=int, default=0,
+                   help="torchrun restarts after a rank dies (use with the lab's --ckpt-dir)")
+    r.set_defaults(func=cmd_run, forwards=True)
+
+    t = sub.add_parser("tour", help="run every lab and variant this machine can, verified; "
+                       "report.md, report.html and pictures in --out")
+    t.add_argument("--nproc", type=int, default=None, help="processes for multi-process labs")
+    t.add_argument("--steps", type=int, default=20)
+    t.add_argument("--out", default="runs/tour")
+    t.add_argument("--only", default=None, help="comma-separated labs to run")
+    t.add_argument("--skip", default=None, help="comma-separated labs to leave out")
+    t.set_defaults(func=cmd_tour)
+
+    b = sub.add_parser("bench", help="benchmarks: comm (collectives), ddp (ours vs torch's)")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bc = bsub.add_parser("comm", help="time collectives, library vs ours, over message sizes",
+                         description="Other flags go to dtlab.tools.commbench: --ops, --impl, "
+                                     "--sizes, --iters, --warmup.")
+    bc.add_argument("--nproc", default="2", help="world sizes, e.g. 2 or 2,4 (default 2)")
+    bc.add_argument("--json", default="runs/bench/comm.json", help="where the rows go")
+    bc.set_defaults(func=cmd_bench_comm, forwards=True)
+    bd = bsub.add_parser("ddp", help="median step time of our DDP vs torch DDP")
+    bd.add_argument("--nproc", type=int, default=2)
+    bd.add_argument("--preset", default="small")
+    bd.add_argument("--steps", type=int, default=30)
+    bd.add_argument("--repeats", type=int, default=3)
+    bd.add_argument("--out", default="runs/bench/ddp")
+    bd.set_defaults(func=cmd_bench_ddp)
+
+    pr = sub.add_parser("profile", allow_abbrev=False,
+                        help="run a lab under torch.profiler: computation, communication, "
+                             "overlap per rank, TensorBoard traces",
+                        description="Flags other than --nproc go to the lab; --out DIR gets "
+                                    "the run record and DIR/tb the traces (default 8 steps).")
+    pr.add_argument("lab", help="a lab, or `compare`: DDP (torch, ours), ZeRO 1-3, FSDP2, TP "
+                    "and PP profiled alike, one table")
+    pr.add_argument("--nproc", type=int, default=None, help="processes (default: tour size)")
+    pr.set_defaults(func=cmd_profile, forwards=True)
+
+    from dtlab.tools import doctor, estimate
+    doctor.add_arguments(sub.add_parser(
+        "doctor", help="check a DeepSpeed hostfile and a multi-node setup before launch",
+        description=doctor.__doc__.split("\n\n")[0])).set_defaults(func=cmd_doctor)
+    estimate.add_arguments(sub.add_parser(
+        "memory", help="estimate GPU and CPU memory per ZeRO stage, offload and precision",
+        description=estimate.__doc__.split("\n\n")[0])).set_defaults(func=cmd_memory)
+
+    ex = sub.add_parser("exercise", help="write an exercise skeleton (TODOs and hints) to fill in")
+    ex.add_argument("name", help="ring_allreduce, loss_scaler, tensor_parallel, 1f1b or zero1")
+    ex.add_argument("--dest", default=".", help="folder to write it into (default: here)")
+    ex.add_argument("--force", action="store_true", help="overwrite an existing file")
+    ex.set_defaults(func=cmd_exercise)
+    ck = sub.add_parser("check", help="grade an exercise: run it through its lab's verification")
+    ck.add_argument("name", help="the exercise (see dtlab exercise)")
+    ck.add_argument("--impl", default=None, help="your file (default: ./<exercise file>)")
+    ck.set_defaults(func=cmd_check)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = make_parser().parse_known_args(argv)
+    if rest and not getattr(args, "forwards", False):
+        fail(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return args.func(args, rest)
+    except UsageError as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

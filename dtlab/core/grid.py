@@ -1,0 +1,135 @@
+"""The grid of ranks: data x pipeline x tensor parallel degrees, validated once, passed as a value.
+
+The W = dp x pp x tp ranks are laid out as ``arange(W).view(dp, pp, tp)``, TP fastest:
+
+    rank = (d * pp + p) * tp + t
+
+so consecutive ranks form a TP group (on a real cluster: the GPUs of one node, joined by
+NVLink), a pipeline runs across the TP groups of one replica, and the DP replicas are outermost.
+Megatron-LM orders the same grid with PP outermost and DeepSpeed's topology is (pipe, data,
+model); what matters on a cluster is that TP, the chattiest, stays inside a node
+(docs/3d-parallel.md).
+
+A ``Grid`` knows a rank's coordinates, its pipeline neighbours and the ranks of its TP and DP
+groups; ``with_groups()`` creates the process groups (a collective: every rank calls it). Labs
+take the grid as an argument; nothing about it is kept in module state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from dtlab.core.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Grid:
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+    rank: int = 0
+    tp_group: object = field(default=None, compare=False, repr=False)
+    dp_group: object = field(default=None, compare=False, repr=False)
+
+    # ---- checks, before any process group exists
+    @property
+    def world(self) -> int:
+        return self.dp * self.pp * self.tp
+
+    def validate(self, world: int, model, batch_size: int, microbatches: int = 1,
+                 preset: str = "") -> None:
+        """Every way this grid can fail to fit the run, as one UsageError naming the fix."""
+        what = f" of preset {preset!r}" if preset else ""
+        if min(self.dp, self.pp, self.tp) < 1:
+            raise UsageError(f"--dp, --pp and --tp must be >= 1, got {self.dp}, {self.pp}, "
+                             f"{self.tp}")
+        if self.world != world:
+            raise UsageError(f"world size {world} != dp x pp x tp = {self.dp} x {self.pp} x "
+                             f"{self.tp} = {self.world}; make --nproc equal their product")
+        if self.tp > 1:
+            for name in ("n_head", "d_model", "d_ff"):
+                if getattr(model, name) % self.tp:
+                    raise UsageError(
+                        f"tensor parallel size {self.tp} must divide {name}="
+                        f"{getattr(model, name)}{what}; pick a TP size that divides "
+                        f"n_head={model.n_head}, d_model={model.d_model} and d_ff={model.d_ff}, "
+                        "or a preset with more heads (small has 4)")
+        if self.pp > model.n_layer:
+            raise UsageError(f"{self.pp} pipeline stages but{what or ' the model'} has "
+                             f"{model.n_layer} blocks; use at most {model.n_layer} stages or a "
+                             "preset with more layers")
+        if batch_size % self.dp:
+            lo = batch_size - batch_size % self.dp
+            raise UsageError(f"--batch-size {batch_size} is not divisible by the {self.dp} "
+                             f"data-parallel replicas; use a multiple of {self.dp} (e.g. "
+                             f"{lo or self.dp} or {lo + self.dp})")
+        rows = batch_size // self.dp
+        if microbatches < 1 or rows % microbatches:
+            raise UsageError(f"--microbatches {microbatches} must be >= 1 and divide the {rows} "
+                             "rows each data-parallel replica gets")
+
+    # ---- where a rank sits
+    def at(self, rank: int) -> Grid:
+        return replace(self, rank=rank)
+
+    @property
+    def coords(self) -> tuple[int, int, int]:
+        """(d, p, t) of this rank."""
+        r = self.rank
+        return r // (self.pp * self.tp), (r // self.tp) % self.pp, r % self.tp
+
+    @property
+    def d(self) -> int:
+        return self.coords[0]
+
+    @property
+    def p(self) -> int:
+        return self.coords[1]
+
+    @property
+    def t(self) -> int:
+        return self.coords[2]
+
+    def rank_of(self, d: int, p: int, t: int) -> int:
+        return (d * self.pp + p) * self.tp + t
+
+    @property
+    def prev_rank(self) -> int | None:
+        """The rank holding the previous pipeline stage at the same (d, t), if any."""
+        d, p, t = self.coords
+        return self.rank_of(d, p - 1, t) if p > 0 else None
+
+    @property
+    def next_rank(self) -> int | None:
+        d, p, t = self.coords
+        return self.rank_of(d, p + 1, t) if p < self.pp - 1 else None
+
+    def tp_ranks(self, d: int, p: int) -> list[int]:
+        return [self.rank_of(d, p, t) for t in range(self.tp)]
+
+    def dp_ranks(self, p: int, t: int) -> list[int]:
+        return [self.rank_of(d, p, t) for d in range(self.dp)]
+
+    # ---- process groups
+    def with_groups(self) -> Grid:
+        """This grid with its TP and DP process groups. A collective: every rank of the default
+        group calls it, and every rank creates every group in the same order (torch requires
+        it), keeping the ones it belongs to."""
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()) or self.world == 1:
+            return self
+        d, p, t = self.coords
+        tp_group = dp_group = None
+        for dd in range(self.dp if self.tp > 1 else 0):  # a group of one rank is never used
+            for pp in range(self.pp):
+                g = dist.new_group(self.tp_ranks(dd, pp))
+                if (dd, pp) == (d, p):
+                    tp_group = g
+        for pp in range(self.pp if self.dp > 1 else 0):
+            for tt in range(self.tp):
+                g = dist.new_group(self.dp_ranks(pp, tt))
+                if (pp, tt) == (p, t):
+                    dp_group = g
+        return replace(self, tp_group=tp_group, dp_group=dp_group)
+
+    def describe(self) -> dict:
+        return {"dp": self.dp, "pp": self.pp, "tp": self.tp}

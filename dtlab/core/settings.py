@@ -1,0 +1,148 @@
+"""The run settings every lab shares: the common flags, their validation, and ``Settings``.
+
+``add_common_args`` defines the flags (defaults live here, in argparse); ``settings_from_args``
+and ``plans_from_args`` validate them without changing ``args`` and raise ``UsageError`` naming
+the flag and the fix.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dtlab.core import checkpoint as ckpt
+from dtlab.core import faults, runtime
+from dtlab.core.data import Corpus
+from dtlab.core.errors import UsageError
+from dtlab.core.model import DEFAULT_PRESET, ModelConfig, config_from_preset, preset, preset_names
+
+# AdamW's moment decay rates for every lab, library and DeepSpeed config (GPT-style training)
+ADAMW_BETAS = (0.9, 0.95)
+
+
+@dataclass
+class Settings:
+    preset: str = DEFAULT_PRESET
+    steps: int = 20
+    batch_size: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    data: str | None = None
+    out: str = "runs/latest"
+    profile_dir: str | None = None  # profile the run (traces and a time split per rank)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def identity(self) -> dict:
+        """Everything that determines the baseline's trajectory (the cache key)."""
+        d = asdict(self)
+        d.pop("out")
+        d.pop("profile_dir")
+        d["data"] = self.corpus().describe()
+        return d
+
+    def corpus(self) -> Corpus:
+        return Corpus(self.batch_size, self.model.seq_len, seed=self.seed, path=self.data)
+
+    def adamw(self) -> dict:
+        """The optimizer's hyper-parameters, for torch, FairScale and DeepSpeed alike."""
+        return {"lr": self.lr, "betas": ADAMW_BETAS, "weight_decay": self.weight_decay}
+
+
+def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = p.add_argument_group("common run settings")
+    g.add_argument("--steps", type=int, default=20, help="training steps (default 20)")
+    g.add_argument("--preset", default=DEFAULT_PRESET,
+                   help=f"model preset: {', '.join(preset_names())} (default {DEFAULT_PRESET})")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="global batch size in sequences (default: the preset's)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: preset's)")
+    g.add_argument("--seed", type=int, default=0, help="data and init seed (default 0)")
+    g.add_argument("--data", default=None, help="UTF-8 text file to train on, char-level "
+                   "(default: synthetic addition problems, no files needed)")
+    g.add_argument("--out", default="runs/latest", help="run record folder (default runs/latest)")
+    g.add_argument("--backend", default=None, choices=["gloo", "nccl"],
+                   help="process-group backend (default: nccl with CUDA, else gloo)")
+    g.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if present)")
+    g.add_argument("--timeout", type=float, default=runtime.DEFAULT_TIMEOUT_S,
+                   help="seconds a collective or the start-up may wait for a missing rank "
+                        f"(default {runtime.DEFAULT_TIMEOUT_S:g})")
+    g.add_argument("--no-baseline", action="store_true",
+                   help="skip the baseline comparison (baseline.ok is then null)")
+    g.add_argument("--log-every", type=int, default=None, help="print a loss line every N steps")
+    g.add_argument("--profile-dir", default=None,
+                   help="profile the run with torch.profiler: traces in DIR/tb and a time split "
+                        "per rank in the record (dtlab profile sets it)")
+    r = p.add_argument_group("checkpoints and injected faults (docs/reliability.md)")
+    r.add_argument("--ckpt-dir", default=None,
+                   help="write checkpoints here, and resume from the newest complete one")
+    r.add_argument("--ckpt-every", type=int, default=5,
+                   help="steps between checkpoints (default 5)")
+    r.add_argument("--ckpt-keep", type=int, default=2,
+                   help="complete checkpoints kept; older ones are deleted (default 2)")
+    r.add_argument("--fail-at-step", type=int, default=None,
+                   help="kill --fail-rank with SIGKILL at the start of this step "
+                        "(first attempt only)")
+    r.add_argument("--fail-rank", type=int, default=0,
+                   help="rank that --fail-at-step kills (default 0)")
+    r.add_argument("--fail-in", default="step", choices=["step", "checkpoint"],
+                   help="checkpoint: die while writing the first checkpoint at or after "
+                        "--fail-at-step instead (default step)")
+    r.add_argument("--stall-at-step", type=int, default=None,
+                   help="--stall-rank stops answering at the start of this step")
+    r.add_argument("--stall-rank", type=int, default=0, help="rank that stalls (default 0)")
+    return p
+
+
+def plans_from_args(args: argparse.Namespace, settings: Settings, world: int, lab: str,
+                    no_checkpoint: str | None = None) -> tuple[ckpt.Plan, faults.FaultPlan]:
+    """The checkpoint and fault flags, validated. ``no_checkpoint``: why this lab cannot
+    checkpoint, if it cannot (the registry's ``Lab.no_checkpoint``)."""
+    plan = ckpt.Plan(args.ckpt_dir, args.ckpt_every, args.ckpt_keep)
+    if plan.ckpt_dir is not None and no_checkpoint:
+        raise UsageError(f"--ckpt-dir: lab {lab!r} cannot checkpoint: {no_checkpoint}")
+    if plan.ckpt_every < 1:
+        raise UsageError(f"--ckpt-every must be >= 1, got {plan.ckpt_every}")
+    if plan.ckpt_keep < 1:
+        raise UsageError(f"--ckpt-keep must be >= 1, got {plan.ckpt_keep}")
+    if plan.ckpt_dir is not None:
+        d = Path(plan.ckpt_dir)
+        if d.exists() and not d.is_dir():
+            raise UsageError(f"--ckpt-dir {d} is a file; give a folder (it is created if missing)")
+    fp = faults.FaultPlan(args.fail_at_step, args.fail_rank, args.fail_in, args.stall_at_step,
+                          args.stall_rank)
+    if (msg := fp.check(world, settings.steps, plan.ckpt_dir)):
+        raise UsageError(msg)
+    return plan, fp
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    try:
+        p = preset(args.preset)
+    except KeyError as e:
+        raise UsageError(f"--preset: {e.args[0]}") from None
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    batch = args.batch_size if args.batch_size is not None else p["batch_size"]
+    lr = args.lr if args.lr is not None else p["lr"]
+    if batch < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch}")
+    if lr <= 0:
+        raise UsageError(f"--lr must be > 0, got {lr}")
+    s = Settings(preset=args.preset, steps=args.steps, batch_size=batch, lr=lr, seed=args.seed,
+                 data=args.data, out=args.out, profile_dir=args.profile_dir)
+    vocab = Corpus(1, 1, path=None).vocab_size if args.data is None else None
+    if vocab is None:  # a text file: its characters are the vocabulary
+        seq = config_from_preset(args.preset, 1).seq_len
+        vocab = Corpus(batch, seq, path=args.data).vocab_size
+    s.model = config_from_preset(args.preset, vocab, init_seed=args.seed)
+    s.corpus()  # validates --data against the model's sequence length
+    return s
+
+
+
+def lab_flags(args: argparse.Namespace) -> dict:
+    """The lab's own flags (--stage, --impl, ...): the command-line values minus the common run
+    settings, which ``Settings`` already holds."""
+    common = {a.dest for a in add_common_args(argparse.ArgumentParser())._actions}
+    return {k: v for k, v in sorted(vars(args).items()) if k not in common}

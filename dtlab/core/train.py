@@ -1,0 +1,342 @@
+"""The one training loop. The single-process baseline is this loop at world size 1.
+
+    for step in range(steps):
+        x, y   = corpus.global_batch(step)          # same data for every strategy
+        x, y   = strategy.local_batch(x, y)         # e.g. this rank's rows
+        loss   = strategy.forward_backward(x, y)    # forward, loss, backward
+        strategy.after_backward()                   # e.g. wait for gradient all-reduces
+        strategy.optimizer_step()
+        record the loss of the whole global batch, the step time and the bytes communicated
+
+A lab is a :class:`Strategy` subclass that overrides the hooks it changes (DDP wraps the model;
+ZeRO replaces ``optimizer_step``; a pipeline replaces ``forward_backward``), plus ``main``, which
+is one call to :func:`run_lab`. Afterwards rank 0 collects the full parameters, reruns (or reads a
+cached) baseline with identical settings, and writes the run record.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dtlab.core import checkpoint as ckpt
+from dtlab.core import faults, record, runtime
+from dtlab.core import memory as mem
+from dtlab.core.comm import CommCounter
+from dtlab.core.data import check_divisible, rank_slice
+from dtlab.core.errors import UsageError
+from dtlab.core.flops import UtilisationSampler, flops_record
+from dtlab.core.model import ToyGPT, build_model, loss_fn
+from dtlab.core.profiler import StepProfiler
+from dtlab.core.settings import (Settings, add_common_args, lab_flags, plans_from_args,
+                                 settings_from_args)
+
+
+# --------------------------------------------------------------------------- strategy
+
+class Strategy:
+    """Plain training on one process; labs subclass it and override the hooks they change.
+    The class attributes below are the flags a lab sets (the defaults are the baseline's)."""
+
+    name = "baseline"
+    variant = "single"
+    dtype = "fp32"
+    tolerance = record.FP32_TOLERANCE
+    checks_ok = True            # a lab with its own checks (e.g. against a library op) sets this
+    equivalent = True           # False for strategies not equal to the baseline by design
+    whole_batch = False         # True: every rank takes the whole global batch (TP, PP)
+    checkpoint_sharded = False  # True: every rank's state differs (ZeRO, TP, PP): all write
+
+    def __init__(self, rt: runtime.Runtime, settings: Settings):
+        self.rt, self.settings = rt, settings
+        self.comm = CommCounter(rt.world_size)
+        self.meter = mem.ActivationMeter()
+        self.extra: dict = {}
+        self.lab = self.name
+        self.ckpt_plan, self.fault_plan = ckpt.Plan(), faults.FaultPlan()
+        self.current_step: int | None = None
+        self.lab_flags: dict = {}
+        self.trajectory: tuple[list, list] = ([], [])
+
+    # ---- set-up
+    def build(self) -> None:
+        """Create ``self.model`` and ``self.optimizer``."""
+        self.model = build_model(self.settings.model, self.rt.device)
+        self.optimizer = self.make_optimizer(self.model.parameters())
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, **self.settings.adamw())
+
+    @property
+    def dp_rank(self) -> int:
+        return 0 if self.whole_batch else self.rt.rank
+
+    @property
+    def dp_world(self) -> int:
+        return 1 if self.whole_batch else self.rt.world_size
+
+    # ---- one step
+    def local_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rank_slice(x, self.dp_rank, self.dp_world), rank_slice(y, self.dp_rank, self.dp_world)
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.meter.measure(self.model.parameters()):
+            loss = loss_fn(self.model(x), y)
+        loss.backward()
+        return loss.detach()
+
+    def after_backward(self) -> None:
+        pass
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+
+    def global_loss(self, local_loss: torch.Tensor) -> float:
+        """Loss of the whole global batch: the mean of the data-parallel ranks' equal slices.
+        This all-reduce is bookkeeping, not training traffic, so it is not counted."""
+        if self.rt.distributed and self.dp_world > 1:
+            t = local_loss.detach().clone().float()
+            dist.all_reduce(t)
+            return t.item() / self.rt.world_size
+        return local_loss.item()
+
+    # ---- afterwards
+    def num_params(self) -> int:
+        """Parameters of the whole model (not of this rank's shard)."""
+        return ToyGPT.count_params(self.settings.model)
+
+    def full_state(self) -> dict[str, torch.Tensor] | None:
+        """Full parameters under the baseline's names, on rank 0 (None elsewhere). Every rank
+        calls it: a DTensor parameter (DTensor TP, FSDP2) is gathered by ``full_tensor()``, a
+        collective."""
+        m = getattr(self.model, "module", self.model)
+        full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
+                for k, v in m.named_parameters()}
+        return full if self.rt.is_main else None
+
+    def memory(self) -> dict:
+        params = list(self.model.parameters())
+        return mem.snapshot(params, self.optimizer, self.meter, self.rt.device)
+
+    # ---- checkpoints (dtlab.core.checkpoint): what determines the rest of the run
+    def checkpoint_state(self) -> dict:
+        m = getattr(self.model, "module", self.model)
+        return {"model": m.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        m = getattr(self.model, "module", self.model)
+        m.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def gather_object(self, obj) -> list:
+        """Every rank's ``obj`` as a list on rank 0 (processes without a process group, such as
+        torch.multiprocessing workers, override this)."""
+        if not self.rt.distributed:
+            return [obj]
+        out = [None] * self.rt.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        self.rt.barrier()
+
+    def close(self) -> None:
+        """Drop the model and optimizer before the process group goes. A DDP wrapper still alive
+        at interpreter exit, after its group was destroyed, can abort the process from C++."""
+        self.model = self.optimizer = None
+        gc.collect()
+
+
+# --------------------------------------------------------------------------- loop
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(strategy: Strategy, log_every: int | None = None,
+          profile: bool = True) -> tuple[list[float], list[dict]]:
+    rt, s = strategy.rt, strategy.settings
+    corpus = s.corpus()
+    losses, steps = strategy.trajectory = [], []  # the failure report reads the history so far
+    start = ckpt.resume(strategy, losses, steps)
+    if log_every is None:
+        log_every = max(1, s.steps // 10)
+    prof = StepProfiler(s.profile_dir, rt.rank, s.steps, rt.device.type) \
+        if profile and s.profile_dir else None
+    with prof or contextlib.nullcontext():
+        _steps(strategy, corpus, losses, steps, log_every, prof, start)
+    if prof is not None:
+        strategy.extra["profile"] = prof.summary
+    return losses, steps
+
+
+def _steps(strategy, corpus, losses, steps, log_every, prof, start=0) -> None:
+    rt, s = strategy.rt, strategy.settings
+    plan, fp = strategy.ckpt_plan, strategy.fault_plan
+    for step in range(start, s.steps):
+        strategy.current_step = step
+        fp.before_step(rt, step)
+        x, y = corpus.global_batch(step)
+        x, y = strategy.local_batch(x.to(rt.device), y.to(rt.device))
+        _sync(rt.device)
+        t0 = time.perf_counter()
+        loss = strategy.forward_backward(x, y)
+        strategy.after_backward()
+        strategy.optimizer_step()
+        _sync(rt.device)
+        dt = time.perf_counter() - t0
+        strategy.comm.end_step()
+        losses.append(strategy.global_loss(loss))
+        steps.append({"step": step, "loss": losses[-1], "step_s": dt,
+                      "comm_bytes": strategy.comm.step_sent[-1]})
+        if log_every and (step % log_every == 0 or step == s.steps - 1):
+            rt.log(f"step {step:4d}  loss {losses[-1]:.4f}  {dt * 1e3:7.1f} ms")
+        if plan.due(step + 1, s.steps):
+            steps[-1]["ckpt_s"] = ckpt.save(strategy, step + 1, losses, steps)
+        if prof is not None:
+            prof.step()
+
+
+def baseline(settings: Settings, device: torch.device) -> tuple[list[float], dict]:
+    """The reference trajectory: this loop, one process, the whole global batch (cached)."""
+    key = record.cache_key({**settings.identity(), "device": device.type})
+    hit = record.load_cached(key)
+    if hit is not None:
+        return hit
+    rt = runtime.Runtime(device=device)
+    strat = Strategy(rt, settings)
+    strat.build()
+    losses, _ = train(strat, log_every=0, profile=False)
+    params = strat.full_state()
+    record.store_cached(key, losses, params)
+    return losses, params
+
+
+def run(strategy: Strategy, lab: str, compare_baseline: bool = True,
+        log_every: int | None = None) -> dict | None:
+    """Build, train, compare with the baseline, write the record; the summary on rank 0."""
+    rt, s = strategy.rt, strategy.settings
+    t_wall = time.perf_counter()
+    strategy.lab = lab
+    strategy.build()
+    rt.log(f"{lab} [{strategy.variant}]  world {rt.world_size}  {rt.backend}/{rt.device}  "
+           f"preset {s.preset} ({strategy.num_params():,} parameters)"
+           f"  global batch {s.batch_size} x {s.model.seq_len} tokens  {s.steps} steps")
+    with UtilisationSampler(rt.device) as sampler:  # GPU (NVML) or this process's CPU
+        losses, steps = train(strategy, log_every)
+    wall = time.perf_counter() - t_wall
+    utilisation = strategy.gather_object(sampler.summary())
+    full = strategy.full_state()
+    if "profile" in strategy.extra:  # every rank's own summary, on rank 0
+        strategy.extra["profile"] = strategy.gather_object(strategy.extra["profile"])
+    mems = strategy.gather_object(strategy.memory())
+    comms = strategy.gather_object(strategy.comm.summary())
+    # Every rank leaves the process group together before rank 0 turns to the baseline, so no
+    # rank sits in a collective (or tears a connection down) while rank 0 computes alone.
+    strategy.barrier()
+    strategy.close()
+    runtime.shutdown(rt)
+    if not rt.is_main:
+        return None
+    step_s = statistics.median(st["step_s"] for st in steps)
+    cmp = _compare(strategy, losses, full, compare_baseline)
+    comm = dict(comms[0])
+    comm["per_rank"] = [c["bytes_per_step"] for c in comms]
+    flops = flops_record(s.model, s.batch_size, step_s, rt.world_size, rt.device)
+    flops["utilisation_per_rank"] = utilisation
+    summary = record.build_summary(
+        strategy, losses, cmp,
+        time={"step_s_median": step_s, "tokens_per_s": s.batch_size * s.model.seq_len / step_s,
+              "wall_s": wall},
+        comm=comm, memory={"per_rank": mems}, flops=flops,
+        params_sha256=record.params_digest(full),
+        # the verdict: baseline within tolerance (or not compared) and the lab's own checks
+        ok=cmp["ok"] is not False and bool(strategy.checks_ok))
+    record.write_record(Path(s.out), summary, steps)
+    verdict = {True: "OK", False: "OUTSIDE TOLERANCE", None: "not compared"}[cmp["ok"]]
+    if cmp["ok"] is not None:
+        rt.log(f"baseline: max |loss diff| {cmp['max_abs_loss_diff']:.2e} "
+               f"(rel {cmp['max_rel_loss_diff']:.2e}), max |param diff| "
+               f"{cmp['max_abs_param_diff']:.2e}  -> {verdict}")
+    rt.log(f"wrote {Path(s.out) / 'summary.json'}")
+    return summary
+
+
+def _compare(strategy: Strategy, losses: list[float], full: dict, compare_baseline: bool) -> dict:
+    """The baseline comparison of the run (rank 0)."""
+    s, rt = strategy.settings, strategy.rt
+    if not compare_baseline:
+        return {"max_abs_loss_diff": None, "max_rel_loss_diff": None,
+                "max_abs_param_diff": None, "tolerance": dict(strategy.tolerance), "ok": None}
+    base_losses, base_params = baseline(s, rt.device)
+    cmp = record.compare(losses, full, base_losses, base_params, strategy.tolerance)
+    cmp["losses"] = base_losses  # the reference curve, for plots
+    if not strategy.equivalent:  # drift is the expected outcome, not a failure
+        cmp["ok"] = None
+        cmp["note"] = "not numerically equivalent by design; the drift is reported"
+    return cmp
+
+
+def _launched(rt: runtime.Runtime | None) -> bool:
+    """A rank started by a launcher (torchrun and the like), not a plain or spawned process."""
+    return rt is None and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def run_lab(lab, parser: argparse.ArgumentParser, make_strategy, argv=None,
+            check_args=None, rt: runtime.Runtime | None = None) -> int:
+    """A lab's ``main``: parse, join the process group, run, report. ``lab``: the registry's
+    entry (or a bare name, for labs outside the registry). Exit status 0 when within tolerance,
+    1 when outside, 2 for bad input, 3 when the process group failed. ``rt``: a runtime the
+    caller made (torch.multiprocessing workers) instead of one from the environment."""
+    name = getattr(lab, "name", lab)
+    args = parser.parse_args(argv)
+    launched = _launched(rt)
+    rank = rt.rank if rt else int(os.environ.get("RANK", "0"))
+    summary = None
+    try:
+        settings = settings_from_args(args)
+        world = rt.world_size if rt else int(os.environ.get("WORLD_SIZE", "1"))
+        if check_args is not None:
+            check_args(args, settings, world)
+        else:
+            check_divisible(settings.batch_size, world)
+        plan, fault_plan = plans_from_args(args, settings, world, name,
+                                           getattr(lab, "no_checkpoint", None))
+        rt = rt or runtime.init(args.backend, args.device, args.timeout, args.seed)
+        strategy = make_strategy(rt, settings, args)
+        strategy.ckpt_plan, strategy.fault_plan = plan, fault_plan
+        strategy.lab_flags = lab_flags(args)
+        try:
+            summary = run(strategy, name, compare_baseline=not args.no_baseline,
+                          log_every=args.log_every)
+        except RuntimeError as e:
+            if not (rt.distributed and faults.is_comm_failure(e)):
+                raise
+            code = faults.report_failure(strategy, name, e)
+            if launched:
+                runtime.exit_now(code)
+            return code
+    except UsageError as e:
+        if rank == 0:
+            print(f"dtlab: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except runtime.RuntimeSetupError as e:
+        print(f"dtlab: error: {e}", file=sys.stderr, flush=True)
+        return 3
+    finally:
+        if rt is not None:
+            runtime.shutdown(rt)
+    code = 0 if summary is None or summary["ok"] else 1  # summary is None off rank 0
+    if launched:
+        runtime.exit_now(code)  # a launched rank: no interpreter teardown (see exit_now)
+    return code

@@ -1,0 +1,141 @@
+"""Running one lab the way ``dtlab run`` does: check the request before any process starts, start
+torchrun on a free port, read the run record, print the result table.
+
+Labs are reached through the registry only: ``Lab.module`` names the module whose parser and
+checks validate the flags, and torchrun runs it (``-m labs.<name>``).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from dtlab import registry
+from dtlab.core import checkpoint as ckpt
+from dtlab.core.data import check_divisible
+from dtlab.core.errors import UsageError
+from dtlab.core.record import read_summary
+from dtlab.core.settings import lab_flags, plans_from_args, settings_from_args
+
+
+def opt_value(args: list[str], flag: str) -> str | None:
+    """The value of ``--flag V`` or ``--flag=V`` in a forwarded argument list."""
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def without_opt(args: list[str], flag: str) -> list[str]:
+    """``args`` minus ``--flag V`` / ``--flag=V``."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
+def get_lab(name: str) -> registry.Lab:
+    try:
+        return registry.get(name)
+    except KeyError as e:
+        raise UsageError(e.args[0]) from None
+
+
+def validate(lab: registry.Lab, nproc: int, lab_args: list[str]) -> None:
+    """Everything that can be checked before processes start; raises UsageError."""
+    if nproc < 1:
+        raise UsageError(f"--nproc must be >= 1, got {nproc}")
+    if (msg := lab.check_world(nproc)):
+        raise UsageError(f"{msg}; use --nproc {lab.min_world}" if lab.max_world == lab.min_world
+                         else f"{msg}; choose --nproc in {lab.world_text()}")
+    if lab.gpu_only:
+        import torch
+        if not torch.cuda.is_available():
+            raise UsageError(f"lab {lab.name!r} needs CUDA: {lab.gpu_only}")
+    if (missing := lab.missing()):
+        raise UsageError(f"lab {lab.name!r} needs {', '.join(missing)}; install it with "
+                         f"pip install -c constraints.txt -e '.[{lab.extra or 'all'}]'")
+    mod = importlib.import_module(lab.module)
+    args = mod.make_parser().parse_args(lab_args)  # argparse prints usage and exits 2 itself
+    settings = settings_from_args(args)
+    if lab.data_parallel:
+        check_divisible(settings.batch_size, nproc)
+    if hasattr(mod, "check_args"):
+        mod.check_args(args, settings, nproc)
+    check_checkpoint_dir(lab, nproc, settings, args)
+
+
+def check_checkpoint_dir(lab: registry.Lab, nproc: int, settings, args) -> None:
+    """The reliability flags, and a --ckpt-dir that holds another run's checkpoint, before any
+    process starts (the lab checks again when it loads)."""
+    plan, _ = plans_from_args(args, settings, nproc, lab.name, lab.no_checkpoint)
+    if plan.ckpt_dir is None:
+        return
+    found = ckpt.latest(Path(plan.ckpt_dir))
+    if found is not None:
+        folder, manifest = found
+        flags = lab_flags(args)
+        ckpt.check_compatible(manifest, folder,
+                              ckpt.checkpoint_identity(lab.name, nproc, settings, flags), flags,
+                              settings.steps)
+
+
+def launch(lab: registry.Lab, nproc: int, lab_args: list[str], log: Path | None = None,
+           max_restarts: int = 0, env: dict | None = None) -> int:
+    """torchrun on a free port (``--standalone``); returns its exit status. With
+    ``max_restarts`` torchrun restarts every rank when one dies (the lab resumes from its
+    newest checkpoint when given --ckpt-dir)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}", "-m", lab.module,
+           *lab_args]
+    env = dict(os.environ, **(env or {}))
+    # Oversubscribing a small machine with torch's default thread pools makes every rank slower.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if log is None:
+        return subprocess.call(cmd, env=env)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        return subprocess.call(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def run_one(name: str, nproc: int | None, lab_args: list[str], max_restarts: int = 0) -> int:
+    """``dtlab run``: validate, launch, print the result; the exit status says the verdict
+    (0 within tolerance, 1 outside or failing its checks, 2 bad input, 3 a failed collective)."""
+    from dtlab.tools.report import print_table
+    lab = get_lab(name)
+    nproc = lab.tour_nproc if nproc is None else nproc
+    if opt_value(lab_args, "--out") is None:
+        lab_args = [*lab_args, "--out", f"runs/{lab.name}-n{nproc}"]
+    if max_restarts < 0:
+        raise UsageError(f"--max-restarts must be >= 0, got {max_restarts}")
+    validate(lab, nproc, lab_args)
+    out = Path(opt_value(lab_args, "--out"))
+    (out / "summary.json").unlink(missing_ok=True)
+    rc = launch(lab, nproc, lab_args, max_restarts=max_restarts)
+    if not (out / "summary.json").is_file():
+        print(f"dtlab: {lab.name} ended with exit status {rc} and wrote no run record "
+              f"(see the output above)", file=sys.stderr)
+        return rc or 1
+    summary = read_summary(out)
+    if "failure" in summary:  # the lab said what failed on stderr; the record keeps it
+        print(f"dtlab: {lab.name} failed at step {summary['failure']['step']} "
+              f"({summary['failure']['kind']} in {summary['failure']['op']}); "
+              f"record: {out / 'summary.json'}", file=sys.stderr)
+        return rc or 3
+    print_table([summary])
+    if not summary["ok"]:
+        why = ("OUTSIDE its tolerance " + str(summary["baseline"]["tolerance"])
+               if summary["baseline"]["ok"] is False else "failing its own checks (see extra)")
+        print(f"dtlab: {lab.name} is {why}", file=sys.stderr)
+        return 1
+    return rc

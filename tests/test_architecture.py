@@ -1,0 +1,99 @@
+"""The layout holds: dependencies run one way (core <- collectives <- labs <- exercises; tools
+use core, collectives and the registry; the CLI on top), no import cycle, labs keep no mutable
+module-level state, and labs/ holds exactly the labs `dtlab list` shows (plus their declared
+variant files)."""
+import ast
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from dtlab import registry
+from dtlab.tools import importgraph
+
+LAB_FILES = sorted((ROOT / "labs").glob("*.py"))
+
+
+def test_imports_follow_the_layers_and_form_no_cycle():
+    edges = importgraph.graph()
+    assert importgraph.violations(edges) == []
+    assert importgraph.cycles(edges) == []
+    # the walker sees real edges (a check over an empty graph would pass vacuously)
+    assert {"labs.pipeline", "labs.tensor_parallel"} <= edges["labs.parallel3d"]
+    assert "dtlab.collectives.ring" in edges["labs.ddp"]
+    assert "dtlab.core.train" in edges["labs.zero"]
+
+
+def test_a_wrong_import_and_a_cycle_are_caught(tmp_path):
+    """The checker on a small tree: core importing a tool, and two labs importing each other."""
+    files = {
+        "dtlab/__init__.py": "", "dtlab/core/__init__.py": "", "dtlab/tools/__init__.py": "",
+        "dtlab/core/a.py": "def f():\n    from dtlab.tools import b\n",
+        "dtlab/tools/b.py": "import dtlab.core.a\n",
+        "labs/__init__.py": "", "labs/x.py": "from labs import y\n", "labs/y.py": "import labs.x\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    edges = importgraph.graph(tmp_path)
+    assert edges["dtlab.core.a"] == {"dtlab.tools.b"}
+    bad = importgraph.violations(edges)
+    assert len(bad) == 1 and bad[0].startswith("dtlab.core.a (core) imports dtlab.tools.b (tools)")
+    assert ["labs.x", "labs.y"] in importgraph.cycles(edges)
+
+
+MUTABLE_NODES = (ast.List, ast.Dict, ast.Set, ast.ListComp, ast.DictComp, ast.SetComp)
+MUTABLE_CALLS = {"dict", "list", "set", "defaultdict", "OrderedDict", "Counter", "local",
+                 "bytearray", "deque"}
+
+
+def _module_state_problems(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    problems = [f"{path.name}:{n.lineno} uses `global`" for n in ast.walk(tree)
+                if isinstance(n, (ast.Global, ast.Nonlocal))]
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            v = node.value
+            call = isinstance(v, ast.Call) and getattr(v.func, "id", getattr(v.func, "attr", None))
+            if isinstance(v, MUTABLE_NODES) or call in MUTABLE_CALLS:
+                problems.append(f"{path.name}:{node.lineno} binds a mutable value at module level")
+    return problems
+
+
+@pytest.mark.parametrize("path", LAB_FILES, ids=lambda p: p.name)
+def test_labs_keep_no_mutable_module_state(path):
+    assert _module_state_problems(path) == []
+    # and at run time: what the module defines itself is immutable once imported
+    mod = __import__(f"labs.{path.stem}", fromlist=["_"])
+    own = {t.id for n in ast.parse(path.read_text()).body if isinstance(n, ast.Assign)
+           for t in n.targets if isinstance(t, ast.Name)}
+    for name in own:
+        value = getattr(mod, name)
+        assert not isinstance(value, (dict, list, set, bytearray)) or \
+            isinstance(value, types.MappingProxyType), f"labs.{path.stem}.{name}"
+
+
+def test_the_state_check_catches_a_global(tmp_path):
+    f = tmp_path / "bad_lab.py"
+    f.write_text(textwrap.dedent("""
+        COUNTER = None
+        CACHE = {}
+        def build(c):
+            global COUNTER
+            COUNTER = c
+    """))
+    problems = _module_state_problems(f)
+    assert any("uses `global`" in p for p in problems)
+    assert any(":3 binds a mutable value" in p for p in problems)
+
+
+def test_labs_folder_is_the_registry():
+    names = subprocess.run([sys.executable, "-m", "dtlab", "list", "--names"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert names == list(registry.LABS)
+    variants = [v for lab in registry.LABS.values() for v in lab.variant_files]
+    assert sorted(p.stem for p in LAB_FILES if p.stem != "__init__") == sorted(names + variants)
