@@ -40,6 +40,7 @@ from dtlab.core.model import loss_fn
 from dtlab.core.precision import (AMP_TOLERANCE, DTYPES, ScaleHistory,
                                   deepspeed_fp16_unsupported)
 from dtlab.core.runtime import choose_backend_device
+from dtlab.core.settings import finite
 from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
 
 
@@ -209,6 +210,7 @@ class MixedPrecision(Strategy):
         # trajectories part there by design: the drift is reported, not judged.
         self.equivalent = self.history.report(
             self.extra, self.settings.out if self.rt.is_main else None, self.variant)
+        self.drift_reason = self.history.drift_reason()
         self.extra["master_weights_demo"] = master_weights_demo()
         grads = [p.grad for p in getattr(self, "master", None) or self.model.parameters()
                  if p.grad is not None]
@@ -262,11 +264,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--scaler", default="own", choices=["own", "torch", "none"])
     p.add_argument("--master-weights", action="store_true",
                    help="model in fp16, optimizer on fp32 copies (pure fp16 training)")
-    p.add_argument("--init-scale", type=float, default=2.0**16,
+    p.add_argument("--init-scale", type=finite, default=2.0**16,
                    help="the loss scale at the first step (default 2^16, as GradScaler's)")
-    p.add_argument("--growth-factor", type=float, default=2.0,
+    p.add_argument("--growth-factor", type=finite, default=2.0,
                    help="scale multiplier after --growth-interval clean steps (default 2)")
-    p.add_argument("--backoff-factor", type=float, default=0.5,
+    p.add_argument("--backoff-factor", type=finite, default=0.5,
                    help="scale multiplier on an overflow (default 0.5)")
     p.add_argument("--growth-interval", type=int, default=2000,
                    help="clean steps in a row before the scale grows (default 2000)")

@@ -80,4 +80,5 @@ class DeepSpeedFP16(Strategy):
     def close(self) -> None:
         self.equivalent = self.history.report(
             self.extra, self.settings.out if self.rt.is_main else None, self.variant)
+        self.drift_reason = self.history.drift_reason()
         super().close()

@@ -42,6 +42,7 @@ from dtlab import registry
 from dtlab.core.comm import counting_allreduce_hook, unflatten_into
 from dtlab.core.data import check_divisible
 from dtlab.core.model import loss_fn
+from dtlab.core.settings import finite
 from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
 from dtlab.collectives.ring import ring_all_reduce
 
@@ -190,7 +191,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="labs.ddp", description=__doc__.splitlines()[0])
     p.add_argument("--impl", default="torch", choices=["torch", "own"],
                    help="torch: DistributedDataParallel; own: the same machinery written out")
-    p.add_argument("--bucket-mb", type=float, default=25.0,
+    p.add_argument("--bucket-mb", type=finite, default=25.0,
                    help="bucket size in MiB (default 25, as DDP's)")
     p.add_argument("--allreduce", default="ring", choices=["ring", "library"],
                    help="--impl own: our ring (ring_allreduce.py) or the library's all_reduce")

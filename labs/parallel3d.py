@@ -29,17 +29,17 @@ from functools import partial
 import torch.distributed as dist
 
 from dtlab import registry
+from dtlab.core import checkpoint as ckpt
 from dtlab.core.comm import flatten, nbytes, ring_sent_bytes, unflatten_into
 from dtlab.core.grid import Grid
 from dtlab.core.model import ToyGPT
 from dtlab.core.train import Strategy, add_common_args, run_lab
 from labs.pipeline import SCHEDULES, cut_stage, pipeline_loss, run_schedule
-from labs.tensor_parallel import join_shards, shard_layers, vocab_parallel_loss
+from labs.tensor_parallel import join_shards, shard_layers, take_shard, vocab_parallel_loss
 
 
 class Parallel3D(Strategy):
     name = "parallel3d"
-    checkpoint_sharded = True  # every rank holds its own (stage, TP slice)
 
     def __init__(self, rt, settings, grid: Grid, schedule: str, microbatches: int):
         super().__init__(rt, settings)
@@ -56,7 +56,7 @@ class Parallel3D(Strategy):
         return self.grid.d
 
     def build(self) -> None:
-        g = self.grid = self.grid.with_groups()
+        g = self.grid = self.grid.with_groups(self.rt.timeout_s)
         self.full = ToyGPT(self.settings.model).to(self.rt.device)   # the baseline's init
         self.stage = cut_stage(self.full, g.p, g.pp)                   # 2. this rank's stage,
         self.shard_dims, vocab_lo = shard_layers(self.full, range(self.stage.lo, self.stage.hi),
@@ -88,19 +88,31 @@ class Parallel3D(Strategy):
     def global_loss(self, local_loss):
         return pipeline_loss(local_loss, self.grid)
 
-    def full_state(self):
-        """Replica 0's shards, joined along TP and put together across stages, on rank 0."""
+    def _joined(self, local: dict, name_of=lambda key: key) -> dict:
+        """Replica 0's pieces, joined along TP and put together across stages, on every rank."""
         layouts = self.gather_object(self.shard_dims)  # which entries are cut, and along what
-        parts = self.gather_object((self.grid.coords, self.stage.params(self.full)))
-        if not self.rt.is_main:
-            return None
         dims = {k: v for lay in layouts for k, v in lay.items()}
+        parts = self.gather_object((self.grid.coords, local))
         out = {}
         for p in range(self.grid.pp):
             shards = [sd for (d, pp, t), sd in sorted(parts, key=lambda x: x[0])
                       if d == 0 and pp == p]
-            out.update(join_shards(shards[0], shards, dims))
+            cut = {k: dims[name_of(k)] for k in shards[0] if name_of(k) in dims}
+            out.update(join_shards(shards[0], shards, cut))
         return out
+
+    def full_state(self):
+        full = self._joined(self.stage.params(self.full))
+        return full if self.rt.is_main else None
+
+    def canonical_state(self) -> dict:
+        return self._joined(ckpt.adam_named(self.stage.named(self.full), self.optimizer),
+                            ckpt.param_of)
+
+    def load_canonical_state(self, full: dict) -> None:
+        g, dims = self.grid, self.shard_dims
+        ckpt.load_adam_named(self.stage.named(self.full), self.optimizer, full,
+                             cut=lambda n, t: take_shard(t, dims[n], g.tp, g.t) if n in dims else t)
 
     def memory(self) -> dict:
         return self.stage.memory(self.optimizer, self.meter, self.rt.device)

@@ -42,10 +42,12 @@ import torch
 import torch.distributed as dist
 
 from dtlab import registry
+from dtlab.core import checkpoint as ckpt
 from dtlab.core import memory as mem
 from dtlab.core.comm import CommCounter, library_collectives, nbytes
 from dtlab.core.grid import Grid
 from dtlab.core.model import ToyGPT, loss_fn, stage_bounds
+from dtlab.core.settings import finite
 from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
 
 
@@ -90,10 +92,14 @@ class Stage:
     peak_live_bytes: int = 0
     timelines: list = field(default_factory=list)
 
-    def params(self, full: ToyGPT) -> dict[str, torch.Tensor]:
-        """This stage's parameters under the full model's names (CPU copies)."""
-        return {n: p.detach().cpu() for n, p in full.named_parameters()
+    def named(self, full: ToyGPT) -> dict[str, torch.nn.Parameter]:
+        """This stage's parameters under the full model's names."""
+        return {n: p for n, p in full.named_parameters()
                 if self.lo <= int(n.split(".")[1]) < self.hi}
+
+    def params(self, full: ToyGPT) -> dict[str, torch.Tensor]:
+        """The same as CPU copies."""
+        return {n: p.detach().cpu() for n, p in self.named(full).items()}
 
     def memory(self, optimizer, meter, device) -> dict:
         snap = mem.snapshot(list(self.module.parameters()), optimizer, meter, device)
@@ -175,6 +181,13 @@ def run_schedule(stage: Stage, actions: list[tuple[str, int]], xs, ys, grid: Gri
     return total_loss
 
 
+def stage_canonical(stage: Stage, full: ToyGPT, optimizer, gather) -> dict:
+    """The canonical state (dtlab/core/checkpoint.py) of a pipeline: every stage's parameters
+    and moments, put together on every rank."""
+    return {k: v for part in gather(ckpt.adam_named(stage.named(full), optimizer))
+            for k, v in part.items()}
+
+
 def pipeline_loss(local_loss: torch.Tensor, grid: Grid) -> float:
     """Only the last stage knows the loss (every TP rank of it the same value): each replica's
     last stage at TP index 0 contributes, the sum over replicas divided by DP is the global
@@ -190,8 +203,8 @@ def pipeline_loss(local_loss: torch.Tensor, grid: Grid) -> float:
 
 class OwnPipeline(Strategy):
     name = "pipeline"
-    whole_batch = True          # every stage sees the whole batch (the first needs the tokens,
-    checkpoint_sharded = True   # the last the targets); every rank holds its own stage
+    whole_batch = True  # every stage sees the whole batch (the first needs the tokens, the last
+                        # the targets)
 
     def __init__(self, rt, settings, schedule: str, microbatches: int, compute_ms: float):
         super().__init__(rt, settings)
@@ -226,6 +239,12 @@ class OwnPipeline(Strategy):
     def memory(self) -> dict:
         return self.stage.memory(self.optimizer, self.meter, self.rt.device)
 
+    def canonical_state(self) -> dict:
+        return stage_canonical(self.stage, self.full, self.optimizer, self.gather_object)
+
+    def load_canonical_state(self, full: dict) -> None:
+        ckpt.load_adam_named(self.stage.named(self.full), self.optimizer, full)
+
     def close(self) -> None:
         # The first step includes warm-up (allocations, connections); measure the later ones.
         steps = self.stage.timelines[1:] or self.stage.timelines
@@ -242,7 +261,6 @@ class TorchPipeline(Strategy):
 
     name = "pipeline"
     whole_batch = True
-    checkpoint_sharded = True
 
     def __init__(self, rt, settings, schedule: str, microbatches: int):
         super().__init__(rt, settings)
@@ -284,6 +302,12 @@ class TorchPipeline(Strategy):
     def full_state(self):
         parts = self.gather_object(self.stage.params(self.full))
         return {k: v for part in parts for k, v in part.items()} if self.rt.is_main else None
+
+    def canonical_state(self) -> dict:
+        return stage_canonical(self.stage, self.full, self.optimizer, self.gather_object)
+
+    def load_canonical_state(self, full: dict) -> None:
+        ckpt.load_adam_named(self.stage.named(self.full), self.optimizer, full)
 
 
 # --------------------------------------------------------------------------- measured vs theory
@@ -340,7 +364,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", default="own", choices=["own", "torch"])
     p.add_argument("--schedule", default="1f1b", choices=list(SCHEDULES))
     p.add_argument("--microbatches", type=int, default=4, help="M (default 4)")
-    p.add_argument("--stage-compute-ms", type=float, default=0.0,
+    p.add_argument("--stage-compute-ms", type=finite, default=0.0,
                    help="known busy time added to every forward (and twice to every backward)")
     return add_common_args(p)
 

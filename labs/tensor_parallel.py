@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from dtlab import registry
 from dtlab.collectives.ring import chunk_sizes
+from dtlab.core import checkpoint as ckpt
 from dtlab.core.comm import CommCounter, library_collectives, nbytes, ring_sent_bytes
 from dtlab.core.grid import Grid
 from dtlab.core.model import ToyGPT, loss_fn
@@ -200,6 +201,12 @@ def vocab_parallel_loss(logits: torch.Tensor, y: torch.Tensor, vocab_lo: int, gr
                                            vocab_lo, grid.tp_group, counter)
 
 
+def take_shard(full: torch.Tensor, dim: int, tp: int, t: int) -> torch.Tensor:
+    """TP rank t's slice of a whole tensor cut along ``dim``, as ``shard_layers`` cuts it."""
+    sizes = chunk_sizes(full.shape[dim], tp)
+    return full.narrow(dim, sum(sizes[:t]), sizes[t])
+
+
 def join_shards(local: dict, parts: list[dict], shard_dims: dict) -> dict:
     """``local`` with every sharded entry replaced by its TP shards (in TP rank order) joined."""
     out = dict(local)
@@ -212,10 +219,9 @@ def join_shards(local: dict, parts: list[dict], shard_dims: dict) -> dict:
 class OwnTensorParallel(Strategy):
     name, variant = "tensor_parallel", "own"
     whole_batch = True          # every TP rank trains on the whole global batch
-    checkpoint_sharded = True   # every rank holds its own column/row slices
 
     def build(self) -> None:
-        self.grid = Grid(tp=self.rt.world_size, rank=self.rt.rank).with_groups()
+        self.grid = Grid(tp=self.rt.world_size, rank=self.rt.rank).with_groups(self.rt.timeout_s)
         self.model = ToyGPT(self.settings.model).to(self.rt.device)  # cut from the baseline's
         self.shard_dims, self.vocab_lo = shard_layers(  # init, layer by layer
             self.model, range(len(self.model.layers)), self.grid, self.comm)
@@ -229,12 +235,24 @@ class OwnTensorParallel(Strategy):
         loss.backward()
         return loss.detach()
 
+    def _joined(self, local: dict, name_of=lambda key: key) -> dict:
+        """Whole tensors on every rank: sharded entries concatenated along their dimension in
+        TP rank order, replicated ones as this rank holds them."""
+        dims = {k: self.shard_dims[name_of(k)] for k in local if name_of(k) in self.shard_dims}
+        return join_shards(local, self.gather_object({k: local[k] for k in dims}), dims)
+
     def full_state(self):
-        """Rank 0 rebuilds the full parameters: sharded ones concatenated along their
-        dimension, replicated ones taken from rank 0."""
-        local = {n: p.detach().cpu() for n, p in self.model.named_parameters()}
-        parts = self.gather_object({k: v for k, v in local.items() if k in self.shard_dims})
-        return join_shards(local, parts, self.shard_dims) if self.rt.is_main else None
+        full = self._joined({n: p.detach().cpu() for n, p in self.model.named_parameters()})
+        return full if self.rt.is_main else None
+
+    def canonical_state(self) -> dict:
+        local = ckpt.adam_named(dict(self.model.named_parameters()), self.optimizer)
+        return self._joined(local, ckpt.param_of)
+
+    def load_canonical_state(self, full: dict) -> None:
+        g, dims = self.grid, self.shard_dims
+        ckpt.load_adam_named(dict(self.model.named_parameters()), self.optimizer, full,
+                             cut=lambda n, t: take_shard(t, dims[n], g.tp, g.t) if n in dims else t)
 
 
 class TorchTensorParallel(Strategy):

@@ -61,6 +61,7 @@ class SharedMemoryDP(Strategy):
         self.shared, self.mode = shared, mode
         self.variant = mode
         self.equivalent = mode == "sync"
+        self.drift_reason = "Hogwild: unsynchronised updates" if mode == "hogwild" else ""
 
     def build(self) -> None:
         if self.mode == "hogwild":

@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from dtlab import registry
+from dtlab.core import checkpoint as ckpt
 from dtlab.core import memory as mem
 from dtlab.core.comm import flatten, unflatten_into
 from dtlab.core.data import check_divisible
@@ -99,7 +100,6 @@ class Unit:
 
 class ZeRO(Strategy):
     name = "zero"
-    checkpoint_sharded = True  # every rank owns its slices (stage 0: rank 0's copy would do)
 
     def __init__(self, rt, settings, stage: int = 2, offload: str = "none"):
         super().__init__(rt, settings)
@@ -214,23 +214,58 @@ class ZeRO(Strategy):
                 self.comm.record("all_gather", u.full)
                 dist.all_gather_into_tensor(u.full, u.shard.clone())
 
-    # ---- checkpoints: this rank's slice and its optimizer state (stages 1-3), or everything
-    def checkpoint_state(self) -> dict:
-        own = [u.full if self.stage < 3 else u.shard for u in self.units]  # stages 0-2: whole
-        masters = [m for u, m in zip(self.units, self.masters) if m is not u.shard]
-        return {"units": [t.detach() for t in own],
-                "masters": [m.detach() for m in masters] if self.stage else [],
-                "optimizer": self.optimizer.state_dict()}
+    # ---- checkpoints: the canonical state (dtlab/core/checkpoint.py) from the owned slices, so
+    # a checkpoint written at one world size or stage resumes at another
+    def _whole(self, u: Unit, shard: torch.Tensor) -> torch.Tensor:
+        """The unit-sized vector put together from every rank's slice of it (a collective)."""
+        out = torch.empty(u.padded, dtype=shard.dtype, device=self.rt.device)
+        dist.all_gather_into_tensor(out, shard.detach().to(self.rt.device).contiguous())
+        return out[:u.numel].cpu()
 
-    def load_checkpoint_state(self, state: dict) -> None:
-        with torch.no_grad():
-            for u, saved in zip(self.units, state["units"]):
-                (u.full if self.stage < 3 else u.shard).copy_(saved)
-            if self.stage:
-                separate = [m for u, m in zip(self.units, self.masters) if m is not u.shard]
-                for m, saved in zip(separate, state["masters"]):
-                    m.copy_(saved)
-        self.optimizer.load_state_dict(state["optimizer"])
+    def canonical_state(self) -> dict:
+        if self.stage == 0:  # every rank holds everything, as in DDP
+            return super().canonical_state()
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        out, step = {}, 0.0
+        for u, master in zip(self.units, self.masters):
+            state = self.optimizer.state.get(master, {})
+            flats = {ckpt.param_key: self._whole(u, u.shard)}
+            for m in ckpt.MOMENTS:
+                if m in state:
+                    flats[lambda n, m=m: ckpt.moment_key(m, n)] = self._whole(u, state[m])
+            step = max(step, float(state.get("step", 0.0)))
+            offset = 0
+            for p in u.params:
+                for key, flat in flats.items():
+                    out[key(names[id(p)])] = flat[offset:offset + p.numel()].view(p.shape).clone()
+                offset += p.numel()
+        out[ckpt.STEP_KEY] = torch.tensor(step)
+        return out
+
+    @torch.no_grad()
+    def load_canonical_state(self, full: dict) -> None:
+        if self.stage == 0:
+            return super().load_canonical_state(full)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        states = []
+        for u, master in zip(self.units, self.masters):
+            def unit_vector(key):  # the unit's flat, padded vector of one canonical quantity
+                flat = torch.zeros(u.padded, dtype=u.full.dtype)
+                flat[:u.numel] = torch.cat([full[key(names[id(p)])].reshape(-1)
+                                            for p in u.params])
+                return flat
+            params = unit_vector(ckpt.param_key)
+            if self.stage < 3:
+                u.full.copy_(params)  # the owned slice is a view of it
+            else:
+                u.shard.copy_(params[u.lo:u.lo + u.shard_numel])
+            if master is not u.shard:
+                master.copy_(params[u.lo:u.lo + u.shard_numel])
+            if ckpt.moment_key("exp_avg", names[id(u.params[0])]) in full:
+                states.append((master, *(unit_vector(lambda n, m=m: ckpt.moment_key(m, n))[
+                    u.lo:u.lo + u.shard_numel] for m in ckpt.MOMENTS)))
+        if states:
+            ckpt.set_adam_state(self.optimizer, states, full[ckpt.STEP_KEY].item())
 
     # ---- afterwards
     def full_state(self):

@@ -32,6 +32,7 @@ args=(--master_port "${MASTER_PORT:-29500}")
 [[ -n "${INCLUDE:-}" && -n "${EXCLUDE:-}" ]] && die "INCLUDE and EXCLUDE cannot be used together (DeepSpeed refuses both)"
 if [[ -n "${HOSTFILE:-}" ]]; then
   [[ -f "$HOSTFILE" ]] || die "HOSTFILE '$HOSTFILE' not found (DeepSpeed would silently run on this machine only)"
+  HOSTFILE="$(realpath "$HOSTFILE")"   # resolved here: the launch runs from the repository root
   args+=(--hostfile "$HOSTFILE")
   [[ -n "${INCLUDE:-}" ]] && args+=(--include "$INCLUDE")
   [[ -n "${EXCLUDE:-}" ]] && args+=(--exclude "$EXCLUDE")
@@ -46,6 +47,11 @@ if [[ "${NO_SSH:-0}" == 1 ]]; then
   [[ -n "${MASTER_ADDR:-}" ]] || die "NO_SSH=1 needs MASTER_ADDR (the first host of the hostfile)"
   args+=(--no_ssh --node_rank "$NODE_RANK")
 fi
+# Every name DeepSpeed will hand to ssh or pdsh is checked first, with the doctor's parser: a
+# host like `-oProxyCommand=...` would otherwise run a command through DeepSpeed's own ssh test.
+check=(--include "${INCLUDE:-}" --exclude "${EXCLUDE:-}" --master-addr "${MASTER_ADDR:-}")
+[[ -n "${HOSTFILE:-}" ]] && check+=(--hostfile "$HOSTFILE")
+(cd "$here" && "$PYTHON" -m dtlab.tools.hostfile "${check[@]}") || exit 2
 # Without it DeepSpeed asks the first host for its address over ssh (`ssh HOST hostname -I`).
 [[ -n "${MASTER_ADDR:-}" ]] && args+=(--master_addr "$MASTER_ADDR")
 [[ "${NO_SSH_CHECK:-0}" == 1 ]] && args+=(--no_ssh_check)

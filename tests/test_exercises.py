@@ -5,7 +5,7 @@ import pytest
 from conftest import ROOT, dtlab
 from dtlab import exercises
 
-SOLUTIONS = ROOT / "labs" / "exercises" / "solutions"
+SOLUTIONS = ROOT / "dtlab" / "exercises" / "solutions"
 NAMES = list(exercises.EXERCISES)
 
 

@@ -127,3 +127,48 @@ def test_deepspeed_launcher_hostfile_include(tmp_path):
 def test_deepspeed_launcher_bad_input(env, message):
     p = launch("deepspeed.sh", "deepspeed_zero", env=env)
     assert p.returncode == 2 and message in p.stderr, p.stderr
+
+
+# ---- hostile input never reaches ssh
+HOSTILE = "-oProxyCommand=touch${IFS}pwned"
+
+
+@pytest.mark.parametrize("case", ["hostfile", "include", "master_addr", "relative"])
+def test_hostile_hostfile_through_deepspeed_launcher_creates_nothing(case, tmp_path):
+    """DeepSpeed's runner runs `ssh <first host> hostname` for any hostfile: a host named like an
+    ssh option would run a command. The launcher checks every name with the doctor's parser
+    first: exit 2, one line, no file created."""
+    hf = tmp_path / "hf"
+    hf.write_text(f"{HOSTILE} slots=1\n" if case == "hostfile" else "worker-1 slots=1\n")
+    env = {"HOSTFILE": str(hf), "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    if case == "include":
+        env["INCLUDE"] = f"worker-1:0@{HOSTILE}"
+    if case == "master_addr":
+        env["MASTER_ADDR"] = "$(touch pwned)"
+    if case == "relative":  # a relative HOSTFILE is checked, and passed, as the caller meant it
+        hf.write_text(f"{HOSTILE} slots=1\n")
+        env["HOSTFILE"] = "hf"
+    p = subprocess.run([str(ROOT / "launchers" / "deepspeed.sh"), "deepspeed_zero"],
+                       cwd=tmp_path, env=dict(os.environ, **env), capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dtlab: error: ") and "refused" in lines[0]
+    assert not (tmp_path / "pwned").exists() and not (ROOT / "pwned").exists()
+
+
+def test_hostile_accelerate_config_refused(tmp_path):
+    pytest.importorskip("accelerate")
+    hf = tmp_path / "hostfile"
+    hf.write_text(f"{HOSTILE} slots=1\n")
+    cfg = tmp_path / "ds.yaml"
+    cfg.write_text("distributed_type: DEEPSPEED\nnum_machines: 2\nnum_processes: 2\n"
+                   f"machine_rank: 0\nmain_process_ip: worker-1\ndeepspeed_config:\n"
+                   f"  zero_stage: 2\n  deepspeed_hostfile: {hf}\n")
+    p = launch("accelerate.sh", str(cfg), "--steps", 2)
+    assert p.returncode == 2 and "deepspeed_hostfile" in p.stderr and "refused" in p.stderr
+    cfg.write_text("distributed_type: MULTI_CPU\nnum_machines: 2\nnum_processes: 2\n"
+                   "machine_rank: 0\nmain_process_ip: '$(touch pwned)'\n")
+    p = launch("accelerate.sh", str(cfg), "--steps", 2)
+    assert p.returncode == 2 and "main_process_ip" in p.stderr
+    assert not (tmp_path / "pwned").exists() and not (ROOT / "pwned").exists()

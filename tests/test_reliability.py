@@ -35,10 +35,10 @@ def test_resume_is_bitwise(tmp_path, lab, nproc, flags):
                        3, "--no-baseline", *flags)
     assert p.returncode == 0, p.stdout + p.stderr
     manifest = json.loads((d / "step-000003" / "manifest.json").read_text())
-    sharded = lab != "ddp"
-    assert manifest["sharded"] is sharded
-    assert [f["file"] for f in manifest["files"]] == (
-        [f"rank{r:05d}.pt" for r in range(nproc)] if sharded else ["rank00000.pt"])
+    # every rank wrote its chunks of the canonical state in parallel, DCP's metadata beside them
+    assert sorted(f["file"] for f in manifest["files"]) == \
+        [".metadata"] + [f"__{r}_0.distcp" for r in range(nproc)]
+    assert manifest["world_size"] == nproc and manifest["lab"] == lab
     p, resumed = run_lab(lab, nproc, tmp_path / "b", "--steps", STEPS, "--ckpt-dir", d,
                          "--ckpt-every", 3, "--no-baseline", *flags)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -70,11 +70,12 @@ def test_kill_during_checkpoint_write_is_never_loaded(tmp_path):
                    "checkpoint", "--fail-rank", 1, "--max-restarts", 1, "--no-baseline",
                    timeout=240)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "step-000004/.rank00001.pt.tmp half done" in p.stderr
-    assert "step-000004: skipped, no manifest.json (an interrupted write)" in p.stdout
+    assert "/.step-000004.tmp-" in p.stderr and "written but not committed" in p.stderr
     assert s["extra"]["checkpoint"]["resumed_from"] == 2
     assert s["params_sha256"] == ref["params_sha256"]
-    assert sorted(x.name for x in (tmp_path / "ck").iterdir()) == ["step-000004", "step-000006"]
+    # the interrupted write was removed at the restart; the newest two complete ones remain
+    assert sorted(x.name for x in (tmp_path / "ck").iterdir() if not x.name.startswith(".")) \
+        == ["step-000004", "step-000006"]
 
 
 @pytest.mark.parametrize("lab,flags,op", [
@@ -99,20 +100,41 @@ def test_stalled_rank_is_named_within_the_timeout(tmp_path, lab, flags, op):
     assert len(s["losses"]) == 2  # the record keeps the steps that finished
 
 
-def test_checkpoint_from_another_run_is_refused_before_launch(tmp_path):
+def test_checkpoint_of_another_trajectory_is_refused_before_launch(tmp_path):
     d = tmp_path / "ck"
     p, _ = run_lab("ddp", 2, tmp_path / "a", "--steps", 2, "--ckpt-dir", d, "--no-baseline")
     assert p.returncode == 0, p.stderr
-    for args, says in [(("--nproc", 4), "world_size 2 (this run: 4)"),
-                       (("--nproc", 2, "--impl", "own"), "--impl 'torch' (this run: 'own')"),
-                       (("--nproc", 2, "--lr", "0.01"), "other settings")]:
-        p = dtlab("run", "ddp", *args, "--steps", 4, "--ckpt-dir", d, "--out", tmp_path / "b")
-        assert p.returncode == 2, p.stdout + p.stderr
-        assert p.stderr.startswith(f"dtlab: error: --ckpt-dir: {d}/step-000002 was written by "
-                                   "another run: ") and says in p.stderr
-        assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    p = dtlab("run", "ddp", "--nproc", 2, "--lr", "0.01", "--steps", 4, "--ckpt-dir", d,
+              "--out", tmp_path / "b")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert p.stderr.startswith(f"dtlab: error: --ckpt-dir: {d}/step-000002 was written by "
+                               "another run: lr 0.003 (this run: 0.01)")
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
     p = dtlab("run", "ddp", "--nproc", 2, "--steps", 1, "--ckpt-dir", d, "--out", tmp_path / "c")
     assert p.returncode == 2 and "is at step 2, past --steps 1" in p.stderr
+
+
+@pytest.mark.parametrize("written,resumed", [
+    (("zero", 2, ("--stage", "3")), ("zero", 4, ("--stage", "3"))),
+    (("ddp", 2, ()), ("ddp", 4, ())),
+    (("zero", 4, ("--stage", "1")), ("zero", 2, ("--stage", "1"))),
+    (("tensor_parallel", 2, ()), ("ddp", 2, ())),
+], ids=["zero3-2to4", "ddp-2to4", "zero1-4to2", "tp2-to-ddp2"])
+def test_checkpoint_reshards_to_another_layout(tmp_path, written, resumed):
+    """Written at one layout, resumed at another: the run continues from the saved step and ends
+    within the baseline's tolerance (the same arithmetic, summed in another order)."""
+    lab, nproc, flags = written
+    d = tmp_path / "ck"
+    p, _ = run_lab(lab, nproc, tmp_path / "a", "--steps", 3, "--ckpt-dir", d, "--ckpt-every", 3,
+                   "--no-baseline", *flags)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lab, nproc, flags = resumed
+    p, s = run_lab(lab, nproc, tmp_path / "b", "--steps", STEPS, "--ckpt-dir", d,
+                   "--ckpt-every", 3, *flags)
+    assert p.returncode == 0, p.stdout + p.stderr
+    ck = s["extra"]["checkpoint"]
+    assert ck["resumed_from"] == 3 and ck["resharded"].startswith("resharding: written by ")
+    assert s["baseline"]["ok"] is True, s["baseline"]
 
 
 def test_unsupported_lab_and_bad_fault_flags(tmp_path):
@@ -136,52 +158,130 @@ def test_unsupported_lab_and_bad_fault_flags(tmp_path):
 
 # ---- the checkpoint folder rules, without processes
 
-def _write(folder, state, step=2):
-    entry = ckpt.write_shard(folder, 0, state)
-    return ckpt.write_manifest(folder, {"lab": "x", "world_size": 1, "config_hash": "h",
-                                        "step": step, "sharded": False}, [entry])
+def _write(root, step, payload=b"chunk", name="__0_0.distcp"):
+    """A committed folder as save() leaves it: files, then a manifest naming their hashes."""
+    folder = ckpt.step_dir(root, step)
+    folder.mkdir(parents=True)
+    for n, data in ((name, payload), (".metadata", b"meta")):
+        (folder / n).write_bytes(data)
+    files = [{"file": n, "bytes": (folder / n).stat().st_size,
+              "sha256": ckpt.sha256_file(folder / n)} for n in (name, ".metadata")]
+    (folder / "manifest.json").write_text(json.dumps(
+        {"format": ckpt.FORMAT, "step": step, "files": files}))
+    return folder
 
 
-def test_latest_skips_incomplete_and_corrupt_folders(tmp_path):
-    good = ckpt.step_dir(tmp_path, 2)
-    _write(good, {"w": torch.arange(4.0)})
-    no_manifest = ckpt.step_dir(tmp_path, 4)
-    ckpt.write_shard(no_manifest, 0, {"w": torch.zeros(4)})
-    corrupt = ckpt.step_dir(tmp_path, 6)
-    _write(corrupt, {"w": torch.ones(4)}, step=6)
-    with open(corrupt / "rank00000.pt", "r+b") as f:  # one flipped byte
+def _flip_last_byte(path):
+    with open(path, "r+b") as f:
         f.seek(-1, 2)
         last = f.read(1)
         f.seek(-1, 2)
         f.write(bytes([last[0] ^ 1]))
+
+
+def test_latest_skips_incomplete_and_corrupt_folders(tmp_path):
+    good = _write(tmp_path, 2)
+    no_manifest = ckpt.step_dir(tmp_path, 4)
+    no_manifest.mkdir()
+    corrupt = _write(tmp_path, 6)
+    _flip_last_byte(corrupt / "__0_0.distcp")
     said = []
     folder, manifest = ckpt.latest(tmp_path, log=said.append)
     assert folder == good and manifest["step"] == 2
-    assert said == [f"checkpoint {corrupt}: skipped, rank00000.pt does not match its size/SHA-256 "
-                    "in the manifest",
+    assert said == [f"checkpoint {corrupt}: skipped, __0_0.distcp does not match its "
+                    "size/SHA-256 in the manifest",
                     f"checkpoint {no_manifest}: skipped, no manifest.json (an interrupted write)"]
-    state = ckpt.load_shard(folder, manifest, 0, torch.device("cpu"))
-    assert torch.equal(state["w"], torch.arange(4.0))
+
+
+def test_prune_never_keeps_a_corrupt_folder_over_the_good_one(tmp_path):
+    """Resumed from step 2 because step 6 is corrupt, step 4 saved, --ckpt-keep 1: step 4 stays
+    (it is the one just committed, and verified); the corrupt step 6 goes, and so does the older
+    good one."""
+    _write(tmp_path, 2)
+    _flip_last_byte(_write(tmp_path, 6) / "__0_0.distcp")
+    _write(tmp_path, 4)
+    removed = ckpt.prune(tmp_path, keep=1, committed=4)
+    assert sorted(p.name for p in removed) == ["step-000002", "step-000006"]
+    assert ckpt.latest(tmp_path)[0].name == "step-000004"
+
+
+def test_prune_keeps_the_newest_verified(tmp_path):
+    for step in (2, 4, 6, 8):
+        _write(tmp_path, step)
+    _flip_last_byte(tmp_path / "step-000004" / ".metadata")
+    ckpt.prune(tmp_path, keep=3, committed=8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002", "step-000006",
+                                                          "step-000008"]
+
+
+def test_manifest_names_only_checkpoint_files(tmp_path):
+    folder = _write(tmp_path, 2)
+    (tmp_path / "secret").write_bytes(b"x")
+    m = json.loads((folder / "manifest.json").read_text())
+    m["files"].append({"file": "../secret", "bytes": 1,
+                       "sha256": ckpt.sha256_file(tmp_path / "secret")})
+    (folder / "manifest.json").write_text(json.dumps(m))
+    manifest, why = ckpt.check_folder(folder)
+    assert manifest is None and "'../secret', which is not a checkpoint file" in why
 
 
 def test_checkpoint_loading_runs_no_code(tmp_path):
-    """weights_only: a pickled object that would run code on load is refused."""
-    folder = ckpt.step_dir(tmp_path, 1)
-    folder.mkdir(parents=True)
+    """DCP unpickles its .metadata; ours allows only the classes that file holds, so a pickled
+    object that would run code is refused (the tensors load with weights_only=True)."""
 
     class Evil:
         def __reduce__(self):
             return (print, ("ran code from a checkpoint",))
 
-    (folder / "rank00000.pt").write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(pickle.UnpicklingError):
-        ckpt.load_shard(folder, {"sharded": False}, 0, torch.device("cpu"))
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(pickle.UnpicklingError, match="builtins.print"):
+        ckpt._reader(tmp_path).read_metadata()
 
 
-def test_prune_keeps_the_newest_complete(tmp_path):
-    for step in (2, 4, 6):
-        _write(ckpt.step_dir(tmp_path, step), {"w": torch.zeros(1)}, step=step)
-    ckpt.write_shard(ckpt.step_dir(tmp_path, 8), 0, {"w": torch.zeros(1)})  # in progress
-    ckpt.prune(tmp_path, keep=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000004", "step-000006",
-                                                          "step-000008"]
+class _FakeSharding:
+    """Two ranks seen from rank 0: rank 1 reports that the folder rank 0 chose is not whole."""
+    rank, world, group = 0, 2, None
+
+    def broadcast(self, obj):
+        return obj
+
+    def gather(self, obj):
+        return [obj, "__1_0.distcp is missing"]
+
+
+def test_ranks_must_agree_on_the_folder_or_all_stop(tmp_path):
+    from types import SimpleNamespace
+    _write(tmp_path, 2)
+    strategy = SimpleNamespace(
+        rt=SimpleNamespace(log=lambda *a: None), extra={}, _ckpt_sharding=_FakeSharding(),
+        ckpt_plan=ckpt.Plan(str(tmp_path), 2, 2))
+    with pytest.raises(ckpt.CheckpointError, match="rank 1 cannot use .*step-000002 that rank 0 "
+                                                    "chose: __1_0.distcp is missing"):
+        ckpt.resume(strategy, [], [])
+
+
+def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
+    lock = ckpt.FolderLock(tmp_path / "out", "--out").acquire()
+    try:
+        p = dtlab("run", "ddp", "--nproc", 2, "--steps", 2, "--out", tmp_path / "out")
+        assert p.returncode == 2 and p.stderr.startswith(
+            f"dtlab: error: --out {tmp_path / 'out'} is in use by another run (pid ")
+    finally:
+        lock.release()
+    p = dtlab("run", "ddp", "--nproc", 2, "--steps", 2, "--out", tmp_path / "out")
+    assert p.returncode == 0, p.stderr
+
+
+def test_data_file_is_identified_by_its_content(tmp_path):
+    """Editing a --data file changes the run's identity (the baseline cache key and what a
+    checkpoint must match), even under the same path."""
+    import argparse
+
+    from dtlab.core.settings import add_common_args, settings_from_args
+    f = tmp_path / "text.txt"
+    f.write_text("hello world, " * 20)
+    args = add_common_args(argparse.ArgumentParser()).parse_args(["--data", str(f)])
+    before = settings_from_args(args).identity()["data"]
+    f.write_text("hello world! " * 20)
+    after = settings_from_args(args).identity()["data"]
+    assert before != after and before.startswith("text:sha256=")

@@ -10,6 +10,7 @@ Data parallelism never changes *what* is trained on: a rank r of W takes rows
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,15 @@ class Corpus:
             if not p.is_file():
                 raise DataError(f"--data {path}: no such file; give a UTF-8 text file")
             try:
-                text = p.read_text(encoding="utf-8")
+                raw = p.read_bytes()
+                text = raw.decode("utf-8")
+            except OSError as e:
+                raise DataError(f"--data {path}: cannot be read ({e.strerror})") from None
             except UnicodeDecodeError as e:
-                raise DataError(f"--data {path}: not UTF-8 text ({e.reason})") from None
+                raise DataError(f"--data {path}: not UTF-8 text ({e.reason} at byte {e.start})"
+                                ) from None
+            # identified by its content, so an edited file is a different run (cache, resume)
+            self.content_id = f"sha256={hashlib.sha256(raw).hexdigest()}:bytes={len(raw)}"
             if len(text) < seq_len + 1:
                 raise DataError(f"--data {path}: {len(text)} characters, but one sample needs "
                                 f"seq_len+1 = {seq_len + 1}; give a longer file or a smaller preset")
@@ -60,7 +67,7 @@ class Corpus:
         return len(self.vocab)
 
     def describe(self) -> str:
-        return f"text:{self.path}" if self.path else f"arith(max={self.max_operand})"
+        return f"text:{self.content_id}" if self.path else f"arith(max={self.max_operand})"
 
     def _rng(self, step: int) -> np.random.Generator:
         # SeedSequence mixes (seed, step) into independent streams; no state carries over.

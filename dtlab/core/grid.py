@@ -54,9 +54,9 @@ class Grid:
                         f"n_head={model.n_head}, d_model={model.d_model} and d_ff={model.d_ff}, "
                         "or a preset with more heads (small has 4)")
         if self.pp > model.n_layer:
-            raise UsageError(f"{self.pp} pipeline stages but{what or ' the model'} has "
-                             f"{model.n_layer} blocks; use at most {model.n_layer} stages or a "
-                             "preset with more layers")
+            owner = f"preset {preset!r}" if preset else "the model"
+            raise UsageError(f"{self.pp} pipeline stages but {owner} has {model.n_layer} blocks; "
+                             f"use at most {model.n_layer} stages or a preset with more layers")
         if batch_size % self.dp:
             lo = batch_size - batch_size % self.dp
             raise UsageError(f"--batch-size {batch_size} is not divisible by the {self.dp} "
@@ -110,23 +110,27 @@ class Grid:
         return [self.rank_of(d, p, t) for d in range(self.dp)]
 
     # ---- process groups
-    def with_groups(self) -> Grid:
-        """This grid with its TP and DP process groups. A collective: every rank of the default
-        group calls it, and every rank creates every group in the same order (torch requires
-        it), keeping the ones it belongs to."""
+    def with_groups(self, timeout_s: float | None = None) -> Grid:
+        """This grid with its TP and DP process groups, each with the run's timeout (a new group
+        does not inherit it: without one, a rank that stops would be waited for 30 minutes).
+        A collective: every rank of the default group calls it, and every rank creates every
+        group in the same order (torch requires it), keeping the ones it belongs to."""
+        import datetime
+
         import torch.distributed as dist
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
         if not (dist.is_available() and dist.is_initialized()) or self.world == 1:
             return self
         d, p, t = self.coords
         tp_group = dp_group = None
         for dd in range(self.dp if self.tp > 1 else 0):  # a group of one rank is never used
             for pp in range(self.pp):
-                g = dist.new_group(self.tp_ranks(dd, pp))
+                g = dist.new_group(self.tp_ranks(dd, pp), timeout=timeout)
                 if (dd, pp) == (d, p):
                     tp_group = g
         for pp in range(self.pp if self.dp > 1 else 0):
             for tt in range(self.tp):
-                g = dist.new_group(self.dp_ranks(pp, tt))
+                g = dist.new_group(self.dp_ranks(pp, tt), timeout=timeout)
                 if (pp, tt) == (p, t):
                     dp_group = g
         return replace(self, tp_group=tp_group, dp_group=dp_group)

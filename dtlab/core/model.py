@@ -15,7 +15,7 @@ single-process baseline start bit-for-bit equal no matter what else touched the 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -41,9 +41,6 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig: d_model={self.d_model} is not divisible by n_head={self.n_head}; "
                 "pick a d_model that is a multiple of n_head")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 # Presets. ``vocab_size=None`` means "as large as the data's vocabulary"; gpt2-124m keeps GPT-2's

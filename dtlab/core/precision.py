@@ -64,6 +64,10 @@ class ScaleHistory:
             plot_loss_scale(self.loss_scale, self.skipped_steps, out, title)
         return not self.skipped_steps
 
+    def drift_reason(self) -> str:
+        n = len(self.skipped_steps)
+        return f"{n} step{'s' if n != 1 else ''} skipped" if n else ""
+
 
 def plot_loss_scale(scales: list[float], skipped: list[int], out: str, title: str) -> None:
     """loss_scale.png in the run's folder: the scale per step, skipped steps marked."""

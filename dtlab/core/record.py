@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -72,43 +73,99 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _strict(x):
+    """A value JSON can hold without extensions: NaN and infinities become None (the record's
+    ``nonfinite`` field says where they were)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict(v) for v in x]
+    return x
+
+
 def write_record(out: Path, summary: dict, steps: list[dict]) -> None:
     missing = [k for k in SUMMARY_FIELDS if k not in summary]
     if missing:
         raise KeyError(f"run record is missing fields {missing}")
-    atomic_write_text(out / "steps.jsonl", "".join(json.dumps(s) + "\n" for s in steps))
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "steps.jsonl", "".join(json.dumps(_strict(s), allow_nan=False) + "\n"
+                                                   for s in steps))
+    atomic_write_text(out / "summary.json",
+                      json.dumps(_strict(summary), indent=2, allow_nan=False) + "\n")
 
 
 def read_summary(out: Path) -> dict:
     return json.loads((Path(out) / "summary.json").read_text())
 
 
+def first_nonfinite(losses: list[float], params: dict[str, torch.Tensor] | None) -> dict | None:
+    """Where a run stopped being a number: the first step whose loss is NaN or infinite, and the
+    first parameter (in name order) holding one; None when everything is finite."""
+    step = next((k for k, x in enumerate(losses) if not math.isfinite(x)), None)
+    param = next((n for n in sorted(params or {})
+                  if not bool(torch.isfinite(params[n].detach().float()).all())), None)
+    if step is None and param is None:
+        return None
+    return {"first_step": step, "loss": None if step is None else repr(losses[step]),
+            "first_param": param}
+
+
+def describe_nonfinite(nf: dict) -> str:
+    parts = []
+    if nf["first_step"] is not None:
+        parts.append(f"the loss is {nf['loss']} from step {nf['first_step']}")
+    if nf["first_param"] is not None:
+        parts.append(f"parameter {nf['first_param']} is not finite")
+    return "; ".join(parts)
+
+
 def compare(losses: list[float], params: dict[str, torch.Tensor], base_losses: list[float],
             base_params: dict[str, torch.Tensor], tolerance: dict) -> dict:
-    """How far a run drifted from the baseline, and whether that is within ``tolerance``."""
+    """How far a run drifted from the baseline, and whether that is within ``tolerance``. A NaN
+    or infinity anywhere (run or baseline, losses or parameters) makes the distance infinite and
+    the verdict False: comparisons with NaN are all false, so a plain ``max`` or ``d > bound``
+    would let a diverged run pass."""
     if len(losses) != len(base_losses):
         raise ValueError(f"run has {len(losses)} losses, baseline {len(base_losses)}")
-    abs_d = [abs(a - b) for a, b in zip(losses, base_losses)]
-    rel_d = [d / max(abs(b), 1e-12) for d, b in zip(abs_d, base_losses)]
     if set(params) != set(base_params):
         only_run = sorted(set(params) - set(base_params))[:3]
         only_base = sorted(set(base_params) - set(params))[:3]
         raise ValueError(f"parameter names differ from the baseline: run-only {only_run}, "
                          f"baseline-only {only_base}")
+    inf = float("inf")
+    abs_d = [abs(a - b) if math.isfinite(a) and math.isfinite(b) else inf
+             for a, b in zip(losses, base_losses)]
+    rel_d = [d / max(abs(b), 1e-12) if math.isfinite(d) else inf
+             for d, b in zip(abs_d, base_losses)]
     pdiff, worst = 0.0, None
-    for name, ref in base_params.items():
-        got = params[name].detach().to("cpu", torch.float32)
+    for name in sorted(base_params):
+        ref, got = base_params[name].float(), params[name].detach().to("cpu", torch.float32)
         if got.shape != ref.shape:
             raise ValueError(f"parameter {name}: shape {tuple(got.shape)} vs baseline "
                              f"{tuple(ref.shape)}")
-        d = (got - ref.float()).abs().max().item() if ref.numel() else 0.0
-        if d > pdiff:
+        if not ref.numel():
+            continue
+        finite = bool(torch.isfinite(got).all()) and bool(torch.isfinite(ref).all())
+        d = (got - ref).abs().max().item() if finite else inf
+        if d > pdiff or (worst is None and d == inf):
             pdiff, worst = d, name
-    ok = max(rel_d, default=0.0) <= tolerance["loss_rel"] and pdiff <= tolerance["param_abs"]
-    return {"max_abs_loss_diff": max(abs_d, default=0.0), "max_rel_loss_diff": max(rel_d, default=0.0),
-            "max_abs_param_diff": pdiff, "worst_param": worst, "tolerance": dict(tolerance),
-            "ok": bool(ok)}
+    max_abs, max_rel = max(abs_d, default=0.0), max(rel_d, default=0.0)
+    ok = max_rel <= tolerance["loss_rel"] and pdiff <= tolerance["param_abs"]
+    out = {"max_abs_loss_diff": max_abs, "max_rel_loss_diff": max_rel,
+           "max_abs_param_diff": pdiff, "worst_param": worst, "tolerance": dict(tolerance),
+           "ok": bool(ok)}
+    for side, (ls, ps) in (("run", (losses, params)), ("baseline", (base_losses, base_params))):
+        if (nf := first_nonfinite(ls, ps)) is not None:
+            out["ok"] = False
+            out.setdefault("nonfinite", {})[side] = nf
+    return out
+
+
+def verdict(baseline: dict, checks_ok: bool, nonfinite: dict | None) -> bool:
+    """The run's verdict: no NaN or infinity anywhere, the baseline within tolerance (or not
+    compared, or not comparable by design) and the lab's own checks passed."""
+    return nonfinite is None and baseline.get("ok") is not False and bool(checks_ok)
 
 
 def cache_dir() -> Path:

@@ -7,7 +7,8 @@ the flag and the fix.
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from dtlab.core import checkpoint as ckpt
@@ -15,6 +16,8 @@ from dtlab.core import faults, runtime
 from dtlab.core.data import Corpus
 from dtlab.core.errors import UsageError
 from dtlab.core.model import DEFAULT_PRESET, ModelConfig, config_from_preset, preset, preset_names
+
+MAX_TIMEOUT_S = 7 * 24 * 3600  # a week: beyond it torch's timedelta arithmetic overflows
 
 # AdamW's moment decay rates for every lab, library and DeepSpeed config (GPT-style training)
 ADAMW_BETAS = (0.9, 0.95)
@@ -42,11 +45,29 @@ class Settings:
         return d
 
     def corpus(self) -> Corpus:
-        return Corpus(self.batch_size, self.model.seq_len, seed=self.seed, path=self.data)
+        """The data, read and tokenised once per process (kept beside the fields, not in
+        them: ``asdict`` and the cache key see only the settings)."""
+        key = (self.batch_size, self.model.seq_len, self.seed, self.data)
+        cached = self.__dict__.get("_corpus")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_corpus"] = (key, Corpus(*key[:3], path=self.data))
+        return cached[1]
 
     def adamw(self) -> dict:
         """The optimizer's hyper-parameters, for torch, FairScale and DeepSpeed alike."""
         return {"lr": self.lr, "betas": ADAMW_BETAS, "weight_decay": self.weight_decay}
+
+
+def finite(text: str) -> float:
+    """An argparse type: a real number, not NaN or an infinity (which compare False with every
+    bound, so a check like ``lr <= 0`` would let them through)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+finite.__name__ = "finite number"  # argparse names the type in its error message
 
 
 def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -56,7 +77,7 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"model preset: {', '.join(preset_names())} (default {DEFAULT_PRESET})")
     g.add_argument("--batch-size", type=int, default=None,
                    help="global batch size in sequences (default: the preset's)")
-    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: preset's)")
+    g.add_argument("--lr", type=finite, default=None, help="AdamW learning rate (default: preset's)")
     g.add_argument("--seed", type=int, default=0, help="data and init seed (default 0)")
     g.add_argument("--data", default=None, help="UTF-8 text file to train on, char-level "
                    "(default: synthetic addition problems, no files needed)")
@@ -64,7 +85,7 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--backend", default=None, choices=["gloo", "nccl"],
                    help="process-group backend (default: nccl with CUDA, else gloo)")
     g.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if present)")
-    g.add_argument("--timeout", type=float, default=runtime.DEFAULT_TIMEOUT_S,
+    g.add_argument("--timeout", type=finite, default=runtime.DEFAULT_TIMEOUT_S,
                    help="seconds a collective or the start-up may wait for a missing rank "
                         f"(default {runtime.DEFAULT_TIMEOUT_S:g})")
     g.add_argument("--no-baseline", action="store_true",
@@ -129,14 +150,19 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise UsageError(f"--batch-size must be >= 1, got {batch}")
     if lr <= 0:
         raise UsageError(f"--lr must be > 0, got {lr}")
+    if not 0 < args.timeout <= MAX_TIMEOUT_S:
+        raise UsageError(f"--timeout must be in (0, {MAX_TIMEOUT_S}] seconds, got {args.timeout:g}")
     s = Settings(preset=args.preset, steps=args.steps, batch_size=batch, lr=lr, seed=args.seed,
                  data=args.data, out=args.out, profile_dir=args.profile_dir)
-    vocab = Corpus(1, 1, path=None).vocab_size if args.data is None else None
-    if vocab is None:  # a text file: its characters are the vocabulary
-        seq = config_from_preset(args.preset, 1).seq_len
-        vocab = Corpus(batch, seq, path=args.data).vocab_size
-    s.model = config_from_preset(args.preset, vocab, init_seed=args.seed)
-    s.corpus()  # validates --data against the model's sequence length
+    seq = config_from_preset(args.preset, 1).seq_len
+    s.model = replace(s.model, seq_len=seq)
+    vocab = s.corpus().vocab_size  # reads --data (once) and checks it against seq_len
+    try:
+        s.model = config_from_preset(args.preset, vocab, init_seed=args.seed)
+    except ValueError as e:
+        raise UsageError(f"--data {args.data}: {e}; use a preset that takes the data's "
+                         "vocabulary (tiny, small) or a file with fewer distinct characters"
+                         ) from None
     return s
 
 

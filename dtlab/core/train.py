@@ -51,9 +51,9 @@ class Strategy:
     dtype = "fp32"
     tolerance = record.FP32_TOLERANCE
     checks_ok = True            # a lab with its own checks (e.g. against a library op) sets this
-    equivalent = True           # False for strategies not equal to the baseline by design
+    equivalent = True           # False for strategies not equal to the baseline by design,
+    drift_reason = ""           # and why, in a few words ("1 step skipped", "Hogwild")
     whole_batch = False         # True: every rank takes the whole global batch (TP, PP)
-    checkpoint_sharded = False  # True: every rank's state differs (ZeRO, TP, PP): all write
 
     def __init__(self, rt: runtime.Runtime, settings: Settings):
         self.rt, self.settings = rt, settings
@@ -128,14 +128,17 @@ class Strategy:
         return mem.snapshot(params, self.optimizer, self.meter, self.rt.device)
 
     # ---- checkpoints (dtlab.core.checkpoint): what determines the rest of the run
-    def checkpoint_state(self) -> dict:
+    def canonical_state(self) -> dict[str, torch.Tensor]:
+        """Every parameter under the baseline's name, its AdamW moments and the step count, as
+        whole CPU tensors on every rank, whatever the layout: what a checkpoint holds, so any
+        layout can resume it. A collective where the state is sharded; labs that shard it in
+        their own way override this and ``load_canonical_state``."""
         m = getattr(self.model, "module", self.model)
-        return {"model": m.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return ckpt.adam_named(dict(m.named_parameters()), self.optimizer)
 
-    def load_checkpoint_state(self, state: dict) -> None:
+    def load_canonical_state(self, full: dict[str, torch.Tensor]) -> None:
         m = getattr(self.model, "module", self.model)
-        m.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        ckpt.load_adam_named(dict(m.named_parameters()), self.optimizer, full)
 
     def gather_object(self, obj) -> list:
         """Every rank's ``obj`` as a list on rank 0 (processes without a process group, such as
@@ -254,17 +257,21 @@ def run(strategy: Strategy, lab: str, compare_baseline: bool = True,
     comm["per_rank"] = [c["bytes_per_step"] for c in comms]
     flops = flops_record(s.model, s.batch_size, step_s, rt.world_size, rt.device)
     flops["utilisation_per_rank"] = utilisation
+    nonfinite = record.first_nonfinite(losses, full)
     summary = record.build_summary(
         strategy, losses, cmp,
         time={"step_s_median": step_s, "tokens_per_s": s.batch_size * s.model.seq_len / step_s,
               "wall_s": wall},
         comm=comm, memory={"per_rank": mems}, flops=flops,
         params_sha256=record.params_digest(full),
-        # the verdict: baseline within tolerance (or not compared) and the lab's own checks
-        ok=cmp["ok"] is not False and bool(strategy.checks_ok))
+        ok=record.verdict(cmp, strategy.checks_ok, nonfinite))
+    if nonfinite is not None:
+        summary["nonfinite"] = nonfinite
+        print(f"dtlab: error: the run diverged: {record.describe_nonfinite(nonfinite)}",
+              file=sys.stderr, flush=True)
     record.write_record(Path(s.out), summary, steps)
     verdict = {True: "OK", False: "OUTSIDE TOLERANCE", None: "not compared"}[cmp["ok"]]
-    if cmp["ok"] is not None:
+    if cmp["ok"] is not None and cmp["max_rel_loss_diff"] is not None:
         rt.log(f"baseline: max |loss diff| {cmp['max_abs_loss_diff']:.2e} "
                f"(rel {cmp['max_rel_loss_diff']:.2e}), max |param diff| "
                f"{cmp['max_abs_param_diff']:.2e}  -> {verdict}")
@@ -281,15 +288,27 @@ def _compare(strategy: Strategy, losses: list[float], full: dict, compare_baseli
     base_losses, base_params = baseline(s, rt.device)
     cmp = record.compare(losses, full, base_losses, base_params, strategy.tolerance)
     cmp["losses"] = base_losses  # the reference curve, for plots
-    if not strategy.equivalent:  # drift is the expected outcome, not a failure
-        cmp["ok"] = None
-        cmp["note"] = "not numerically equivalent by design; the drift is reported"
+    if not strategy.equivalent and "nonfinite" not in cmp:
+        cmp["ok"] = None  # the drift is the expected outcome: reported, not judged
+        cmp["note"] = strategy.drift_reason or "not numerically equivalent by design"
     return cmp
 
 
 def _launched(rt: runtime.Runtime | None) -> bool:
     """A rank started by a launcher (torchrun and the like), not a plain or spawned process."""
     return rt is None and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def lock_folders(out: str, ckpt_dir: str | None) -> list[ckpt.FolderLock]:
+    """Hold ``--out`` and ``--ckpt-dir`` for this run (the same folder once)."""
+    locks = [ckpt.FolderLock(out, "--out").acquire()]
+    if ckpt_dir is not None and Path(ckpt_dir).resolve() != Path(out).resolve():
+        try:
+            locks.append(ckpt.FolderLock(ckpt_dir, "--ckpt-dir").acquire())
+        except UsageError:
+            locks[0].release()
+            raise
+    return locks
 
 
 def run_lab(lab, parser: argparse.ArgumentParser, make_strategy, argv=None,
@@ -302,7 +321,7 @@ def run_lab(lab, parser: argparse.ArgumentParser, make_strategy, argv=None,
     args = parser.parse_args(argv)
     launched = _launched(rt)
     rank = rt.rank if rt else int(os.environ.get("RANK", "0"))
-    summary = None
+    summary, locks = None, []
     try:
         settings = settings_from_args(args)
         world = rt.world_size if rt else int(os.environ.get("WORLD_SIZE", "1"))
@@ -312,6 +331,8 @@ def run_lab(lab, parser: argparse.ArgumentParser, make_strategy, argv=None,
             check_divisible(settings.batch_size, world)
         plan, fault_plan = plans_from_args(args, settings, world, name,
                                            getattr(lab, "no_checkpoint", None))
+        if rank == 0:  # one run per output and checkpoint folder: a second is refused
+            locks = lock_folders(settings.out, plan.ckpt_dir)
         rt = rt or runtime.init(args.backend, args.device, args.timeout, args.seed)
         strategy = make_strategy(rt, settings, args)
         strategy.ckpt_plan, strategy.fault_plan = plan, fault_plan
@@ -334,6 +355,8 @@ def run_lab(lab, parser: argparse.ArgumentParser, make_strategy, argv=None,
         print(f"dtlab: error: {e}", file=sys.stderr, flush=True)
         return 3
     finally:
+        for lock in locks:
+            lock.release()
         if rt is not None:
             runtime.shutdown(rt)
     code = 0 if summary is None or summary["ok"] else 1  # summary is None off rank 0

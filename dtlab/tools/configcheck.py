@@ -15,6 +15,8 @@ from pathlib import Path
 import yaml
 
 from dtlab.core.errors import UsageError
+from dtlab.tools.hostfile import check as check_hosts
+from dtlab.tools.hostfile import why_unsafe
 
 DISTRIBUTED_TYPES = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_XPU", "DEEPSPEED", "FSDP",
                      "XLA", "MEGATRON_LM")
@@ -77,6 +79,14 @@ def check_accelerate_config(path: str | Path) -> dict:
                               f"{ds.get('zero_stage')!r}")
     if dt == "FSDP" and not isinstance(cfg.get("fsdp_config", {}), dict):
         raise ConfigError(f"{path}: fsdp_config must be a mapping")
+    # what accelerate hands to ssh, pdsh or DeepSpeed's launcher is checked like a hostfile
+    ip = cfg.get("main_process_ip")
+    if ip is not None and (why := why_unsafe(str(ip))):
+        raise ConfigError(f"{path}: main_process_ip {ip!r} refused: {why}")
+    hostfile = (cfg.get("deepspeed_config") or {}).get("deepspeed_hostfile") \
+        if isinstance(cfg.get("deepspeed_config"), dict) else None
+    if hostfile and machines > 1 and (problem := check_hosts(str(hostfile))):
+        raise ConfigError(f"{path}: deepspeed_config.deepspeed_hostfile: {problem}")
     return cfg
 
 

@@ -150,7 +150,8 @@ class Doctor:
         self.findings.append(Finding(check, severity, message, fix, line, host))
 
     def ssh_argv(self, host: str, remote: list[str]) -> list[str]:
-        assert safe_name(host), host  # never reached with an unsafe name: filtered before
+        if not safe_name(host):  # filtered before; this stays even under python -O
+            raise ValueError(f"refusing to pass host name {host!r} to ssh")
         argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.a.connect_timeout}"]
         if self.a.ssh_port:
             argv += ["-p", str(self.a.ssh_port)]
@@ -235,10 +236,19 @@ class Doctor:
         name = os.environ.get("DS_ENV_FILE", ".deepspeed_env")
         return [p for p in (Path.home() / name, Path(self.cwd) / name) if p.is_file()]
 
+    def env_lines(self, f: Path) -> list[str] | None:
+        """The lines of a .deepspeed_env as DeepSpeed reads them (text mode, universal
+        newlines), or None when it is not UTF-8 text (DeepSpeed would crash on it)."""
+        try:
+            return f.read_bytes().decode("utf-8").replace("\r\n", "\n").replace(
+                "\r", "\n").split("\n")
+        except UnicodeDecodeError:
+            return None
+
     def deepspeed_env(self) -> dict[str, str]:
         out = {}
         for f in self.env_files():
-            for line in f.read_text().splitlines():
+            for line in self.env_lines(f) or []:
                 if "=" in line:
                     k, v = line.split("=", 1)
                     out[k.strip()] = v.strip()
@@ -246,22 +256,38 @@ class Doctor:
 
     def check_deepspeed_env(self) -> None:
         for f in self.env_files():
+            lines = self.env_lines(f)
+            if lines is None:
+                self.add("exports", "error", f"{f}: not UTF-8 text; DeepSpeed reads it as text "
+                         "and stops with a UnicodeDecodeError", "write it as KEY=VALUE lines of "
+                         "plain text")
+                continue
+            if lines and lines[-1] == "":
+                lines = lines[:-1]  # the newline that ends the last line
             bad = False
-            for n, line in enumerate(f.read_text().splitlines(), start=1):
+            for n, line in enumerate(lines, start=1):
                 if "=" not in line:
                     bad = True
                     what = "a blank line" if not line.strip() else \
-                        ("a comment" if line.strip().startswith("#") else f"'{line}'")
+                        ("a comment" if line.strip().startswith("#") else f"{line!r}")
                     self.add("exports", "error", f"{f}:{n}: {what}: DeepSpeed splits every line "
                              "at '=' and crashes the launch (ValueError: not enough values to "
                              "unpack)", "keep only KEY=VALUE lines: no blank or comment lines",
                              line=n)
                     continue
-                key = line.split("=", 1)[0].strip()
+                key, value = (t.strip() for t in line.split("=", 1))
                 if not key.isidentifier() or line.strip().startswith("#"):
                     bad = True
-                    self.add("exports", "error", f"{f}:{n}: '{key}' is not a variable name; "
+                    self.add("exports", "error", f"{f}:{n}: {key!r} is not a variable name; "
                              "DeepSpeed would export it as written", "use KEY=VALUE", line=n)
+                elif (hit := next((c for c in ('"', "$", "`", "\\") if c in value), None)):
+                    bad = True
+                    self.add("exports", "error", f"{f}:{n}: the value of {key} holds {hit!r}: "
+                             "DeepSpeed puts such values in double quotes inside the command it "
+                             "runs on every node, where the remote shell still expands $, "
+                             "backticks, \\ and \", so it would run or break there",
+                             "keep values to letters, digits and @%+=:,./- (or set the variable "
+                             "in the nodes' own environment)", line=n)
             if not bad:
                 self.add("exports", "ok", f"{f}: {len(self.deepspeed_env())} variable(s), "
                          "exported to every node")
@@ -459,7 +485,12 @@ class Doctor:
         listener = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
         try:
-            line = listener.stdout.readline().strip()
+            line = _readline(listener.stdout, self.a.connect_timeout + 30)
+            if line is None:
+                self.add("master", "error", f"no answer from {first} within "
+                         f"{self.a.connect_timeout + 30:g} s while testing port {port}",
+                         "check ssh to the host and that its python starts", first)
+                return
             if not line.startswith("DTLAB-LISTEN"):
                 self.add("master", "error", f"could not test port {port} on {first}: "
                          f"{listener.stderr.read().strip()[-200:]}", "check ssh to the host", first)
@@ -494,6 +525,17 @@ class Doctor:
             except subprocess.TimeoutExpired:
                 listener.kill()
                 listener.wait()
+
+
+def _readline(stream, timeout: float) -> str | None:
+    """One line from a pipe, or None when none comes within ``timeout`` seconds (a remote
+    command that hangs must not hang the doctor)."""
+    import selectors
+    with selectors.DefaultSelector() as sel:
+        sel.register(stream, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            return None
+    return stream.readline().strip()
 
 
 def matching_interfaces(var: str, value: str, names: set[str]) -> set[str]:

@@ -23,7 +23,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DS_LINE = re.compile(r"^(\S+)\s+slots=(\d+)")
-SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # always used with fullmatch
+MAX_SLOTS = 4096  # more processes than any one machine runs: a typo, and a list that size
+
+
+def lines_as_deepspeed_reads_them(text: str) -> list[str]:
+    """DeepSpeed reads a hostfile with ``readlines()`` in text mode: lines end at ``\n``,
+    ``\r\n`` or ``\r`` and nowhere else (``str.splitlines`` would also split at form feeds,
+    ``\x85``, ``\u2028`` and more, seeing hosts DeepSpeed does not)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+def why_unsafe(name: str) -> str | None:
+    """None for a name that is safe to hand to ssh and pdsh, else which character is wrong and
+    why, with its code point and column."""
+    if not name:
+        return "it is empty"
+    if name.startswith("-"):
+        return ("it starts with '-', so ssh would read it as an option (as in "
+                "-oProxyCommand=...)")
+    if SAFE_NAME.fullmatch(name):
+        return None
+    col, ch = next((i, c) for i, c in enumerate(name, 1)
+                   if not re.fullmatch(r"[A-Za-z0-9._-]", c) or (i == 1 and c in ".-"))
+    import unicodedata
+    label = unicodedata.name(ch, "a control character" if ord(ch) < 32 or ord(ch) == 127
+                             else "unnamed")
+    how = ""
+    if ch in "\ufeff\u200b\u200c\u200d\u00a0" or unicodedata.category(ch) in ("Cf", "Zs"):
+        how = "; an invisible character, usually pasted from a web page, chat or word processor"
+    elif ord(ch) < 32 or ord(ch) == 127:
+        how = "; a control character, usually from a file edited on another system"
+    elif ch in "$`;|&<>()'\"\\*?![]{}~#" or ch.isspace():
+        how = "; a shell would interpret it"
+    return f"character {col} is U+{ord(ch):04X} {label} {ch!r}{how}"
 
 
 @dataclass
@@ -56,12 +89,12 @@ class Hostfile:
 
 
 def safe_name(name: str) -> bool:
-    return bool(SAFE_NAME.match(name))
+    return why_unsafe(name) is None
 
 
 def parse(text: str, path: str = "hostfile") -> Hostfile:
     hf = Hostfile(path)
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(lines_as_deepspeed_reads_them(text), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -78,10 +111,14 @@ def parse(text: str, path: str = "hostfile") -> Hostfile:
                    "one host per line, e.g. `worker-1 slots=8`", number)
             continue
         host, slots = m.group(1), int(m.group(2))
-        if not safe_name(host):
-            hf.add("error", f"{where}: host name '{host}' refused: it starts with '-' or holds "
-                   "characters a shell or ssh would interpret", "use a plain host name or address",
-                   number, None)
+        if (why := why_unsafe(host)):
+            hf.add("error", f"{where}: host name {host!r} refused: {why}",
+                   "retype the name as a plain host name or address", number, None)
+            continue
+        if slots > MAX_SLOTS:
+            hf.add("error", f"{where}: '{host}' has slots={slots}, more than any machine runs "
+                   f"(at most {MAX_SLOTS} here)", "give the number of GPUs on that host", number,
+                   host)
             continue
         rest = line[m.end():].strip()
         if rest:
@@ -112,10 +149,15 @@ def load(path: str | Path) -> Hostfile:
                "this machine alone", "give the right path (DeepSpeed's default is /job/hostfile)")
         return hf
     try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as e:
+        text = p.read_bytes().decode("utf-8")
+    except OSError as e:
         hf = Hostfile(str(path))
-        hf.add("error", f"{path}: cannot be read ({e})", "make it a readable text file")
+        hf.add("error", f"{path}: cannot be read ({e.strerror})", "make it a readable text file")
+        return hf
+    except UnicodeDecodeError as e:
+        hf = Hostfile(str(path))
+        hf.add("error", f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); DeepSpeed would "
+               "stop with a UnicodeDecodeError", "save it as plain UTF-8 text")
         return hf
     return parse(text, str(path))
 
@@ -129,9 +171,8 @@ def parse_filter(spec: str, flag: str) -> tuple["OrderedDict[str, list[int]]", l
             errors.append(f"{flag} '{spec}': empty host between '@' separators")
             continue
         name, _, slots = part.partition(":")
-        if not safe_name(name):
-            errors.append(f"{flag} '{spec}': host name '{name}' refused (leading '-' or shell "
-                          "characters)")
+        if (why := why_unsafe(name)):
+            errors.append(f"{flag} {spec!r}: host name {name!r} refused: {why}")
             continue
         try:  # a repeated name adds its slots, sorted and unique, as DeepSpeed merges them
             new = [int(s) for s in slots.split(",")] if slots else []
@@ -181,3 +222,48 @@ def resolve(hf: Hostfile, include: str = "", exclude: str = "") -> "OrderedDict[
         else:
             chosen[name] = [] if not slots else [s for s in chosen[name] if s not in slots]
     return OrderedDict((h, chosen[h]) for h in pool if chosen.get(h))
+
+
+def first_error(hf: Hostfile) -> Finding | None:
+    return next((f for f in hf.findings if f.severity == "error"), None)
+
+
+def check(hostfile: str | None, include: str = "", exclude: str = "",
+          master_addr: str = "") -> str | None:
+    """The first problem that would make a launch with these settings unsafe or wrong, as one
+    line, or None. What the launchers run before they hand anything to DeepSpeed or ssh."""
+    if master_addr and (why := why_unsafe(master_addr)):
+        return f"MASTER_ADDR {master_addr!r} refused: {why}"
+    if hostfile is None:
+        if include or exclude:
+            return "INCLUDE/EXCLUDE need a HOSTFILE"
+        return None
+    hf = load(hostfile)
+    if (f := first_error(hf)) is None:
+        resolve(hf, include, exclude)
+        f = first_error(hf)
+    return None if f is None else f.message + (f"; fix: {f.fix}" if f.fix else "")
+
+
+def main(argv=None) -> int:
+    """``python -m dtlab.tools.hostfile [--hostfile F] [--include S] [--exclude S]
+    [--master-addr A]``: exit 2 with one line when the launch settings are refused, else 0."""
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(prog="python -m dtlab.tools.hostfile",
+                                description="check a DeepSpeed hostfile and host selection "
+                                            "before a launcher uses them")
+    p.add_argument("--hostfile", default=None)
+    p.add_argument("--include", default="")
+    p.add_argument("--exclude", default="")
+    p.add_argument("--master-addr", default="")
+    a = p.parse_args(argv)
+    problem = check(a.hostfile, a.include, a.exclude, a.master_addr)
+    if problem:
+        print(f"dtlab: error: {problem}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

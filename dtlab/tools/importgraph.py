@@ -227,12 +227,16 @@ def draw(edges: dict[str, set[str]], path: Path) -> Path:
     return path
 
 
-def main(argv=None) -> int:
+def make_parser():
     import argparse
     p = argparse.ArgumentParser(prog="python -m dtlab.tools.importgraph",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--png", default=None, help="draw the layer picture into this file")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
     edges = graph()
     for m in sorted(edges):
         if edges[m]:

@@ -16,7 +16,7 @@ from dtlab import registry
 from dtlab.core import checkpoint as ckpt
 from dtlab.core.data import check_divisible
 from dtlab.core.errors import UsageError
-from dtlab.core.record import read_summary
+from dtlab.core.record import describe_nonfinite, read_summary
 from dtlab.core.settings import lab_flags, plans_from_args, settings_from_args
 
 
@@ -81,12 +81,10 @@ def check_checkpoint_dir(lab: registry.Lab, nproc: int, settings, args) -> None:
     if plan.ckpt_dir is None:
         return
     found = ckpt.latest(Path(plan.ckpt_dir))
-    if found is not None:
+    if found is not None:  # the lab checks again when it loads, and says how it reshards
         folder, manifest = found
-        flags = lab_flags(args)
-        ckpt.check_compatible(manifest, folder,
-                              ckpt.checkpoint_identity(lab.name, nproc, settings, flags), flags,
-                              settings.steps)
+        ckpt.check_compatible(manifest, folder, ckpt.checkpoint_identity(
+            lab.name, "", nproc, settings, lab_flags(args)), settings.steps)
 
 
 def launch(lab: registry.Lab, nproc: int, lab_args: list[str], log: Path | None = None,
@@ -94,7 +92,7 @@ def launch(lab: registry.Lab, nproc: int, lab_args: list[str], log: Path | None 
     """torchrun on a free port (``--standalone``); returns its exit status. With
     ``max_restarts`` torchrun restarts every rank when one dies (the lab resumes from its
     newest checkpoint when given --ckpt-dir)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    cmd = [sys.executable, "-m", "dtlab.tools.torchrun", "--standalone",
            f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}", "-m", lab.module,
            *lab_args]
     env = dict(os.environ, **(env or {}))
@@ -120,6 +118,7 @@ def run_one(name: str, nproc: int | None, lab_args: list[str], max_restarts: int
         raise UsageError(f"--max-restarts must be >= 0, got {max_restarts}")
     validate(lab, nproc, lab_args)
     out = Path(opt_value(lab_args, "--out"))
+    ckpt.FolderLock(out, "--out").acquire().release()  # refused now if another run holds it
     (out / "summary.json").unlink(missing_ok=True)
     rc = launch(lab, nproc, lab_args, max_restarts=max_restarts)
     if not (out / "summary.json").is_file():
@@ -134,8 +133,12 @@ def run_one(name: str, nproc: int | None, lab_args: list[str], max_restarts: int
         return rc or 3
     print_table([summary])
     if not summary["ok"]:
-        why = ("OUTSIDE its tolerance " + str(summary["baseline"]["tolerance"])
-               if summary["baseline"]["ok"] is False else "failing its own checks (see extra)")
+        if summary.get("nonfinite"):
+            why = "diverged: " + describe_nonfinite(summary["nonfinite"])
+        elif summary["baseline"]["ok"] is False:
+            why = "OUTSIDE its tolerance " + str(summary["baseline"]["tolerance"])
+        else:
+            why = "failing its own checks (see extra)"
         print(f"dtlab: {lab.name} is {why}", file=sys.stderr)
         return 1
     return rc

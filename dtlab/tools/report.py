@@ -26,16 +26,41 @@ def _sci(x: float | None) -> str:
     return "-" if x is None else f"{x:.1e}"
 
 
+def _num(x: float | None) -> str:
+    """A loss in a table; a record keeps a NaN or infinity as null."""
+    return "nan" if x is None else f"{x:.3f}"
+
+
+def _floats(xs) -> list[float]:
+    return [float("nan") if x is None else x for x in xs]
+
+
 COLUMNS = ("lab", "variant", "world", "steps", "loss first->last", "max rel dloss",
            "max abs dparam", "ok", "step ms", "tokens/s", "comm/step/rank", "peak mem/rank")
 
 
+def verdict_word(s: dict) -> str:
+    """The ok column: yes / NO, what failed, or why a run is not held to the baseline. A run
+    that differs by design (a step skipped on purpose, Hogwild) reads as ok with the reason,
+    so a newcomer does not take it for a failure; real failures read NO."""
+    b = s["baseline"]
+    if s.get("nonfinite"):
+        return "NO (diverged)"
+    if b.get("ok") is False:
+        return "NO"
+    if not s.get("ok", True):
+        return "checks FAILED"
+    if b.get("ok") is None:
+        return f"ok ({b['note']})" if b.get("note") else "-"
+    return "yes"
+
+
 def row(s: dict) -> list[str]:
     b = s["baseline"]
-    ok = {True: "yes", False: "NO", None: "drift" if b.get("note") else "-"}[b["ok"]]
+    ok = verdict_word(s)
     peaks = [m["peak"] for m in s["memory"]["per_rank"]]
     return [s["lab"], s["variant"], str(s["world_size"]), str(s["steps"]),
-            f"{s['losses'][0]:.3f}->{s['losses'][-1]:.3f}", _sci(b.get("max_rel_loss_diff")),
+            f"{_num(s['losses'][0])}->{_num(s['losses'][-1])}", _sci(b.get("max_rel_loss_diff")),
             _sci(b.get("max_abs_param_diff")), ok, f"{s['time']['step_s_median'] * 1e3:.1f}",
             f"{s['time']['tokens_per_s']:,.0f}", human_bytes(s["comm"]["bytes_per_step"]),
             human_bytes(max(peaks) if peaks else None)]
@@ -49,8 +74,8 @@ def print_table(summaries: list[dict], title: str | None = None) -> None:
         t.add_column(c, justify="left" if c in ("lab", "variant") else "right")
     for s in summaries:
         r = row(s)
-        if r[7] == "NO":
-            r[7] = "[bold red]NO[/]"
+        if r[7].startswith(("NO", "checks")):
+            r[7] = f"[bold red]{r[7]}[/]"
         t.add_row(*r)
     console().print(t)
 
@@ -75,9 +100,7 @@ def exposed_share(s: dict) -> float | None:
 
 def report_row(s: dict) -> list[str]:
     b = s["baseline"]
-    ok = {True: "yes", False: "NO", None: "drift" if b.get("note") else "-"}[b["ok"]]
-    if not s["ok"] and b["ok"] is not False:
-        ok = "checks FAILED"
+    ok = verdict_word(s)
     peaks = [m["peak"] for m in s["memory"]["per_rank"]]
     ex = exposed_share(s)
     return [s["lab"], s["variant"], str(s["world_size"]), _sci(b.get("max_rel_loss_diff")),
@@ -99,11 +122,12 @@ def plot_losses(summaries: list[dict], path: Path) -> Path:
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
     refs = {}
     for s in summaries:
-        a.plot(s["losses"], lw=1, alpha=0.7, label=run_label(s))
+        losses = _floats(s["losses"])
+        a.plot(losses, lw=1, alpha=0.7, label=run_label(s))
         base = s["baseline"].get("losses")
         if base:
             refs[(s["preset"], s["batch_size"])] = base
-            d = [max(abs(x - y) / max(abs(y), 1e-12), 1e-9) for x, y in zip(s["losses"], base)]
+            d = [max(abs(x - y) / max(abs(y), 1e-12), 1e-9) for x, y in zip(losses, _floats(base))]
             b.semilogy(d, lw=1, marker=".", label=run_label(s))
     for (preset, batch), base in refs.items():
         a.plot(base, "k--", lw=2, label=f"baseline, 1 process ({preset}, batch {batch})")
