@@ -20,7 +20,14 @@ $(STAMP): pyproject.toml constraints.txt
 tour: $(STAMP)
 	$(VENV)/bin/dtlab tour
 
+# Run as root, the tests bring up (and stop) the local Slurm cluster and ssh hosts themselves;
+# the browser they open the reports in is installed here, as .ci/run does.
 test: $(STAMP)
+	@if [ "$$(id -u)" = 0 ] && ! command -v chromium >/dev/null; then \
+	  echo "make test: installing Debian's chromium (the report tests open pages in it)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
+	    >/dev/null || echo "make test: chromium not installed; its two checks will be skipped"; \
+	fi
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -36,6 +36,16 @@ def run_lab(lab, nproc, out: Path, *extra, timeout=300):
     return p, (json.loads(f.read_text()) if f.is_file() else None)
 
 
+def chromium_or_skip(what: str) -> str:
+    """Debian's chromium, or a skip that says how to get it."""
+    import shutil
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.skip(f"{what} needs Debian's chromium, not installed here: apt-get install "
+                    "chromium (make test and .ci/run install it when run as root)")
+    return path
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
     if torch.cuda.is_available():

@@ -32,7 +32,10 @@ FLAGS = ["--steps", "--preset", "--batch-size", "--lr", "--seed", "--timeout", "
          "--mixed-precision", "--data", "--algo", "--bogus"]
 VALUES = ["0", "1", "2", "3", "-1", "7", "1e9", "nan", "abc", "", "tiny", "small", "gpt2-124m",
           "huge", "own", "torch", "none", "param", "optimizer", "1f1b", "gpipe", "checkpoint",
-          "step", "0.5", "/nonexistent/file", "ds_zero2", "ds_zero9", "fp16", "bf16"]
+          "step", "0.5", "/nonexistent/file", "ds_zero2", "ds_zero9", "fp16", "bf16",
+          # numeric extremes and odd paths
+          "inf", "-inf", "1e308", "-0", "4.9e-324", "9" * 30, "0x10", "1_000",
+          "/tmp/dtlab-ünïcode-路径", "/tmp/with space", "/dev/null", "/"]
 token = st.one_of(st.sampled_from(FLAGS), st.sampled_from(VALUES),
                   st.text(string.ascii_letters + string.digits + string.punctuation + " ", max_size=8))
 
@@ -197,3 +200,70 @@ def test_accelerate_launcher_checks_its_config(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip() == f"dtlab: error: {bad}: num_processes must be a positive " \
                                "integer, got 0"
+
+
+# ---- files a user hands in: --data, .deepspeed_env, hostfiles
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.one_of(st.binary(max_size=200),
+                     st.text(max_size=300).map(lambda t: t.encode("utf-8", "surrogatepass"))))
+def test_data_file_fuzz(tmp_path, raw):
+    """Any bytes as --data (binary, unicode, too short, thousands of distinct characters):
+    a run's settings, or one line naming the file and the fix."""
+    import argparse
+
+    from dtlab.core.settings import add_common_args, settings_from_args
+    f = tmp_path / "données.txt"
+    f.write_bytes(raw)
+    for preset in ("tiny", "gpt2-124m"):
+        args = add_common_args(argparse.ArgumentParser()).parse_args(
+            ["--data", str(f), "--preset", preset])
+        kind, err = _outcome(lambda: _settings_or_fail(settings_from_args, args))
+        if kind == "exit2":
+            _assert_one_line_error(err)
+            assert str(f) in err
+
+
+def _settings_or_fail(fn, args):
+    try:
+        fn(args)
+    except UsageError as e:
+        fail(str(e))
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.one_of(st.binary(max_size=120), st.lists(st.sampled_from(
+    ["A=1", "B=x y", 'C="q"', "D=$(id)", "E=`id`", "F=a\\b", "", "# c", "=", "1X=2",
+     "PATH=/usr/bin:$PATH", "G=ü", "H=a\x00b"]), max_size=5).map(
+        lambda ls: "\n".join(ls).encode("utf-8"))))
+def test_deepspeed_env_fuzz(tmp_path, raw):
+    """Any .deepspeed_env: the doctor reports on it, never crashes; a value the remote shell
+    would expand is an error."""
+    import argparse
+
+    from dtlab.tools import doctor
+    (tmp_path / ".deepspeed_env").write_bytes(raw)
+    args = doctor.add_arguments(argparse.ArgumentParser()).parse_args(["--cwd", str(tmp_path)])
+    d = doctor.Doctor(args)
+    d.cwd = str(tmp_path)
+    d.check_deepspeed_env()
+    d.check_exports()
+    errors = [f.message for f in d.findings if f.severity == "error"]
+    text = raw.decode("utf-8", "replace")
+    if any(c in v for line in text.splitlines() if "=" in line
+           for v in [line.split("=", 1)[1]] for c in ('"', "$", "`", "\\")):
+        assert errors
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.one_of(st.binary(max_size=80), st.text(max_size=80).map(str.encode)))
+def test_hostfile_check_fuzz(tmp_path, raw):
+    """The check every launcher runs: any hostfile bytes give accepted or one error line."""
+    from dtlab.tools import hostfile
+    f = tmp_path / "hostfile"
+    f.write_bytes(raw)
+    problem = hostfile.check(str(f))
+    assert problem is None or ("\n" not in problem and len(problem) > 10)

@@ -89,3 +89,60 @@ def test_deepspeed_shared_memory_row(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["impl"] for r in rows} == {"library", "deepspeed-shm"}
     assert all(r["ok"] for r in rows)  # DeepSpeed's result checked exactly like ours
+
+
+def test_small_shared_memory_is_an_error_not_sigbus(tmp_path):
+    """A 1 MiB tmpfs (a container's /dev/shm can be as small as 64 MiB) and 4 MiB messages: the
+    buffers are reserved before they are mapped, so the run ends with exit 2 and one line that
+    names the size and the fix, instead of SIGBUS at the first write; nothing is left behind."""
+    import os
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    mnt = tmp_path / "shm"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        p = dtlab("bench", "comm", "--nproc", 2, "--impl", "shm", "--sizes", "4MiB",
+                  "--shm-dir", mnt, "--json", tmp_path / "b.json", timeout=120)
+        errors = [line for line in p.stderr.splitlines() if "error" in line.lower()]
+        assert p.returncode == 2, p.stdout + p.stderr
+        assert errors == [line for line in errors if line.startswith("dtlab: error: ")]
+        assert len(errors) == 1 and "needs 8.0 MiB" in errors[0] and "--shm-size" in errors[0]
+        assert "Bus error" not in p.stderr and "SIGBUS" not in p.stderr
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_shared_memory_files_are_private_and_gone(tmp_path, monkeypatch):
+    """The buffers live in a folder only this user can enter, in files only this user can open,
+    and their names are gone once every rank has mapped them: nothing of ours stays in
+    /dev/shm after a run."""
+    import stat
+
+    import torch
+    import torch.distributed as dist
+
+    from dtlab.collectives import shm
+    seen = []
+    real = torch.from_file
+
+    def spy(path, *a, **k):
+        seen.append((stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode),
+                     stat.S_IMODE(os.stat(path).st_mode)))
+        return real(path, *a, **k)
+
+    import os
+    monkeypatch.setattr(torch, "from_file", spy)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        sb = shm.SharedBuffers(1024, shm_dir=tmp_path)
+        assert seen == [(0o700, 0o600)] and sb.buffers[0].numel() == 1024
+        assert list(tmp_path.iterdir()) == []  # mapped, and no name left
+    finally:
+        dist.destroy_process_group()
+    p = dtlab("bench", "comm", "--nproc", 2, "--impl", "shm", "--sizes", "64KiB", "--iters", 2,
+              "--shm-dir", tmp_path, "--json", tmp_path / "b.json", timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert [x.name for x in tmp_path.iterdir() if x.name.startswith("dtlab-")] == []

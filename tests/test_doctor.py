@@ -14,39 +14,55 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import ROOT, dtlab, free_port
-from dtlab.tools.hostfile import parse, resolve
 from dtlab.tools.doctor import matching_interfaces
+from dtlab.tools.hostfile import MAX_SLOTS, load, parse, resolve, why_unsafe
 
 
 # ---- the parser, against DeepSpeed's
-def _ds_parse(text):
-    from deepspeed.launcher.runner import _parse_hostfile
+def _ds_fetch(path):
+    """DeepSpeed reading the file itself (open, readlines, its parser)."""
+    from deepspeed.launcher.runner import fetch_hostfile
     try:
-        return dict(_parse_hostfile(text.splitlines(keepends=True)))
-    except ValueError:
+        return dict(fetch_hostfile(str(path)))
+    except (ValueError, UnicodeDecodeError):
         return None
 
 
-names = st.sampled_from(["w1", "w2", "node-3", "10.0.0.4", "gpu_5"])
+names = st.one_of(st.sampled_from(["w1", "w2", "node-3", "10.0.0.4", "gpu_5"]),
+                  st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=4))
+seps = st.sampled_from(["\n", "\r\n", "\r", "\x0c", "\x85", "\u2028", "\x0b"])
 lines = st.one_of(
     st.builds(lambda h, n, sp, tail: f"{sp}{h}{sp} slots={n}{tail}", names,
-              st.integers(0, 16), st.sampled_from(["", " ", "\t"]),
-              st.sampled_from(["", " # box", "  extra"])),
+              st.one_of(st.integers(0, 16), st.sampled_from([4096, 4097, 10**9])),
+              st.sampled_from(["", " ", "\t", "\u00a0"]),
+              st.sampled_from(["", " # box", "  extra", "\x0cw2 slots=2"])),
     st.sampled_from(["", "   ", "# comment", "w1 slots = 4", "w1", "slots=4", "w1 slot=4",
-                     "w1 slots=x"]))
+                     "w1 slots=x", "w1 slots=\u0663"]))
 
 
 @pytest.mark.deepspeed
 @settings(max_examples=500, deadline=None)
-@given(st.lists(lines, max_size=6))
+@given(st.lists(st.tuples(lines, seps), max_size=6))
 def test_parser_accepts_and_rejects_exactly_what_deepspeed_does(file_lines):
+    """Both read the same bytes from a file. Where DeepSpeed refuses, so do we; where it
+    accepts, we see the same hosts and slots, or refuse only what we refuse on purpose: a name
+    that is unsafe to hand to ssh, or an impossible slot count."""
+    import tempfile
     pytest.importorskip("deepspeed")
-    text = "\n".join(file_lines)
-    ours, theirs = parse(text), _ds_parse(text)
-    assert ours.ok == (theirs is not None), (text, [f.message for f in ours.findings])
-    if theirs is not None:
-        assert dict(ours.hosts) == theirs  # same hosts, same slots, same order of keys
-        assert list(ours.hosts) == list(theirs)
+    text = "".join(line + sep for line, sep in file_lines)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "hostfile"
+        path.write_bytes(text.encode("utf-8"))
+        ours, theirs = load(path), _ds_fetch(path)
+    errors = [f.message for f in ours.findings if f.severity == "error"]
+    if theirs is None:
+        assert not ours.ok, text
+    elif ours.ok:
+        assert dict(ours.hosts) == theirs and list(ours.hosts) == list(theirs), text
+    else:
+        assert all("refused" in e or "more than any machine runs" in e for e in errors), \
+            (text, errors)
+        assert any(why_unsafe(h) or n > MAX_SLOTS for h, n in theirs.items()), (text, errors)
 
 
 specs = st.lists(st.builds(lambda h, s: h + (":" + ",".join(map(str, s)) if s else ""),
@@ -126,12 +142,17 @@ def hosts():
     ok = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=3", "dthost1",
                          "true"], capture_output=True).returncode == 0 if \
         subprocess.run(["which", "ssh"], capture_output=True).returncode == 0 else False
+    started = False
     if not ok:
         if os.geteuid() != 0:
             pytest.skip("needs the ssh test hosts: sudo tests/hosts/up.sh")
         p = subprocess.run([str(ROOT / "tests/hosts/up.sh")], capture_output=True, text=True,
                            timeout=300)
         assert p.returncode == 0, p.stdout + p.stderr
+        started = True
+    yield
+    if started:  # what the tests started, they stop
+        subprocess.run([str(ROOT / "tests/hosts/down.sh")], capture_output=True, timeout=60)
 
 
 def doctor(tmp_path, hostfile_text, *args, env=None, cwd=None):

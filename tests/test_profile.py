@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import dtlab
+from conftest import chromium_or_skip, dtlab
 from dtlab.core.profiler import summarize
 
 
@@ -63,9 +63,7 @@ def test_tensorboard_plugin_and_browser_show_the_run(tmp_path):
 
     from conftest import free_port
     pytest.importorskip("torch_tb_profiler")
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("needs Debian's chromium (.ci/run installs it)")
+    chromium = chromium_or_skip("the TensorBoard page screenshot")
     p = dtlab("profile", "ddp", "--nproc", 2, "--steps", 5, "--out", tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     port = free_port()

@@ -27,13 +27,18 @@ def _nodes_idle() -> bool:
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
+    started = False
     if not _nodes_idle():
         if os.geteuid() != 0:
             pytest.skip("needs the local Slurm cluster: sudo slurm/local/up.sh")
         p = subprocess.run([str(ROOT / "slurm/local/up.sh")], capture_output=True, text=True,
                            timeout=300)
         assert p.returncode == 0, p.stdout + p.stderr
+        started = True
     assert _nodes_idle()
+    yield
+    if started:  # what the tests started, they stop (.ci/run brings its own up and down)
+        subprocess.run([str(ROOT / "slurm/local/down.sh")], capture_output=True, timeout=120)
 
 
 def job_state(job: str) -> str:

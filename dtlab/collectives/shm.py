@@ -31,60 +31,115 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from dtlab.core.errors import UsageError
+
 SHM_DIR = Path("/dev/shm")
 
 
-class SharedBuffers:
-    """W buffers of ``numel`` fp32 elements, one per rank, every one mapped by every rank."""
+class SharedMemoryError(UsageError):
+    """Not enough shared memory (or none usable) for the buffers; the message names the size
+    needed and the fix."""
 
-    def __init__(self, numel: int, dtype: torch.dtype = torch.float32):
+
+def _human(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+class SharedBuffers:
+    """W buffers of ``numel`` elements, one per rank, every one mapped by every rank.
+
+    The files live in a private folder (mode 0700, made by rank 0 with a random name) and are
+    created exclusively (``O_EXCL | O_NOFOLLOW``, mode 0600), so another local user can neither
+    read the data nor plant a file or link in its place. Their blocks are reserved with
+    ``posix_fallocate`` before anything is mapped: a sparse file in a full tmpfs (Docker gives
+    64 MiB by default) would map fine and then kill the process with SIGBUS at the first write;
+    reserved, the shortage is an error that names the size and the fix, agreed by every rank.
+    The names are unlinked as soon as every rank has mapped them, and in every failure path:
+    nothing stays in /dev/shm, whatever happens after."""
+
+    def __init__(self, numel: int, dtype: torch.dtype = torch.float32,
+                 shm_dir: str | Path | None = None):
+        root = Path(shm_dir or SHM_DIR)
         rank, world = dist.get_rank(), dist.get_world_size()
-        token = [secrets.token_hex(6) if rank == 0 else None]
-        dist.broadcast_object_list(token, src=0)  # one name per group, chosen by rank 0
-        names = [SHM_DIR / f"dtlab-{token[0]}-{r}" for r in range(world)]
-        mine = names[rank]
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        with open(mine, "wb") as f:
-            f.truncate(nbytes)
-        dist.barrier()  # every file exists
-        self.buffers = [torch.from_file(str(n), shared=True, size=numel, dtype=dtype)
-                        for n in names]
-        dist.barrier()  # every rank has mapped every file: the names can go
-        os.unlink(mine)
+        folder = None
+        if rank == 0:
+            folder = root / f"dtlab-{os.getuid()}-{secrets.token_hex(8)}"
+            try:
+                os.mkdir(folder, 0o700)
+            except OSError as e:
+                folder = f"error: cannot create a folder in {root} ({e.strerror})"
+        box = [str(folder)]
+        dist.broadcast_object_list(box, src=0)  # one private folder per group
+        if box[0].startswith("error: "):
+            raise SharedMemoryError(box[0][len("error: "):])
+        folder = Path(box[0])
+        names = [folder / f"rank{r}" for r in range(world)]
+        problem = ""
+        try:
+            fd = os.open(names[rank], os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, max(1, nbytes))
+            finally:
+                os.close(fd)
+        except OSError as e:
+            problem = e.strerror or str(e)
+        problems = [None] * world
+        dist.all_gather_object(problems, problem)  # every rank learns whether all succeeded
+        try:
+            if any(problems):
+                r = next(i for i, p in enumerate(problems) if p)
+                free = shutil.disk_usage(root).free
+                raise SharedMemoryError(
+                    f"the shared-memory all-reduce needs {_human(world * nbytes)} in {root} "
+                    f"({world} ranks x {_human(nbytes)}) and rank {r} got '{problems[r]}' "
+                    f"({_human(free)} free there); give the container more shared memory "
+                    "(docker run --shm-size=1g, or --ipc=host) or use smaller messages")
+            self.buffers = [torch.from_file(str(n), shared=True, size=numel, dtype=dtype)
+                            for n in names]
+            dist.barrier()  # every rank has mapped every file: the names can go
+        finally:
+            names[rank].unlink(missing_ok=True)
+            dist.barrier()
+            if rank == 0:
+                shutil.rmtree(folder, ignore_errors=True)
         self.numel, self.rank, self.world = numel, rank, world
         bounds = [numel * r // world for r in range(world + 1)]
         self.slices = [slice(bounds[r], bounds[r + 1]) for r in range(world)]
 
 
-_CACHE: dict[tuple[int, torch.dtype], SharedBuffers] = {}
+# Buffers are set up once per (size, type, folder) and reused: creating and mapping them costs
+# more than a small all-reduce. A cache of resources, not state a run depends on.
+_CACHE: dict[tuple, SharedBuffers] = {}
 
 
-def _buffers(numel: int, dtype: torch.dtype) -> SharedBuffers:
-    key = (numel, dtype)
+def _buffers(numel: int, dtype: torch.dtype, shm_dir=None) -> SharedBuffers:
+    key = (numel, dtype, str(shm_dir or SHM_DIR))
     if key not in _CACHE:
-        _CACHE[key] = SharedBuffers(*key)
+        _CACHE[key] = SharedBuffers(numel, dtype, shm_dir)
     return _CACHE[key]
 
 
-def shm_tensor(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def shm_tensor(numel: int, dtype: torch.dtype = torch.float32, shm_dir=None) -> torch.Tensor:
     """This rank's shared buffer as an ordinary tensor. Compute into it (as DDP computes
     gradients into its buckets) and ``shm_all_reduce`` skips the publish pass: the peers read
     it where it is. Collective: every rank must call it with the same size."""
-    sb = _buffers(numel, dtype)
+    sb = _buffers(numel, dtype, shm_dir)
     return sb.buffers[sb.rank]
 
 
-def shm_all_reduce(x: torch.Tensor, counter=None) -> torch.Tensor:
+def shm_all_reduce(x: torch.Tensor, counter=None, shm_dir=None) -> torch.Tensor:
     """Sum ``x`` over all ranks in place (all ranks must be on this host, x on the CPU)."""
     if x.device.type != "cpu":
         raise ValueError("shm_all_reduce works on CPU tensors of ranks on one host")
     flat = x.view(-1)
-    sb = _buffers(flat.numel(), flat.dtype)
+    sb = _buffers(flat.numel(), flat.dtype, shm_dir)
     mine, own = sb.buffers[sb.rank], sb.slices[sb.rank]
     if flat.data_ptr() == mine.data_ptr():
         # x already lives in my shared buffer (shm_tensor): reduce in place, two passes

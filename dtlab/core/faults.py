@@ -115,9 +115,10 @@ def failed_op(e: BaseException) -> tuple[str, str]:
         path = frame.f_code.co_filename
         if path.endswith("distributed_c10d.py"):
             op = frame.f_code.co_name
-        elif "/labs/" in path and not path.endswith("core/faults.py"):
+        elif (at := max(path.rfind("/labs/"), path.rfind("/dtlab/"))) >= 0 and \
+                not path.endswith("core/faults.py"):
             code = linecache.getline(path, lineno).strip()
-            site = f"{path[path.index('/labs/') + 1:]}:{lineno}" + (f" `{code}`" if code else "")
+            site = f"{path[at + 1:]}:{lineno}" + (f" `{code}`" if code else "")
     if op == "a collective" and "running the callback" in str(e):
         op = "all_reduce of a DDP gradient bucket (torch DDP's reducer, in backward)"
     return op, site

@@ -88,13 +88,14 @@ def _inputs(op: str, numel: int, world: int, rank: int):
         world * (world + 1) / 2)
 
 
-def _call(op: str, impl: str, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+def _call(op: str, impl: str, x: torch.Tensor, out: torch.Tensor | None,
+          shm_dir: str | None = None) -> torch.Tensor:
     if impl == "deepspeed-shm":
         import deepspeed.comm as dscomm
         dscomm.inference_all_reduce(x)
         return x
     if impl in ("shm", "shm-inplace"):
-        return shm_all_reduce(x)
+        return shm_all_reduce(x, shm_dir=shm_dir)
     if impl != "library":
         return ALGORITHMS[impl](x)
     if op == "all_reduce":
@@ -110,7 +111,8 @@ def _call(op: str, impl: str, x: torch.Tensor, out: torch.Tensor | None) -> torc
     return out
 
 
-def bench_size(op: str, impls: list[str], nbytes: int, iters: int, warmup: int) -> list[dict]:
+def bench_size(op: str, impls: list[str], nbytes: int, iters: int, warmup: int,
+               shm_dir: str | None = None) -> list[dict]:
     """One row per implementation at one size. The implementations take turns call by call,
     so a change in machine load during the measurement hits all of them alike and their
     ratio stays meaningful on a shared, noisy machine."""
@@ -125,10 +127,10 @@ def bench_size(op: str, impls: list[str], nbytes: int, iters: int, warmup: int) 
         for impl in impls:
             x = src.clone()
             if impl == "shm-inplace":  # the tensor lives in this rank's shared buffer
-                x = shm_tensor(src.numel(), src.dtype).view_as(src).copy_(src)
+                x = shm_tensor(src.numel(), src.dtype, shm_dir).view_as(src).copy_(src)
             dist.barrier()
             t0 = time.perf_counter()
-            res = _call(op, impl, x, out)
+            res = _call(op, impl, x, out, shm_dir)
             dt = time.perf_counter() - t0
             if i >= warmup:
                 times[impl].append(dt)
@@ -160,6 +162,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
     p.add_argument("--json", default=None, help="write the rows to this file (rank 0)")
     p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--shm-dir", default=None,
+                   help="where the shared-memory all-reduce puts its buffers (default /dev/shm)")
     return p
 
 
@@ -195,14 +199,20 @@ def main(argv=None) -> int:
         deepspeed.init_distributed(dist_backend="gloo")  # builds the shm_comm op on first use
     rows = []
     total = len(ops) * len(impls) * len(sizes)
-    for op in ops:
-        for size in sizes:
-            for row in bench_size(op, impls, size, args.iters, args.warmup):
-                rows.append(row)
-                rt.log(f"[{len(rows):3d}/{total}] {op:<14} {row['impl']:<13} "
-                       f"W={row['world_size']} {row['bytes']:>11,d} B  "
-                       f"{row['time_s_median'] * 1e3:9.3f} ms  busbw {row['busbw_GBps']:7.3f} "
-                       f"GB/s  {'ok' if row['ok'] else 'WRONG'}")
+    try:
+        for op in ops:
+            for size in sizes:
+                for row in bench_size(op, impls, size, args.iters, args.warmup, args.shm_dir):
+                    rows.append(row)
+                    rt.log(f"[{len(rows):3d}/{total}] {op:<14} {row['impl']:<13} "
+                           f"W={row['world_size']} {row['bytes']:>11,d} B  "
+                           f"{row['time_s_median'] * 1e3:9.3f} ms  busbw "
+                           f"{row['busbw_GBps']:7.3f} GB/s  {'ok' if row['ok'] else 'WRONG'}")
+    except UsageError as e:  # every rank raises it together (not enough shared memory)
+        if rt.is_main:
+            print(f"dtlab: error: {e}", file=sys.stderr, flush=True)
+        runtime.shutdown(rt)
+        runtime.exit_now(2)
     if rt.is_main and args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
@@ -288,10 +298,12 @@ def bench_comm(nproc: str, json_path: str, rest: list[str]) -> int:
     rows = []
     for n in nprocs(nproc):
         part = out.with_name(f".{out.stem}-n{n}.json")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+        cmd = [sys.executable, "-m", "dtlab.tools.torchrun", "--standalone",
                f"--nproc_per_node={n}", "-m", "dtlab.tools.commbench", *rest, "--json", str(part)]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         rc = subprocess.call(cmd, env=env)
+        if rc == 2:  # bad input or not enough shared memory: the ranks said which
+            return 2
         if rc != 0 or not part.is_file():
             print(f"dtlab: bench comm on {n} processes failed (exit {rc})", file=sys.stderr)
             return rc or 1

@@ -72,6 +72,52 @@ def validate(lab: registry.Lab, nproc: int, lab_args: list[str]) -> None:
     if hasattr(mod, "check_args"):
         mod.check_args(args, settings, nproc)
     check_checkpoint_dir(lab, nproc, settings, args)
+    check_memory(lab, nproc, settings, args)
+
+
+PROCESS_BYTES = 400 * 2**20  # what a rank holds before any tensor: torch, its libraries, Python
+
+
+def available_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(lab: registry.Lab, nproc: int, settings, args) -> None:
+    """A run whose ranks cannot fit in this machine's memory is refused before it starts (the
+    kernel's OOM killer would otherwise end it, with no word of why). Counted with dtlab
+    memory's estimate: every rank's activations for its rows, its model states (16 bytes a
+    parameter with AdamW in fp32) and the process itself; on the CPU only (a GPU's memory is
+    the device's)."""
+    import torch
+    if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        return
+    have = available_bytes()
+    if have is None:
+        return
+    from dtlab.core.model import ToyGPT
+    from dtlab.tools.estimate import Arch, Setup, activation_bytes
+    cfg = settings.model
+    rows = settings.batch_size // nproc if lab.data_parallel else settings.batch_size
+    params = ToyGPT.count_params(cfg)
+    acts = activation_bytes(Setup(params=params, precision="fp32", batch=max(1, rows),
+                                  seq_len=cfg.seq_len, arch=Arch(cfg.n_layer, cfg.d_model,
+                                  cfg.n_head, cfg.d_ff, cfg.vocab_size, cfg.seq_len)), False)
+    per_rank = acts + 16 * params + PROCESS_BYTES
+    if nproc * per_rank > have:
+        gib = 2**30
+        raise UsageError(
+            f"--batch-size {settings.batch_size} (preset {settings.preset}) needs about "
+            f"{nproc * per_rank / gib:.1f} GiB: {nproc} rank(s) x ({acts / gib:.2f} GiB of "
+            f"activations + {16 * params / gib:.2f} GiB of model states + "
+            f"{PROCESS_BYTES / gib:.1f} GiB for the process), and this machine has "
+            f"{have / gib:.1f} GiB available; use a smaller --batch-size or --preset, or "
+            "fewer processes")
 
 
 def check_checkpoint_dir(lab: registry.Lab, nproc: int, settings, args) -> None:

@@ -29,9 +29,16 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || \
     slurmctld slurmd slurm-client munge >/dev/null || die "apt-get install failed"
 fi
 
-# Torchrun's c10d rendezvous connects to the first node by name: n1 and n2 must resolve.
+# Torchrun's c10d rendezvous connects to the first node by name: n1 and n2 must resolve, to
+# this machine. A real host of that name would get the jobs' traffic: refuse, do not take it.
 for n in n1 n2; do
-  getent hosts "$n" >/dev/null || echo "127.0.0.1 $n   $MARK" >> /etc/hosts
+  addr="$(getent hosts "$n" | awk '{print $1; exit}')"
+  if [[ -z "$addr" ]]; then
+    echo "127.0.0.1 $n   $MARK" >> /etc/hosts
+  elif [[ "$addr" != "127.0.0.1" ]] && ! grep -q "^127.0.0.1 $n   $MARK" /etc/hosts; then
+    die "the host name $n already resolves to $addr here (a real host?); the local cluster \
+needs n1 and n2 for itself: remove that entry or bring the cluster up on another machine"
+  fi
 done
 
 if [[ -f "$CONF" ]] && ! grep -q "^$MARK" "$CONF"; then
@@ -74,6 +81,7 @@ alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 install -d -o munge -g munge -m 0755 /run/munge
 if ! alive /run/munge/munged.pid; then
   runuser -u munge -- /usr/sbin/munged || die "munged did not start"
+  touch "$RUN/munged.ours"   # down.sh stops munged only when this script started it
 fi
 alive "$RUN/slurmctld.pid" || /usr/sbin/slurmctld -f "$CONF" || die "slurmctld did not start (see $LOG/slurmctld.log)"
 for n in n1 n2; do
