@@ -32,7 +32,7 @@ fi
 # Torchrun's c10d rendezvous connects to the first node by name: n1 and n2 must resolve, to
 # this machine. A real host of that name would get the jobs' traffic: refuse, do not take it.
 for n in n1 n2; do
-  addr="$(getent hosts "$n" | awk '{print $1; exit}')"
+  addr="$(getent hosts "$n" | awk '{print $1; exit}' || true)"
   if [[ -z "$addr" ]]; then
     echo "127.0.0.1 $n   $MARK" >> /etc/hosts
   elif [[ "$addr" != "127.0.0.1" ]] && ! grep -q "^127.0.0.1 $n   $MARK" /etc/hosts; then
