@@ -40,14 +40,14 @@ def cmd_list(args, rest) -> int:
 
 def cmd_run(args, rest) -> int:
     from dtlab.tools.launch import run_one
-    return run_one(args.lab, args.nproc, rest, args.max_restarts)
+    return run_one(args.lab, args.nproc, rest, args.max_restarts, args.nnodes, args.cluster)
 
 
 def cmd_profile(args, rest) -> int:
     from dtlab.tools import profile
     if args.lab == "compare":
-        return profile.compare(args.nproc, rest)
-    return profile.profile_one(args.lab, args.nproc, rest)
+        return profile.compare(args.nproc, rest, args.nnodes, args.cluster)
+    return profile.profile_one(args.lab, args.nproc, rest, args.nnodes, args.cluster)
 
 
 def cmd_tour(args, rest) -> int:
@@ -57,12 +57,18 @@ def cmd_tour(args, rest) -> int:
 
 def cmd_bench_comm(args, rest) -> int:
     from dtlab.tools.commbench import bench_comm
-    return bench_comm(args.nproc, args.json, rest)
+    return bench_comm(args.nproc, args.json, rest, args.nnodes, args.cluster)
 
 
 def cmd_bench_ddp(args, rest) -> int:
     from dtlab.tools.benchddp import bench_ddp
     return bench_ddp(args.nproc, args.preset, args.steps, args.repeats, args.out)
+
+
+def cmd_bench_cluster(args, rest) -> int:
+    from dtlab.tools.clusterbench import run
+    return run(args.out, args.cluster, args.rates, args.train_rates, args.sizes, args.preset,
+               args.steps)
 
 
 def cmd_doctor(args, rest) -> int:
@@ -92,6 +98,34 @@ def cmd_check(args, rest) -> int:
     return 0 if passed else 1
 
 
+def cmd_cluster(args, rest) -> int:
+    from dtlab.cluster import manage
+    from dtlab.cluster.netns import Cluster, parse_rate
+    if args.action == "up":
+        ifnames = tuple(t.strip() for t in args.ifnames.split(",") if t.strip()) or ("eth0",)
+        manage.up(Cluster(name=args.name, nodes=args.nodes, rate=parse_rate(args.inter_node),
+                          ifnames=ifnames, subnet=args.subnet,
+                          cores_per_node=args.cores_per_node,
+                          ranks_per_node=args.ranks_per_node, slurm=args.slurm))
+        return 0
+    if args.action == "down":
+        manage.down(args.name)
+        return 0
+    if args.action == "status":
+        if args.png:
+            print(f"picture: {manage.draw(args.name, args.png)}")
+        return manage.print_status(args.name, args.json)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return manage.exec_in(args.name, args.node, command)
+
+
+def add_placement(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nnodes", type=int, default=1,
+                   help="run on this many nodes of the namespace cluster (dtlab cluster up), "
+                        "--nproc processes on each (default 1: this machine alone)")
+    p.add_argument("--cluster", default="main", help="which namespace cluster (default main)")
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtlab", description="Distributed-training lab.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -109,6 +143,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="processes (default: the lab's tour size)")
     r.add_argument("--max-restarts", type=int, default=0,
                    help="torchrun restarts after a rank dies (use with the lab's --ckpt-dir)")
+    add_placement(r)
     r.set_defaults(func=cmd_run, forwards=True)
 
     t = sub.add_parser("tour", help="run every lab and variant this machine can, verified; "
@@ -127,6 +162,7 @@ def make_parser() -> argparse.ArgumentParser:
                                      "--sizes, --iters, --warmup.")
     bc.add_argument("--nproc", default="2", help="world sizes, e.g. 2 or 2,4 (default 2)")
     bc.add_argument("--json", default="runs/bench/comm.json", help="where the rows go")
+    add_placement(bc)
     bc.set_defaults(func=cmd_bench_comm, forwards=True)
     bd = bsub.add_parser("ddp", help="median step time of our DDP vs torch DDP")
     bd.add_argument("--nproc", type=int, default=2)
@@ -135,6 +171,18 @@ def make_parser() -> argparse.ArgumentParser:
     bd.add_argument("--repeats", type=int, default=3)
     bd.add_argument("--out", default="runs/bench/ddp")
     bd.set_defaults(func=cmd_bench_ddp)
+    bk = bsub.add_parser("cluster", help="bus bandwidth vs link rate and step time per strategy "
+                         "on the namespace cluster (root)")
+    bk.add_argument("--out", default="runs/bench/cluster")
+    bk.add_argument("--cluster", default="main")
+    bk.add_argument("--rates", default="100mbit,1gbit,10gbit,unshaped",
+                    help="link rates for the collectives")
+    bk.add_argument("--train-rates", default="1gbit,100mbit",
+                    help="link rates for the training comparison")
+    bk.add_argument("--sizes", default="1MiB,8MiB")
+    bk.add_argument("--preset", default="small")
+    bk.add_argument("--steps", type=int, default=8)
+    bk.set_defaults(func=cmd_bench_cluster)
 
     pr = sub.add_parser("profile", allow_abbrev=False,
                         help="run a lab under torch.profiler: computation, communication, "
@@ -144,6 +192,7 @@ def make_parser() -> argparse.ArgumentParser:
     pr.add_argument("lab", help="a lab, or `compare`: DDP (torch, ours), ZeRO 1-3, FSDP2, TP "
                     "and PP profiled alike, one table")
     pr.add_argument("--nproc", type=int, default=None, help="processes (default: tour size)")
+    add_placement(pr)
     pr.set_defaults(func=cmd_profile, forwards=True)
 
     from dtlab.tools import doctor, estimate
@@ -153,6 +202,37 @@ def make_parser() -> argparse.ArgumentParser:
     estimate.add_arguments(sub.add_parser(
         "memory", help="estimate GPU and CPU memory per ZeRO stage, offload and precision",
         description=estimate.__doc__.split("\n\n")[0])).set_defaults(func=cmd_memory)
+
+    cl = sub.add_parser("cluster", help="a multi-node cluster on this machine: network "
+                        "namespaces, shaped links, sshd and Slurm per node (root)")
+    csub = cl.add_subparsers(dest="action", required=True)
+    cu = csub.add_parser("up", help="bring the nodes and links up (idempotent)")
+    cu.add_argument("--nodes", type=int, default=2)
+    cu.add_argument("--inter-node", default="unshaped",
+                    help="bandwidth of every node's link: 100mbit, 1gbit, 10gbit, ... or "
+                         "unshaped (default)")
+    cu.add_argument("--ranks-per-node", type=int, default=2,
+                    help="processes a node takes (the CPUs it declares to Slurm; default 2)")
+    cu.add_argument("--ifnames", default="eth0",
+                    help="each node's interface name, comma-separated (node i takes the i-th, "
+                         "the last for the rest): eth0,ens5 gives n2 another name than n1")
+    cu.add_argument("--cores-per-node", type=int, default=0,
+                    help="pin each node to its own cores (0: share all; default)")
+    cu.add_argument("--subnet", default="10.77.0.0/24", help="the nodes' private subnet")
+    cu.add_argument("--slurm", action="store_true", help="run slurmctld and a slurmd per node")
+    for a in csub.choices.values():
+        a.add_argument("--name", default="main", help="which cluster (default main: nodes n1, "
+                       "n2, ...; another name X gives nodes X1, X2, ...)")
+    cd = csub.add_parser("down", help="remove every namespace, link, daemon and /etc/hosts line")
+    cs = csub.add_parser("status", help="nodes, addresses, link rate, daemons")
+    cs.add_argument("--json", action="store_true")
+    cs.add_argument("--png", default=None, help="also draw the topology into this file")
+    ce = csub.add_parser("exec", help="run a command inside a node: dtlab cluster exec n1 -- CMD")
+    ce.add_argument("node")
+    ce.add_argument("command", nargs=argparse.REMAINDER)
+    for a in (cd, cs, ce):
+        a.add_argument("--name", default="main", help="which cluster (default main)")
+    cl.set_defaults(func=cmd_cluster)
 
     ex = sub.add_parser("exercise", help="write an exercise skeleton (TODOs and hints) to fill in")
     ex.add_argument("name", help="ring_allreduce, loss_scaler, tensor_parallel, 1f1b or zero1")

@@ -44,7 +44,8 @@ class Parallel3D(Strategy):
     def __init__(self, rt, settings, grid: Grid, schedule: str, microbatches: int):
         super().__init__(rt, settings)
         self.grid, self.schedule_name, self.m = grid.at(rt.rank), schedule, microbatches
-        self.variant = f"dp{grid.dp}-pp{grid.pp}-tp{grid.tp}-{schedule}"
+        self.variant = f"dp{grid.dp}-pp{grid.pp}-tp{grid.tp}-{schedule}" + \
+            ("-ppinner" if grid.order == "pp-inner" else "")
 
     # the data-parallel coordinate decides the rows; TP and PP ranks of a replica share them
     @property
@@ -125,11 +126,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--schedule", default="1f1b", choices=list(SCHEDULES))
     p.add_argument("--microbatches", type=int, default=2)
+    p.add_argument("--order", default="tp-inner", choices=["tp-inner", "pp-inner"],
+                   help="tp-inner: consecutive ranks (one node) form a TP group (default); "
+                        "pp-inner: they hold consecutive stages, TP spans nodes")
     return add_common_args(p)
 
 
 def grid_from_args(args) -> Grid:
-    return Grid(dp=args.dp, pp=args.pp, tp=args.tp)
+    return Grid(dp=args.dp, pp=args.pp, tp=args.tp, order=args.order)
 
 
 def check_args(args, settings, world: int) -> None:

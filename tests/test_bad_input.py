@@ -88,6 +88,8 @@ def test_run_checks_before_launch(lab, nproc, argv):
     ("zero", 1, [], "runs on >=2 process(es), not 1"),
     ("zero", 2, ["--stage", "1", "--offload", "param"], "--offload param"),
     ("ddp", 2, ["--ckpt-every", "0", "--ckpt-dir", "x"], "--ckpt-every must be >= 1"),
+    ("ddp", 2, ["--timeout", "1e300"], "--timeout must be in (0, 604800] seconds"),
+    ("ddp", 2, ["--batch-size", "200000", "--preset", "small"], "needs about"),
 ])
 def test_named_bad_inputs(lab, nproc, argv, says):
     kind, err = _outcome(lambda: _validate(lab, nproc, argv))
@@ -267,3 +269,19 @@ def test_hostfile_check_fuzz(tmp_path, raw):
     f.write_bytes(raw)
     problem = hostfile.check(str(f))
     assert problem is None or ("\n" not in problem and len(problem) > 10)
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--timeout"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_not_a_number_is_refused(flag, value):
+    kind, err = _outcome(lambda: _validate("ddp", 2, [f"{flag}={value}"]))
+    assert kind == "exit2" and "invalid finite number value" in err, err
+
+
+def test_data_with_more_characters_than_the_vocabulary(tmp_path):
+    f = tmp_path / "wide.txt"
+    f.write_text("".join(chr(0x20000 + i) for i in range(51000)) * 2, encoding="utf-8")
+    kind, err = _outcome(lambda: _validate("ddp", 2, ["--data", str(f), "--preset",
+                                                       "gpt2-124m"]))
+    assert kind == "exit2" and "vocab_size 50257 < data vocabulary 51000" in err, err
+    _assert_one_line_error(err)

@@ -246,3 +246,20 @@ def test_what_doctor_flags_fails_the_launch_the_same_way(hosts, tmp_path):
     p = _ds_launch(tmp_path / "hostfile", tmp_path / "run", free_port())
     assert p.returncode != 0
     assert "host=dthost-down was not reachable via ssh" in p.stdout + p.stderr
+
+
+def test_names_slots_and_deadlines():
+    """A newline after a name is not a safe name (a regex `$` would have allowed it); a billion
+    slots is refused before any list of them is built; a remote command that never answers
+    does not hang the doctor."""
+    from dtlab.tools.doctor import _readline
+    assert why_unsafe("w1\n").startswith("character 3 is U+000A")
+    assert why_unsafe("good-host_1.lan") is None
+    hf = parse("w1 slots=1000000000\n")
+    assert not hf.ok and "more than any machine runs" in hf.findings[0].message
+    r, w = os.pipe()
+    with os.fdopen(r) as stream:
+        t0 = __import__("time").time()
+        assert _readline(stream, 0.3) is None
+        assert __import__("time").time() - t0 < 2
+    os.close(w)

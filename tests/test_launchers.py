@@ -172,3 +172,19 @@ def test_hostile_accelerate_config_refused(tmp_path):
     p = launch("accelerate.sh", str(cfg), "--steps", 2)
     assert p.returncode == 2 and "main_process_ip" in p.stderr
     assert not (tmp_path / "pwned").exists() and not (ROOT / "pwned").exists()
+
+
+def test_bare_python_is_resolved_to_its_path(tmp_path):
+    """With the environment activated and PYTHON=python3 (no .venv path), the DeepSpeed launcher
+    is looked up beside the resolved interpreter: the script gets past that check to the
+    hostfile check."""
+    import sys
+    hf = tmp_path / "hf"
+    hf.write_text(f"{HOSTILE} slots=1\n")
+    bindir = os.path.dirname(sys.executable)
+    env = dict(os.environ, PYTHON="python3", HOSTFILE=str(hf),
+               PATH=f"{bindir}:{os.environ['PATH']}")
+    p = subprocess.run([str(ROOT / "launchers" / "deepspeed.sh"), "deepspeed_zero"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "no deepspeed launcher" not in p.stderr, p.stderr
+    assert "refused" in p.stderr

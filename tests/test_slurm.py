@@ -1,6 +1,6 @@
-"""The sbatch scripts in slurm/ on a real Slurm cluster: two slurmd daemons (nodes n1, n2) on
-this host under one slurmctld, brought up by slurm/local/up.sh (.ci/run does it; so does this
-module when run as root). Each job trains a lab and its run record must equal the baseline; a
+"""The sbatch scripts in slurm/ on a real Slurm cluster: nodes n1 and n2 are network namespaces
+of this host, a slurmd in each, under one slurmctld; brought up by slurm/local/up.sh (.ci/run
+does it; so does this module when run as root). Each job trains a lab and its run record must equal the baseline; a
 failing job fails the test with the job's log."""
 import json
 import os
@@ -84,17 +84,20 @@ def check_run(state, log, out, world):
 @pytest.mark.parametrize("nodes,per_node", [(1, 2), (2, 1), (2, 2)])
 def test_ddp_through_slurm_equals_baseline(script, nodes, per_node, tmp_path):
     state, log = submit(script, nodes, per_node, "ddp", tmp_path, "--steps", 4)
-    check_run(state, log, tmp_path, nodes * per_node)
+    s = check_run(state, log, tmp_path, nodes * per_node)
     hosts = "n1" if nodes == 1 else "n1 n2"
     assert f"{nodes} node(s) [{hosts}] x {per_node} process(es), lab ddp, head n1" in log
+    # the ranks really ran inside the nodes (namespaces with their own host names), node by node
+    assert sorted(s["hosts"]) == sorted(hosts.split() * per_node)
 
 
 def test_deepspeed_through_slurm_hostfile_and_no_ssh(tmp_path):
     pytest.importorskip("deepspeed")
     state, log = submit("deepspeed.sbatch", 2, 1, "deepspeed_zero", tmp_path, "--steps", 3,
                         "--config", "ds_zero2")
-    check_run(state, log, tmp_path, 2)
+    s = check_run(state, log, tmp_path, 2)
     assert "n1 slots=1\nn2 slots=1" in log  # the hostfile written from the allocation
+    assert sorted(s["hosts"]) == ["n1", "n2"]
 
 
 def test_accelerate_through_slurm(tmp_path):

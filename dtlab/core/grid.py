@@ -6,6 +6,8 @@ The W = dp x pp x tp ranks are laid out as ``arange(W).view(dp, pp, tp)``, TP fa
 
 so consecutive ranks form a TP group (on a real cluster: the GPUs of one node, joined by
 NVLink), a pipeline runs across the TP groups of one replica, and the DP replicas are outermost.
+``order="pp-inner"`` swaps TP and PP (rank = (d * tp + t) * pp + p): consecutive ranks then hold
+consecutive pipeline stages, and a TP group spans nodes, the layout to measure against.
 Megatron-LM orders the same grid with PP outermost and DeepSpeed's topology is (pipe, data,
 model); what matters on a cluster is that TP, the chattiest, stays inside a node
 (docs/3d-parallel.md).
@@ -27,6 +29,7 @@ class Grid:
     pp: int = 1
     tp: int = 1
     rank: int = 0
+    order: str = "tp-inner"  # consecutive ranks share a TP group; "pp-inner": a pipeline
     tp_group: object = field(default=None, compare=False, repr=False)
     dp_group: object = field(default=None, compare=False, repr=False)
 
@@ -39,6 +42,8 @@ class Grid:
                  preset: str = "") -> None:
         """Every way this grid can fail to fit the run, as one UsageError naming the fix."""
         what = f" of preset {preset!r}" if preset else ""
+        if self.order not in ("tp-inner", "pp-inner"):
+            raise UsageError(f"--order must be tp-inner or pp-inner, got {self.order!r}")
         if min(self.dp, self.pp, self.tp) < 1:
             raise UsageError(f"--dp, --pp and --tp must be >= 1, got {self.dp}, {self.pp}, "
                              f"{self.tp}")
@@ -75,6 +80,8 @@ class Grid:
     def coords(self) -> tuple[int, int, int]:
         """(d, p, t) of this rank."""
         r = self.rank
+        if self.order == "pp-inner":
+            return r // (self.pp * self.tp), r % self.pp, (r // self.pp) % self.tp
         return r // (self.pp * self.tp), (r // self.tp) % self.pp, r % self.tp
 
     @property
@@ -90,6 +97,8 @@ class Grid:
         return self.coords[2]
 
     def rank_of(self, d: int, p: int, t: int) -> int:
+        if self.order == "pp-inner":
+            return (d * self.tp + t) * self.pp + p
         return (d * self.pp + p) * self.tp + t
 
     @property
@@ -136,4 +145,4 @@ class Grid:
         return replace(self, tp_group=tp_group, dp_group=dp_group)
 
     def describe(self) -> dict:
-        return {"dp": self.dp, "pp": self.pp, "tp": self.tp}
+        return {"dp": self.dp, "pp": self.pp, "tp": self.tp, "order": self.order}

@@ -10,6 +10,8 @@ summary.json fields (stable; tools and tests read them):
     memory            {per_rank: [{params, grads, optimizer, activations_peak, peak}]}  (bytes)
     extra             lab-specific figures (extra.checkpoint: resumed_from, restart_count, ...)
     params_sha256     SHA-256 of the full final parameters in name order (bitwise equality)
+    hosts             the host name each rank ran on (a cluster node's name on the cluster)
+    nonfinite         only when a loss or parameter is NaN or infinite: where it first was
     failure           only when a collective failed: kind, op, site, step, silent_ranks, ...
     ok                the verdict: baseline.ok is not false and the lab's own checks passed
 """

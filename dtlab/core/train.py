@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import gc
 import os
+import socket
 import statistics
 import sys
 import time
@@ -244,6 +245,7 @@ def run(strategy: Strategy, lab: str, compare_baseline: bool = True,
         strategy.extra["profile"] = strategy.gather_object(strategy.extra["profile"])
     mems = strategy.gather_object(strategy.memory())
     comms = strategy.gather_object(strategy.comm.summary())
+    hosts = strategy.gather_object(socket.gethostname())  # which machine (or node) ran each rank
     # Every rank leaves the process group together before rank 0 turns to the baseline, so no
     # rank sits in a collective (or tears a connection down) while rank 0 computes alone.
     strategy.barrier()
@@ -265,6 +267,7 @@ def run(strategy: Strategy, lab: str, compare_baseline: bool = True,
         comm=comm, memory={"per_rank": mems}, flops=flops,
         params_sha256=record.params_digest(full),
         ok=record.verdict(cmp, strategy.checks_ok, nonfinite))
+    summary["hosts"] = hosts
     if nonfinite is not None:
         summary["nonfinite"] = nonfinite
         print(f"dtlab: error: the run diverged: {record.describe_nonfinite(nonfinite)}",

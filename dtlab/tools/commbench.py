@@ -289,25 +289,27 @@ def nprocs(text: str) -> list[int]:
     return ns
 
 
-def bench_comm(nproc: str, json_path: str, rest: list[str]) -> int:
-    """``dtlab bench comm``: one torchrun per world size, rows merged into one JSON record with
+def bench_comm(nproc: str, json_path: str, rest: list[str], nnodes: int = 1,
+               cluster: str = "main") -> int:
+    """``dtlab bench comm``: one torchrun per world size (``nproc`` per node, on ``nnodes``
+    nodes of the namespace cluster when more than one), rows merged into one JSON record with
     the ratio to the library and the alpha-beta fits, a table and a picture."""
-    import subprocess
+    from dtlab.tools.launch import Placement, torchrun
     validate(make_parser().parse_args(rest))
+    if nnodes < 1:
+        raise BenchError(f"--nnodes must be >= 1, got {nnodes}")
     out = Path(json_path)
     rows = []
     for n in nprocs(nproc):
-        part = out.with_name(f".{out.stem}-n{n}.json")
-        cmd = [sys.executable, "-m", "dtlab.tools.torchrun", "--standalone",
-               f"--nproc_per_node={n}", "-m", "dtlab.tools.commbench", *rest, "--json", str(part)]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        rc = subprocess.call(cmd, env=env)
+        part = out.with_name(f".{out.stem}-n{n}x{nnodes}.json")
+        rc = torchrun("dtlab.tools.commbench", [*rest, "--json", str(part)],
+                      Placement(n, nnodes, cluster), env={"OMP_NUM_THREADS": "1"})
         if rc == 2:  # bad input or not enough shared memory: the ranks said which
             return 2
         if rc != 0 or not part.is_file():
             print(f"dtlab: bench comm on {n} processes failed (exit {rc})", file=sys.stderr)
             return rc or 1
-        rows += json.loads(part.read_text())["rows"]
+        rows += [{**r, "nnodes": nnodes} for r in json.loads(part.read_text())["rows"]]
         part.unlink()
     lib = {(r["op"], r["world_size"], r["bytes"]): r["busbw_GBps"] for r in rows
            if r["impl"] == "library"}

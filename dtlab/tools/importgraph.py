@@ -10,10 +10,11 @@ third-party packages):
     core         dtlab.core.*                      core
     registry     dtlab.registry                    nothing of dtlab (standard library only)
     collectives  dtlab.collectives.*               core, collectives
+    cluster      dtlab.cluster.*                   core, cluster
     labs         labs.*                            core, collectives, registry, labs
     lab variant  labs.<variant file>               core (the registry's Lab.variant_files)
     exercises    dtlab.exercises.*                 core, collectives, labs, exercises
-    tools        dtlab.tools.*                     core, collectives, registry, tools
+    tools        dtlab.tools.*                     core, collectives, registry, cluster, tools
     cli          dtlab.cli, dtlab, dtlab.__main__  anything
 
 and no cycle anywhere. tests/test_architecture.py fails on any violation; docs/architecture.md
@@ -28,15 +29,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("dtlab", "labs")
-ORDER = ("core", "registry", "collectives", "labs", "lab variant", "exercises", "tools", "cli")
+ORDER = ("core", "registry", "collectives", "cluster", "labs", "lab variant", "exercises",
+         "tools", "cli")
 ALLOWED = {
     "core": {"core"},
     "registry": set(),
     "collectives": {"core", "collectives"},
+    "cluster": {"core", "cluster"},
     "labs": {"core", "collectives", "registry", "labs", "lab variant"},
     "lab variant": {"core"},
     "exercises": {"core", "collectives", "labs", "exercises"},
-    "tools": {"core", "collectives", "registry", "tools"},
+    "tools": {"core", "collectives", "registry", "cluster", "tools"},
     "cli": set(ORDER),
 }
 
@@ -52,7 +55,7 @@ def layer(module: str, variants: set[str] | None = None) -> str:
         return "lab variant"
     if module.startswith("labs"):
         return "labs"
-    for part in ("core", "collectives", "exercises", "tools", "registry"):
+    for part in ("core", "collectives", "cluster", "exercises", "tools", "registry"):
         if module == f"dtlab.{part}" or module.startswith(f"dtlab.{part}."):
             return part
     return "cli"
@@ -146,7 +149,8 @@ def layer_edges(edges: dict[str, set[str]]) -> Counter:
 def _short(module: str) -> str:
     """A module's name inside its layer's box: without the package prefix; the exercise
     skeletons and solutions collapse into one entry each."""
-    for prefix in ("dtlab.exercises.", "dtlab.collectives.", "dtlab.core.", "dtlab.tools.",
+    for prefix in ("dtlab.exercises.", "dtlab.collectives.", "dtlab.cluster.", "dtlab.core.",
+                   "dtlab.tools.",
                    "labs.", "dtlab."):
         if module.startswith(prefix):
             module = module[len(prefix):]
@@ -169,11 +173,14 @@ def draw(edges: dict[str, set[str]], path: Path) -> Path:
         if name not in members[layer(m, variants)]:
             members[layer(m, variants)].append(name)
     pos = {"core": (0.50, 0.08), "registry": (0.80, 0.31), "collectives": (0.22, 0.31),
+           "cluster": (0.52, 0.31),
            "labs": (0.36, 0.54), "lab variant": (0.82, 0.54), "exercises": (0.20, 0.77),
            "tools": (0.66, 0.77), "cli": (0.45, 0.95)}
-    width = {"core": 0.62, "labs": 0.50, "tools": 0.46, "collectives": 0.30, "exercises": 0.30,
+    width = {"core": 0.62, "labs": 0.50, "tools": 0.46, "collectives": 0.26, "exercises": 0.30,
+             "cluster": 0.22,
              "registry": 0.22, "lab variant": 0.26, "cli": 0.26}
     colours = {"core": "#dbe9f6", "registry": "#eeeeee", "collectives": "#dff0d8",
+               "cluster": "#d8f0ec",
                "labs": "#fcf3cf", "lab variant": "#fdebd0", "exercises": "#f5e1f7",
                "tools": "#e8e0f5", "cli": "#f2dede"}
     fig, ax = plt.subplots(figsize=(12, 10))

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import secrets
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from dtlab import registry
@@ -133,40 +135,91 @@ def check_checkpoint_dir(lab: registry.Lab, nproc: int, settings, args) -> None:
             lab.name, "", nproc, settings, lab_flags(args)), settings.steps)
 
 
-def launch(lab: registry.Lab, nproc: int, lab_args: list[str], log: Path | None = None,
-           max_restarts: int = 0, env: dict | None = None) -> int:
-    """torchrun on a free port (``--standalone``); returns its exit status. With
-    ``max_restarts`` torchrun restarts every rank when one dies (the lab resumes from its
-    newest checkpoint when given --ckpt-dir)."""
-    cmd = [sys.executable, "-m", "dtlab.tools.torchrun", "--standalone",
-           f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}", "-m", lab.module,
-           *lab_args]
+@dataclass(frozen=True)
+class Placement:
+    """Where a job's processes run: ``nproc`` per node on this machine (``nnodes`` 1), or on
+    ``nnodes`` nodes of the namespace cluster ``cluster`` (dtlab cluster up)."""
+    nproc: int = 1
+    nnodes: int = 1
+    cluster: str = "main"
+
+    @property
+    def world(self) -> int:
+        return self.nproc * self.nnodes
+
+
+def torchrun(module: str, module_args: list[str], where: Placement, log: Path | None = None,
+             max_restarts: int = 0, env: dict | None = None) -> int:
+    """torchrun for ``python -m module``: one agent on a free local port (``--standalone``),
+    or one agent inside each cluster node meeting at a c10d rendezvous on the first node.
+    Returns the exit status (the first failing node's)."""
     env = dict(os.environ, **(env or {}))
     # Oversubscribing a small machine with torch's default thread pools makes every rank slower.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    cores = os.cpu_count() or 1
+    nodes = []
+    if where.nnodes > 1:
+        from dtlab.cluster.netns import Cluster
+        c = Cluster.load(where.cluster)
+        if c.nodes < where.nnodes:
+            raise UsageError(f"--nnodes {where.nnodes}: cluster {c.name!r} has {c.nodes} "
+                             "nodes; bring up more with dtlab cluster up --nodes N")
+        nodes = c.all_nodes()[:where.nnodes]
+        cores = c.cores_per_node or cores
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // where.nproc)))
     env.setdefault("PYTHONUNBUFFERED", "1")
-    if log is None:
-        return subprocess.call(cmd, env=env)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        return subprocess.call(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    base = [sys.executable, "-m", "dtlab.tools.torchrun", f"--nproc_per_node={where.nproc}",
+            f"--max-restarts={max_restarts}"]
+    tail = ["-m", module, *module_args]
+    out = open(log, "w") if log is not None else None
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if not nodes:
+            return subprocess.call([*base, "--standalone", *tail], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT if out else None)
+        from dtlab.cluster.netns import node_argv
+        port = 20000 + secrets.randbelow(20000)  # inside the first node's namespace: free
+        rdzv = [f"--nnodes={len(nodes)}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={nodes[0].name}:{port}", f"--rdzv-id={secrets.token_hex(4)}"]
+        procs = [subprocess.Popen(node_argv(c, n, [*base, *rdzv, *tail]), env=env, stdout=out,
+                                  stderr=subprocess.STDOUT if out else None) for n in nodes]
+        codes = [p.wait() for p in procs]
+        return next((rc for rc in codes if rc), 0)
+    finally:
+        if out is not None:
+            out.close()
 
 
-def run_one(name: str, nproc: int | None, lab_args: list[str], max_restarts: int = 0) -> int:
+def launch(lab: registry.Lab, nproc: int, lab_args: list[str], log: Path | None = None,
+           max_restarts: int = 0, env: dict | None = None, nnodes: int = 1,
+           cluster: str = "main") -> int:
+    """A lab under torchrun (see ``torchrun``). With ``max_restarts`` torchrun restarts every
+    rank when one dies (the lab resumes from its newest checkpoint when given --ckpt-dir)."""
+    return torchrun(lab.module, lab_args, Placement(nproc, nnodes, cluster), log, max_restarts,
+                    env)
+
+
+def run_one(name: str, nproc: int | None, lab_args: list[str], max_restarts: int = 0,
+            nnodes: int = 1, cluster: str = "main") -> int:
     """``dtlab run``: validate, launch, print the result; the exit status says the verdict
-    (0 within tolerance, 1 outside or failing its checks, 2 bad input, 3 a failed collective)."""
+    (0 within tolerance, 1 outside or failing its checks, 2 bad input, 3 a failed collective).
+    With ``nnodes`` > 1, ``nproc`` processes on each of that many cluster nodes."""
     from dtlab.tools.report import print_table
     lab = get_lab(name)
-    nproc = lab.tour_nproc if nproc is None else nproc
+    if nnodes < 1:
+        raise UsageError(f"--nnodes must be >= 1, got {nnodes}")
+    nproc = (lab.tour_nproc if nnodes == 1 else 1) if nproc is None else nproc
+    world = nproc * nnodes
     if opt_value(lab_args, "--out") is None:
-        lab_args = [*lab_args, "--out", f"runs/{lab.name}-n{nproc}"]
+        lab_args = [*lab_args, "--out", f"runs/{lab.name}-n{world}" +
+                    (f"-{nnodes}nodes" if nnodes > 1 else "")]
     if max_restarts < 0:
         raise UsageError(f"--max-restarts must be >= 0, got {max_restarts}")
-    validate(lab, nproc, lab_args)
+    validate(lab, world, lab_args)
     out = Path(opt_value(lab_args, "--out"))
     ckpt.FolderLock(out, "--out").acquire().release()  # refused now if another run holds it
     (out / "summary.json").unlink(missing_ok=True)
-    rc = launch(lab, nproc, lab_args, max_restarts=max_restarts)
+    rc = launch(lab, nproc, lab_args, max_restarts=max_restarts, nnodes=nnodes, cluster=cluster)
     if not (out / "summary.json").is_file():
         print(f"dtlab: {lab.name} ended with exit status {rc} and wrote no run record "
               f"(see the output above)", file=sys.stderr)

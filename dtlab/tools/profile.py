@@ -52,23 +52,25 @@ PROFILE_COMPARE = [  # (name, lab, flags): the strategies whose time split is co
 ]
 
 
-def profile_one(lab: str, nproc: int | None, lab_args: list[str]) -> int:
+def profile_one(lab: str, nproc: int | None, lab_args: list[str], nnodes: int = 1,
+                cluster: str = "main") -> int:
     """``dtlab profile LAB``: ``dtlab run`` with the loop's profiler on (``--profile-dir``,
     default 8 steps), then the time split per rank."""
-    nproc = get_lab(lab).tour_nproc if nproc is None else nproc
-    out = Path(opt_value(lab_args, "--out") or f"runs/profile/{lab}-n{nproc}")
+    nproc = (get_lab(lab).tour_nproc if nnodes == 1 else 1) if nproc is None else nproc
+    out = Path(opt_value(lab_args, "--out") or f"runs/profile/{lab}-n{nproc}x{nnodes}")
     lab_args = [*without_opt(lab_args, "--out"), "--out", str(out), "--profile-dir", str(out)]
     if opt_value(lab_args, "--steps") is None:
         lab_args += ["--steps", "8"]
     shutil.rmtree(out / "tb", ignore_errors=True)
-    rc = run_one(lab, nproc, lab_args)
+    rc = run_one(lab, nproc, lab_args, nnodes=nnodes, cluster=cluster)
     if (out / "summary.json").is_file():
         print_summary(read_summary(out))
         print(f"traces: {out / 'tb'}  (tensorboard --logdir {out / 'tb'}, with torch-tb-profiler)")
     return rc
 
 
-def compare(nproc: int | None, lab_args: list[str]) -> int:
+def compare(nproc: int | None, lab_args: list[str], nnodes: int = 1,
+            cluster: str = "main") -> int:
     """``dtlab profile compare``: every strategy of PROFILE_COMPARE profiled alike; one table of
     shares, mean over ranks, in OUT/compare.md and OUT/compare.json."""
     out = Path(opt_value(lab_args, "--out") or "runs/profile")
@@ -77,7 +79,8 @@ def compare(nproc: int | None, lab_args: list[str]) -> int:
     for name, lab, flags in PROFILE_COMPARE:
         run_dir = out / name.split(" (")[0].replace(" ", "-")
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-            rc = profile_one(lab, nproc or 2, [*flags, *extra, "--out", str(run_dir)])
+            rc = profile_one(lab, nproc or (2 if nnodes == 1 else 1),
+                             [*flags, *extra, "--out", str(run_dir)], nnodes, cluster)
         f = run_dir / "summary.json"
         if rc != 0 or not f.is_file():
             print(f"dtlab: profiling {name} failed (exit {rc})", file=sys.stderr)

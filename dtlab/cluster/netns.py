@@ -1,0 +1,512 @@
+"""Nodes as network namespaces, links as veth pairs on a bridge, shaped with ``tbf``.
+
+For a cluster named ``main`` with N nodes (other names: ``<name>1``, ``<name>2``, ...):
+
+    root namespace    bridge dtbr-main 10.77.0.1/24 (the controller's address; no route out)
+    node n1           namespace dtlab-main-n1, UTS namespace with host name n1, interface
+                      eth0 (or --ifnames) 10.77.0.11/24, its own lo, sshd on 10.77.0.11:22
+    node n2           ... 10.77.0.12, and so on; /etc/hosts maps n1, n2, ... to them
+
+Every node-to-node packet leaves one node's interface and enters the other's through the
+bridge; with ``--inter-node RATE`` both ends of every node's link are shaped with
+``tc qdisc tbf rate RATE`` (each direction passes one shaper at RATE). Ranks of one node talk
+over that node's own loopback, unshaped: a real two-level hierarchy. ``tbf`` and ``htb`` are
+what this kernel offers; ``netem`` is not, so latency is what the veth gives, never simulated.
+
+The subnet (default 10.77.0.0/24, documented in docs/cluster.md) is checked against every
+address and route of the machine before ``up``; the nodes get no default route, so nothing
+they send can leave the cluster. Everything ``up`` creates is written to a journal in
+``/run/dtlab-cluster/<name>/`` *before* it is created, so ``down`` undoes it all, also after
+``up`` died half-way; ``down`` also sweeps by name what a lost journal would miss.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dtlab.core.errors import UsageError
+
+STATE_ROOT = Path("/run/dtlab-cluster")
+DEFAULT_SUBNET = "10.77.0.0/24"
+NAME = re.compile(r"[a-z][a-z0-9]{0,5}")        # short: interface names hold 15 characters
+IFNAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,14}")
+RATE = re.compile(r"(\d+(?:\.\d+)?)(kbit|mbit|gbit)")
+MAX_NODES = 64
+SSH_WAIT_S = 20.0
+
+
+class ClusterError(UsageError):
+    """Bad input or a machine that cannot host the cluster; one line, exit status 2."""
+
+
+def _run(argv: list[str], check: bool = True, timeout: float = 60,
+         **kw) -> subprocess.CompletedProcess:
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+    except FileNotFoundError:
+        raise ClusterError(f"`{argv[0]}` is not installed (Debian: iproute2, util-linux, "
+                           "openssh-server)") from None
+    if check and p.returncode != 0:
+        raise ClusterError(f"`{' '.join(argv)}` failed: {(p.stderr or p.stdout).strip()[:300]}")
+    return p
+
+
+def rate_bits(rate: str | None) -> float | None:
+    """'100mbit' -> 1e8 bits/s; None (unshaped) -> None."""
+    if rate is None:
+        return None
+    m = RATE.fullmatch(rate)
+    scale = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def parse_rate(text: str) -> str | None:
+    """``--inter-node``: 100mbit, 1gbit, 10gbit, 250kbit ... or unshaped."""
+    t = text.strip().lower()
+    if t in ("unshaped", "none", "0"):
+        return None
+    if not RATE.fullmatch(t) or float(RATE.fullmatch(t).group(1)) <= 0:
+        raise ClusterError(f"--inter-node {text!r}: give a rate such as 100mbit, 1gbit, 10gbit "
+                           "(kbit, mbit or gbit), or unshaped")
+    if rate_bits(t) > 100e9:
+        raise ClusterError(f"--inter-node {text!r}: above 100gbit a veth cannot be shaped "
+                           "meaningfully; use unshaped")
+    return t
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    index: int
+    address: str
+    ifname: str
+    netns: str
+    host_veth: str
+    uts: str
+    cores: tuple[int, ...] = ()
+
+
+@dataclass
+class Cluster:
+    name: str = "main"
+    nodes: int = 2
+    rate: str | None = None
+    ifnames: tuple[str, ...] = ("eth0",)
+    subnet: str = DEFAULT_SUBNET
+    cores_per_node: int = 0
+    ranks_per_node: int = 2      # the CPUs a node declares to Slurm: the ranks it takes
+    slurm: bool = False
+    extra: dict = field(default_factory=dict)
+
+    # ---- names and addresses
+    @property
+    def state_dir(self) -> Path:
+        return STATE_ROOT / self.name
+
+    @property
+    def bridge(self) -> str:
+        return f"dtbr-{self.name}"
+
+    @property
+    def net(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.subnet)
+
+    @property
+    def bridge_address(self) -> str:
+        return str(self.net.network_address + 1)
+
+    @property
+    def hosts_mark(self) -> str:
+        return f"# dtlab cluster {self.name}"
+
+    def node_name(self, i: int) -> str:
+        return f"n{i}" if self.name == "main" else f"{self.name}{i}"
+
+    def node(self, i: int) -> Node:
+        name = self.node_name(i)
+        ifname = self.ifnames[min(i, len(self.ifnames)) - 1]
+        cores = ()
+        if self.cores_per_node:
+            ncpu = os.cpu_count() or 1
+            cores = tuple(((i - 1) * self.cores_per_node + k) % ncpu
+                          for k in range(self.cores_per_node))
+        return Node(name, i, str(self.net.network_address + 10 + i), ifname,
+                    f"dtlab-{self.name}-{name}", f"dtv{i}-{self.name}"[:15],
+                    str(self.state_dir / "uts" / name), cores)
+
+    def all_nodes(self) -> list[Node]:
+        return [self.node(i) for i in range(1, self.nodes + 1)]
+
+    def find(self, name: str) -> Node:
+        for n in self.all_nodes():
+            if n.name == name:
+                return n
+        raise ClusterError(f"no node {name!r} in cluster {self.name!r}; nodes: "
+                           f"{', '.join(n.name for n in self.all_nodes())}")
+
+    # ---- validation (before anything is created)
+    def validate(self) -> None:
+        if not NAME.fullmatch(self.name):
+            raise ClusterError(f"--name {self.name!r}: 1-6 lowercase letters and digits, starting "
+                               "with a letter (it goes into interface names of 15 characters)")
+        if not 1 <= self.nodes <= MAX_NODES:
+            raise ClusterError(f"--nodes must be in 1..{MAX_NODES}, got {self.nodes}")
+        for ifn in self.ifnames:
+            if not IFNAME.fullmatch(ifn) or ifn == "lo":
+                raise ClusterError(f"--ifnames: {ifn!r} is not a usable interface name (a "
+                                   "letter, then up to 14 letters, digits, _ . -; not lo)")
+        try:
+            net = ipaddress.IPv4Network(self.subnet)
+        except ValueError as e:
+            raise ClusterError(f"--subnet {self.subnet!r}: {e}") from None
+        if not net.is_private or net.num_addresses < self.nodes + 16:
+            raise ClusterError(f"--subnet {self.subnet}: give a private IPv4 subnet with room for "
+                               f"{self.nodes} nodes (e.g. {DEFAULT_SUBNET})")
+        if not 1 <= self.ranks_per_node <= 256:
+            raise ClusterError(f"--ranks-per-node must be in 1..256, got {self.ranks_per_node}")
+        if self.cores_per_node < 0 or self.cores_per_node > (os.cpu_count() or 1):
+            raise ClusterError(f"--cores-per-node must be in 0..{os.cpu_count()}, got "
+                               f"{self.cores_per_node}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def load(cls, name: str = "main") -> "Cluster":
+        f = STATE_ROOT / name / "cluster.json"
+        if not f.is_file():
+            raise ClusterError(f"no cluster {name!r} is up; start one with `dtlab cluster up` "
+                               "(as root)")
+        d = json.loads(f.read_text())
+        d["ifnames"] = tuple(d["ifnames"])
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------- the journal
+
+class Journal:
+    """What ``up`` created, one JSON line per resource, written before the resource exists."""
+
+    def __init__(self, state_dir: Path):
+        self.path = state_dir / "journal"
+
+    def add(self, kind: str, **what) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"kind": kind, **what}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def entries(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a crash
+        return out
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise ClusterError("the namespace cluster needs root (network namespaces, bridges, "
+                           "/etc/hosts); run it with sudo")
+
+
+def _check_subnet_free(c: Cluster) -> None:
+    """Refuse a subnet the machine already uses (an address or a route that overlaps it), except
+    by this cluster's own bridge."""
+    net = c.net
+    addrs = json.loads(_run(["ip", "-j", "-4", "addr"]).stdout or "[]")
+    for link in addrs:
+        for a in link.get("addr_info", []):
+            ours = link.get("ifname") == c.bridge
+            if not ours and ipaddress.IPv4Network(f"{a['local']}/{a['prefixlen']}",
+                                                  strict=False).overlaps(net):
+                raise ClusterError(
+                    f"the subnet {net} is already used here ({link['ifname']} has "
+                    f"{a['local']}/{a['prefixlen']}); give the cluster another one with --subnet")
+    for r in json.loads(_run(["ip", "-j", "-4", "route"]).stdout or "[]"):
+        dst = r.get("dst", "")
+        if dst in ("default", "") or r.get("dev") == c.bridge:
+            continue
+        if ipaddress.IPv4Network(dst if "/" in dst else f"{dst}/32", strict=False).overlaps(net):
+            raise ClusterError(f"the subnet {net} overlaps the route to {dst} via "
+                               f"{r.get('dev')} here; give the cluster another one with --subnet")
+
+
+def _hosts_lines() -> list[str]:
+    return Path("/etc/hosts").read_text().splitlines()
+
+
+def _write_hosts(lines: list[str]) -> None:
+    # in place (not a rename): /etc/hosts is often a bind mount in a container
+    with open("/etc/hosts", "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _check_names_free(c: Cluster) -> None:
+    for n in c.all_nodes():
+        p = _run(["getent", "hosts", n.name], check=False)
+        if p.returncode == 0 and p.stdout.split()[0] != n.address:
+            raise ClusterError(f"the host name {n.name} already resolves to "
+                               f"{p.stdout.split()[0]} here (a real host?); the cluster needs it "
+                               "for its node: remove that entry or give another --name")
+
+
+def _alive(pidfile: Path) -> bool:
+    try:
+        os.kill(int(pidfile.read_text().strip()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------- node commands
+
+def node_argv(c: Cluster, node: Node, argv: list[str]) -> list[str]:
+    """``argv`` run inside ``node``: its network and host name (and its cores, if pinned)."""
+    pin = ["taskset", "-c", ",".join(map(str, node.cores))] if node.cores else []
+    return ["nsenter", f"--net=/run/netns/{node.netns}", f"--uts={node.uts}", "--", *pin,
+            *argv]
+
+
+def _shape(c: Cluster, node: Node, rate: str | None) -> None:
+    """tbf at ``rate`` on both ends of the node's link (or none, unshaped)."""
+    ends = [([], node.host_veth), (["ip", "netns", "exec", node.netns], node.ifname)]
+    for prefix, dev in ends:
+        _run([*prefix, "tc", "qdisc", "del", "dev", dev, "root"], check=False)
+        if rate is not None:
+            # a bucket of 10 ms of traffic (at least 64 KiB): tbf needs one timer tick's worth
+            burst = max(64 * 1024, int(rate_bits(rate) / 8 / 100))
+            _run([*prefix, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
+                  "burst", str(burst), "latency", "50ms"])
+
+
+def _crash_point(where: str) -> None:
+    """Test hook: ``DTLAB_CLUSTER_CRASH_AT=<where>`` kills ``up`` there (as a power cut or a
+    SIGKILL would), so the test can prove that ``down`` still removes everything."""
+    if os.environ.get("DTLAB_CLUSTER_CRASH_AT") == where:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _start_node(c: Cluster, node: Node, journal: Journal, key: Path) -> None:
+    ns = ["ip", "netns", "exec", node.netns]
+    journal.add("netns", name=node.netns)
+    _run(["ip", "netns", "add", node.netns])
+    journal.add("link", name=node.host_veth)
+    tmp = f"dtp{node.index}-{c.name}"[:15]  # the node's end, renamed once inside the node
+    _run(["ip", "link", "add", node.host_veth, "type", "veth", "peer", "name", tmp])
+    _run(["ip", "link", "set", tmp, "netns", node.netns])
+    _run([*ns, "ip", "link", "set", tmp, "name", node.ifname])
+    _run([*ns, "ip", "addr", "add", f"{node.address}/{c.net.prefixlen}", "dev", node.ifname])
+    _run([*ns, "ip", "link", "set", node.ifname, "up"])
+    _run([*ns, "ip", "link", "set", "lo", "up"])
+    _run(["ip", "link", "set", node.host_veth, "master", c.bridge])
+    _run(["ip", "link", "set", node.host_veth, "up"])
+    _shape(c, node, c.rate)
+    journal.add("uts", path=node.uts)
+    Path(node.uts).touch()
+    _run(["unshare", f"--uts={node.uts}", "hostname", node.name])
+    journal.add("hosts", name=node.name)
+    lines = [ln for ln in _hosts_lines() if not ln.endswith(f" {node.name}   {c.hosts_mark}")]
+    _write_hosts(lines + [f"{node.address} {node.name}   {c.hosts_mark}"])
+    _crash_point(f"node{node.index}")
+    cfg = c.state_dir / f"sshd-{node.name}.conf"
+    pidfile = c.state_dir / f"sshd-{node.name}.pid"
+    cfg.write_text(f"ListenAddress {node.address}\nPort 22\nPidFile {pidfile}\nHostKey {key}\n"
+                   "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+                   "KbdInteractiveAuthentication no\nUsePAM no\nAcceptEnv LANG LC_*\n")
+    journal.add("pidfile", path=str(pidfile))
+    os.makedirs("/run/sshd", exist_ok=True)
+    _run(node_argv(c, node, ["/usr/sbin/sshd", "-f", str(cfg)]))
+
+
+def _ssh_ready(c: Cluster, key: Path, journal: Journal) -> None:
+    """Every node's sshd answers with the cluster's host key, which root's known_hosts learns
+    (so DeepSpeed's and pdsh's BatchMode ssh works), and root's key is authorized."""
+    home = Path.home() / ".ssh"
+    home.mkdir(mode=0o700, exist_ok=True)
+    ident = home / "id_ed25519"
+    if not ident.is_file():
+        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(ident)])
+    auth = home / "authorized_keys"
+    pub = (home / "id_ed25519.pub").read_text().strip()
+    if not auth.is_file() or pub not in auth.read_text():
+        with open(auth, "a") as f:
+            f.write(pub + "\n")
+        auth.chmod(0o600)
+    host_pub = Path(f"{key}.pub").read_text().split()[:2]
+    known = home / "known_hosts"
+    for n in c.all_nodes():
+        journal.add("known_host", name=n.name)
+        for name in (n.name, n.address):
+            _run(["ssh-keygen", "-R", name, "-f", str(known)], check=False)
+        with open(known, "a") as f:
+            f.write(f"{n.name},{n.address} {' '.join(host_pub)}\n")
+    deadline = time.time() + SSH_WAIT_S
+    for n in c.all_nodes():
+        while True:
+            p = _run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=3", n.name, "true"],
+                     check=False, timeout=10)
+            if p.returncode == 0:
+                break
+            if time.time() > deadline:
+                raise ClusterError(f"sshd on {n.name} does not answer after {SSH_WAIT_S:g} s: "
+                                   f"{p.stderr.strip()[:200]}")
+            time.sleep(0.2)
+
+
+def up(c: Cluster, log=print) -> Cluster:
+    """Bring the cluster up (idempotent: a cluster of the same shape that is up stays; only a
+    new --inter-node rate is applied)."""
+    _require_root()
+    c.validate()
+    for tool in ("ip", "tc", "nsenter", "unshare", "ssh", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            raise ClusterError(f"`{tool}` is not installed (Debian: iproute2, util-linux, "
+                               "openssh-client, openssh-server)")
+    if not Path("/usr/sbin/sshd").exists():
+        raise ClusterError("sshd is not installed (Debian: apt-get install openssh-server)")
+    if (c.state_dir / "cluster.json").is_file():
+        old = Cluster.load(c.name)
+        same = {k: v for k, v in asdict(old).items() if k not in ("rate", "extra")} == \
+            {k: v for k, v in asdict(c).items() if k not in ("rate", "extra")}
+        if not same:
+            raise ClusterError(f"cluster {c.name!r} is up with other settings ({old.nodes} "
+                               f"nodes, {old.subnet}); `dtlab cluster down` first")
+        if healthy(old):
+            if old.rate != c.rate:
+                for n in c.all_nodes():
+                    _shape(c, n, c.rate)
+                old.rate = c.rate
+                (c.state_dir / "cluster.json").write_text(old.to_json())
+                log(f"cluster {c.name}: inter-node links now {c.rate or 'unshaped'}")
+            else:
+                log(f"cluster {c.name} is already up")
+            return old
+        log(f"cluster {c.name} is up but not whole; rebuilding it")
+        down(c.name, log=lambda *a: None)
+    elif c.state_dir.exists():  # a journal without a cluster: an up that died
+        down(c.name, log=lambda *a: None)
+    _check_subnet_free(c)
+    _check_names_free(c)
+    c.state_dir.mkdir(parents=True, exist_ok=True)
+    journal = Journal(c.state_dir)
+    journal.add("link", name=c.bridge)
+    _run(["ip", "link", "add", c.bridge, "type", "bridge"])
+    _run(["ip", "addr", "add", f"{c.bridge_address}/{c.net.prefixlen}", "dev", c.bridge])
+    _run(["ip", "link", "set", c.bridge, "up"])
+    uts_dir = c.state_dir / "uts"
+    uts_dir.mkdir(exist_ok=True)
+    journal.add("mount", path=str(uts_dir))
+    _run(["mount", "--bind", str(uts_dir), str(uts_dir)])
+    _run(["mount", "--make-private", str(uts_dir)])
+    key = c.state_dir / "ssh_host_ed25519_key"
+    if not key.is_file():
+        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)])
+    for n in c.all_nodes():
+        _start_node(c, n, journal, key)
+    _ssh_ready(c, key, journal)
+    (c.state_dir / "cluster.json").write_text(c.to_json())
+    log(f"cluster {c.name} up: " + ", ".join(f"{n.name} {n.address} ({n.ifname})"
+                                               for n in c.all_nodes())
+        + f"; inter-node links {c.rate or 'unshaped'}; bridge {c.bridge} {c.bridge_address}")
+    return c
+
+
+def healthy(c: Cluster) -> bool:
+    return all(Path(f"/run/netns/{n.netns}").exists() and
+               _alive(c.state_dir / f"sshd-{n.name}.pid") for n in c.all_nodes())
+
+
+def _kill(pidfile: Path) -> None:
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(50):
+            time.sleep(0.1)
+            os.kill(pid, 0)
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def down(name: str = "main", log=print) -> list[str]:
+    """Remove everything cluster ``name`` created, from its journal and by name; returns what
+    was removed. Safe to run when nothing is up."""
+    _require_root()
+    if not NAME.fullmatch(name):
+        raise ClusterError(f"--name {name!r}: 1-6 lowercase letters and digits")
+    state = STATE_ROOT / name
+    removed = []
+    entries = Journal(state).entries()
+    # daemons first (they hold the namespaces), then the rest in reverse order of creation
+    for e in entries:
+        if e["kind"] == "pidfile":
+            _kill(Path(e["path"]))
+    for e in reversed(entries):
+        k = e["kind"]
+        if k == "netns" and _run(["ip", "netns", "del", e["name"]], check=False).returncode == 0:
+            removed.append(f"namespace {e['name']}")
+        elif k == "link" and _run(["ip", "link", "del", e["name"]],
+                                  check=False).returncode == 0:
+            removed.append(f"link {e['name']}")
+        elif k == "uts":
+            _run(["umount", e["path"]], check=False)
+        elif k == "mount":
+            _run(["umount", "-l", e["path"]], check=False)
+        elif k == "file":
+            f = Path(e["path"])
+            if f.is_file() and f.read_text().startswith("# written by dtlab"):
+                f.unlink()
+        elif k == "known_host":
+            _run(["ssh-keygen", "-R", e["name"], "-f", str(Path.home() / ".ssh/known_hosts")],
+                 check=False)
+    mark = f"# dtlab cluster {name}"
+    lines = _hosts_lines()
+    if any(ln.endswith(mark) for ln in lines):
+        _write_hosts([ln for ln in lines if not ln.endswith(mark)])
+        removed.append("/etc/hosts lines")
+    # what a lost or cut journal would miss: anything named like this cluster's
+    for ns in _run(["ip", "netns", "list"], check=False).stdout.split("\n"):
+        ns = ns.split(" ")[0]
+        if ns.startswith(f"dtlab-{name}-"):
+            _run(["ip", "netns", "del", ns], check=False)
+            removed.append(f"namespace {ns}")
+    for link in (f"dtbr-{name}",):
+        if _run(["ip", "link", "del", link], check=False).returncode == 0:
+            removed.append(f"link {link}")
+    if state.exists():
+        for uts in (state / "uts").glob("*") if (state / "uts").is_dir() else []:
+            _run(["umount", str(uts)], check=False)
+        _run(["umount", "-l", str(state / "uts")], check=False)
+        shutil.rmtree(state, ignore_errors=True)
+    log(f"cluster {name} down" + (f": removed {', '.join(dict.fromkeys(removed))}" if removed
+                                  else ": nothing was up"))
+    return removed
+
+
+def status(name: str = "main") -> dict:
+    c = Cluster.load(name)
+    nodes = []
+    for n in c.all_nodes():
+        nodes.append({"node": n.name, "address": n.address, "ifname": n.ifname,
+                      "cores": list(n.cores),
+                      "namespace": Path(f"/run/netns/{n.netns}").exists(),
+                      "sshd": _alive(c.state_dir / f"sshd-{n.name}.pid"),
+                      "slurmd": _alive(c.state_dir / f"slurmd-{n.name}.pid")})
+    return {"name": c.name, "rate": c.rate or "unshaped", "subnet": c.subnet,
+            "bridge": f"{c.bridge} {c.bridge_address}", "slurm": c.slurm, "nodes": nodes}
