@@ -42,12 +42,15 @@ def _exchange(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int,
     there (all-gather). Large chunks go as segments, all posted at once: the adding of segment i
     overlaps with the transfer of segment i+1. Returns the bytes sent."""
     # Both ends cut a chunk the same way because the cut depends on that chunk's size alone.
-    sends = [dist.isend(part, dst, tag=i) for i, part in
-             enumerate(send.split(segment_elems(send.numel()))) if part.numel()]
     seg = segment_elems(recv.numel())
     target = scratch[:recv.numel()] if reduce else recv
     segs = list(zip(target.split(seg), recv.split(seg)))
+    # Receives first: gloo holds a send until the peer has a receive posted, so when both ends
+    # send first their transfers serialise (measured across two nodes: each direction got
+    # about half the link); posted first, both directions of the link carry data at once.
     recvs = [dist.irecv(t, src, tag=i) for i, (t, _) in enumerate(segs) if t.numel()]
+    sends = [dist.isend(part, dst, tag=i) for i, part in
+             enumerate(send.split(segment_elems(send.numel()))) if part.numel()]
     for work, (t, r) in zip(recvs, segs):
         work.wait()
         if reduce:

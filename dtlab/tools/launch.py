@@ -154,8 +154,10 @@ def torchrun(module: str, module_args: list[str], where: Placement, log: Path | 
     or one agent inside each cluster node meeting at a c10d rendezvous on the first node.
     Returns the exit status (the first failing node's)."""
     env = dict(os.environ, **(env or {}))
-    # Oversubscribing a small machine with torch's default thread pools makes every rank slower.
-    cores = os.cpu_count() or 1
+    # Oversubscribing a small machine with torch's default thread pools makes every rank slower
+    # (and stalls whole steps for a second when a spinning thread holds a core another rank's
+    # collective waits on): the ranks share this machine's cores, or their node's when pinned.
+    cores = (os.cpu_count() or 1) // where.nnodes
     nodes = []
     if where.nnodes > 1:
         from dtlab.cluster.netns import Cluster
@@ -164,7 +166,7 @@ def torchrun(module: str, module_args: list[str], where: Placement, log: Path | 
             raise UsageError(f"--nnodes {where.nnodes}: cluster {c.name!r} has {c.nodes} "
                              "nodes; bring up more with dtlab cluster up --nodes N")
         nodes = c.all_nodes()[:where.nnodes]
-        cores = c.cores_per_node or cores
+        cores = c.cores_per_node or max(1, cores)
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores // where.nproc)))
     env.setdefault("PYTHONUNBUFFERED", "1")
     base = [sys.executable, "-m", "dtlab.tools.torchrun", f"--nproc_per_node={where.nproc}",
