@@ -36,6 +36,22 @@ def run_lab(lab, nproc, out: Path, *extra, timeout=300):
     return p, (json.loads(f.read_text()) if f.is_file() else None)
 
 
+@pytest.fixture(scope="session")
+def main_cluster():
+    """The namespace cluster n1, n2 with Slurm (slurm/local/up.sh; .ci/run brings it up). Run as
+    root, the tests bring it up themselves when it is not, and stop it at the end."""
+    if os.path.exists("/run/dtlab-cluster/main/cluster.json"):
+        yield
+        return
+    if os.geteuid() != 0:
+        pytest.skip("needs the namespace cluster: sudo slurm/local/up.sh")
+    p = subprocess.run([str(ROOT / "slurm/local/up.sh")], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    yield
+    subprocess.run([str(ROOT / "slurm/local/down.sh")], capture_output=True, timeout=120)
+
+
 def chromium_or_skip(what: str) -> str:
     """Debian's chromium, or a skip that says how to get it."""
     import shutil

@@ -225,17 +225,21 @@ def _ds_launch(hostfile, out, port):
 
 
 @pytest.mark.deepspeed
-def test_what_doctor_passes_launches_across_two_hosts(hosts, tmp_path):
+@pytest.mark.cluster
+def test_what_doctor_passes_launches_across_two_hosts(main_cluster, tmp_path):
+    """On the namespace cluster (two nodes with their own addresses and sshd): what the doctor
+    passes, DeepSpeed's launcher runs over pdsh and ssh, one rank inside each node, equal to the
+    baseline."""
     pytest.importorskip("deepspeed")
     port = free_port()
-    rc, r, errors = doctor(tmp_path, "dthost1 slots=1\ndthost2 slots=1\n", "--master-port", port,
+    rc, r, errors = doctor(tmp_path, "n1 slots=1\nn2 slots=1\n", "--master-port", port,
                            cwd=ROOT)
     assert rc == 0, errors
     p = _ds_launch(tmp_path / "hostfile", tmp_path / "run", port)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
-    assert "dthost1:" in p.stdout and "dthost2:" in p.stdout  # pdsh prefixes each host's lines
+    assert "n1:" in p.stdout and "n2:" in p.stdout  # pdsh prefixes each host's lines
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert s["world_size"] == 2 and s["ok"] is True
+    assert s["world_size"] == 2 and s["ok"] is True and s["hosts"] == ["n1", "n2"]
 
 
 @pytest.mark.deepspeed

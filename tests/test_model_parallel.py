@@ -145,7 +145,7 @@ def test_parallel3d_equals_baseline(dp, pp, tp, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     b = s["baseline"]
     assert b["ok"] is True and b["max_rel_loss_diff"] <= 1e-5 and b["max_abs_param_diff"] <= 1e-4
-    assert s["extra"]["grid"] == {"dp": dp, "pp": pp, "tp": tp}
+    assert s["extra"]["grid"] == {"dp": dp, "pp": pp, "tp": tp, "order": "tp-inner"}
 
 
 @pytest.mark.slow

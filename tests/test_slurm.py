@@ -26,19 +26,8 @@ def _nodes_idle() -> bool:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cluster():
-    started = False
-    if not _nodes_idle():
-        if os.geteuid() != 0:
-            pytest.skip("needs the local Slurm cluster: sudo slurm/local/up.sh")
-        p = subprocess.run([str(ROOT / "slurm/local/up.sh")], capture_output=True, text=True,
-                           timeout=300)
-        assert p.returncode == 0, p.stdout + p.stderr
-        started = True
+def cluster(main_cluster):
     assert _nodes_idle()
-    yield
-    if started:  # what the tests started, they stop (.ci/run brings its own up and down)
-        subprocess.run([str(ROOT / "slurm/local/down.sh")], capture_output=True, timeout=120)
 
 
 def job_state(job: str) -> str:
@@ -80,8 +69,9 @@ def check_run(state, log, out, world):
     return s
 
 
-@pytest.mark.parametrize("script", ["torchrun.sbatch", "srun.sbatch"])
-@pytest.mark.parametrize("nodes,per_node", [(1, 2), (2, 1), (2, 2)])
+@pytest.mark.parametrize("script,nodes,per_node", [
+    ("torchrun.sbatch", 2, 1), ("torchrun.sbatch", 2, 2), ("srun.sbatch", 1, 2),
+    ("srun.sbatch", 2, 2)])
 def test_ddp_through_slurm_equals_baseline(script, nodes, per_node, tmp_path):
     state, log = submit(script, nodes, per_node, "ddp", tmp_path, "--steps", 4)
     s = check_run(state, log, tmp_path, nodes * per_node)

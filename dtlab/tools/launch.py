@@ -172,9 +172,9 @@ def torchrun(module: str, module_args: list[str], where: Placement, log: Path | 
     base = [sys.executable, "-m", "dtlab.tools.torchrun", f"--nproc_per_node={where.nproc}",
             f"--max-restarts={max_restarts}"]
     tail = ["-m", module, *module_args]
-    out = open(log, "w") if log is not None else None
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
+    out = open(log, "w") if log is not None else None
     try:
         if not nodes:
             return subprocess.call([*base, "--standalone", *tail], env=env, stdout=out,
