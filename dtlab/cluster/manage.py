@@ -8,6 +8,14 @@ from dtlab.cluster import netns, slurm
 from dtlab.cluster.netns import Cluster, ClusterError
 
 
+def parse_assignment(text: str, flag: str) -> tuple[str, str]:
+    """'n2=64m' -> ('n2', '64m')."""
+    node, eq, value = text.partition("=")
+    if not eq or not node or not value:
+        raise ClusterError(f"{flag} {text!r}: give NODE=VALUE, e.g. n2=64m")
+    return node, value
+
+
 def up(c: Cluster, log=print) -> Cluster:
     c = netns.up(c, log)
     if c.slurm:
@@ -47,7 +55,9 @@ def print_status(name: str, as_json: bool) -> int:
           f"{s['bridge']}, slurm {'on' if s['slurm'] else 'off'}")
     for n in s["nodes"]:
         flags = " ".join(f"{k} {'up' if n[k] else 'DOWN'}" for k in ("namespace", "sshd")) + \
-            (f" slurmd {'up' if n['slurmd'] else 'DOWN'}" if s["slurm"] else "")
+            (f" slurmd {'up' if n['slurmd'] else 'DOWN'}" if s["slurm"] else "") + \
+            f" link {n['link'] if n['link'] == 'up' else 'DOWN'}" + \
+            (f" /dev/shm {n['shm']}" if n["shm"] else "")
         cores = f" cores {','.join(map(str, n['cores']))}" if n["cores"] else ""
         print(f"  {n['node']:<6} {n['address']:<15} {n['ifname']:<8}{cores}  {flags}")
     return 0

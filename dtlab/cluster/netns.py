@@ -29,7 +29,7 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from dtlab.core.errors import UsageError
@@ -39,6 +39,8 @@ DEFAULT_SUBNET = "10.77.0.0/24"
 NAME = re.compile(r"[a-z][a-z0-9]{0,5}")        # short: interface names hold 15 characters
 IFNAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,14}")
 RATE = re.compile(r"(\d+(?:\.\d+)?)(kbit|mbit|gbit)")
+SHM_SIZE = re.compile(r"[1-9]\d{0,6}[kmg]")
+PORTS = re.compile(r"(\d{1,5})(?:-(\d{1,5}))?")
 MAX_NODES = 64
 SSH_WAIT_S = 20.0
 
@@ -92,6 +94,7 @@ class Node:
     host_veth: str
     uts: str
     cores: tuple[int, ...] = ()
+    mnt: str = ""          # its own mount namespace (a /dev/shm of its own size), if any
 
 
 @dataclass
@@ -104,6 +107,7 @@ class Cluster:
     cores_per_node: int = 0
     ranks_per_node: int = 2      # the CPUs a node declares to Slurm: the ranks it takes
     slurm: bool = False
+    shm: dict = field(default_factory=dict)   # node name -> size of its own /dev/shm ("64m")
     extra: dict = field(default_factory=dict)
 
     # ---- names and addresses
@@ -140,7 +144,8 @@ class Cluster:
                           for k in range(self.cores_per_node))
         return Node(name, i, str(self.net.network_address + 10 + i), ifname,
                     f"dtlab-{self.name}-{name}", f"dtv{i}-{self.name}"[:15],
-                    str(self.state_dir / "uts" / name), cores)
+                    str(self.state_dir / "uts" / name), cores,
+                    str(self.state_dir / "uts" / f"{name}.mnt") if name in self.shm else "")
 
     def all_nodes(self) -> list[Node]:
         return [self.node(i) for i in range(1, self.nodes + 1)]
@@ -172,6 +177,14 @@ class Cluster:
                                f"{self.nodes} nodes (e.g. {DEFAULT_SUBNET})")
         if not 1 <= self.ranks_per_node <= 256:
             raise ClusterError(f"--ranks-per-node must be in 1..256, got {self.ranks_per_node}")
+        names = {self.node_name(i) for i in range(1, self.nodes + 1)}
+        for node, size in self.shm.items():
+            if node not in names:
+                raise ClusterError(f"--shm {node}={size}: no node {node!r} (nodes: "
+                                   f"{', '.join(sorted(names))})")
+            if not SHM_SIZE.fullmatch(size):
+                raise ClusterError(f"--shm {node}={size}: give a size like 64m or 1g (a number "
+                                   "and k, m or g)")
         if self.cores_per_node < 0 or self.cores_per_node > (os.cpu_count() or 1):
             raise ClusterError(f"--cores-per-node must be in 0..{os.cpu_count()}, got "
                                f"{self.cores_per_node}")
@@ -187,7 +200,10 @@ class Cluster:
                                "(as root)")
         d = json.loads(f.read_text())
         d["ifnames"] = tuple(d["ifnames"])
-        return cls(**d)
+        # A state written by another dtlab version may carry fields this one does not know; the
+        # journal, not these fields, is what `down` undoes, so they are dropped here.
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 # --------------------------------------------------------------------------- the journal
@@ -276,8 +292,9 @@ def _alive(pidfile: Path) -> bool:
 def node_argv(c: Cluster, node: Node, argv: list[str]) -> list[str]:
     """``argv`` run inside ``node``: its network and host name (and its cores, if pinned)."""
     pin = ["taskset", "-c", ",".join(map(str, node.cores))] if node.cores else []
-    return ["nsenter", f"--net=/run/netns/{node.netns}", f"--uts={node.uts}", "--", *pin,
-            *argv]
+    mnt = [f"--mount={node.mnt}"] if node.mnt else []
+    return ["nsenter", f"--net=/run/netns/{node.netns}", f"--uts={node.uts}", *mnt, "--",
+            *pin, *argv]
 
 
 def _shape(c: Cluster, node: Node, rate: str | None) -> None:
@@ -317,6 +334,11 @@ def _start_node(c: Cluster, node: Node, journal: Journal, key: Path) -> None:
     journal.add("uts", path=node.uts)
     Path(node.uts).touch()
     _run(["unshare", f"--uts={node.uts}", "hostname", node.name])
+    if node.mnt:  # a container-like node: /dev/shm of its own, of the size asked
+        journal.add("uts", path=node.mnt)
+        Path(node.mnt).touch()
+        _run(["unshare", f"--mount={node.mnt}", "--propagation", "private", "mount", "-t",
+              "tmpfs", "-o", f"size={c.shm[node.name]},mode=1777", "dtlab-shm", "/dev/shm"])
     journal.add("hosts", name=node.name)
     lines = [ln for ln in _hosts_lines() if not ln.endswith(f" {node.name}   {c.hosts_mark}")]
     _write_hosts(lines + [f"{node.address} {node.name}   {c.hosts_mark}"])
@@ -499,12 +521,70 @@ def down(name: str = "main", log=print) -> list[str]:
     return removed
 
 
+def link_state(node: Node) -> str:
+    p = _run(["ip", "-o", "link", "show", node.host_veth], check=False)
+    flags = p.stdout.split("<", 1)[1].split(">", 1)[0].split(",") if "<" in p.stdout else []
+    return "up" if p.returncode == 0 and "UP" in flags else "down"
+
+
+def set_link(name: str, node_name: str, state: str) -> str:
+    """Pull (``down``) or plug (``up``) a node's cable: its link's end on the bridge."""
+    _require_root()
+    if state not in ("up", "down"):
+        raise ClusterError(f"link state {state!r}: give up or down")
+    c = Cluster.load(name)
+    node = c.find(node_name)
+    _run(["ip", "link", "set", node.host_veth, state])
+    return f"{node.name}: link {state}"
+
+
+def parse_ports(spec: str) -> list[str]:
+    """'29500,32768-60999' -> ['29500', '32768-60999'] (each checked: 1..65535, low <= high)."""
+    out = []
+    for part in spec.split(","):
+        m = PORTS.fullmatch(part.strip())
+        lo, hi = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (0, 0)
+        if not m or not 1 <= lo <= hi <= 65535:
+            raise ClusterError(f"--block {spec!r}: give ports or ranges within 1..65535, "
+                               "comma-separated (e.g. 32768-60999)")
+        out.append(f"{lo}-{hi}" if hi != lo else str(lo))
+    return out
+
+
+def firewall(name: str, node_name: str, block: str | None) -> str:
+    """Drop TCP connections to ``block`` ports on a node (its own nftables table, inside its
+    namespace), or remove that table (``block`` None)."""
+    _require_root()
+    c = Cluster.load(name)
+    node = c.find(node_name)
+    if shutil.which("nft") is None:
+        raise ClusterError("`nft` is not installed (Debian: apt-get install nftables)")
+    ns = ["ip", "netns", "exec", node.netns, "nft"]
+    _run([*ns, "delete", "table", "inet", "dtlab"], check=False)
+    if block is None:
+        return f"{node.name}: firewall cleared"
+    ports = parse_ports(block)
+    if any(int(p.split("-")[0]) <= 22 <= int(p.split("-")[-1]) for p in ports):
+        raise ClusterError(f"--block {block}: would block sshd (port 22), and with it every "
+                           "launcher; leave 22 out")
+    _run([*ns, "add", "table", "inet", "dtlab"])
+    _run([*ns, "add", "chain", "inet", "dtlab", "input",
+          "{ type filter hook input priority 0; policy accept; }"])
+    # new connections only (SYN without ACK): replies to the node's own connections, which
+    # arrive on its ephemeral ports, still pass, as behind a stateful firewall
+    _run([*ns, "add", "rule", "inet", "dtlab", "input", "tcp", "dport",
+          "{ " + ", ".join(ports) + " }", "tcp", "flags", "&", "(syn", "|", "ack)", "==", "syn",
+          "drop"])
+    return f"{node.name}: new incoming TCP connections to ports {', '.join(ports)} dropped"
+
+
 def status(name: str = "main") -> dict:
     c = Cluster.load(name)
     nodes = []
     for n in c.all_nodes():
         nodes.append({"node": n.name, "address": n.address, "ifname": n.ifname,
-                      "cores": list(n.cores),
+                      "cores": list(n.cores), "link": link_state(n),
+                      "shm": c.shm.get(n.name),
                       "namespace": Path(f"/run/netns/{n.netns}").exists(),
                       "sshd": _alive(c.state_dir / f"sshd-{n.name}.pid"),
                       "slurmd": _alive(c.state_dir / f"slurmd-{n.name}.pid")})

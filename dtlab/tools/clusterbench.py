@@ -51,7 +51,8 @@ def set_rate(name: str, rate: str, log: Path) -> None:
     _dtlab("cluster", "up", "--name", name, "--nodes", c.nodes, "--inter-node", rate,
            "--ranks-per-node", c.ranks_per_node, "--ifnames", ",".join(c.ifnames),
            "--subnet", c.subnet, "--cores-per-node", c.cores_per_node,
-           *(["--slurm"] if c.slurm else []), log=log)
+           *(["--slurm"] if c.slurm else []),
+           *[f"--shm={node}={size}" for node, size in c.shm.items()], log=log)
 
 
 def _step(out: Path, lab: str, flags: list, nproc: int, nnodes: int, preset: str, steps: int,

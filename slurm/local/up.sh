@@ -7,15 +7,16 @@
 #   sudo slurm/local/up.sh [dtlab cluster up flags, e.g. --inter-node 1gbit]
 #   sudo slurm/local/down.sh
 #
-# Installs Debian's slurm, munge and openssh-server if missing. Needs root.
+# Installs Debian's slurm, munge, openssh-server and nftables (`dtlab cluster firewall`) if missing. Needs root.
 set -euo pipefail
 die() { echo "slurm/local/up.sh: $*" >&2; exit 1; }
 [[ $(id -u) -eq 0 ]] || die "needs root (namespaces, daemons, /etc/hosts); run it with sudo"
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || \
-   ! command -v sbatch >/dev/null || ! command -v munged >/dev/null || [[ ! -x /usr/sbin/sshd ]]; then
-  echo "installing slurmctld slurmd slurm-client munge openssh-server (Debian packages)"
+   ! command -v sbatch >/dev/null || ! command -v munged >/dev/null || [[ ! -x /usr/sbin/sshd ]] || \
+   ! command -v nft >/dev/null; then
+  echo "installing slurmctld slurmd slurm-client munge openssh-server nftables (Debian packages)"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    slurmctld slurmd slurm-client munge openssh-server openssh-client >/dev/null \
+    slurmctld slurmd slurm-client munge openssh-server openssh-client nftables >/dev/null \
     || die "apt-get install failed"
 fi
 root="$(cd "$(dirname "$0")/../.." && pwd)"
