@@ -99,6 +99,13 @@ def test_stalled_rank_is_named_within_the_timeout(tmp_path, lab, flags, op):
     # detected after the timeout, within a small margin (the 1 s wait for other reports + slack)
     assert timeout <= f["last_seen"]["1"]["seconds_ago"] <= timeout + 3
     assert len(s["losses"]) == 2  # the record keeps the steps that finished
+    # the flight recorder's report (tests/test_hang.py for the rest): rank 1 is behind, in stall
+    desync = f["desync"]
+    assert [b["rank"] for b in desync["behind"]] == [1] and desync["missing"] == []
+    assert desync["ranks"]["0"]["blocked_in"]["failed"] == "timed out"
+    assert "rank 1 on" in p.stderr and "is blocked in stall" in p.stderr
+    if lab == "ddp":  # our ring's ops are point-to-point: the group is the pair
+        assert "rank 1 is behind in group p2p 0<->1" in p.stderr, p.stderr[-3000:]
 
 
 def test_checkpoint_of_another_trajectory_is_refused_before_launch(tmp_path):

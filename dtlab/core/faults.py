@@ -23,6 +23,7 @@ import linecache
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -30,12 +31,14 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from dtlab.core import record
+from dtlab.core import flight, record
 
 # Text of the exceptions gloo and NCCL raise when a peer is silent or gone.
 COMM_FAILURE_MARKERS = ("Timed out", "timed out", "Connection closed", "Connection reset",
                         "Broken pipe", "NCCL communicator was aborted", "DistBackendError")
 REPORT_WAIT_S = 1.0  # how long a failed rank waits for the others to report their own failure
+DUMP_WAIT_S = 3.0    # and for every rank's flight record (dtlab/core/flight.py)
+STORE_WAIT_S = 5.0   # the most the store may take to answer those questions
 
 
 @dataclass
@@ -45,11 +48,14 @@ class FaultPlan:
     fail_in: str = "step"  # step | checkpoint
     stall_at_step: int | None = None
     stall_rank: int = 0
+    mismatch_at_step: int | None = None
+    mismatch_rank: int = 0
 
     def check(self, world: int, steps: int, ckpt_dir: str | None) -> str | None:
         """An error message for impossible settings, or None."""
         for flag, step, rank in (("--fail", self.fail_at_step, self.fail_rank),
-                                 ("--stall", self.stall_at_step, self.stall_rank)):
+                                 ("--stall", self.stall_at_step, self.stall_rank),
+                                 ("--mismatch", self.mismatch_at_step, self.mismatch_rank)):
             if step is None:
                 continue
             if not 0 <= step < steps:
@@ -68,6 +74,8 @@ class FaultPlan:
             die(rt.rank, f"--fail-at-step {step}")
         if self.stall_at_step == step and rt.rank == self.stall_rank:
             stall(rt.rank, step, rt.timeout_s)
+        if self.mismatch_at_step == step and rt.rank == self.mismatch_rank and rt.distributed:
+            mismatch(rt.rank, step)
 
 
 def first_attempt() -> bool:
@@ -102,6 +110,16 @@ def stall(rank: int, step: int, timeout_s: float) -> None:
     os._exit(4)
 
 
+def mismatch(rank: int, step: int) -> None:
+    """Issue a collective no other rank issues (an all-reduce of 7 floats): from here on this
+    rank's sequence of collectives differs from the others', as when one rank takes another
+    branch of the code. The next collective of the others pairs with this one."""
+    import torch
+    print(f"[rank {rank}] injected mismatch at step {step}: an extra all_reduce of 7 floats",
+          file=sys.stderr, flush=True)
+    dist.all_reduce(torch.zeros(7))
+
+
 def is_comm_failure(e: BaseException) -> bool:
     text = f"{type(e).__name__}: {e}"
     return isinstance(e, RuntimeError) and any(m in text for m in COMM_FAILURE_MARKERS)
@@ -116,7 +134,7 @@ def failed_op(e: BaseException) -> tuple[str, str]:
         if path.endswith("distributed_c10d.py"):
             op = frame.f_code.co_name
         elif (at := max(path.rfind("/labs/"), path.rfind("/dtlab/"))) >= 0 and \
-                not path.endswith("core/faults.py"):
+                not path.endswith(("core/faults.py", "core/flight.py")):
             code = linecache.getline(path, lineno).strip()
             site = f"{path[at + 1:]}:{lineno}" + (f" `{code}`" if code else "")
     if op == "a collective" and "running the callback" in str(e):
@@ -136,17 +154,36 @@ def diagnose(e: BaseException, rank: int, world: int, step: int | None,
     if store is None:
         return info
     now = time.time()
-    try:
+
+    def ask() -> dict:
+        silent, seen = [], {}
         store.set(f"dtlab/failed/{rank}", op)
         time.sleep(REPORT_WAIT_S)
         for r in range(world):
             if not store.check([f"dtlab/failed/{r}"]):
-                info["silent_ranks"].append(r)
+                silent.append(r)
             if store.check([f"dtlab/hb/{r}"]):
                 s, t = store.get(f"dtlab/hb/{r}").decode().split()
-                info["last_seen"][r] = {"step": int(s), "seconds_ago": round(now - float(t), 2)}
-    except Exception:  # the store itself is gone (the launcher is tearing the job down)
-        pass
+                seen[r] = {"step": int(s), "seconds_ago": round(now - float(t), 2)}
+        return {"silent_ranks": silent, "last_seen": seen}
+
+    # In a thread with a deadline: across a dead link the store's socket blocks in recv for as
+    # long as TCP retransmits (many minutes), and this rank must still end.
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["answer"] = ask()
+        except Exception:  # the store itself is gone (the launcher is tearing the job down)
+            pass
+
+    asker = threading.Thread(target=run, daemon=True)
+    asker.start()
+    asker.join(REPORT_WAIT_S + STORE_WAIT_S)
+    if "answer" in box:
+        info.update(box["answer"])
+    elif asker.is_alive():
+        info["store_unreachable"] = True
     return info
 
 
@@ -167,11 +204,25 @@ def describe(info: dict) -> str:
 def report_failure(strategy, lab: str, e: BaseException) -> int:
     """A collective failed (a silent or dead rank): say which rank and which operation, record
     the failure in the run record, exit status 3."""
-    rt = strategy.rt
+    rt, out = strategy.rt, strategy.settings.out
+    since = time.time()
+    if strategy.flight is not None:  # this rank's record, and a request to every other rank's
+        op, site = failed_op(e)
+        kind = "timed out" if "imed out" in str(e) else "lost its peer"
+        flight.write_dump(strategy.flight, out, f"failed: {type(e).__name__}",
+                          {"op": op, "site": site.split(" `")[0], "failed": kind})
+        flight.request_dumps(out)
     info = diagnose(e, rt.rank, rt.world_size, strategy.current_step, rt.timeout_s)
     reporters = [r for r in range(rt.world_size) if r not in info["silent_ranks"]]
     if rt.rank == (reporters[0] if reporters else 0):
         print(f"dtlab: error: {describe(info)}", file=sys.stderr, flush=True)
+        if strategy.flight is not None:
+            dumps = flight.collect(out, rt.world_size, since, DUMP_WAIT_S)
+            info["desync"] = flight.desync_report(dumps, rt.world_size)
+            for line in flight.describe_report(info["desync"]):
+                print(f"dtlab:   {line}", file=sys.stderr, flush=True)
+            print(f"dtlab:   flight records and stacks: {flight.flight_dir(out)}",
+                  file=sys.stderr, flush=True)
         losses, steps = strategy.trajectory
         strategy.lab = lab
         summary = record.build_summary(

@@ -112,6 +112,11 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     r.add_argument("--stall-at-step", type=int, default=None,
                    help="--stall-rank stops answering at the start of this step")
     r.add_argument("--stall-rank", type=int, default=0, help="rank that stalls (default 0)")
+    r.add_argument("--mismatch-at-step", type=int, default=None,
+                   help="--mismatch-rank issues a collective no other rank issues at the start "
+                        "of this step (docs/debugging.md)")
+    r.add_argument("--mismatch-rank", type=int, default=0,
+                   help="rank that issues the extra collective (default 0)")
     return p
 
 
@@ -131,7 +136,7 @@ def plans_from_args(args: argparse.Namespace, settings: Settings, world: int, la
         if d.exists() and not d.is_dir():
             raise UsageError(f"--ckpt-dir {d} is a file; give a folder (it is created if missing)")
     fp = faults.FaultPlan(args.fail_at_step, args.fail_rank, args.fail_in, args.stall_at_step,
-                          args.stall_rank)
+                          args.stall_rank, args.mismatch_at_step, args.mismatch_rank)
     if (msg := fp.check(world, settings.steps, plan.ckpt_dir)):
         raise UsageError(msg)
     return plan, fp

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from dtlab.core import checkpoint as ckpt
-from dtlab.core import faults, record, runtime
+from dtlab.core import faults, flight, record, runtime
 from dtlab.core import memory as mem
 from dtlab.core.comm import CommCounter
 from dtlab.core.data import check_divisible, rank_slice
@@ -66,6 +66,7 @@ class Strategy:
         self.current_step: int | None = None
         self.lab_flags: dict = {}
         self.trajectory: tuple[list, list] = ([], [])
+        self.flight = None  # a FlightRecorder while the loop runs with a process group
 
     # ---- set-up
     def build(self) -> None:
@@ -177,7 +178,12 @@ def train(strategy: Strategy, log_every: int | None = None,
         log_every = max(1, s.steps // 10)
     prof = StepProfiler(s.profile_dir, rt.rank, s.steps, rt.device.type) \
         if profile and s.profile_dir else None
-    with prof or contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        if rt.distributed:  # the flight recorder (dtlab/core/flight.py): what a hang dumps
+            strategy.flight = stack.enter_context(
+                flight.FlightRecorder(rt.rank, rt.world_size, s.out))
+            stack.enter_context(flight.Watchdog(strategy.flight, s.out))
+        stack.enter_context(prof or contextlib.nullcontext())
         _steps(strategy, corpus, losses, steps, log_every, prof, start)
     if prof is not None:
         strategy.extra["profile"] = prof.summary
@@ -189,6 +195,8 @@ def _steps(strategy, corpus, losses, steps, log_every, prof, start=0) -> None:
     plan, fp = strategy.ckpt_plan, strategy.fault_plan
     for step in range(start, s.steps):
         strategy.current_step = step
+        if strategy.flight is not None:
+            strategy.flight.set_step(step)
         fp.before_step(rt, step)
         x, y = corpus.global_batch(step)
         x, y = strategy.local_batch(x.to(rt.device), y.to(rt.device))

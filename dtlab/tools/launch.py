@@ -7,10 +7,14 @@ checks validate the flags, and torchrun runs it (``-m labs.<name>``).
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import secrets
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +22,7 @@ from dtlab import registry
 from dtlab.core import checkpoint as ckpt
 from dtlab.core.data import check_divisible
 from dtlab.core.errors import UsageError
-from dtlab.core.record import describe_nonfinite, read_summary
+from dtlab.core.record import atomic_write_text, describe_nonfinite, read_summary
 from dtlab.core.settings import lab_flags, plans_from_args, settings_from_args
 
 
@@ -184,12 +188,51 @@ def torchrun(module: str, module_args: list[str], where: Placement, log: Path | 
         rdzv = [f"--nnodes={len(nodes)}", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={nodes[0].name}:{port}", f"--rdzv-id={secrets.token_hex(4)}"]
         procs = [subprocess.Popen(node_argv(c, n, [*base, *rdzv, *tail]), env=env, stdout=out,
-                                  stderr=subprocess.STDOUT if out else None) for n in nodes]
-        codes = [p.wait() for p in procs]
+                                  stderr=subprocess.STDOUT if out else None,
+                                  start_new_session=True) for n in nodes]
+        codes = wait_nodes(procs, [n.name for n in nodes])
         return next((rc for rc in codes if rc), 0)
     finally:
         if out is not None:
             out.close()
+
+
+NODE_GRACE_S = 20.0  # after one node's agent ended, how long the others get to end by themselves
+
+
+def wait_nodes(procs: list[subprocess.Popen], names: list[str],
+               grace: float = NODE_GRACE_S) -> list[int]:
+    """Wait for every node's agent. Once one has ended, the others get ``grace`` seconds (their
+    ranks finish, or time out and report); an agent still alive then is cut off from the first
+    node (a pulled link, a dead peer: torchrun's agent waits on the rendezvous store for many
+    minutes, even after its ranks succeeded), so its whole session is stopped: SIGTERM, then
+    SIGKILL 10 s later."""
+    ended_at = None
+    while any(p.poll() is None for p in procs):
+        if ended_at is None and any(p.returncode is not None for p in procs):
+            ended_at = time.monotonic()
+        if ended_at is not None and time.monotonic() - ended_at > grace:
+            first = next(n for p, n in zip(procs, names) if p.returncode is not None)
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                for p, n in zip(procs, names):
+                    if p.poll() is None:
+                        if sig == signal.SIGTERM:
+                            print(f"dtlab: the agent on {n} was still running {grace:g} s after "
+                                  f"the one on {first} ended (a link down or a hung peer); "
+                                  "stopping it", file=sys.stderr, flush=True)
+                        try:
+                            os.killpg(p.pid, sig)
+                        except ProcessLookupError:
+                            pass
+                try:
+                    for p in procs:
+                        p.wait(timeout=10)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            break
+        time.sleep(0.2)
+    return [p.wait() if p.returncode is None else p.returncode for p in procs]
 
 
 def launch(lab: registry.Lab, nproc: int, lab_args: list[str], log: Path | None = None,
@@ -199,6 +242,21 @@ def launch(lab: registry.Lab, nproc: int, lab_args: list[str], log: Path | None 
     rank when one dies (the lab resumes from its newest checkpoint when given --ckpt-dir)."""
     return torchrun(lab.module, lab_args, Placement(nproc, nnodes, cluster), log, max_restarts,
                     env)
+
+
+def flight_postmortem(out: Path, world: int) -> None:
+    """The desync report of a failed run from what its ranks left in ``out/flight`` (when no
+    rank lived to print it: a rank aborted, the launcher stopped the others)."""
+    from dtlab.core import flight
+    dumps = flight.postmortem(out)
+    if not dumps:
+        return
+    rep = flight.desync_report(dumps, world)
+    for line in flight.describe_report(rep):
+        print(f"dtlab:   {line}", file=sys.stderr)
+    path = flight.flight_dir(out) / "report.json"
+    atomic_write_text(path, json.dumps(rep, indent=1, default=str) + "\n")
+    print(f"dtlab:   flight records: {flight.flight_dir(out)}", file=sys.stderr, flush=True)
 
 
 def run_one(name: str, nproc: int | None, lab_args: list[str], max_restarts: int = 0,
@@ -221,16 +279,20 @@ def run_one(name: str, nproc: int | None, lab_args: list[str], max_restarts: int
     out = Path(opt_value(lab_args, "--out"))
     ckpt.FolderLock(out, "--out").acquire().release()  # refused now if another run holds it
     (out / "summary.json").unlink(missing_ok=True)
+    shutil.rmtree(out / "flight", ignore_errors=True)  # the flight records are this run's
     rc = launch(lab, nproc, lab_args, max_restarts=max_restarts, nnodes=nnodes, cluster=cluster)
     if not (out / "summary.json").is_file():
         print(f"dtlab: {lab.name} ended with exit status {rc} and wrote no run record "
               f"(see the output above)", file=sys.stderr)
+        flight_postmortem(out, world)
         return rc or 1
     summary = read_summary(out)
     if "failure" in summary:  # the lab said what failed on stderr; the record keeps it
         print(f"dtlab: {lab.name} failed at step {summary['failure']['step']} "
               f"({summary['failure']['kind']} in {summary['failure']['op']}); "
               f"record: {out / 'summary.json'}", file=sys.stderr)
+        if "desync" not in summary["failure"]:
+            flight_postmortem(out, world)
         return rc or 3
     print_table([summary])
     if not summary["ok"]:
