@@ -71,6 +71,16 @@ def cmd_bench_cluster(args, rest) -> int:
                args.steps)
 
 
+def cmd_bench_hang(args, rest) -> int:
+    from dtlab.tools.hangbench import run
+    return run(args.json, args.runs, args.faults, args.timeout, args.cluster, args.work)
+
+
+def cmd_debug(args, rest) -> int:
+    from dtlab.tools.hang import hang
+    return hang(args.run_dir, args.wait)
+
+
 def cmd_doctor(args, rest) -> int:
     from dtlab.tools import doctor
     return doctor.run(args)
@@ -99,14 +109,21 @@ def cmd_check(args, rest) -> int:
 
 
 def cmd_cluster(args, rest) -> int:
-    from dtlab.cluster import manage
+    from dtlab.cluster import manage, netns
     from dtlab.cluster.netns import Cluster, parse_rate
     if args.action == "up":
         ifnames = tuple(t.strip() for t in args.ifnames.split(",") if t.strip()) or ("eth0",)
+        shm = dict(manage.parse_assignment(a, "--shm") for a in args.shm)
         manage.up(Cluster(name=args.name, nodes=args.nodes, rate=parse_rate(args.inter_node),
                           ifnames=ifnames, subnet=args.subnet,
                           cores_per_node=args.cores_per_node,
-                          ranks_per_node=args.ranks_per_node, slurm=args.slurm))
+                          ranks_per_node=args.ranks_per_node, slurm=args.slurm, shm=shm))
+        return 0
+    if args.action == "link":
+        print(netns.set_link(args.name, args.node, args.state))
+        return 0
+    if args.action == "firewall":
+        print(netns.firewall(args.name, args.node, None if args.clear else args.block))
         return 0
     if args.action == "down":
         manage.down(args.name)
@@ -183,6 +200,17 @@ def make_parser() -> argparse.ArgumentParser:
     bk.add_argument("--preset", default="small")
     bk.add_argument("--steps", type=int, default=8)
     bk.set_defaults(func=cmd_bench_cluster)
+    bh = bsub.add_parser("hang", help="inject stalls, collective mismatches and pulled links "
+                         "into real runs: is the desync report right, and how soon")
+    bh.add_argument("--runs", type=int, default=10, help="runs per fault (default 10)")
+    bh.add_argument("--faults", default="stall,mismatch",
+                    help="stall, mismatch, link (link: the namespace cluster, root)")
+    bh.add_argument("--timeout", type=float, default=5.0,
+                    help="the runs' collective timeout in seconds (default 5)")
+    bh.add_argument("--cluster", default="main", help="cluster for the link fault")
+    bh.add_argument("--work", default="runs/bench/hang", help="where the runs write")
+    bh.add_argument("--json", default="runs/bench/hang.json", help="the record")
+    bh.set_defaults(func=cmd_bench_hang)
 
     pr = sub.add_parser("profile", allow_abbrev=False,
                         help="run a lab under torch.profiler: computation, communication, "
@@ -203,6 +231,15 @@ def make_parser() -> argparse.ArgumentParser:
         "memory", help="estimate GPU and CPU memory per ZeRO stage, offload and precision",
         description=estimate.__doc__.split("\n\n")[0])).set_defaults(func=cmd_memory)
 
+    dbg = sub.add_parser("debug", help="what a hanging run's ranks are doing")
+    dsub = dbg.add_subparsers(dest="what", required=True)
+    dh = dsub.add_parser("hang", help="every rank's flight record and stacks, and the desync "
+                         "report: who is behind, blocked in what, which collectives differ")
+    dh.add_argument("run_dir", help="the --out folder of the running job")
+    dh.add_argument("--wait", type=float, default=10.0,
+                    help="seconds to wait for every rank's answer (default 10)")
+    dh.set_defaults(func=cmd_debug)
+
     cl = sub.add_parser("cluster", help="a multi-node cluster on this machine: network "
                         "namespaces, shaped links, sshd and Slurm per node (root)")
     csub = cl.add_subparsers(dest="action", required=True)
@@ -220,6 +257,9 @@ def make_parser() -> argparse.ArgumentParser:
                     help="pin each node to its own cores (0: share all; default)")
     cu.add_argument("--subnet", default="10.77.0.0/24", help="the nodes' private subnet")
     cu.add_argument("--slurm", action="store_true", help="run slurmctld and a slurmd per node")
+    cu.add_argument("--shm", action="append", default=[], metavar="NODE=SIZE",
+                    help="give NODE a /dev/shm of its own of SIZE (64m: a Docker container's "
+                         "default); repeatable")
     for a in csub.choices.values():
         a.add_argument("--name", default="main", help="which cluster (default main: nodes n1, "
                        "n2, ...; another name X gives nodes X1, X2, ...)")
@@ -230,7 +270,16 @@ def make_parser() -> argparse.ArgumentParser:
     ce = csub.add_parser("exec", help="run a command inside a node: dtlab cluster exec n1 -- CMD")
     ce.add_argument("node")
     ce.add_argument("command", nargs=argparse.REMAINDER)
-    for a in (cd, cs, ce):
+    lk = csub.add_parser("link", help="pull or plug a node's cable: dtlab cluster link n2 down")
+    lk.add_argument("node")
+    lk.add_argument("state", choices=("up", "down"))
+    fw = csub.add_parser("firewall", help="drop incoming TCP to some ports on a node "
+                         "(nftables inside it), or --clear")
+    fw.add_argument("node")
+    g = fw.add_mutually_exclusive_group(required=True)
+    g.add_argument("--block", metavar="PORTS", help="ports and ranges: 32768-60999,29500")
+    g.add_argument("--clear", action="store_true", help="remove the node's rules")
+    for a in (cd, cs, ce, lk, fw):
         a.add_argument("--name", default="main", help="which cluster (default main)")
     cl.set_defaults(func=cmd_cluster)
 

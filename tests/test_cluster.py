@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -83,11 +84,15 @@ def _throughput(a: str, b: str, address: str) -> float:
     return float(out.strip())
 
 
+# tst1 with eth0, tst2 and tst3 with ens5 (a mixed cluster), 200mbit links; tst3 a container-like
+# node with Docker's default 64 MiB /dev/shm
+TST_UP = [*TST, "--nodes", 3, "--ifnames", "eth0,ens5", "--shm", "tst3=64m"]
+
+
 @pytest.fixture(scope="module")
 def tst():
-    """Three nodes: tst1 with eth0, tst2 and tst3 with ens5 (a mixed cluster), 200mbit links."""
     root_or_skip()
-    p = cluster("up", *TST, "--nodes", 3, "--inter-node", "200mbit", "--ifnames", "eth0,ens5")
+    p = cluster("up", *TST_UP, "--inter-node", "200mbit")
     assert p.returncode == 0, p.stdout + p.stderr
     yield
     cluster("down", "--name", "tst")
@@ -98,36 +103,168 @@ def test_shaping_is_real(tst):
     ratio against this machine's own veth speed, not a timing)."""
     shaped = _throughput("tst1", "tst2", "10.79.0.12")
     assert 100 < shaped < 400, shaped
-    assert cluster("up", *TST, "--nodes", 3, "--inter-node", "unshaped", "--ifnames",
-                   "eth0,ens5").returncode == 0
+    assert cluster("up", *TST_UP, "--inter-node", "unshaped").returncode == 0
     try:
         unshaped = _throughput("tst1", "tst2", "10.79.0.12")
     finally:
-        cluster("up", *TST, "--nodes", 3, "--inter-node", "200mbit", "--ifnames", "eth0,ens5")
+        cluster("up", *TST_UP, "--inter-node", "200mbit")
     assert unshaped > 1000 and unshaped > 3 * shaped, (shaped, unshaped)
 
 
-def _doctor(tmp_path, hosts, *args, env=None):
+def _doctor(tmp_path, hosts, *args, env=None, slots=1):
     hf = tmp_path / "hostfile"
-    hf.write_text("".join(f"{h} slots=1\n" for h in hosts))
+    hf.write_text("".join(f"{h} slots={slots}\n" for h in hosts))
     p = dtlab("doctor", "--hostfile", hf, "--json", "--connect-timeout", "3",
-              "--master-addr", "10.79.0.11", *args, env=env, timeout=240)
+              "--master-addr", "10.79.0.11", "--master-port", free_port(), *args, env=env,
+              timeout=300)
+    assert p.returncode in (0, 1), p.stderr
     return p, json.loads(p.stdout)
 
 
-def test_doctor_sees_what_differs_between_nodes(tst, tmp_path):
-    """GLOO_SOCKET_IFNAME=eth0 exists on tst1 and not on tst2 (ens5 there): the doctor says so
-    for tst2 alone; with tst3's sshd stopped, tst3 is reported unreachable."""
-    p, r = _doctor(tmp_path, ["tst1", "tst2"], env={"GLOO_SOCKET_IFNAME": "eth0"})
-    bad = [f for f in r["findings"] if f["check"] == "interfaces" and f["severity"] == "error"]
-    assert [f.get("host") for f in bad] == ["tst2"], r["findings"]
-    assert "ens5" in bad[0]["message"] or "eth0" in bad[0]["message"]
+def _bad(r, check):
+    return [f for f in r["findings"] if f["check"] == check and f["severity"] == "error"]
+
+
+COLLECTIVE = ("--collective", "--collective-timeout", "5")
+
+
+@pytest.mark.deepspeed
+def test_doctor_collective_passes_on_a_healthy_cluster(tst, tmp_path):
+    """A real all-reduce and broadcast across tst1 and tst2, started by DeepSpeed's launcher
+    over pdsh (torchrun on each node over ssh: the loopback test below); the bus bandwidth is
+    measured (200mbit links: at most 25 MB/s)."""
+    p, r = _doctor(tmp_path, ["tst1", "tst2"], *COLLECTIVE)
+    assert p.returncode == 0, [f for f in r["findings"] if f["severity"] == "error"]
+    c = r["collective"]
+    assert c["ok"] is True and [x["host"] for x in c["ranks"]] == ["tst1", "tst2"]
+    assert 0.001 < c["busbw_GBps"] < 0.03, c
+    ports = [f for f in r["findings"] if f["check"] == "ports"]
+    assert sorted(f["host"] for f in ports if f["severity"] == "ok") == ["tst1", "tst2"]
+
+
+def _clear(*argv):
+    subprocess.run([sys.executable, "-m", "dtlab", "cluster", *argv], capture_output=True)
+
+
+@pytest.mark.deepspeed
+@pytest.mark.parametrize("case", ["interface", "link", "ports"])
+def test_doctor_collective_names_the_broken_node(tst, tmp_path, case):
+    """Each fault is named by its node in the static check that finds it and in the collective
+    job, with the cause: an interface variable naming what the node lacks, a pulled link, a
+    firewall that drops new connections to the node's ephemeral ports (gloo's pair ports)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    args, culprit, check = [], "tst2", {"interface": "interfaces", "link": "ssh",
+                                        "ports": "ports"}[case]
+    if case == "interface":  # exported to every node by DeepSpeed; tst2 has ens5
+        (work / ".deepspeed_env").write_text("GLOO_SOCKET_IFNAME=eth0\n")
+        args = ["--cwd", work]
+    elif case == "link":
+        assert cluster("link", "--name", "tst", "tst2", "down").returncode == 0
+    else:  # tst1 holds rank 0: the others connect to its ephemeral ports
+        culprit = "tst1"
+        assert cluster("firewall", "--name", "tst", "tst1", "--block",
+                       "32768-60999").returncode == 0
+    try:
+        p, r = _doctor(tmp_path, ["tst1", "tst2"], *COLLECTIVE, *args)
+    finally:
+        _clear("link", "--name", "tst", "tst2", "up")
+        _clear("firewall", "--name", "tst", "tst1", "--clear")
+    assert p.returncode == 1
+    assert [f["host"] for f in _bad(r, check)] == [culprit], r["findings"]
+    coll = _bad(r, "collective")
+    assert [f["host"] for f in coll] == [culprit], (coll, r.get("collective"))
+    assert r["collective"]["ok"] is False and r["collective"]["failed_hosts"] == [culprit]
+    assert f"the {check} check" in coll[0]["message"], coll[0]["message"]
+
+
+def test_doctor_predicts_gloo_loopback_pick_by_address_order(tst, tmp_path):
+    """tst2's host name resolving to 127.0.0.1 makes gloo bind loopback there. gloo lets the
+    higher address of a pair connect to the lower; every other node (10.79.0.x) is below
+    127.0.0.1, so tst2 connects out and the job runs: a warning, and the job proves it."""
+    assert cluster("exec", "--name", "tst", "tst2", "--", "hostname", "localhost").returncode == 0
+    try:
+        p, r = _doctor(tmp_path, ["tst1", "tst2"], *COLLECTIVE, "--collective-launcher",
+                       "torchrun")
+    finally:
+        cluster("exec", "--name", "tst", "tst2", "--", "hostname", "tst2")
+    warn = [f for f in r["findings"] if f["check"] == "interfaces" and f["severity"] == "warn"]
+    assert [f["host"] for f in warn] == ["tst2"] and "sorts below 127.0.0.1" in warn[0]["message"]
+    assert r["collective"]["ok"] is True
+
+
+@pytest.mark.deepspeed
+def test_doctor_flags_a_small_dev_shm_and_it_really_breaks(tst, tmp_path):
+    """tst3 has Docker's 64 MiB /dev/shm. Two DeepSpeed ranks there map 2 x 66 MiB for the
+    CPU shared-memory all-reduce: the doctor warns for tst3 alone, and that all-reduce really
+    segfaults on tst3 while it runs on tst2."""
+    p, r = _doctor(tmp_path, ["tst3"], "--force-multi", "--no-ports", slots=2)
+    shm = [f for f in r["findings"] if f["check"] == "shm" and f["severity"] == "warn"]
+    assert [f["host"] for f in shm] == ["tst3"] and "132 MiB for 2" in shm[0]["message"]
+    p, r = _doctor(tmp_path, ["tst2"], "--force-multi", "--no-ports", slots=2)
+    assert not [f for f in r["findings"] if f["check"] == "shm" and f["severity"] != "ok"]
+    runs = {}
+    for node in ("tst2", "tst3"):
+        runs[node] = subprocess.run(
+            [sys.executable, "-m", "dtlab", "cluster", "exec", "--name", "tst", node, "--",
+             sys.executable, "-m", "dtlab", "bench", "comm", "--nproc", "2", "--impl",
+             "deepspeed-shm", "--sizes", "1MiB", "--iters", "1", "--warmup", "1", "--json",
+             str(tmp_path / f"{node}.json")], cwd=ROOT, capture_output=True, text=True,
+            timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert runs["tst2"].returncode == 0, runs["tst2"].stderr[-2000:]
+    assert runs["tst3"].returncode != 0 and "exit 139" in runs["tst3"].stderr
+
+
+def test_link_pulled_mid_run_is_traced(tst, tmp_path):
+    """One rank on tst1, one on tst2; tst2's link is pulled after step 1. The rank left reports
+    rank 1 silent, and the flight records show both waiting in the same all-reduce: the
+    transport failed under them, not the program."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dtlab", "run", "ddp", "--nnodes", "2",
+                             "--nproc", "1", "--cluster", "tst", "--steps", "3000", "--log-every",
+                             "1", "--timeout", "5", "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, pulled = [], False
+    stop = threading.Timer(180, proc.kill)  # a hang fails this test in 3 minutes, not 10
+    stop.start()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if not pulled and line.startswith("step    1 "):
+                assert cluster("link", "--name", "tst", "tst2", "down").returncode == 0
+                pulled = True
+        proc.wait(timeout=120)
+    finally:
+        stop.cancel()
+        _clear("link", "--name", "tst", "tst2", "up")
+    text = "".join(lines)
+    assert pulled and proc.returncode == 3, text[-3000:]
+    assert "rank 1 stopped responding" in text
+    # the link goes down between ops (every rank waits in the same one) or inside one (rank 1
+    # waits in an op rank 0 completed): either way the report blames the transport
+    assert "so the transport under it failed" in text, text[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    desync = s["failure"]["desync"]
+    assert s["failure"]["silent_ranks"] == [1] and desync["transport_failed"], desync
+    assert not desync["mismatches"] and all(b["in_op"] for b in desync["behind"]), desync
+
+
+def test_doctor_sees_what_reaches_the_nodes(tst, tmp_path):
+    """GLOO_SOCKET_IFNAME set in this shell is not exported by DeepSpeed: the ranks on the nodes
+    never see it, so it is a warning about exports and no interface error. With tst3's sshd
+    stopped, tst3 is reported unreachable by the static checks, and the collective job names it
+    without starting (a launch there would hang tst1 until the timeout)."""
+    p, r = _doctor(tmp_path, ["tst1", "tst2"], "--no-ports", env={"GLOO_SOCKET_IFNAME": "eth0"})
+    assert not _bad(r, "interfaces"), r["findings"]
+    assert any(f["check"] == "exports" and f["severity"] == "warn" and "GLOO_SOCKET_IFNAME" in
+               f["message"] for f in r["findings"])
     pid = int(open("/run/dtlab-cluster/tst/sshd-tst3.pid").read())
     os.kill(pid, 15)
     time.sleep(0.5)
-    p, r = _doctor(tmp_path, ["tst1", "tst3"])
-    ssh = [f for f in r["findings"] if f["check"] == "ssh" and f["severity"] == "error"]
-    assert [f.get("host") for f in ssh] == ["tst3"], r["findings"]
+    p, r = _doctor(tmp_path, ["tst1", "tst3"], *COLLECTIVE, "--collective-launcher", "torchrun")
+    assert [f.get("host") for f in _bad(r, "ssh")] == ["tst3"], r["findings"]
+    assert [f.get("host") for f in _bad(r, "collective")] == ["tst3"]
+    assert r["collective"] == {"ok": False, "failed_hosts": ["tst3"], "not_run": True}
     assert p.returncode == 1
 
 

@@ -26,7 +26,7 @@ def quoted_commands():
                 cmd = line.split("#")[0].strip()
                 # `sudo .venv/bin/dtlab ...` is the same command as `dtlab ...`
                 cmd = re.sub(r"^sudo\s+", "", cmd).replace(".venv/bin/", "")
-                if re.match(r"^(\w+=\S+\s+)*(dtlab|torchrun|python|launchers/|sbatch|deepspeed|"
+                if re.match(r"^(\w+=\S+\s+)*(dtlab(?=\s|$)|torchrun|python|launchers/|sbatch|deepspeed|"
                             r"accelerate launch|ACCELERATE_USE_CPU)", cmd) and "..." not in cmd \
                         and not any(PLACEHOLDER.fullmatch(w) for w in shlex.split(cmd)):
                     yield doc.name, cmd  # usage patterns (`dtlab run LAB --nproc N`) left out

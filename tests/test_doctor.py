@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import ROOT, dtlab, free_port
 from dtlab.tools.doctor import matching_interfaces
-from dtlab.tools.hostfile import MAX_SLOTS, load, parse, resolve, why_unsafe
+from dtlab.tools.hostfile import MAX_SLOTS, is_loopback, load, parse, resolve, why_unsafe
 
 
 # ---- the parser, against DeepSpeed's
@@ -28,7 +28,9 @@ def _ds_fetch(path):
         return None
 
 
-names = st.one_of(st.sampled_from(["w1", "w2", "node-3", "10.0.0.4", "gpu_5"]),
+names = st.one_of(st.sampled_from(["w1", "w2", "node-3", "10.0.0.4", "gpu_5", "alice@w1",
+                                   "bob@10.0.0.5", "fe80::1%eth0", "2001:db8::7", "::1",
+                                   "localhost", "127.0.0.1"]),
                   st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=4))
 seps = st.sampled_from(["\n", "\r\n", "\r", "\x0c", "\x85", "\u2028", "\x0b"])
 lines = st.one_of(
@@ -59,21 +61,26 @@ def test_parser_accepts_and_rejects_exactly_what_deepspeed_does(file_lines):
         assert not ours.ok, text
     elif ours.ok:
         assert dict(ours.hosts) == theirs and list(ours.hosts) == list(theirs), text
-    else:
-        assert all("refused" in e or "more than any machine runs" in e for e in errors), \
-            (text, errors)
-        assert any(why_unsafe(h) or n > MAX_SLOTS for h, n in theirs.items()), (text, errors)
+    else:  # refused on purpose: unsafe for ssh, impossible slots, loopback among several hosts
+        assert all("refused" in e or "more than any machine runs" in e or "is the loopback" in e
+                   for e in errors), (text, errors)
+        assert any(why_unsafe(h) or n > MAX_SLOTS or (is_loopback(h) and len(theirs) > 1)
+                   for h, n in theirs.items()), (text, errors)
 
 
-specs = st.lists(st.builds(lambda h, s: h + (":" + ",".join(map(str, s)) if s else ""),
+specs = st.lists(st.builds(lambda h, s, colon: h + (":" + ",".join(map(str, s))
+                                                   if s or colon else ""),
                            st.sampled_from(["w1", "w2", "w9"]),
-                           st.lists(st.integers(0, 4), max_size=3)), min_size=1, max_size=3)
+                           st.lists(st.integers(0, 4), max_size=3), st.booleans()),
+                 min_size=1, max_size=3)  # "w1:" (an empty slot list) crashes DeepSpeed
 
 
 @pytest.mark.deepspeed
 @settings(max_examples=500, deadline=None)
 @given(specs, st.booleans())
 def test_include_exclude_resolve_like_deepspeed(parts, include):
+    """Every filter DeepSpeed refuses (or crashes on: 'w1:' gives ValueError: invalid literal
+    for int() with base 10: '') we refuse; every one it takes resolves to the same slots."""
     pytest.importorskip("deepspeed")
     from deepspeed.launcher.runner import parse_inclusion_exclusion
     pool = {"w1": 2, "w2": 4}
@@ -185,11 +192,18 @@ def test_good_hostfile_passes(hosts, tmp_path):
     ("dthost1 slots=1\ndthost1 slots=1\n", (), None, "hostfile", "already on line 1"),
     ("dthost1 slots=2\ndthost2 slots=1\n", ("--include", "dthost1:0@dthost2:3"), None,
      "include/exclude", "not 3"),
-    ("dthost1 slots=1\ndthost2 slots=1\n", (), {"NCCL_SOCKET_IFNAME": "nosuch"}, "interfaces",
-     "matches no interface"),
+    ("dthost1 slots=1\ndthost2 slots=1\n", (), {".deepspeed_env": "NCCL_SOCKET_IFNAME=nosuch"},
+     "interfaces", "matches no interface"),
 ])
 def test_each_fault_gives_its_error(hosts, tmp_path, text, args, env, check, needle):
-    rc, r, errors = doctor(tmp_path, text, *args, env=env)
+    """(A variable the ranks must see goes into .deepspeed_env: DeepSpeed exports NCCL_* from
+    this shell only with CUDA, GLOO_* never.)"""
+    if env and ".deepspeed_env" in env:
+        work = tmp_path / "work"
+        work.mkdir()
+        (work / ".deepspeed_env").write_text(env.pop(".deepspeed_env") + "\n")
+        args = (*args, "--cwd", work)
+    rc, r, errors = doctor(tmp_path, text, *args, "--no-ports", env=env)
     assert rc == 1
     assert any(e["check"] == check and needle in e["message"] for e in errors), errors
 
@@ -267,3 +281,78 @@ def test_names_slots_and_deadlines():
         assert _readline(stream, 0.3) is None
         assert __import__("time").time() - t0 < 2
     os.close(w)
+
+
+def test_host_forms_deepspeed_and_pdsh_take_are_accepted_with_a_warning_for_filters():
+    hf = parse("alice@w1 slots=1\n10.0.0.5 slots=2\nfe80::1%eth0 slots=1\n")
+    assert hf.ok and list(hf.hosts) == ["alice@w1", "10.0.0.5", "fe80::1%eth0"]
+    warned = [f.host for f in hf.findings if f.severity == "warn"]
+    assert warned == ["alice@w1", "fe80::1%eth0"]  # --include splits at '@' and ':'
+    for bad, says in [("-x@w1", "not a login name"), ("alice@-oProxy", "starts with '-'"),
+                      ("w\u200b1", "U+200B ZERO WIDTH SPACE"), ("w1\u00a0", "invisible"),
+                      ("w;1", "a shell would interpret it")]:
+        assert says in why_unsafe(bad), (bad, why_unsafe(bad))
+    assert "character 2 is U+200B" in why_unsafe("w\u200b1")
+    two = parse("localhost slots=1\nw2 slots=1\n")
+    assert not two.ok and "is the loopback of whichever machine reads it" in \
+        two.findings[0].message
+    assert parse("localhost slots=2\n").ok  # one host: the loopback is that host
+
+
+def test_known_launcher_bugs_by_version():
+    from dtlab.tools.doctor import known_bugs
+    old = known_bugs((0, 14, 0), {"ssh_port": 2222})
+    assert len(old) == 1 and "KeyError: 'PDSH_SSH_ARGS_APPEND'" in old[0][0]
+    assert known_bugs((0, 14, 1), {"ssh_port": 2222}) == []
+    assert known_bugs((0, 13, 0), {"ssh_port": None}) == []
+
+
+def test_include_without_a_hostfile_names_localhost_only():
+    p = dtlab("doctor", "--include", "localhost:0,1", "--json")
+    r = json.loads(p.stdout)
+    assert not [f for f in r["findings"] if f["severity"] == "error"], r["findings"]
+    p = dtlab("doctor", "--include", "w1:0", "--json")
+    r = json.loads(p.stdout)
+    assert p.returncode == 1 and any("knows only 'localhost'" in f["message"]
+                                     for f in r["findings"])
+    p = dtlab("doctor", "--include", "localhost:", "--json")
+    assert p.returncode == 1 and "empty slot list" in p.stdout
+
+
+def test_gloo_loopback_prediction_follows_address_order():
+    """gloo lets the higher address of a pair connect: a loopback pick hangs the job exactly
+    when another host's address sorts above it."""
+    from types import SimpleNamespace
+    from dtlab.tools import connectivity
+
+    def doc_with(peer_addr):
+        d = SimpleNamespace(findings=[], resolved={"a": ["127.0.0.1"], "b": [peer_addr]})
+        d.add = lambda check, sev, msg, fix="", host=None: d.findings.append((sev, host, msg))
+        d.probes = {"a": {"hostname": "a", "gloo": {"address": "127.0.0.1", "fallback": False,
+                                                     "resolved": ["127.0.0.1"]}, "env": {}},
+                    "b": {"hostname": "b", "gloo": {"address": peer_addr, "fallback": False,
+                                                     "resolved": [peer_addr]}, "env": {}}}
+        connectivity.check_predictions(d, {})
+        return [(sev, host) for sev, host, msg in d.findings if sev in ("warn", "error")]
+    assert doc_with("192.168.1.2") == [("error", "a")]
+    assert doc_with("10.0.0.2") == [("warn", "a")]
+
+
+def test_deepspeed_env_applies_in_the_probes(hosts, tmp_path):
+    """A PYTHONPATH in .deepspeed_env is exported to every node: the probes run with it, so a
+    broken torch on that path is found, on every host."""
+    work = tmp_path / "work"
+    (work / "stub" / "torch").mkdir(parents=True)
+    (work / "stub" / "torch" / "__init__.py").write_text("raise ImportError('a stub torch')\n")
+    (work / ".deepspeed_env").write_text(f"PYTHONPATH={work / 'stub'}\n")
+    rc, r, errors = doctor(tmp_path, "dthost1 slots=1\ndthost2 slots=1\n", "--cwd", work,
+                           "--no-ports")
+    bad = [e for e in errors if e["check"] == "versions"]
+    assert rc == 1 and sorted(e["host"] for e in bad) == ["dthost1", "dthost2"], errors
+    assert "a stub torch" in bad[0]["message"] and "PYTHONPATH=" in bad[0]["message"]
+
+
+def test_master_address_on_a_docker_bridge(hosts, tmp_path):
+    rc, r, errors = doctor(tmp_path, "dthost1 slots=1\ndthost2 slots=1\n", "--master-addr",
+                           "172.17.0.2", "--no-ports")
+    assert rc == 1 and any("Docker's default bridge" in e["message"] for e in errors), errors

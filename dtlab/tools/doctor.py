@@ -14,13 +14,25 @@ Every check that applies is run, from the cheapest to the most involved:
     master           the master address (given, or derived as DeepSpeed does with
                      `ssh <first host> hostname -I`) is an address of the first host, the master
                      port can be bound there, and every host can connect to it
-    interfaces       NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME match an interface with an address
-                     on every host (NCCL's prefix, `=exact` and `^exclude` rules)
+    interfaces       NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME (as the ranks will see them, with
+                     .deepspeed_env applied) match an interface with an address on every host
+                     (NCCL's prefix, `=exact` and `^exclude` rules); where unset, the address
+                     each library will pick there, flagged when the others cannot reach it
+    ports            from every host to every other: a sample of the ephemeral ports gloo and
+                     NCCL connect to (dtlab/tools/connectivity.py)
+    shm              /dev/shm per host against what NCCL or DeepSpeed's CPU all-reduce maps
+    known bugs       launcher bugs of the installed DeepSpeed version the command would hit
+    collective       (--collective) a real tiny job across every host, launched as the real one
+                     will be: the group forms, all-reduce and broadcast give the right values,
+                     the bus bandwidth; a failure is named by host and likely cause
     exports          which variables reach the other hosts (NCCL*, PYTHON*, MV2*, UCX*, MLFLOW*
                      and .deepspeed_env) and which set here will not; .deepspeed_env linted
     slots            slots per host against the GPUs visible there; GPU model and
                      `nvidia-smi topo -m` where present
     ds_report        (--ds-report) DeepSpeed's op report on every host, differences flagged
+
+The remote probes run as DeepSpeed runs its ranks: in --cwd, with the variables DeepSpeed
+exports (MLFLOW*, PYTHON*, MV2*, UCX*, NCCL* with CUDA) and .deepspeed_env applied.
 
 Safety: host names and values from files are validated before use (no leading '-', no shell
 characters) and ssh always gets an argument list; the remote command is quoted with shlex.
@@ -30,8 +42,10 @@ Exit status: 0 no errors, 1 at least one error, 2 bad command line.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -41,10 +55,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from dtlab.tools import report
-from dtlab.tools.hostfile import Finding, Hostfile, load, resolve, safe_name
+from dtlab.tools import connectivity, report
+from dtlab.tools.connectivity import readline as _readline
+from dtlab.tools.hostfile import Finding, Hostfile, load, parse_filter, resolve, safe_name
 
-EXPORT_PREFIXES = ("NCCL", "PYTHON", "MV2", "UCX", "MLFLOW")  # DeepSpeed 0.19.8 with CUDA
+EXPORT_PREFIXES = ("PYTHON", "MV2", "UCX", "MLFLOW")  # DeepSpeed 0.19.8; NCCL too with CUDA
+SHM_PER_RANK_DS_CPU = 2 * 2**20 + 2 * 32 * 2**20    # DeepSpeed's shm_comm workspace per rank
+SHM_NCCL_ADVICE = 2**30                             # NVIDIA's containers: --shm-size=1g
+DOCKER_BRIDGE = "172.17.0.0/16"                     # Docker's default bridge network
+# Launcher bugs of DeepSpeed releases: (fixed in, what triggers it, what happens, the fix)
+KNOWN_BUGS = [
+    ((0, 14, 1), "ssh_port", "--ssh_port with the pdsh launcher stops the runner with "
+     "KeyError: 'PDSH_SSH_ARGS_APPEND' (it appends to a variable it never set)",
+     "upgrade DeepSpeed to 0.14.1 or later, or set the port in ~/.ssh/config instead"),
+]
 NOT_EXPORTED = ("GLOO_SOCKET_IFNAME", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "OMP_NUM_THREADS",
                 "TP_SOCKET_IFNAME")
 LAUNCHER_PROGRAMS = {"pdsh": "pdsh", "openmpi": "mpirun", "mpich": "mpirun", "impi": "mpirun",
@@ -55,14 +79,48 @@ PROBE = r"""
 import json, os, socket, sys
 cwd = sys.argv[1]
 out = {"hostname": socket.gethostname(), "python": sys.version.split()[0],
-       "cwd_exists": os.path.isdir(cwd), "interfaces": {}}
+       "executable": sys.executable, "cwd_exists": os.path.isdir(cwd), "interfaces": {},
+       "ipv4": [], "env": {k: os.environ.get(k) for k in (
+           "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "PYTHONPATH", "LD_LIBRARY_PATH")}}
+try:
+    st = os.statvfs("/dev/shm")
+    out["shm"] = {"size": st.f_blocks * st.f_frsize, "free": st.f_bavail * st.f_frsize}
+except OSError:
+    out["shm"] = None
+try:
+    out["port_range"] = [int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split()]
+except (OSError, ValueError):
+    out["port_range"] = None
+# gloo without GLOO_SOCKET_IFNAME: the first address its host name resolves to that can be
+# bound, else the loopback address (torch's ProcessGroupGloo.createDefaultDevice)
+addrs = []
+try:
+    addrs = list(dict.fromkeys(ai[4][0] for ai in socket.getaddrinfo(
+        socket.gethostname(), None, 0, socket.SOCK_STREAM)))
+except OSError:
+    pass
+pick = None
+for a in addrs:
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in a else socket.AF_INET) as b:
+            b.bind((a, 0))
+        pick = a
+        break
+    except OSError:
+        pass
+out["gloo"] = {"resolved": addrs, "address": pick or "127.0.0.1", "fallback": pick is None}
 try:
     import fcntl, struct
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     for _, name in socket.if_nameindex():
         try:
-            raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
-            out["interfaces"].setdefault(name, []).append(socket.inet_ntoa(raw[20:24]))
+            req = struct.pack("256s", name[:15].encode())
+            raw = fcntl.ioctl(s.fileno(), 0x8915, req)
+            mask = fcntl.ioctl(s.fileno(), 0x891b, req)
+            addr = socket.inet_ntoa(raw[20:24])
+            out["interfaces"].setdefault(name, []).append(addr)
+            out["ipv4"].append({"name": name, "addr": addr, "prefix": bin(int.from_bytes(
+                mask[20:24], "big")).count("1")})
         except OSError:
             out["interfaces"].setdefault(name, [])
     for line in open("/proc/net/if_inet6"):
@@ -100,6 +158,7 @@ LISTEN = r"""
 import socket, sys, time
 addr, port, wait = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store: TIME_WAIT is no bar
 try:
     s.bind((addr, port))
 except OSError as e:
@@ -129,8 +188,9 @@ s.close()
 CONNECT = r"""
 import socket, sys
 try:
-    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
-    print("DTLAB-CONNECT ok")
+    c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
+    print(f"DTLAB-CONNECT ok {c.getsockname()[0]}")  # the local address the route chose
+    c.close()
 except OSError as e:
     print(f"DTLAB-CONNECT error {e}")
 """
@@ -144,6 +204,8 @@ class Doctor:
         self.reachable: list[str] = []
         self.python = args.python or sys.executable
         self.cwd = args.cwd or os.getcwd()
+        self.resolved: dict[str, list[str]] = {}
+        self.collective: dict | None = None
 
     # ---- helpers
     def add(self, check, severity, message, fix="", host=None, line=None):
@@ -169,6 +231,7 @@ class Doctor:
         a = self.a
         hf = self.check_hostfile()
         self.check_launcher()
+        self.check_known_bugs()
         self.check_deepspeed_env()
         self.check_exports()
         if hf is None or not hf.hosts:
@@ -189,15 +252,36 @@ class Doctor:
         self.probes = {h: self.probes[h] for h in self.reachable}
         self.check_versions()
         self.check_slots(active)
+        self.check_single_host(active)
+        self.check_shm(active)
         if self.a.ds_report:
             self.check_ds_report()
         self.check_interfaces()
+        addr = None
         if self.reachable and hosts[0] in self.reachable:
-            self.check_master(hosts[0])
+            addr = self.check_master(hosts[0])
         elif hosts:
             self.add("master", "error", f"the first host '{hosts[0]}' (the master, rank 0) is not "
                      "reachable, so nothing can start", "fix the ssh/resolve findings for it",
                      hosts[0])
+        if not self.a.no_ports:
+            connectivity.check_ports(self)
+        if self.a.collective:
+            down = [h for h in (active or hf.hosts) if h not in self.reachable]
+            if addr is None:
+                self.add("collective", "error", "not run: no master address to meet at (see the "
+                         "master findings)", "fix them and run again")
+            elif down:  # the launch would fail there, and the others wait out the timeout
+                for h in down:
+                    self.add("collective", "error", f"{h}: not run: the job cannot start there, "
+                             "the launcher reaches hosts over ssh and the ssh check failed for "
+                             "it (a real launch would hang the other hosts until the timeout)",
+                             "fix that host's ssh finding above and run the doctor again", h)
+                self.collective = {"ok": False, "failed_hosts": down, "not_run": True}
+            else:
+                result = connectivity.run_collective(self, active or hf.hosts, addr,
+                                                     self.a.master_port)
+                connectivity.report_collective(self, result, f"{addr}:{self.a.master_port}")
         return self.findings
 
     def check_hostfile(self) -> Hostfile | None:
@@ -210,8 +294,7 @@ class Doctor:
                 self.add("hostfile", "info", "no --hostfile and no /job/hostfile: DeepSpeed runs "
                          "on this machine only", "pass --hostfile FILE to check a multi-node setup")
                 if a.include or a.exclude:
-                    self.add("include/exclude", "error", "--include/--exclude need a hostfile",
-                             "pass --hostfile FILE")
+                    self.check_filter_without_hostfile()
                 return None
         hf = load(a.hostfile)
         self.findings += hf.findings
@@ -220,6 +303,32 @@ class Doctor:
                      f"{sum(hf.hosts.values())} slot(s), node ranks in file order: "
                      + ", ".join(hf.hosts))
         return hf
+
+    def check_filter_without_hostfile(self) -> None:
+        """Without a hostfile DeepSpeed's pool is {'localhost': its device count}, and
+        --include/--exclude may name that host alone."""
+        a = self.a
+        flag, spec = ("--include", a.include) if a.include else ("--exclude", a.exclude)
+        hosts, errors = parse_filter(spec, flag)
+        for e in errors:
+            self.add("include/exclude", "error", e, "fix the filter")
+        others = [h for h in hosts if h != "localhost"]
+        if others:
+            self.add("include/exclude", "error", f"{flag} {spec!r} names {', '.join(others)}, but "
+                     "without a hostfile DeepSpeed knows only 'localhost' (ValueError: Hostname "
+                     f"'{others[0]}' not found in hostfile)", "pass --hostfile FILE, or name "
+                     "localhost")
+        elif not errors:
+            self.add("include/exclude", "ok", f"{flag} {spec!r} on this machine's devices "
+                     "(no hostfile: DeepSpeed's pool is localhost)")
+
+    def check_known_bugs(self) -> None:
+        """Launcher bugs of the installed DeepSpeed that this command would hit."""
+        version = deepspeed_version()
+        if version is None:
+            return
+        for finding in known_bugs(version, {"ssh_port": self.a.ssh_port}):
+            self.add("known bugs", "error", finding[0], finding[1])
 
     def check_launcher(self) -> None:
         prog = LAUNCHER_PROGRAMS[self.a.launcher]
@@ -292,6 +401,21 @@ class Doctor:
                 self.add("exports", "ok", f"{f}: {len(self.deepspeed_env())} variable(s), "
                          "exported to every node")
 
+    def exported_env(self) -> dict[str, str]:
+        """What DeepSpeed's pdsh runner exports to every node: this shell's MLFLOW*, PYTHON*,
+        MV2*, UCX* (and NCCL* when its accelerator is CUDA), then .deepspeed_env."""
+        prefixes = EXPORT_PREFIXES + (("NCCL",) if _cuda_here() else ())
+        out = {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
+        for k, v in self.deepspeed_env().items():
+            if k.isidentifier() and not any(c in v for c in '"$`\\\n'):
+                out[k] = v
+        return out
+
+    def remote(self, argv: list[str]) -> list[str]:
+        """``argv`` as DeepSpeed would run it on a node: in the cwd, with its exports."""
+        env = [f"{k}={v}" for k, v in self.exported_env().items()]
+        return ["sh", "-c", 'cd "$0" 2>/dev/null; exec "$@"', self.cwd, "env", *env, *argv]
+
     def check_exports(self) -> None:
         exported = sorted(k for k in os.environ if k.startswith(EXPORT_PREFIXES))
         if exported:
@@ -310,6 +434,7 @@ class Doctor:
     def check_local_only(self) -> None:
         port = self.a.master_port
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store does
             try:
                 s.bind(("0.0.0.0", port))
                 self.add("master", "ok", f"port {port} is free here")
@@ -320,12 +445,14 @@ class Doctor:
 
     def check_resolve(self, host: str) -> bool:
         try:
-            addrs = sorted({ai[4][0] for ai in socket.getaddrinfo(host, None)})
+            addrs = list(dict.fromkeys(ai[4][0] for ai in socket.getaddrinfo(
+                host.rpartition("@")[2].split("%")[0], None)))
         except socket.gaierror as e:
             self.add("resolve", "error", f"'{host}' does not resolve ({e.strerror}); ssh and pdsh "
                      "would say 'Could not resolve hostname'", "add it to DNS or /etc/hosts on "
                      "every node, or use its address", host)
             return False
+        self.resolved[host] = addrs
         self.add("resolve", "ok", f"{host} -> {', '.join(addrs)}", host=host)
         return True
 
@@ -335,7 +462,7 @@ class Doctor:
         return ok, found
 
     def _probe(self, host: str, add) -> bool:
-        p = self.ssh(host, [self.python, "-c", PROBE, self.cwd])
+        p = self.ssh(host, self.remote([self.python, "-c", PROBE, self.cwd]))
         line = next((x for x in p.stdout.splitlines() if x.startswith("DTLAB-PROBE ")), None)
         if line is None:
             err = (p.stderr or p.stdout).strip().splitlines()
@@ -378,6 +505,16 @@ class Doctor:
             if len(set(values.values())) > 1:
                 self.add("versions", severity, f"{key} differs: " + ", ".join(
                     f"{h} {v}" for h, v in values.items()), f"install the same {key} everywhere")
+        exported = self.exported_env()
+        for h, p in self.probes.items():
+            if p.get("torch") is None:
+                note = (" with what DeepSpeed exports there (" + ", ".join(
+                    f"{k}={v}" for k, v in exported.items() if k in ("PYTHONPATH", "PATH",
+                                                                     "LD_LIBRARY_PATH", "PYTHONHOME"))
+                    + ")") if exported else ""
+                self.add("versions", "error", f"{h}: torch does not import for {self.python}"
+                         f"{note}: {p.get('torch_error', '?')[:200]}", "fix the environment "
+                         "(.deepspeed_env's PYTHONPATH/LD_LIBRARY_PATH apply on every node)", h)
         if ref.get("deepspeed") is None:
             self.add("versions", "error", f"DeepSpeed is not installed for {self.python} on "
                      f"{first}", "pip install deepspeed in that environment", first)
@@ -405,6 +542,48 @@ class Doctor:
                          + ", ".join(p.get("gpu_names", [])), host=host)
             if p.get("topo"):
                 self.add("slots", "info", f"{host}: nvidia-smi topo -m\n{p['topo']}", host=host)
+
+    def check_single_host(self, active) -> None:
+        """DeepSpeed starts a one-host job on this machine, without ssh, whatever the host."""
+        if len(active) != 1 or getattr(self.a, "force_multi", False):
+            return
+        host = next(iter(active))
+        p = self.probes.get(host)
+        if p and p["hostname"] != socket.gethostname():
+            self.add("hostfile", "warn", f"only {host} is active: DeepSpeed runs a one-host job "
+                     f"here on {socket.gethostname()} without ssh, not on {host} "
+                     f"({p['hostname']})", "pass --force_multi to deepspeed to run it there "
+                     "(and --force-multi to the doctor)", host)
+
+    def check_shm(self, active) -> None:
+        """/dev/shm per host against what the ranks there will map."""
+        single = len(active) == 1
+        for host, slots in active.items():
+            p = self.probes.get(host)
+            if not p or not p.get("shm"):
+                continue
+            size, n = p["shm"]["size"], len(slots)
+            mib = f"{size / 2**20:.0f} MiB"
+            if p.get("gpus") and n > 1 and size < SHM_NCCL_ADVICE:
+                self.add("shm", "error" if size <= 64 * 2**20 else "warn",
+                         f"{host}: /dev/shm is {mib} for {n} GPU ranks; NCCL's transport between "
+                         "GPUs of one host lives there (NCCL WARN 'Error while creating shared "
+                         "memory segment'; NVIDIA runs its containers with --shm-size=1g)",
+                         "docker run --shm-size=1g (Kubernetes: an emptyDir of medium Memory at "
+                         "/dev/shm)", host)
+            elif not p.get("gpus") and single and p.get("deepspeed") and \
+                    size < n * SHM_PER_RANK_DS_CPU:
+                need = n * SHM_PER_RANK_DS_CPU / 2**20
+                self.add("shm", "warn", f"{host}: /dev/shm is {mib}; when all ranks share a host "
+                         f"DeepSpeed's CPU shared-memory all-reduce maps "
+                         f"{SHM_PER_RANK_DS_CPU / 2**20:.0f} MiB per rank there, {need:.0f} MiB "
+                         f"for {n}: its workspace is cut short and its first all-reduce "
+                         "(deepspeed.comm.inference_all_reduce) segfaults. Training's all-reduce "
+                         "goes through gloo and is not affected", f"give /dev/shm at least "
+                         f"{need:.0f} MiB (docker run --shm-size=1g)", host)
+            else:
+                self.add("shm", "ok", f"{host}: /dev/shm {mib} ({p['shm']['free'] / 2**20:.0f} "
+                         "MiB free)", host=host)
 
     def check_ds_report(self) -> None:
         """DeepSpeed's op report on every host: which C++/CUDA ops are built or can be built."""
@@ -441,13 +620,12 @@ class Doctor:
                 "pip install deepspeed, or the same image)")
 
     def check_interfaces(self) -> None:
-        env = dict(self.deepspeed_env())
         for var in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
-            value = os.environ.get(var) if var.startswith("NCCL") else None
-            value = env.get(var, value if value is not None else os.environ.get(var))
-            if not value:
-                continue
             for host, p in self.probes.items():
+                # as the ranks will see it there: exported, from .deepspeed_env, or the node's own
+                value = (p.get("env") or {}).get(var)
+                if not value:
+                    continue
                 with_addr = {n for n, addrs in p["interfaces"].items() if addrs}
                 match = sorted(matching_interfaces(var, value, with_addr))
                 if match:
@@ -459,9 +637,11 @@ class Doctor:
                              "would hang after init or fail with 'connection reset by peer'",
                              f"set {var} to one of those (NCCL: a prefix, =exact, ^exclude)",
                              host)
+        connectivity.check_predictions(self, {})
 
     def master_address(self, first: str) -> str | None:
         if self.a.master_addr:
+            self.check_bridge(self.a.master_addr, "the given master address")
             return self.a.master_addr
         p = self.ssh(first, ["hostname", "-I"])
         addrs = p.stdout.split()
@@ -469,17 +649,34 @@ class Doctor:
             self.add("master", "error", f"DeepSpeed derives the master address with `ssh {first} "
                      f"hostname -I`, which gave nothing", "pass --master_addr to deepspeed", first)
             return None
-        if addrs[0].startswith(("172.17.", "172.18.")):
-            self.add("master", "warn", f"derived master address {addrs[0]} looks like a docker "
-                     "bridge; other hosts cannot reach it", "pass --master_addr", first)
+        self.check_bridge(addrs[0], f"the master address derived from `ssh {first} hostname -I`")
         self.add("master", "info", f"master address derived as DeepSpeed does (`ssh {first} "
                  f"hostname -I`, first word): {addrs[0]}", host=first)
         return addrs[0]
 
-    def check_master(self, first: str) -> None:
+    def check_bridge(self, addr: str, what: str) -> None:
+        """A master address on a container bridge: reachable from that host only."""
+        try:
+            ips = {ai[4][0] for ai in socket.getaddrinfo(addr, None)}
+        except socket.gaierror:
+            return  # the connect check reports it
+        for ip in ips:
+            try:
+                on_bridge = ipaddress.ip_address(ip) in ipaddress.ip_network(DOCKER_BRIDGE)
+            except ValueError:
+                continue
+            if on_bridge:
+                self.add("master", "error", f"{what}, {addr} ({ip}), is on Docker's default "
+                         f"bridge {DOCKER_BRIDGE}: only containers of that one host can reach it",
+                         "pass --master_addr with the first host's address on the network the "
+                         "hosts share (or run the containers with --network host)")
+
+    def check_master(self, first: str) -> str | None:
+        """The master address (returned) can be bound on the first host and reached from
+        every host."""
         addr, port = self.master_address(first), self.a.master_port
         if addr is None:
-            return
+            return None
         wait = self.a.connect_timeout * 2 + 10
         argv = self.ssh_argv(first, [self.python, "-c", LISTEN, addr, str(port), str(wait)])
         listener = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -512,7 +709,11 @@ class Doctor:
                 p = self.ssh(host, [self.python, "-c", CONNECT, addr, str(port),
                                     str(self.a.connect_timeout)])
                 if "DTLAB-CONNECT ok" in p.stdout:
-                    self.add("master", "ok", f"{host} reaches {addr}:{port}", host=host)
+                    src = p.stdout.split("DTLAB-CONNECT ok", 1)[1].split()[:1]
+                    self.add("master", "ok", f"{host} reaches {addr}:{port}"
+                             + (f" from {src[0]}" if src else ""), host=host)
+                    if src:
+                        connectivity.check_route_to_master(self, host, src[0], addr)
                 else:
                     self.add("master", "error", f"{host} cannot reach {addr}:{port} "
                              f"({p.stdout.strip() or p.stderr.strip()}); torch would report "
@@ -525,17 +726,35 @@ class Doctor:
             except subprocess.TimeoutExpired:
                 listener.kill()
                 listener.wait()
+        return addr
 
 
-def _readline(stream, timeout: float) -> str | None:
-    """One line from a pipe, or None when none comes within ``timeout`` seconds (a remote
-    command that hangs must not hang the doctor)."""
-    import selectors
-    with selectors.DefaultSelector() as sel:
-        sel.register(stream, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            return None
-    return stream.readline().strip()
+def _cuda_here() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def deepspeed_version() -> tuple[int, ...] | None:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        text = version("deepspeed")
+    except PackageNotFoundError:
+        return None
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+def known_bugs(version: tuple[int, ...], used: dict) -> list[tuple[str, str]]:
+    """(message, fix) for every known launcher bug of DeepSpeed ``version`` that the options in
+    ``used`` (option -> value, None when not given) would trigger."""
+    out = []
+    for fixed_in, option, what, fix in KNOWN_BUGS:
+        if used.get(option) is not None and tuple(version) < fixed_in:
+            out.append((f"DeepSpeed {'.'.join(map(str, version))}: {what}; fixed in "
+                        f"{'.'.join(map(str, fixed_in))}", fix))
+    return out
 
 
 def matching_interfaces(var: str, value: str, names: set[str]) -> set[str]:
@@ -566,6 +785,18 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--cwd", help="the directory DeepSpeed will cd to (default: this one)")
     p.add_argument("--ds-report", action="store_true",
                    help="also run DeepSpeed's ds_report on every host (op build status)")
+    p.add_argument("--force-multi", action="store_true",
+                   help="the job will be launched with deepspeed --force_multi")
+    p.add_argument("--no-ports", action="store_true",
+                   help="skip the host-to-host sample of ephemeral ports")
+    p.add_argument("--collective", action="store_true",
+                   help="also run a tiny real job across every host: group, all-reduce, "
+                        "broadcast, bus bandwidth; a failure named by host and cause")
+    p.add_argument("--collective-launcher", choices=("deepspeed", "torchrun"),
+                   default="deepspeed", help="start it with DeepSpeed's launcher over pdsh "
+                   "(default) or torchrun on every host over ssh")
+    p.add_argument("--collective-timeout", type=float, default=20.0,
+                   help="seconds each phase of the tiny job may take (default 20)")
     p.add_argument("--json", action="store_true", help="every finding as JSON")
     return p
 
@@ -582,6 +813,10 @@ def run(a: argparse.Namespace) -> int:
     if a.connect_timeout < 1:
         print("dtlab: error: --connect-timeout must be >= 1", file=sys.stderr)
         return 2
+    if not 1 <= a.collective_timeout <= 600:
+        print("dtlab: error: --collective-timeout must be within 1..600 seconds",
+              file=sys.stderr)
+        return 2
     t0 = time.monotonic()
     d = Doctor(a)
     findings = d.run()
@@ -589,7 +824,8 @@ def run(a: argparse.Namespace) -> int:
     warns = sum(f.severity == "warn" for f in findings)
     if a.json:
         print(json.dumps({"findings": [f.as_dict() for f in findings], "hosts": d.probes,
-                          "active": getattr(d, "active", None), "errors": errors,
+                          "active": getattr(d, "active", None), "collective": d.collective,
+                          "errors": errors,
                           "warnings": warns, "seconds": round(time.monotonic() - t0, 2)},
                          indent=2))
     else:

@@ -17,6 +17,7 @@ is refused, so it can never reach ssh as an option (``-oProxyCommand=...``) or a
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -34,11 +35,37 @@ def lines_as_deepspeed_reads_them(text: str) -> list[str]:
     return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
+USER = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")  # a POSIX login name
+
+
+def split_user(name: str) -> tuple[str | None, str]:
+    """'alice@w1' -> ('alice', 'w1'): pdsh and ssh take a user before the host."""
+    user, at, host = name.rpartition("@")
+    return (user, host) if at else (None, name)
+
+
+def is_address(host: str) -> bool:
+    """A numeric IPv4 or IPv6 address (an IPv6 one with an optional zone: fe80::1%eth0)."""
+    addr, _, zone = host.partition("%")
+    try:
+        ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return not zone or (":" in addr and bool(re.fullmatch(r"[A-Za-z0-9_.-]+", zone)))
+
+
 def why_unsafe(name: str) -> str | None:
-    """None for a name that is safe to hand to ssh and pdsh, else which character is wrong and
-    why, with its code point and column."""
+    """None for a name that is safe to hand to ssh and pdsh (a host name, ``user@host``, an IPv4
+    or IPv6 address), else which character is wrong and why, with its code point and column."""
     if not name:
         return "it is empty"
+    user, host = split_user(name)
+    if user is not None:
+        if not USER.fullmatch(user):
+            return f"the user {user!r} before '@' is not a login name (letters, digits, _ . -)"
+        return why_unsafe(host)
+    if is_address(name):
+        return None
     if name.startswith("-"):
         return ("it starts with '-', so ssh would read it as an option (as in "
                 "-oProxyCommand=...)")
@@ -132,12 +159,33 @@ def parse(text: str, path: str = "hostfile") -> Hostfile:
             hf.add("warn", f"{where}: '{host}' has slots=0: DeepSpeed accepts it but starts no "
                    "process there", "give the number of GPUs to use, or remove the line",
                    number, host)
+        if "@" in host or ":" in host:
+            hf.add("warn", f"{where}: DeepSpeed's --include/--exclude split host names at '@' "
+                   f"and ':', so they cannot name '{host}'", "use it without --include/--exclude, "
+                   "or give the host a plain name (/etc/hosts, ~/.ssh/config)", number, host)
         hf.hosts[host] = slots
         hf.line_of[host] = number
     if not hf.hosts and hf.ok:
         hf.add("error", f"{path}: no hosts; DeepSpeed stops with 'Hostfile is empty or not "
                "formatted correctly'", "add lines like `worker-1 slots=8`")
+    if len(hf.hosts) > 1:
+        for host in hf.hosts:
+            if is_loopback(host):
+                hf.add("error", f"{path}:{hf.line_of[host]}: '{host}' is the loopback of whichever "
+                       "machine reads it: with several hosts, each would reach itself there, "
+                       "not this machine", "list every host by a name or address the others "
+                       "can reach", hf.line_of[host], host)
     return hf
+
+
+def is_loopback(host: str) -> bool:
+    h = split_user(host)[1]
+    if h in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(h.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def load(path: str | Path) -> Hostfile:
@@ -170,7 +218,12 @@ def parse_filter(spec: str, flag: str) -> tuple["OrderedDict[str, list[int]]", l
         if not part:
             errors.append(f"{flag} '{spec}': empty host between '@' separators")
             continue
-        name, _, slots = part.partition(":")
+        name, colon, slots = part.partition(":")
+        if colon and not slots:
+            errors.append(f"{flag} {spec!r}: '{name}:' has an empty slot list; DeepSpeed 0.19.8's "
+                          "runner stops on it (ValueError: invalid literal for int() with base "
+                          f"10: ''): write {name} for all of its slots or {name}:0,1 for some")
+            continue
         if (why := why_unsafe(name)):
             errors.append(f"{flag} {spec!r}: host name {name!r} refused: {why}")
             continue
