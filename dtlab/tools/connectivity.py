@@ -451,7 +451,7 @@ def report_collective(doc, result: dict, master: str) -> None:
                if any(i.get("phase") is not None and not waited(i) for _, i in items)]
     silent = [h for h, items in by_host.items() if all(i.get("phase") is None for _, i in items)]
     culprits = failing + [h for h in silent if h in flagged]
-    culprits = culprits or silent or list(by_host)
+    culprits = culprits or [h for h in by_host if h in flagged] or silent or list(by_host)
     # Every rank failed to reach the store: the fault is where the store listens, not everywhere.
     serving = _host_of(doc, master.rsplit(":", 1)[0])
     store_down = bool(serving and len(bad) == world and len(culprits) > 1 and all(
