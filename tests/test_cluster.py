@@ -198,7 +198,7 @@ def test_doctor_predicts_gloo_loopback_pick_by_address_order(tst, tmp_path):
 def test_doctor_flags_a_small_dev_shm_and_it_really_breaks(tst, tmp_path):
     """tst3 has Docker's 64 MiB /dev/shm. Two DeepSpeed ranks there map 2 x 66 MiB for the
     CPU shared-memory all-reduce: the doctor warns for tst3 alone, and that all-reduce really
-    segfaults on tst3 while it runs on tst2."""
+    dies of a memory fault on tst3 while it runs on tst2."""
     p, r = _doctor(tmp_path, ["tst3"], "--force-multi", "--no-ports", slots=2)
     shm = [f for f in r["findings"] if f["check"] == "shm" and f["severity"] == "warn"]
     assert [f["host"] for f in shm] == ["tst3"] and "132 MiB for 2" in shm[0]["message"]
@@ -213,7 +213,10 @@ def test_doctor_flags_a_small_dev_shm_and_it_really_breaks(tst, tmp_path):
              str(tmp_path / f"{node}.json")], cwd=ROOT, capture_output=True, text=True,
             timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert runs["tst2"].returncode == 0, runs["tst2"].stderr[-2000:]
-    assert runs["tst3"].returncode != 0 and "exit 139" in runs["tst3"].stderr
+    # a rank touching a page of its segment past the tmpfs' end: SIGBUS (exit 135) or, when the
+    # op's own bookkeeping lands there first, SIGSEGV (139); both seen here
+    err = runs["tst3"].stderr
+    assert runs["tst3"].returncode != 0 and ("exit 135" in err or "exit 139" in err), err[-2000:]
 
 
 def test_link_pulled_mid_run_is_traced(tst, tmp_path):

@@ -578,8 +578,8 @@ class Doctor:
                          f"DeepSpeed's CPU shared-memory all-reduce maps "
                          f"{SHM_PER_RANK_DS_CPU / 2**20:.0f} MiB per rank there, {need:.0f} MiB "
                          f"for {n}: its workspace is cut short and its first all-reduce "
-                         "(deepspeed.comm.inference_all_reduce) segfaults. Training's all-reduce "
-                         "goes through gloo and is not affected", f"give /dev/shm at least "
+                         "(deepspeed.comm.inference_all_reduce) dies of SIGBUS or SIGSEGV. "
+                         "Training's all-reduce goes through gloo and is not affected", f"give /dev/shm at least "
                          f"{need:.0f} MiB (docker run --shm-size=1g)", host)
             else:
                 self.add("shm", "ok", f"{host}: /dev/shm {mib} ({p['shm']['free'] / 2**20:.0f} "
