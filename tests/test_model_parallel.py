@@ -88,7 +88,7 @@ def test_pipeline_equals_baseline(impl, schedule, stages, preset, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("stages, preset", [(2, "tiny"), (4, "small")])
-@pytest.mark.parametrize("m", [1, 2, 4, 8])
+@pytest.mark.parametrize("m", [2, 8])  # fewer micro-batches than 4 stages, and more
 def test_measured_bubble_matches_theory(schedule, stages, preset, m, tmp_path):
     """With a known 20 ms (forward) / 40 ms (backward) busy time per stage dominating the real
     compute, the measured idle fraction is within 0.05 of (P-1)/(M+P-1); 1F1B keeps at most
