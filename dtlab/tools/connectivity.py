@@ -28,8 +28,30 @@ from pathlib import Path
 SAMPLE_PORTS = 4       # ephemeral ports opened on every host for the reachability sample
 MAX_PAIRS = 64         # beyond this many host pairs, each host is tested against its neighbours
 
+# The serving loop of both listeners (this module's sample ports, the doctor's master port):
+# accept until the doctor closes our stdin (its ssh ends), so every port is free again after.
+SERVE = r"""
+import select
+end = time.time() + wait
+while time.time() < end:
+    ready, _, _ = select.select(socks + [sys.stdin], [], [], 0.5)
+    if sys.stdin in ready and not sys.stdin.readline():
+        break
+    for s in ready:
+        if s is not sys.stdin:
+            # Let the client close first: the side that closes first keeps the port in
+            # TIME_WAIT, and a master port in TIME_WAIT cannot be bound by the launch for a minute.
+            c = s.accept()[0]
+            c.settimeout(5)
+            try:
+                c.recv(1)
+            except OSError:
+                pass
+            c.close()
+"""
+
 LISTEN_MANY = r"""
-import select, socket, sys, time
+import socket, sys, time
 n, wait = int(sys.argv[1]), float(sys.argv[2])
 socks = []
 for _ in range(n):
@@ -38,21 +60,7 @@ for _ in range(n):
     s.listen(64)
     socks.append(s)
 print("DTLAB-PORTS " + ",".join(str(s.getsockname()[1]) for s in socks), flush=True)
-end = time.time() + wait
-while time.time() < end:
-    ready, _, _ = select.select(socks + [sys.stdin], [], [], 0.5)
-    if sys.stdin in ready and not sys.stdin.readline():
-        break
-    for s in ready:
-        if s is not sys.stdin:
-            c = s.accept()[0]
-            c.settimeout(2)
-            try:
-                c.recv(1)
-            except OSError:
-                pass
-            c.close()
-"""
+""" + SERVE
 
 CONNECT_MANY = r"""
 import socket, sys, threading

@@ -166,24 +166,8 @@ except OSError as e:
     sys.exit(0)
 s.listen(64)
 print("DTLAB-LISTEN ok", flush=True)
-import select
-end = time.time() + wait
-while time.time() < end:  # until the doctor closes our stdin (ssh ends), so the port is free
-    ready, _, _ = select.select([s, sys.stdin], [], [], 0.5)
-    if sys.stdin in ready and not sys.stdin.readline():
-        break
-    if s in ready:
-        # Let the client close first: the side that closes first keeps the port in TIME_WAIT,
-        # and a master port in TIME_WAIT cannot be bound by the real launch for a minute.
-        c = s.accept()[0]
-        c.settimeout(5)
-        try:
-            c.recv(1)
-        except OSError:
-            pass
-        c.close()
-s.close()
-"""
+socks = [s]
+""" + connectivity.SERVE
 
 CONNECT = r"""
 import socket, sys
