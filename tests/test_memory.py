@@ -3,6 +3,7 @@ estimators where the assumptions match, its fp32 figures equal the bytes labs/ze
 live tensors (tests/test_zero.py runs that), and its activation figure equals the bytes autograd
 saves in a real forward pass."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ import torch
 from conftest import dtlab
 from dtlab.core.memory import ActivationMeter
 from dtlab.core.model import ToyGPT, build_model, config_from_preset, loss_fn
-from dtlab.tools.estimate import (Arch, Setup, activation_bytes, deepspeed_reference,
-                                 model_states, parse_count)
+from dtlab.tools.estimate import (Arch, Setup, activation_bytes, activation_detail,
+                                 deepspeed_reference, model_states, parse_count)
 
 LLAMA65 = Arch(n_layer=80, d_model=8192, n_head=64, d_ff=22016, vocab_size=32000, seq_len=2048)
 ARCH = {10**9: Arch(24, 2048, 16, 5504, 32000, 2048), 7 * 10**9: Arch(32, 4096, 32, 11008, 32000,
@@ -92,19 +93,37 @@ def test_estimate_is_the_formula_plus_the_layer_buffer():
         W * zero_state_bytes(P, W, 3, "param")["cpu"]["total"])
 
 
-@pytest.mark.parametrize("name", ["tiny", "small"])
+@pytest.mark.parametrize("name", ["tiny", "small", "long"])
 @pytest.mark.parametrize("batch", [1, 16])
-def test_activation_estimate_equals_saved_bytes(name, batch):
+@pytest.mark.parametrize("recompute", ["none", "full", "selective"])
+def test_activation_estimate_equals_saved_bytes(name, batch, recompute):
+    """`dtlab memory`'s activation figure is what autograd really saves, byte for byte, with
+    and without recomputation, and recomputation changes no gradient bit."""
+    if name == "long" and batch == 16:
+        batch = 4  # the same terms, a quarter of the work
     cfg = config_from_preset(name, vocab_size=13)
-    model, meter = build_model(cfg), ActivationMeter()
-    x = torch.randint(0, 13, (batch, cfg.seq_len))
-    with meter.measure(model.parameters()):
-        loss_fn(model(x), x)
+    x, y = (torch.randint(0, 13, (batch, cfg.seq_len)) for _ in range(2))
+    grads = {}
+    for mode in ("none", recompute):
+        model = build_model(replace(cfg, recompute=mode))
+        meter = ActivationMeter()
+        with meter.measure(model.parameters()):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        grads[mode] = torch.cat([p.grad.flatten() for p in model.parameters()])
     s = Setup(params=ToyGPT.count_params(cfg), precision="fp32", batch=batch,
               arch=Arch(cfg.n_layer, cfg.d_model, cfg.n_head, cfg.d_ff, cfg.vocab_size,
                         cfg.seq_len), seq_len=cfg.seq_len)
-    # the only thing left out is the 4-byte scalar loss
-    assert activation_bytes(s, checkpointing=False) == pytest.approx(meter.last, abs=8)
+    d = activation_detail(s, recompute)
+    assert meter.last == d["forward"]
+    assert meter.recompute_peak == d["recompute_peak"]
+    assert torch.equal(grads["none"], grads[recompute])
+    if recompute == "none":
+        assert activation_bytes(s, checkpointing=False) == meter.last
+    if recompute == "full":  # kept inputs plus one block recomputed
+        assert activation_bytes(s, checkpointing=True) == meter.last + meter.recompute_peak
+        assert meter.last == d["embedding"] + d["head"] + cfg.n_layer * batch * cfg.seq_len * \
+            cfg.d_model * 4
 
 
 def test_65b_on_four_v100s():

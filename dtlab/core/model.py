@@ -7,7 +7,13 @@ It is written so that every strategy can cut it:
 - every matrix multiply is a named ``nn.Linear`` (``attn.q/k/v`` or ``attn.qkv``, ``attn.proj``,
   ``mlp.fc``, ``mlp.proj``, ``head``), which is what column/row-parallel plans name;
 - there is no dropout and no buffer (the causal mask is built inside attention), so a replica's
-  state is exactly its parameters and runs are deterministic.
+  state is exactly its parameters and runs are deterministic;
+- the attention core (softmax(q k^T / sqrt(d)) v over the causal mask) is ``attn.core``, a plain
+  function a lab may replace (context parallelism puts ring attention there), and the embedding
+  takes the global positions of the tokens it is given from ``positions`` when a lab holds only
+  some of them;
+- ``recompute`` (``none``, ``full``, ``selective``) checkpoints blocks: their activations are
+  dropped after the forward and recomputed in the backward (dtlab/core/recompute.py).
 
 Initial weights come from ``init_seed`` alone, through a private generator, so every rank and the
 single-process baseline start bit-for-bit equal no matter what else touched the global RNG.
@@ -21,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dtlab.core.recompute import recompute
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -32,6 +40,8 @@ class ModelConfig:
     d_ff: int = 128
     fused_qkv: bool = False
     init_seed: int = 0
+    recompute: str = "none"     # none | full (every block) | selective (every k-th block)
+    recompute_every: int = 2    # k for selective
 
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "d_ff"):
@@ -41,6 +51,20 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig: d_model={self.d_model} is not divisible by n_head={self.n_head}; "
                 "pick a d_model that is a multiple of n_head")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"ModelConfig.recompute must be one of {', '.join(RECOMPUTE)}, "
+                             f"got {self.recompute!r}")
+        if self.recompute_every < 1:
+            raise ValueError(f"ModelConfig.recompute_every must be >= 1, got "
+                             f"{self.recompute_every}")
+
+    def recomputes(self, block: int) -> bool:
+        """Whether block ``block`` (0-based) is recomputed in the backward."""
+        return self.recompute == "full" or (
+            self.recompute == "selective" and block % self.recompute_every == 0)
+
+
+RECOMPUTE = ("none", "full", "selective")
 
 
 # Presets. ``vocab_size=None`` means "as large as the data's vocabulary"; gpt2-124m keeps GPT-2's
@@ -48,6 +72,8 @@ class ModelConfig:
 PRESETS: dict[str, dict] = {
     "tiny": dict(seq_len=32, n_layer=2, n_head=2, d_model=32, d_ff=128, batch_size=16, lr=3e-3),
     "small": dict(seq_len=64, n_layer=4, n_head=4, d_model=128, d_ff=512, batch_size=16, lr=1e-3),
+    # long sequences, small width: activations (which grow with seq) dominate the model states
+    "long": dict(seq_len=256, n_layer=4, n_head=4, d_model=64, d_ff=256, batch_size=8, lr=1e-3),
     "gpt2-124m": dict(vocab_size=50257, seq_len=1024, n_layer=12, n_head=12, d_model=768,
                       d_ff=3072, batch_size=8, lr=6e-4),
 }
@@ -76,17 +102,24 @@ def config_from_preset(name: str, vocab_size: int, **overrides) -> ModelConfig:
 
 
 class Embedding(nn.Module):
-    """Token plus learned position embedding."""
+    """Token plus learned position embedding. ``positions``: the global positions of the tokens
+    this module is given, when they are not 0..t-1 (a context-parallel rank's share)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.positions: torch.Tensor | None = None
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        t = idx.shape[1]
-        pos = torch.arange(t, device=idx.device)
+        pos = self.positions if self.positions is not None else \
+            torch.arange(idx.shape[1], device=idx.device)
         return self.tok(idx) + self.pos(pos)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The attention core over [batch, heads, seq, head_dim]: causal softmax attention."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 class Attention(nn.Module):
@@ -102,6 +135,7 @@ class Attention(nn.Module):
         else:
             self.q, self.k, self.v = (nn.Linear(d, d, bias=False) for _ in range(3))
         self.proj = nn.Linear(d, d)
+        self.core = causal_attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -114,7 +148,7 @@ class Attention(nn.Module):
         hd = self.proj.in_features // self.n_head
         heads = q.shape[-1] // hd
         q, k, v = (z.view(b, t, heads, hd).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = self.core(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(b, t, heads * hd))
 
 
@@ -129,16 +163,23 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)). With ``recompute`` it
+    keeps only its input for the backward and runs its forward again there."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, recompute: bool = False):
         super().__init__()
         self.ln1, self.attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
         self.ln2, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
+        self.recompute = recompute
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def body(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return recompute(self.body, x)
+        return self.body(x)
 
 
 class LMHead(nn.Module):
@@ -158,7 +199,8 @@ class ToyGPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layers = nn.ModuleList(
-            [Embedding(cfg)] + [Block(cfg) for _ in range(cfg.n_layer)] + [LMHead(cfg)])
+            [Embedding(cfg)] + [Block(cfg, cfg.recomputes(i)) for i in range(cfg.n_layer)]
+            + [LMHead(cfg)])
         self.reset_parameters(cfg.init_seed)
 
     @torch.no_grad()

@@ -15,7 +15,8 @@ from dtlab.core import checkpoint as ckpt
 from dtlab.core import faults, runtime
 from dtlab.core.data import Corpus
 from dtlab.core.errors import UsageError
-from dtlab.core.model import DEFAULT_PRESET, ModelConfig, config_from_preset, preset, preset_names
+from dtlab.core.model import (DEFAULT_PRESET, RECOMPUTE, ModelConfig, config_from_preset, preset,
+                              preset_names)
 
 MAX_TIMEOUT_S = 7 * 24 * 3600  # a week: beyond it torch's timedelta arithmetic overflows
 
@@ -75,6 +76,8 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=20, help="training steps (default 20)")
     g.add_argument("--preset", default=DEFAULT_PRESET,
                    help=f"model preset: {', '.join(preset_names())} (default {DEFAULT_PRESET})")
+    g.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence (default: the preset's)")
     g.add_argument("--batch-size", type=int, default=None,
                    help="global batch size in sequences (default: the preset's)")
     g.add_argument("--lr", type=finite, default=None, help="AdamW learning rate (default: preset's)")
@@ -91,6 +94,12 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--no-baseline", action="store_true",
                    help="skip the baseline comparison (baseline.ok is then null)")
     g.add_argument("--log-every", type=int, default=None, help="print a loss line every N steps")
+    g.add_argument("--recompute", default="none", choices=list(RECOMPUTE),
+                   help="activation recomputation: full (every block keeps only its input and "
+                        "runs its forward again in the backward), selective (every k-th block), "
+                        "none (default; docs/activation-recomputation.md)")
+    g.add_argument("--recompute-every", type=int, default=2,
+                   help="k of --recompute selective: blocks 0, k, 2k, ... (default 2)")
     g.add_argument("--profile-dir", default=None,
                    help="profile the run with torch.profiler: traces in DIR/tb and a time split "
                         "per rank in the record (dtlab profile sets it)")
@@ -159,11 +168,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise UsageError(f"--timeout must be in (0, {MAX_TIMEOUT_S}] seconds, got {args.timeout:g}")
     s = Settings(preset=args.preset, steps=args.steps, batch_size=batch, lr=lr, seed=args.seed,
                  data=args.data, out=args.out, profile_dir=args.profile_dir)
-    seq = config_from_preset(args.preset, 1).seq_len
+    if args.recompute_every < 1:
+        raise UsageError(f"--recompute-every must be >= 1, got {args.recompute_every}")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise UsageError(f"--seq-len must be >= 2, got {args.seq_len}")
+    seq = args.seq_len or config_from_preset(args.preset, 1).seq_len
     s.model = replace(s.model, seq_len=seq)
     vocab = s.corpus().vocab_size  # reads --data (once) and checks it against seq_len
     try:
-        s.model = config_from_preset(args.preset, vocab, init_seed=args.seed)
+        s.model = config_from_preset(args.preset, vocab, init_seed=args.seed, seq_len=seq,
+                                     recompute=args.recompute,
+                                     recompute_every=args.recompute_every)
     except ValueError as e:
         raise UsageError(f"--data {args.data}: {e}; use a preset that takes the data's "
                          "vocabulary (tiny, small) or a file with fewer distinct characters"

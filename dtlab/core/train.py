@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import os
 import socket
@@ -220,7 +221,10 @@ def _steps(strategy, corpus, losses, steps, log_every, prof, start=0) -> None:
 
 
 def baseline(settings: Settings, device: torch.device) -> tuple[list[float], dict]:
-    """The reference trajectory: this loop, one process, the whole global batch (cached)."""
+    """The reference trajectory: this loop, one process, the whole global batch (cached),
+    without recomputation (which must not change a bit)."""
+    settings = dataclasses.replace(
+        settings, model=dataclasses.replace(settings.model, recompute="none", recompute_every=2))
     key = record.cache_key({**settings.identity(), "device": device.type})
     hit = record.load_cached(key)
     if hit is not None:
@@ -240,6 +244,8 @@ def run(strategy: Strategy, lab: str, compare_baseline: bool = True,
     rt, s = strategy.rt, strategy.settings
     t_wall = time.perf_counter()
     strategy.lab = lab
+    if s.model.recompute != "none":
+        strategy.variant = f"{strategy.variant}+recompute-{s.model.recompute}"
     strategy.build()
     rt.log(f"{lab} [{strategy.variant}]  world {rt.world_size}  {rt.backend}/{rt.device}  "
            f"preset {s.preset} ({strategy.num_params():,} parameters)"

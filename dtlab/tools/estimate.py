@@ -54,6 +54,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from dtlab.core.errors import UsageError
+from dtlab.core.memory import activation_formula
 from dtlab.core.zero_formula import BYTES_PER_PARAM, zero_state_bytes
 from dtlab.tools import report
 
@@ -139,23 +140,27 @@ def model_states(s: Setup, stage: int, offload: str) -> dict:
     return {"gpu": gpu, "cpu_per_node": cpu}
 
 
-def activation_bytes(s: Setup, checkpointing: bool) -> float | None:
-    """Bytes autograd keeps for backward per GPU (see the module docstring)."""
+def activation_detail(s: Setup, recompute: str = "none", every: int = 2, tp: int = 1,
+                      sp: bool = False, cp: int = 1) -> dict | None:
+    """Bytes autograd keeps for backward per GPU, term by term (``activation_formula`` in
+    dtlab/core/memory.py, the formula the labs' measurements are checked against); None when
+    the architecture is not known."""
     a = s.arch
     if None in (a.n_layer, a.d_model, a.n_head):
         return None
     seq = s.seq_len or a.seq_len
     if seq is None:
         return None
-    b, h, f, L = s.batch, a.d_model, a.d_ff or 4 * a.d_model, a.n_layer
-    V = a.vocab_size or 0
-    act = 4 if s.precision == "fp32" else 2
-    # LayerNorm mean/rstd and the attention log-sum-exp stay fp32
-    layer = (8 * seq * b * h + 2 * seq * b * f) * act + (a.n_head + 4) * seq * b * 4
-    head = 2 * seq * b * h * act + (2 + V) * seq * b * 4 + 8 * seq * (b + 1)  # + int64 indices
-    if checkpointing:
-        return L * seq * b * h * act + layer + head
-    return L * layer + head
+    return activation_formula(a.n_layer, a.d_model, a.n_head, a.d_ff or 4 * a.d_model,
+                              a.vocab_size or 0, s.batch, seq,
+                              4 if s.precision == "fp32" else 2, recompute, every, tp, sp, cp)
+
+
+def activation_bytes(s: Setup, checkpointing: bool) -> float | None:
+    """Activation memory per GPU without and with full recomputation (with it: the kept block
+    inputs plus one block's whole set while it is recomputed)."""
+    d = activation_detail(s, "full" if checkpointing else "none")
+    return None if d is None else d["forward"] + d["recompute_peak"]
 
 
 def estimate(s: Setup, stages=(0, 1, 2, 3), offloads=("none", "optimizer", "param")) -> dict:
@@ -221,6 +226,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="mixed: fp16/bf16 with fp32 master weights (default); fp32")
     h.add_argument("--batch", type=int, default=1, help="micro-batch per GPU in sequences")
     h.add_argument("--seq", type=int, help="sequence length (default: the model's)")
+    h.add_argument("--recompute", default="none", choices=["none", "full", "selective"],
+                   help="activation recomputation for the detailed activation figure")
+    h.add_argument("--recompute-every", type=int, default=2,
+                   help="selective: recompute blocks 0, k, 2k, ... (default 2)")
+    h.add_argument("--tp", type=int, default=1, help="tensor parallel size (activations)")
+    h.add_argument("--sp", action="store_true", help="sequence parallelism with --tp")
+    h.add_argument("--cp", type=int, default=1, help="context parallel size (activations)")
     h.add_argument("--no-zero-init", action="store_true",
                    help="stage 3: every process builds the full model on the CPU first")
     h.add_argument("--gpu-mem", type=float, help="GPU memory in GB (10^9 B): say what fits")
@@ -310,6 +322,19 @@ def run(a: argparse.Namespace) -> int:
         stages = _choices(a.zero, [0, 1, 2, 3], "zero", int)
         offloads = _choices(a.offload, ["none", "optimizer", "param"], "offload")
         result = estimate(s, stages, offloads)
+        for flag in ("tp", "cp", "recompute_every"):
+            if getattr(a, flag) < 1:
+                raise EstimateError(f"--{flag.replace('_', '-')} must be >= 1, got "
+                                    f"{getattr(a, flag)}")
+        if a.sp and a.tp == 1:
+            raise EstimateError("--sp cuts the sequence over the tensor parallel ranks: give "
+                                "--tp 2 or more")
+        result["activation_detail"] = activation_detail(s, a.recompute, a.recompute_every,
+                                                        a.tp, a.sp, a.cp)
+        if result["activation_detail"] is not None:
+            result["activation_detail"]["setting"] = {
+                "recompute": a.recompute, "recompute_every": a.recompute_every, "tp": a.tp,
+                "sp": a.sp, "cp": a.cp}
     except EstimateError as e:
         print(f"dtlab: error: {e}", file=sys.stderr)
         return 2
@@ -363,6 +388,16 @@ def print_report(result: dict, a) -> None:
     if arch["n_layer"] is None:
         console.print("activations: give --layers, --hidden, --heads and --seq (or --preset) "
                       "to include them")
+    d = result.get("activation_detail")
+    if d is not None:
+        st = d["setting"]
+        console.print(
+            f"activations per GPU with recompute {st['recompute']}"
+            + (f" (every {st['recompute_every']})" if st["recompute"] == "selective" else "")
+            + f", tp {st['tp']}{' + sp' if st['sp'] else ''}, cp {st['cp']}: "
+            f"{d['forward']:,} B saved in the forward ({d['per_block']:,} B per block kept whole,"
+            f" {d['kept_per_block']:,} B per recomputed block), plus {d['recompute_peak']:,} B "
+            "while a block is recomputed")
     console.print(f"inference, weights only: {_gb(result['inference_gpu_bytes'])} GB "
                   "(plus the KV cache and workspace)")
     console.print("CPU/node is the larger of loading (each process builds the fp32 model) and "
