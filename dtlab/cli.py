@@ -284,7 +284,8 @@ def make_parser() -> argparse.ArgumentParser:
     cl.set_defaults(func=cmd_cluster)
 
     ex = sub.add_parser("exercise", help="write an exercise skeleton (TODOs and hints) to fill in")
-    ex.add_argument("name", help="ring_allreduce, loss_scaler, tensor_parallel, 1f1b or zero1")
+    ex.add_argument("name", help="ring_allreduce, loss_scaler, tensor_parallel, 1f1b, zero1 or "
+                    "ring_attention")
     ex.add_argument("--dest", default=".", help="folder to write it into (default: here)")
     ex.add_argument("--force", action="store_true", help="overwrite an existing file")
     ex.set_defaults(func=cmd_exercise)

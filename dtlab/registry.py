@@ -95,14 +95,17 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
                    "accelerators only"),),
         no_checkpoint="accelerate checkpoints through Accelerator.save_state"),
     Lab("tensor_parallel", "Megatron column/row-parallel layers, heads split, vocab-parallel "
-        "loss (own) and DTensor's plan (torch)", data_parallel=False,
-        tour_more=(("--impl", "torch"),)),
+        "loss (own) and DTensor's plan (torch); --sp: sequence parallelism", data_parallel=False,
+        tour_more=(("--impl", "torch"), ("--sp", "--recompute", "full"))),
     Lab("pipeline", "stages over ranks, GPipe and 1F1B as action lists, measured bubble and "
         "live micro-batches, schedule picture", data_parallel=False,
         tour_more=(("--schedule", "gpipe"), ("--impl", "torch"))),
     Lab("parallel3d", "data x pipeline x tensor parallel on one grid of ranks (TP inside, PP "
         "across, DP outermost)", min_world=1, tour_nproc=4, data_parallel=False,
         tour_args=("--dp", "1", "--pp", "2", "--tp", "2", "--preset", "small")),
+    Lab("context_parallel", "the sequence cut over ranks, ring attention (online softmax, K/V "
+        "passed around), zig-zag vs contiguous causal layout", data_parallel=False,
+        tour_more=(("--layout", "contiguous"),)),
 ]}
 
 

@@ -13,11 +13,17 @@ order picotron and torchtitan apply theirs:
    neighbours at the same TP index one stage away;
 3. data parallelism: after the pipeline's backward, every gradient is averaged over the DP group
    of ranks that hold the same (pp, tp) shard.
+``--cp C`` adds a fourth dimension, context parallelism, between PP and TP (rank =
+((d * PP + p) * CP + c) * TP + t): ``cut_sequence`` from labs/context_parallel.py gives rank c of a
+CP group the zig-zag chunks c and 2C-1-c of every sequence and puts ring attention in its blocks;
+pipeline messages then carry only those tokens, and the gradient average of step 3 runs over the
+DP x CP ranks holding the same shard.
 
 Explained in docs/3d-parallel.md (questions 7, 14 and 18 of docs/questions.md).
 
 Run:
     torchrun --nproc_per_node=4 -m labs.parallel3d --dp 1 --pp 2 --tp 2 --preset small
+    torchrun --nproc_per_node=4 -m labs.parallel3d --dp 2 --pp 1 --tp 1 --cp 2 --preset long
     dtlab run parallel3d --nproc 8 --dp 2 --pp 2 --tp 2 --preset small
 """
 from __future__ import annotations
@@ -34,6 +40,7 @@ from dtlab.core.comm import flatten, nbytes, ring_sent_bytes, unflatten_into
 from dtlab.core.grid import Grid
 from dtlab.core.model import ToyGPT
 from dtlab.core.train import Strategy, add_common_args, run_lab
+from labs.context_parallel import Ring, cut_sequence, layout_chunks
 from labs.pipeline import SCHEDULES, cut_stage, pipeline_loss, run_schedule
 from labs.tensor_parallel import join_shards, shard_layers, take_shard, vocab_parallel_loss
 
@@ -45,7 +52,8 @@ class Parallel3D(Strategy):
         super().__init__(rt, settings)
         self.grid, self.schedule_name, self.m = grid.at(rt.rank), schedule, microbatches
         self.variant = f"dp{grid.dp}-pp{grid.pp}-tp{grid.tp}-{schedule}" + \
-            ("-ppinner" if grid.order == "pp-inner" else "")
+            ("-ppinner" if grid.order == "pp-inner" else "") + \
+            (f"-cp{grid.cp}" if grid.cp > 1 else "")
 
     # the data-parallel coordinate decides the rows; TP and PP ranks of a replica share them
     @property
@@ -59,6 +67,11 @@ class Parallel3D(Strategy):
     def build(self) -> None:
         g = self.grid = self.grid.with_groups(self.rt.timeout_s)
         self.full = ToyGPT(self.settings.model).to(self.rt.device)   # the baseline's init
+        self.pos = None
+        if g.cp > 1:                                                   # 0. this rank's tokens
+            seq = self.settings.model.seq_len
+            self.pos = cut_sequence(self.full, Ring(g.cp_group, [
+                layout_chunks(seq, g.cp, c, "zigzag") for c in range(g.cp)], self.comm))
         self.stage = cut_stage(self.full, g.p, g.pp)                   # 2. this rank's stage,
         self.shard_dims, vocab_lo = shard_layers(self.full, range(self.stage.lo, self.stage.hi),
                                                  g, self.comm)         # 1. cut for its TP group
@@ -69,6 +82,10 @@ class Parallel3D(Strategy):
         self.actions = SCHEDULES[self.schedule_name](g.pp, self.m, g.p)
         self.extra.update(grid=g.describe(), coords=list(g.coords))
 
+    def local_batch(self, x, y):
+        x, y = super().local_batch(x, y)   # this replica's rows
+        return (x, y) if self.pos is None else (x[:, self.pos], y[:, self.pos])
+
     def forward_backward(self, x, y):
         self.optimizer.zero_grad(set_to_none=True)
         return run_schedule(self.stage, self.actions, x.chunk(self.m), y.chunk(self.m),
@@ -76,15 +93,16 @@ class Parallel3D(Strategy):
 
     def after_backward(self) -> None:
         """3. Data parallelism: average every gradient over the replicas holding the same
-        shard."""
-        if self.grid.dp == 1:
+        shard (with CP, over the DP x CP ranks: each saw its rows' share of the tokens)."""
+        n = self.grid.dp * self.grid.cp
+        if n == 1:
             return
         grads = [p.grad for p in self.model.parameters()]
         flat = flatten(grads)
         self.comm.record("all_reduce", flat,
-                         sent_bytes=ring_sent_bytes("all_reduce", nbytes(flat), self.grid.dp))
-        dist.all_reduce(flat, group=self.grid.dp_group)
-        unflatten_into(flat.div_(self.grid.dp), grads)
+                         sent_bytes=ring_sent_bytes("all_reduce", nbytes(flat), n))
+        dist.all_reduce(flat, group=self.grid.dp_cp_group)
+        unflatten_into(flat.div_(n), grads)
 
     def global_loss(self, local_loss):
         return pipeline_loss(local_loss, self.grid)
@@ -93,11 +111,11 @@ class Parallel3D(Strategy):
         """Replica 0's pieces, joined along TP and put together across stages, on every rank."""
         layouts = self.gather_object(self.shard_dims)  # which entries are cut, and along what
         dims = {k: v for lay in layouts for k, v in lay.items()}
-        parts = self.gather_object((self.grid.coords, local))
+        parts = self.gather_object((self.grid.coords, self.grid.c, local))
         out = {}
         for p in range(self.grid.pp):
-            shards = [sd for (d, pp, t), sd in sorted(parts, key=lambda x: x[0])
-                      if d == 0 and pp == p]
+            shards = [sd for (d, pp, t), c, sd in sorted(parts, key=lambda x: x[0])
+                      if d == 0 and pp == p and c == 0]
             cut = {k: dims[name_of(k)] for k in shards[0] if name_of(k) in dims}
             out.update(join_shards(shards[0], shards, cut))
         return out
@@ -124,6 +142,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dp", type=int, default=1)
     p.add_argument("--pp", type=int, default=2)
     p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--cp", type=int, default=1,
+                   help="context parallel degree: the sequence cut over CP ranks, ring attention "
+                        "(zig-zag layout; default 1)")
     p.add_argument("--schedule", default="1f1b", choices=list(SCHEDULES))
     p.add_argument("--microbatches", type=int, default=2)
     p.add_argument("--order", default="tp-inner", choices=["tp-inner", "pp-inner"],
@@ -133,7 +154,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def grid_from_args(args) -> Grid:
-    return Grid(dp=args.dp, pp=args.pp, tp=args.tp, order=args.order)
+    return Grid(dp=args.dp, pp=args.pp, tp=args.tp, order=args.order, cp=args.cp)
 
 
 def check_args(args, settings, world: int) -> None:

@@ -191,12 +191,13 @@ def stage_canonical(stage: Stage, full: ToyGPT, optimizer, gather) -> dict:
 def pipeline_loss(local_loss: torch.Tensor, grid: Grid) -> float:
     """Only the last stage knows the loss (every TP rank of it the same value): each replica's
     last stage at TP index 0 contributes, the sum over replicas divided by DP is the global
-    batch's loss. Bookkeeping for the record, not counted as traffic."""
+    batch's loss (with CP, every CP rank's mean over its equal share of the tokens: divided by
+    DP x CP). Bookkeeping for the record, not counted as traffic."""
     keep = grid.next_rank is None and grid.t == 0
     t = local_loss.detach().clone() if keep else torch.zeros((), device=local_loss.device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
-    return t.item() / grid.dp
+    return t.item() / (grid.dp * grid.cp)
 
 
 # --------------------------------------------------------------------------- the strategies

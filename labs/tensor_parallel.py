@@ -14,6 +14,17 @@ that carry this are ``CopyToTP`` (forward identity, backward all-reduce: Megatro
 ``ReduceFromTP`` (forward all-reduce, backward identity: g); both take the TP process group and
 the byte counter as arguments, so several TP groups (labs/parallel3d.py) can coexist.
 
+``--sp`` adds Megatron's sequence parallelism. Between the row-parallel output and the next
+column-parallel input (the residual stream, the LayerNorms) every TP rank holds the same whole
+activation: TP-fold redundant memory and work. With ``--sp`` those regions are cut along the
+sequence instead: rank r holds tokens [r T/TP, (r+1) T/TP) of the residual stream. The all-reduce
+after a row-parallel layer becomes a reduce-scatter (each rank keeps the sum for its tokens
+only), and the copy before a column-parallel layer becomes an all-gather of the LayerNorm's
+output (``GatherFromSP``; backward reduce-scatter). An all-reduce is a reduce-scatter followed
+by an all-gather, so the bytes are the same, in two collectives with work between them. The
+LayerNorm parameters and the row-parallel biases now see only their rank's tokens: their
+gradients are all-reduced over the TP group after the backward.
+
 The LM head is column parallel over the vocabulary and the loss is computed without ever
 gathering the logits: ``VocabParallelCrossEntropy`` all-reduces the row maxima, the sums of
 exponentials and the target logits (3 floats per token), and its backward is softmax - one-hot on
@@ -41,9 +52,11 @@ import torch.nn.functional as F
 from dtlab import registry
 from dtlab.collectives.ring import chunk_sizes
 from dtlab.core import checkpoint as ckpt
-from dtlab.core.comm import CommCounter, library_collectives, nbytes, ring_sent_bytes
+from dtlab.core.comm import (CommCounter, flatten, library_collectives, nbytes, ring_sent_bytes,
+                             unflatten_into)
 from dtlab.core.grid import Grid
-from dtlab.core.model import ToyGPT, loss_fn
+from dtlab.core.errors import UsageError
+from dtlab.core.model import Embedding, ToyGPT, loss_fn
 from dtlab.core.train import Strategy, add_common_args, run_lab
 
 
@@ -81,20 +94,102 @@ class ReduceFromTP(torch.autograd.Function):
         return grad, None, None
 
 
-class LayerNormThenCopy(nn.LayerNorm):
-    """A LayerNorm whose output feeds column-parallel layers: f sits here, once, even when
-    several layers (q, k and v) read the same input. Same parameter names as the LayerNorm it
-    replaces, so shards map back to the baseline."""
+# ---- sequence parallelism: the sequence is dimension 1 of [batch, seq, width]
+
+def _gather_seq(x: torch.Tensor, group, counter: CommCounter) -> torch.Tensor:
+    """[b, t/TP, h] on every rank -> [b, t, h], the ranks' pieces in rank order."""
+    tp = dist.get_world_size(group)
+    xt = x.transpose(0, 1).contiguous()
+    out = torch.empty((xt.shape[0] * tp, *xt.shape[1:]), dtype=x.dtype, device=x.device)
+    counter.record("all_gather", out, sent_bytes=ring_sent_bytes("all_gather", nbytes(out), tp))
+    dist.all_gather_into_tensor(out, xt, group=group)
+    return out.transpose(0, 1).contiguous()  # one copy, read by q, k and v alike
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group, counter: CommCounter) -> torch.Tensor:
+    """[b, t, h] partial sums on every rank -> this rank's [b, t/TP, h] of their sum."""
+    tp = dist.get_world_size(group)
+    xt = x.transpose(0, 1).contiguous()
+    out = torch.empty((xt.shape[0] // tp, *xt.shape[1:]), dtype=x.dtype, device=x.device)
+    counter.record("reduce_scatter", xt,
+                   sent_bytes=ring_sent_bytes("reduce_scatter", nbytes(xt), tp))
+    dist.reduce_scatter_tensor(out, xt, group=group)
+    return out.transpose(0, 1).contiguous()
+
+
+class GatherFromSP(torch.autograd.Function):
+    """The input of a column-parallel layer under SP: all-gather the sequence; backward, each
+    rank's gradient of the whole X is a partial sum, reduce-scattered to the tokens' owners."""
+
+    @staticmethod
+    def forward(ctx, x, group, counter):
+        ctx.group, ctx.counter = group, counter
+        return _gather_seq(x, group, counter)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_seq(grad, ctx.group, ctx.counter), None, None
+
+
+class ReduceScatterToSP(torch.autograd.Function):
+    """The output of a row-parallel layer under SP: the partial sums reduce-scattered along the
+    sequence; backward, each rank needs the gradient of the whole output: all-gather."""
+
+    @staticmethod
+    def forward(ctx, partial, group, counter):
+        ctx.group, ctx.counter = group, counter
+        return _reduce_scatter_seq(partial, group, counter)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_seq(grad.contiguous(), ctx.group, ctx.counter), None, None
+
+
+class ScatterToSP(torch.autograd.Function):
+    """Enter the sequence-parallel region: keep this rank's tokens (no communication); backward,
+    gather every rank's piece so the replicated embedding sees the gradient of all tokens."""
+
+    @staticmethod
+    def forward(ctx, x, group, counter):
+        ctx.group, ctx.counter = group, counter
+        tp, r = dist.get_world_size(group), dist.get_rank(group)
+        return x.chunk(tp, dim=1)[r].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_seq(grad.contiguous(), ctx.group, ctx.counter), None, None
+
+
+class EmbeddingThenScatter(Embedding):
+    """The embedding (replicated) followed by the entry into the sequence-parallel region."""
 
     @classmethod
-    def from_layernorm(cls, ln: nn.LayerNorm, group, counter) -> "LayerNormThenCopy":
-        new = cls(ln.normalized_shape, eps=ln.eps).to(ln.weight.device)
-        new.load_state_dict(ln.state_dict())
+    def from_embedding(cls, emb: Embedding, cfg, group, counter) -> "EmbeddingThenScatter":
+        new = cls(cfg).to(emb.tok.weight.device)
+        new.load_state_dict(emb.state_dict())
         new.group, new.counter = group, counter
         return new
 
+    def forward(self, idx):
+        return ScatterToSP.apply(super().forward(idx), self.group, self.counter)
+
+
+class LayerNormThenCopy(nn.LayerNorm):
+    """A LayerNorm whose output feeds column-parallel layers: f sits here, once, even when
+    several layers (q, k and v) read the same input (under SP: the all-gather of the sequence).
+    Same parameter names as the LayerNorm it replaces, so shards map back to the baseline."""
+
+    @classmethod
+    def from_layernorm(cls, ln: nn.LayerNorm, group, counter,
+                       sp: bool = False) -> "LayerNormThenCopy":
+        new = cls(ln.normalized_shape, eps=ln.eps).to(ln.weight.device)
+        new.load_state_dict(ln.state_dict())
+        new.group, new.counter, new.sp = group, counter, sp
+        return new
+
     def forward(self, x):
-        return CopyToTP.apply(super().forward(x), self.group, self.counter)
+        enter = GatherFromSP if self.sp else CopyToTP
+        return enter.apply(super().forward(x), self.group, self.counter)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -115,15 +210,16 @@ class RowParallelLinear(nn.Module):
     """Columns [lo, hi) of a full Linear's weight: this rank's input features. The bias is
     whole and added once, after the all-reduce."""
 
-    def __init__(self, full: nn.Linear, lo: int, hi: int, group, counter):
+    def __init__(self, full: nn.Linear, lo: int, hi: int, group, counter, sp: bool = False):
         super().__init__()
         self.in_features, self.out_features = full.in_features, full.out_features
         self.weight = nn.Parameter(full.weight.detach()[:, lo:hi].clone())
         self.bias = None if full.bias is None else nn.Parameter(full.bias.detach().clone())
-        self.group, self.counter = group, counter
+        self.group, self.counter, self.sp = group, counter, sp
 
     def forward(self, x_local):
-        y = ReduceFromTP.apply(F.linear(x_local, self.weight), self.group, self.counter)
+        leave = ReduceScatterToSP if self.sp else ReduceFromTP
+        y = leave.apply(F.linear(x_local, self.weight), self.group, self.counter)
         return y if self.bias is None else y + self.bias
 
 
@@ -155,11 +251,12 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         return g * (grad / g.shape[0]), None, None, None, None
 
 
-def shard_layers(full: ToyGPT, indices, grid: Grid, counter: CommCounter) -> tuple[dict, int]:
+def shard_layers(full: ToyGPT, indices, grid: Grid, counter: CommCounter,
+                 sp: bool = False) -> tuple[dict, int]:
     """Replace, in place, the layers ``full.layers[i]`` for i in ``indices`` by TP rank
-    ``grid.t``'s shards (communicating in ``grid.tp_group``). Returns {parameter name: dimension
-    it is cut along} and the first vocabulary id of this rank's slice of the LM head (0 when the
-    head is not among the layers)."""
+    ``grid.t``'s shards (communicating in ``grid.tp_group``; ``sp``: with sequence parallelism).
+    Returns {parameter name: dimension it is cut along} and the first vocabulary id of this
+    rank's slice of the LM head (0 when the head is not among the layers)."""
     shard_dims, vocab_lo = {}, 0
     tp, r, group = grid.tp, grid.t, grid.tp_group
     if tp == 1:
@@ -172,24 +269,33 @@ def shard_layers(full: ToyGPT, indices, grid: Grid, counter: CommCounter) -> tup
 
     for i in indices:
         layer = full.layers[i]
-        if 0 < i < last:  # a block
+        if i == 0 and sp:
+            full.layers[0] = EmbeddingThenScatter.from_embedding(layer, cfg, group, counter)
+        elif 0 < i < last:  # a block
             a, m = layer.attn, layer.mlp
-            layer.ln1 = LayerNormThenCopy.from_layernorm(layer.ln1, group, counter)
-            layer.ln2 = LayerNormThenCopy.from_layernorm(layer.ln2, group, counter)
+            layer.ln1 = LayerNormThenCopy.from_layernorm(layer.ln1, group, counter, sp)
+            layer.ln2 = LayerNormThenCopy.from_layernorm(layer.ln2, group, counter, sp)
             for name in ("q", "k", "v"):
                 setattr(a, name, ColumnParallelLinear(getattr(a, name), *span(cfg.d_model)))
                 shard_dims[f"layers.{i}.attn.{name}.weight"] = 0
-            a.proj = RowParallelLinear(a.proj, *span(cfg.d_model), group, counter)
+            a.proj = RowParallelLinear(a.proj, *span(cfg.d_model), group, counter, sp)
             m.fc = ColumnParallelLinear(m.fc, *span(cfg.d_ff))
-            m.proj = RowParallelLinear(m.proj, *span(cfg.d_ff), group, counter)
+            m.proj = RowParallelLinear(m.proj, *span(cfg.d_ff), group, counter, sp)
             shard_dims.update({f"layers.{i}.attn.proj.weight": 1, f"layers.{i}.mlp.fc.weight": 0,
                                f"layers.{i}.mlp.fc.bias": 0, f"layers.{i}.mlp.proj.weight": 1})
         elif i == last:  # the LM head, split by vocabulary
-            layer.ln_f = LayerNormThenCopy.from_layernorm(layer.ln_f, group, counter)
+            layer.ln_f = LayerNormThenCopy.from_layernorm(layer.ln_f, group, counter, sp)
             vocab_lo, hi = span(cfg.vocab_size)
             layer.head = ColumnParallelLinear(layer.head, vocab_lo, hi)
             shard_dims[f"layers.{i}.head.weight"] = 0
     return shard_dims, vocab_lo
+
+
+def sequence_parallel_params(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that see only this rank's tokens under SP (LayerNorms and row-parallel
+    biases): their gradients are partial sums over the TP group."""
+    return [p for n, p in model.named_parameters()
+            if ".ln" in n or n.endswith("attn.proj.bias") or n.endswith("mlp.proj.bias")]
 
 
 def vocab_parallel_loss(logits: torch.Tensor, y: torch.Tensor, vocab_lo: int, grid: Grid,
@@ -220,13 +326,29 @@ class OwnTensorParallel(Strategy):
     name, variant = "tensor_parallel", "own"
     whole_batch = True          # every TP rank trains on the whole global batch
 
+    def __init__(self, rt, settings, sp: bool = False):
+        super().__init__(rt, settings)
+        self.sp = sp
+        if sp:
+            self.variant = "own-sp"
+
     def build(self) -> None:
         self.grid = Grid(tp=self.rt.world_size, rank=self.rt.rank).with_groups(self.rt.timeout_s)
         self.model = ToyGPT(self.settings.model).to(self.rt.device)  # cut from the baseline's
         self.shard_dims, self.vocab_lo = shard_layers(  # init, layer by layer
-            self.model, range(len(self.model.layers)), self.grid, self.comm)
+            self.model, range(len(self.model.layers)), self.grid, self.comm, self.sp)
         self.optimizer = self.make_optimizer(self.model.parameters())
-        self.extra["tp"] = self.grid.tp
+        self.extra.update(tp=self.grid.tp, sp=self.sp)
+
+    def after_backward(self) -> None:
+        """Under SP, the LayerNorms and row-parallel biases saw only this rank's tokens: sum
+        their gradients over the TP group."""
+        if not self.sp:
+            return
+        grads = [p.grad for p in sequence_parallel_params(self.model)]
+        flat = flatten(grads)
+        _all_reduce(flat, self.grid.tp_group, self.comm)
+        unflatten_into(flat, grads)
 
     def forward_backward(self, x, y):
         self.optimizer.zero_grad(set_to_none=True)
@@ -299,15 +421,25 @@ class TorchTensorParallel(Strategy):
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="labs.tensor_parallel", description=__doc__.splitlines()[0])
     p.add_argument("--impl", default="own", choices=["own", "torch"])
+    p.add_argument("--sp", action="store_true",
+                   help="sequence parallelism: LayerNorms and the residual stream cut along the "
+                        "sequence (own implementation)")
     return add_common_args(p)
 
 
 def check_args(args, settings, world: int) -> None:
     Grid(tp=world).validate(world, settings.model, settings.batch_size, preset=settings.preset)
+    if args.sp and args.impl != "own":
+        raise UsageError("--sp is written out in --impl own only; drop --impl torch")
+    if args.sp and settings.model.seq_len % world:
+        raise UsageError(f"--sp: the sequence length {settings.model.seq_len} is not divisible "
+                         f"by the tensor parallel size {world}; use a TP size that divides it")
 
 
 def make_strategy(rt, settings, args) -> Strategy:
-    return (TorchTensorParallel if args.impl == "torch" else OwnTensorParallel)(rt, settings)
+    if args.impl == "torch":
+        return TorchTensorParallel(rt, settings)
+    return OwnTensorParallel(rt, settings, sp=args.sp)
 
 
 def main(argv=None) -> int:

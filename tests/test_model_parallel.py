@@ -130,7 +130,7 @@ def test_grid_layout_tp_fastest_dp_slowest():
     (Grid(1, 3, 1), 3, 16, 1, "3 pipeline stages but preset 'tiny' has 2 blocks"),
     (Grid(3, 1, 1), 3, 16, 1, "--batch-size 16 is not divisible by the 3 data-parallel"),
     (Grid(2, 1, 1), 2, 16, 3, "--microbatches 3 must be >= 1 and divide the 8 rows"),
-    (Grid(0, 1, 1), 0, 16, 1, "--dp, --pp and --tp must be >= 1"),
+    (Grid(0, 1, 1), 0, 16, 1, "--dp, --pp, --tp and --cp must be >= 1"),
 ])
 def test_grid_validation_names_the_fix(grid, world, batch, micro, says):
     cfg = config_from_preset("tiny", vocab_size=13)

@@ -1,0 +1,348 @@
+"""Context parallelism: the sequence cut over ranks, attention computed as a ring.
+
+Every layer of the model but one works token by token (embedding, LayerNorm, the MLP, the
+projections), so W ranks can each hold T/W tokens of every sequence and run them alone. The
+exception is attention: the queries of rank r need the keys and values of every earlier token.
+Ring attention brings them without ever gathering the whole sequence:
+
+    out, lse = 0, -inf                            # per query row: output so far, log-sum-exp
+    kv = my (K, V)
+    for step in 0 .. W-1:                         # kv now holds rank (r - step)'s block
+        start sending kv to rank r+1, receiving the next block from rank r-1
+        o, l = attention of my queries against kv (causal mask by global positions)
+        out, lse = merge(out, lse, o, l)          # online softmax
+        wait for the next block
+    merge:  lse' = log(e^lse + e^l);   out' = e^(lse - lse') out + e^(l - lse') o
+
+Each block's partial output is normalised by its own softmax sum; rescaling by e^(lse - lse')
+puts both on the common denominator, so the result is the attention over all keys, exactly (up
+to rounding). The backward sends the blocks around the ring again, and with them the gradients of
+K and V, which travel back to their owners (one more hop). The message of step s+1 is in flight
+while step s computes: with enough tokens per rank the ring costs no time beyond the attention.
+
+Causal masking makes the naive split unfair: with contiguous chunks, rank W-1's queries see
+every key and rank 0's only its own, so rank W-1 does W times more attention work and everyone
+waits for it. The zig-zag layout cuts the sequence into 2W chunks and gives rank r chunks r and
+2W-1-r (an early and a late one): every rank then does the same work. ``--layout`` picks either;
+the run records each rank's attention work (score entries computed) and the imbalance max/mean,
+and draws ``ring.png`` in its run folder: which rank computes each block of the causal score
+matrix, at which step of the ring.
+
+The parameters are replicated: every rank computes gradients from its own tokens, and those are
+averaged over the ranks after the backward, as data parallelism does for rows.
+
+``--impl torch`` would use ``torch.distributed.tensor.experimental.context_parallel``; on this
+torch it dispatches only the CUDA flash and efficient SDPA kernels, so on a CPU the lab says so
+and stops (docs/context-parallel.md).
+
+Explained in docs/context-parallel.md (questions 13 and 16 of docs/questions.md).
+
+Run:
+    torchrun --nproc_per_node=2 -m labs.context_parallel --preset long --steps 5
+    dtlab run context_parallel --nproc 4 --preset long --layout contiguous
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from dtlab import registry
+from dtlab.core.comm import CommCounter, flatten, nbytes, ring_sent_bytes, unflatten_into
+from dtlab.core.errors import UsageError
+from dtlab.core.model import ToyGPT
+from dtlab.core.train import Strategy, add_common_args, run_lab
+
+KV_TAG, DKV_TAG = 4000, 5000  # message tags, apart from the pipeline's (labs/parallel3d.py)
+
+
+# --------------------------------------------------------------------------- the layout
+
+def layout_chunks(seq: int, world: int, rank: int, layout: str) -> list[tuple[int, int]]:
+    """The [lo, hi) ranges of global positions rank ``rank`` holds."""
+    if layout == "contiguous":
+        n = seq // world
+        return [(rank * n, (rank + 1) * n)]
+    n = seq // (2 * world)  # zig-zag: chunk r and its mirror 2W-1-r
+    return [(rank * n, (rank + 1) * n), ((2 * world - 1 - rank) * n, (2 * world - rank) * n)]
+
+
+def positions(chunks: list[tuple[int, int]]) -> torch.Tensor:
+    return torch.cat([torch.arange(lo, hi) for lo, hi in chunks])
+
+
+def block_pairs(q_chunks, k_chunks):
+    """(query slice, key slice, causal mask or None) for every pair of chunks where some query
+    sees some key. Local slices index the concatenated chunks of each side."""
+    out, qo = [], 0
+    for qlo, qhi in q_chunks:
+        ko = 0
+        for klo, khi in k_chunks:
+            qs, ks = slice(qo, qo + qhi - qlo), slice(ko, ko + khi - klo)
+            if khi - 1 <= qlo:           # every key precedes every query: no mask
+                out.append((qs, ks, None))
+            elif klo <= qhi - 1:         # overlapping ranges: mask by position
+                qp, kp = torch.arange(qlo, qhi), torch.arange(klo, khi)
+                out.append((qs, ks, qp[:, None] >= kp[None, :]))
+            ko += khi - klo
+        qo += qhi - qlo
+    return out
+
+
+# --------------------------------------------------------------------------- one block
+
+def block_attention(q, k, v, mask, scale):
+    """Softmax attention of q against one key block: (output normalised within the block, its
+    log-sum-exp per query row)."""
+    s = (q @ k.transpose(-2, -1)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.exp(s - lse[..., None]) @ v, lse
+
+
+def merge(out, lse, o, lse_o):
+    """Online softmax: fold a block's (o, lse_o) into the running (out, lse)."""
+    new = torch.logaddexp(lse, lse_o)
+    new_safe = torch.where(torch.isinf(new), torch.zeros_like(new), new)
+    return (torch.exp(lse - new_safe)[..., None] * out
+            + torch.exp(lse_o - new_safe)[..., None] * o), new
+
+
+# --------------------------------------------------------------------------- the ring
+
+@dataclass
+class Ring:
+    """What a rank's ring attention needs: its context-parallel group, every rank's chunks, the
+    byte counter and a tally of the attention work done (score entries, forward)."""
+    group: object
+    chunks: list                     # chunks[i]: the position ranges rank i of the group holds
+    counter: CommCounter
+    work: dict = field(default_factory=lambda: {"entries": 0})  # of one forward
+
+    def __post_init__(self):
+        self.world = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.next = dist.get_global_rank(self.group, (self.rank + 1) % self.world)
+        self.prev = dist.get_global_rank(self.group, (self.rank - 1) % self.world)
+
+    def shift(self, send: torch.Tensor, tag: int):
+        """Start passing ``send`` to the next rank and receiving the previous rank's."""
+        recv = torch.empty_like(send)
+        self.counter.record("send", send, sent_bytes=nbytes(send))
+        reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, send, self.next, tag=tag),
+                                       dist.P2POp(dist.irecv, recv, self.prev, tag=tag)])
+        return recv, reqs
+
+
+def _wait(reqs) -> None:
+    for r in reqs:
+        r.wait()
+
+
+class RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, ring: Ring):
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        out = torch.zeros_like(q)
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
+        kv = torch.stack([k, v])
+        mine, entries = ring.chunks[ring.rank], 0
+        for step in range(ring.world):
+            src = (ring.rank - step) % ring.world           # whose block kv holds now
+            if step < ring.world - 1:
+                nxt, reqs = ring.shift(kv, KV_TAG + step)   # in flight while we compute
+            for qs, ks, mask in block_pairs(mine, ring.chunks[src]):
+                o, lo = block_attention(q[..., qs, :], kv[0][..., ks, :], kv[1][..., ks, :],
+                                        mask, scale)
+                out[..., qs, :], lse[..., qs] = merge(out[..., qs, :], lse[..., qs], o, lo)
+                entries += (qs.stop - qs.start) * (ks.stop - ks.start)
+            if step < ring.world - 1:
+                _wait(reqs)
+                kv = nxt
+        ring.work["entries"] = entries
+        ctx.ring = ring
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        ring, scale = ctx.ring, 1.0 / math.sqrt(q.shape[-1])
+        dout = dout.contiguous()
+        delta = (dout * out).sum(-1)                         # D_i = sum_j dO_ij O_ij
+        dq = torch.zeros_like(q)
+        kv, dkv = torch.stack([k, v]), torch.zeros(2, *k.shape, dtype=k.dtype, device=k.device)
+        mine, dkv_reqs = ring.chunks[ring.rank], []
+        for step in range(ring.world):
+            src = (ring.rank - step) % ring.world
+            if step < ring.world - 1:
+                nxt, reqs = ring.shift(kv, KV_TAG + step)
+            _wait(dkv_reqs)  # the gradients so far of the block we now hold have arrived
+            for qs, ks, mask in block_pairs(mine, ring.chunks[src]):
+                kb, vb = kv[0][..., ks, :], kv[1][..., ks, :]
+                s = (q[..., qs, :] @ kb.transpose(-2, -1)) * scale
+                if mask is not None:
+                    s = s.masked_fill(~mask, float("-inf"))
+                p = torch.exp(s - lse[..., qs, None])          # the softmax, recomputed
+                dv = p.transpose(-2, -1) @ dout[..., qs, :]
+                ds = p * (dout[..., qs, :] @ vb.transpose(-2, -1) - delta[..., qs, None])
+                dq[..., qs, :] += (ds @ kb) * scale
+                dkv[0][..., ks, :] += (ds.transpose(-2, -1) @ q[..., qs, :]) * scale
+                dkv[1][..., ks, :] += dv
+            if step < ring.world - 1:
+                _wait(reqs)
+                kv = nxt
+            # this block's K/V gradients travel on with it; after the last step, home
+            dkv, dkv_reqs = ring.shift(dkv, DKV_TAG + step)
+        _wait(dkv_reqs)
+        return dq, dkv[0], dkv[1], None
+
+
+def ring_attention(ring: Ring):
+    """An attention core (``Attention.core``) that runs ring attention over ``ring``."""
+    return lambda q, k, v: RingAttention.apply(q, k, v, ring)
+
+
+def bytes_theory(cfg, rows: int, world: int, recompute_blocks: int = 0) -> dict:
+    """Bytes one rank sends per step: every layer's forward passes K and V (W-1 times), its
+    backward passes them again (W-1) plus their gradients (W times); a recomputed block repeats
+    its forward. kv = 2 x rows x T/W x d_model x 4 bytes."""
+    kv = 2 * rows * (cfg.seq_len // world) * cfg.d_model * 4
+    L = cfg.n_layer
+    return {"kv_block": kv,
+            "send": (L + recompute_blocks) * (world - 1) * kv + L * (2 * world - 1) * kv}
+
+
+# --------------------------------------------------------------------------- the strategy
+
+def cut_sequence(model: ToyGPT, ring: Ring) -> torch.Tensor:
+    """Put ring attention into every block of ``model`` and tell its embedding which positions
+    it holds; returns those positions."""
+    pos = positions(ring.chunks[ring.rank]).to(model.layers[0].pos.weight.device)
+    model.layers[0].positions = pos
+    for block in model.layers[1:-1]:
+        block.attn.core = ring_attention(ring)
+    return pos
+
+
+class ContextParallel(Strategy):
+    name = "context_parallel"
+
+    def __init__(self, rt, settings, layout: str):
+        super().__init__(rt, settings)
+        self.layout, self.variant = layout, f"ring-{layout}"
+
+    def build(self) -> None:
+        w, seq = self.rt.world_size, self.settings.model.seq_len
+        self.model = ToyGPT(self.settings.model).to(self.rt.device)
+        self.ring = Ring(dist.group.WORLD,
+                         [layout_chunks(seq, w, r, self.layout) for r in range(w)], self.comm)
+        self.pos = cut_sequence(self.model, self.ring)
+        self.optimizer = self.make_optimizer(self.model.parameters())
+        self.extra.update(cp=w, layout=self.layout, chunks=self.ring.chunks[self.rt.rank])
+
+    def local_batch(self, x, y):
+        """Every row of the global batch, this rank's tokens of each."""
+        return x[:, self.pos], y[:, self.pos]
+
+    def after_backward(self) -> None:
+        """Each rank's gradients come from its own tokens: average them over the ranks."""
+        grads = [p.grad for p in self.model.parameters()]
+        flat = flatten(grads)
+        w = self.rt.world_size
+        self.comm.record("all_reduce", flat,
+                         sent_bytes=ring_sent_bytes("all_reduce", nbytes(flat), w))
+        dist.all_reduce(flat)
+        unflatten_into(flat.div_(w), grads)
+
+    def memory(self) -> dict:
+        m = super().memory()
+        m["attention_entries"] = self.ring.work["entries"]  # one layer's forward, per row/head
+        return m
+
+    def close(self) -> None:
+        if self.rt.is_main:
+            w, cfg = self.rt.world_size, self.settings.model
+            self.extra["send_bytes_theory"] = bytes_theory(
+                cfg, self.settings.batch_size,  w,
+                sum(cfg.recomputes(i) for i in range(cfg.n_layer)))["send"]
+            draw_ring(self.settings.out, w, self.layout)
+        super().close()
+
+
+def draw_ring(out: str, world: int, layout: str) -> None:
+    """ring.png: the causal score matrix of a 4W-token sequence (2 tokens a zig-zag chunk),
+    each block coloured by the rank that computes it and numbered with the ring step."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError:
+        return
+    from pathlib import Path
+    seq, colors = 4 * world, plt.get_cmap("tab10")
+    chunks = [layout_chunks(seq, world, r, layout) for r in range(world)]
+    img = np.ones((seq, seq, 3))
+    fig, ax = plt.subplots(figsize=(5.6, 5.6))
+    for r in range(world):
+        qpos = positions(chunks[r]).tolist()
+        for step in range(world):
+            kpos = positions(chunks[(r - step) % world]).tolist()
+            for qs, ks, mask in block_pairs(chunks[r], chunks[(r - step) % world]):
+                for i in range(qs.start, qs.stop):
+                    for j in range(ks.start, ks.stop):
+                        if mask is None or mask[i - qs.start, j - ks.start]:
+                            img[qpos[i], kpos[j]] = colors(r)[:3]
+                ax.text(sum(kpos[ks]) / len(kpos[ks]), sum(qpos[qs]) / len(qpos[qs]), str(step),
+                        ha="center", va="center", fontsize=9, color="white", weight="bold")
+        ax.plot([], [], "s", color=colors(r), label=f"rank {r}: " +
+                ", ".join(f"[{lo},{hi})" for lo, hi in chunks[r]))
+    ax.imshow(img, extent=(-0.5, seq - 0.5, seq - 0.5, -0.5))
+    ax.set(xlabel="key position", ylabel="query position",
+           title=f"{layout}, W={world}: colour = rank computing, number = ring step")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    fig.savefig(Path(out) / "ring.png", dpi=110)
+    plt.close(fig)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="labs.context_parallel", description=__doc__.splitlines()[0])
+    p.add_argument("--impl", default="own", choices=["own", "torch"])
+    p.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"],
+                   help="zigzag: rank r holds chunks r and 2W-1-r of 2W (balanced causal work; "
+                        "default); contiguous: chunk r of W")
+    return add_common_args(p)
+
+
+def check_args(args, settings, world: int) -> None:
+    if args.impl == "torch":
+        raise UsageError(
+            "--impl torch: torch.distributed.tensor.experimental.context_parallel shards only "
+            "the CUDA flash and memory-efficient SDPA kernels, not the CPU one; run --impl own "
+            "here, or --impl torch on GPUs")
+    pieces = world * (2 if args.layout == "zigzag" else 1)
+    if settings.model.seq_len % pieces:
+        raise UsageError(f"--layout {args.layout}: the sequence length {settings.model.seq_len}"
+                         f" must divide into {pieces} equal chunks at {world} ranks; use a preset"
+                         " with a longer sequence (long: 256) or fewer ranks")
+
+
+def make_strategy(rt, settings, args) -> Strategy:
+    return ContextParallel(rt, settings, args.layout)
+
+
+def main(argv=None) -> int:
+    return run_lab(registry.get("context_parallel"), make_parser(), make_strategy, argv,
+                   check_args=check_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
