@@ -52,6 +52,9 @@ MUTATIONS = {  # a subtle bug in the reference solution, and what the checker mu
              "P=1, M=2, stage 0: action 1 should be ('B', 0), got ('F', 1)"),
     "zero1": ("self.shard.grad = owned / self.world", "self.shard.grad = owned",
               "step 0, parameter 0 (shape (5, 3)): "),
+    "ring_attention": ("out = torch.exp(lse_a - shift)[..., None] * out_a + ", "out = out_a + ",
+                       "the running output was not rescaled when the running maximum changed: "
+                       "out_a must be multiplied by exp(lse_a - lse)"),
 }
 
 
