@@ -1,0 +1,282 @@
+"""Measure what long sequences cost and what each technique saves; record it and draw it.
+
+    python -m dtlab.tools.longseq --json docs/reference/long-sequences.json --img docs/img
+
+Runs the real labs (``dtlab run ...``, one torchrun each, ``--no-baseline``: the equivalence is
+the tests' job) over sequence lengths and records, per run, the activation bytes every rank
+saved (the memory meter) beside the formula (``activation_formula`` in dtlab/core/memory.py):
+- recomputation none / selective / full on one process (``baseline`` lab), and the step time of
+  each against the theory (a backward costs about two forwards, so recomputing every block adds
+  one forward of the blocks: about 4/3 of the step);
+- tensor parallelism with and without sequence parallelism at TP 2;
+- context parallelism (ring attention) at W = 1, 2, 4, and each rank's attention work under the
+  contiguous and the zig-zag layout.
+Pictures: activation-recomputation.png, sequence-parallel.png, context-parallel.png (the labs'
+measurements) and ring-attention-{contiguous,zigzag}.png (the ring's steps in each layout, the
+``ring.png`` labs/context_parallel.py draws from its own layout functions).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from dtlab.core.record import atomic_write_text
+from dtlab.core.errors import UsageError
+from dtlab.core.memory import activation_formula_for
+from dtlab.core.model import config_from_preset
+
+PRESET, ROWS = "long", 8          # batch 8 sequences (the preset's)
+SEQS = (64, 128, 256, 512)
+VOCAB = 13
+
+
+def lab_run(lab: str, nproc: int, *args: str, steps: int = 2) -> dict:
+    """One lab run; its summary."""
+    out = tempfile.mkdtemp(prefix=f"dtlab-longseq-{lab}-")
+    cmd = [sys.executable, "-m", "dtlab", "run", lab, "--nproc", str(nproc), "--preset", PRESET,
+           "--steps", str(steps), "--no-baseline", "--out", out, *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[2:])} failed:\n{p.stderr[-2000:]}")
+    s = json.loads((Path(out) / "summary.json").read_text())
+    s["command"] = "dtlab " + " ".join(cmd[3:-2])
+    s["out"] = out
+    return s
+
+
+def _cfg(seq: int, **kw):
+    return replace(config_from_preset(PRESET, VOCAB), seq_len=seq, **kw)
+
+
+def recompute_rows(seqs) -> list[dict]:
+    rows = []
+    for seq in seqs:
+        for mode in ("none", "selective", "full"):
+            s = lab_run("baseline", 1, "--seq-len", str(seq), "--recompute", mode)
+            m, f = s["memory"]["per_rank"][0], activation_formula_for(_cfg(seq, recompute=mode),
+                                                                     ROWS)
+            rows.append({"seq": seq, "recompute": mode, "measured": m["activations_peak"],
+                         "formula": f["forward"], "recompute_peak": m["recompute_peak"],
+                         "recompute_peak_formula": f["recompute_peak"],
+                         "command": s["command"]})
+            print(f"recompute {mode:9s} seq {seq:4d}: {m['activations_peak']:>11,} B "
+                  f"(formula {f['forward']:,})", flush=True)
+    return rows
+
+
+def step_time_rows(seq: int, steps: int) -> list[dict]:
+    rows = []
+    for mode in ("none", "selective", "full"):
+        s = lab_run("baseline", 1, "--seq-len", str(seq), "--recompute", mode, steps=steps)
+        rows.append({"seq": seq, "recompute": mode, "step_s_median": s["time"]["step_s_median"],
+                     "command": s["command"]})
+    base = rows[0]["step_s_median"]
+    n_layer = _cfg(seq).n_layer
+    for r in rows:
+        n_re = activation_formula_for(_cfg(seq, recompute=r["recompute"]), ROWS)[
+            "recomputed_blocks"]
+        r["ratio"] = r["step_s_median"] / base
+        r["ratio_theory"] = 1 + n_re / n_layer / 3  # one more forward of those blocks, F = 1/3
+        print(f"step time {r['recompute']:9s}: {r['step_s_median'] * 1e3:.1f} ms, x{r['ratio']:.3f}"
+              f" (theory x{r['ratio_theory']:.3f})", flush=True)
+    return rows
+
+
+def sp_rows(seqs, tp: int = 2) -> list[dict]:
+    rows = []
+    for seq in seqs:
+        for sp in (False, True):
+            s = lab_run("tensor_parallel", tp, "--seq-len", str(seq), *(["--sp"] if sp else []))
+            m = s["memory"]["per_rank"][0]
+            f = activation_formula_for(_cfg(seq), ROWS, tp=tp, sp=sp)
+            rows.append({"seq": seq, "tp": tp, "sp": sp, "measured": m["activations_peak"],
+                         "formula": f["forward"], "block": f["block"],
+                         "comm_bytes_per_step": s["comm"]["bytes_per_step"],
+                         "by_op": s["comm"]["by_op"], "command": s["command"]})
+            print(f"tp {tp}{' + sp' if sp else '     '} seq {seq:4d}: {m['activations_peak']:>11,}"
+                  f" B (formula {f['forward']:,})", flush=True)
+    return rows
+
+
+def cp_rows(seqs, ring_pictures: dict, worlds=(2, 4)) -> list[dict]:
+    rows = []
+    for seq in seqs:
+        for w in worlds:
+            both = w == 4 and seq in (256, SEQS[0])
+            for layout in ("zigzag", "contiguous") if both else ("zigzag",):
+                s = lab_run("context_parallel", w, "--seq-len", str(seq), "--layout", layout)
+                per = s["memory"]["per_rank"]
+                f = activation_formula_for(_cfg(seq), ROWS, cp=w)
+                work = [m["attention_entries"] for m in per]
+                rows.append({"seq": seq, "cp": w, "layout": layout,
+                             "measured": per[0]["activations_peak"], "formula": f["forward"],
+                             "attention_entries": work,
+                             "imbalance": max(work) / (sum(work) / len(work)),
+                             "send_bytes_per_step": s["comm"]["by_op"]["send"]["bytes"] / 2,
+                             "send_bytes_theory": s["extra"]["send_bytes_theory"],
+                             "command": s["command"]})
+                if w == 4 and seq == SEQS[0]:
+                    ring_pictures[layout] = Path(s["out"]) / "ring.png"
+                print(f"cp {w} {layout:10s} seq {seq:4d}: {per[0]['activations_peak']:>11,} B "
+                      f"(formula {f['forward']:,}), work {work}", flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------- pictures
+
+def _seq_axis(ax) -> None:
+    """Log axes ticked at the measured lengths only (no minor labels)."""
+    from matplotlib.ticker import NullFormatter
+    ax.set_xticks(SEQS, [str(s) for s in SEQS])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+def _mib(x):
+    return x / 2**20
+
+
+def draw_recompute(rows, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for mode, color in (("none", "tab:red"), ("selective", "tab:orange"), ("full", "tab:green")):
+        pts = [r for r in rows if r["recompute"] == mode]
+        ax.plot([r["seq"] for r in pts], [_mib(r["formula"]) for r in pts], "-", color=color,
+                alpha=0.5)
+        ax.plot([r["seq"] for r in pts], [_mib(r["measured"]) for r in pts], "o", color=color,
+                label=f"{mode} (measured; line: formula)")
+    ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)",
+           ylabel="activations saved in the forward (MiB)",
+           title=f"Recomputation, preset {PRESET}, {ROWS} sequences, one process")
+    _seq_axis(ax)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_sp(rows, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for sp, color in ((False, "tab:blue"), (True, "tab:purple")):
+        pts = [r for r in rows if r["sp"] == sp]
+        name = "TP 2 + SP" if sp else "TP 2"
+        ax.plot([r["seq"] for r in pts], [_mib(r["formula"]) for r in pts], "-", color=color,
+                alpha=0.5)
+        ax.plot([r["seq"] for r in pts], [_mib(r["measured"]) for r in pts], "o", color=color,
+                label=f"{name} (measured; line: formula)")
+    ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)",
+           ylabel="activations per rank (MiB)",
+           title=f"Tensor parallel with and without SP, preset {PRESET}")
+    _seq_axis(ax)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_cp(rows, base_rows, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    one = [r for r in base_rows if r["recompute"] == "none"]
+    series = [(1, one, "tab:red")] + [
+        (w, [r for r in rows if r["cp"] == w and r["layout"] == "zigzag"], c)
+        for w, c in ((2, "tab:blue"), (4, "tab:green"))]
+    for w, pts, color in series:
+        ax.plot([r["seq"] for r in pts], [_mib(r["formula"]) for r in pts], "-", color=color,
+                alpha=0.5)
+        ax.plot([r["seq"] for r in pts], [_mib(r["measured"]) for r in pts], "o", color=color,
+                label=f"CP {w} (measured; line: formula)")
+    ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)",
+           ylabel="activations per rank (MiB)", title=f"Context parallel, preset {PRESET}")
+    _seq_axis(ax)
+    ax.legend(fontsize=8)
+    four = {r["layout"]: r for r in rows if r["cp"] == 4 and r["seq"] == 256}
+    width = 0.38
+    for i, (layout, color) in enumerate((("contiguous", "tab:gray"), ("zigzag", "tab:green"))):
+        if layout not in four:
+            continue
+        work = four[layout]["attention_entries"]
+        bx.bar([r + (i - 0.5) * width for r in range(len(work))], work, width, color=color,
+               label=f"{layout} (max/mean {four[layout]['imbalance']:.2f})")
+    bx.set(xlabel="rank", ylabel="attention scores computed per layer, per row and head",
+           title="Causal work per rank, CP 4, seq 256")
+    bx.set_xticks(range(4))
+    bx.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dtlab.tools.longseq",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--json", required=True, help="where to write the record")
+    p.add_argument("--img", default=None, help="folder for the pictures")
+    p.add_argument("--seqs", default=",".join(map(str, SEQS)),
+                   help=f"sequence lengths (default {','.join(map(str, SEQS))})")
+    p.add_argument("--time-steps", type=int, default=12,
+                   help="steps of the step-time runs (default 12)")
+    p.add_argument("--redraw", action="store_true",
+                   help="draw the measured pictures again from --json, without running anything")
+    a = p.parse_args(argv)
+    if a.redraw:
+        record = json.loads(Path(a.json).read_text())
+        img = Path(a.img or ".")
+        draw_recompute(record["recompute"], img / "activation-recomputation.png")
+        draw_sp(record["sequence_parallel"], img / "sequence-parallel.png")
+        draw_cp(record["context_parallel"], record["recompute"], img / "context-parallel.png")
+        print(f"drew 3 pictures in {img}")
+        return 0
+    try:
+        seqs = tuple(int(x) for x in a.seqs.split(","))
+    except ValueError:
+        raise UsageError(f"--seqs {a.seqs!r}: give comma-separated integers") from None
+    if any(s % 8 for s in seqs):
+        raise UsageError(f"--seqs {a.seqs}: every length must be a multiple of 8 (2 x 4 zig-zag "
+                         "chunks)")
+    import torch
+    record = {"what": "activation memory for long sequences: recomputation, sequence and "
+                      "context parallelism (python -m dtlab.tools.longseq)",
+              "date": time.strftime("%Y-%m-%d"),
+              "machine": {"cpu": platform.processor() or platform.machine(),
+                          "cores": os.cpu_count(), "torch": torch.__version__},
+              "preset": PRESET, "rows_per_rank": ROWS}
+    record["recompute"] = recompute_rows(seqs)
+    record["recompute_step_time"] = step_time_rows(256, a.time_steps)
+    record["sequence_parallel"] = sp_rows(seqs)
+    rings: dict = {}
+    record["context_parallel"] = cp_rows(seqs, rings)
+    atomic_write_text(Path(a.json), json.dumps(record, indent=1) + "\n")
+    print(f"wrote {a.json}")
+    if a.img:
+        img = Path(a.img)
+        img.mkdir(parents=True, exist_ok=True)
+        draw_recompute(record["recompute"], img / "activation-recomputation.png")
+        draw_sp(record["sequence_parallel"], img / "sequence-parallel.png")
+        draw_cp(record["context_parallel"], record["recompute"], img / "context-parallel.png")
+        for layout, png in rings.items():  # drawn by the lab from its own layout functions
+            shutil.copyfile(png, img / f"ring-attention-{layout}.png")
+        print(f"drew {3 + len(rings)} pictures in {img}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UsageError as e:
+        print(f"dtlab: error: {e}", file=sys.stderr)
+        sys.exit(2)
