@@ -104,7 +104,7 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
         "across, DP outermost)", min_world=1, tour_nproc=4, data_parallel=False,
         tour_args=("--dp", "1", "--pp", "2", "--tp", "2", "--preset", "small")),
     Lab("context_parallel", "the sequence cut over ranks, ring attention (online softmax, K/V "
-        "passed around), zig-zag vs contiguous causal layout", data_parallel=False,
+        "passed around), zig-zag vs contiguous causal layout", min_world=2, data_parallel=False,
         tour_more=(("--layout", "contiguous"),)),
 ]}
 

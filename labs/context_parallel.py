@@ -102,7 +102,8 @@ def block_attention(q, k, v, mask, scale):
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
-    return torch.exp(s - lse[..., None]) @ v, lse
+    shift = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)  # a row seeing no key: 0
+    return torch.exp(s - shift[..., None]) @ v, lse
 
 
 def merge(out, lse, o, lse_o):
@@ -122,7 +123,7 @@ class Ring:
     group: object
     chunks: list                     # chunks[i]: the position ranges rank i of the group holds
     counter: CommCounter
-    work: dict = field(default_factory=lambda: {"entries": 0})  # of one forward
+    work: dict = field(default_factory=lambda: {"entries": 0})  # one layer's forward
 
     def __post_init__(self):
         self.world = dist.get_world_size(self.group)
@@ -176,13 +177,13 @@ class RingAttention(torch.autograd.Function):
         dout = dout.contiguous()
         delta = (dout * out).sum(-1)                         # D_i = sum_j dO_ij O_ij
         dq = torch.zeros_like(q)
-        kv, dkv = torch.stack([k, v]), torch.zeros(2, *k.shape, dtype=k.dtype, device=k.device)
-        mine, dkv_reqs = ring.chunks[ring.rank], []
+        kv, dkv, dkv_reqs = torch.stack([k, v]), None, []
+        mine = ring.chunks[ring.rank]
         for step in range(ring.world):
             src = (ring.rank - step) % ring.world
             if step < ring.world - 1:
                 nxt, reqs = ring.shift(kv, KV_TAG + step)
-            _wait(dkv_reqs)  # the gradients so far of the block we now hold have arrived
+            mine_dkv = torch.zeros_like(kv)  # this rank's share; the block's so far is arriving
             for qs, ks, mask in block_pairs(mine, ring.chunks[src]):
                 kb, vb = kv[0][..., ks, :], kv[1][..., ks, :]
                 s = (q[..., qs, :] @ kb.transpose(-2, -1)) * scale
@@ -192,11 +193,13 @@ class RingAttention(torch.autograd.Function):
                 dv = p.transpose(-2, -1) @ dout[..., qs, :]
                 ds = p * (dout[..., qs, :] @ vb.transpose(-2, -1) - delta[..., qs, None])
                 dq[..., qs, :] += (ds @ kb) * scale
-                dkv[0][..., ks, :] += (ds.transpose(-2, -1) @ q[..., qs, :]) * scale
-                dkv[1][..., ks, :] += dv
+                mine_dkv[0][..., ks, :] += (ds.transpose(-2, -1) @ q[..., qs, :]) * scale
+                mine_dkv[1][..., ks, :] += dv
             if step < ring.world - 1:
                 _wait(reqs)
                 kv = nxt
+            _wait(dkv_reqs)  # the gradients of this block from the ranks before us
+            dkv = mine_dkv if dkv is None else dkv + mine_dkv
             # this block's K/V gradients travel on with it; after the last step, home
             dkv, dkv_reqs = ring.shift(dkv, DKV_TAG + step)
         _wait(dkv_reqs)
@@ -331,8 +334,8 @@ def check_args(args, settings, world: int) -> None:
     pieces = world * (2 if args.layout == "zigzag" else 1)
     if settings.model.seq_len % pieces:
         raise UsageError(f"--layout {args.layout}: the sequence length {settings.model.seq_len}"
-                         f" must divide into {pieces} equal chunks at {world} ranks; use a preset"
-                         " with a longer sequence (long: 256) or fewer ranks")
+                         f" must divide into {pieces} equal chunks at {world} ranks; give "
+                         f"--seq-len a multiple of {pieces}")
 
 
 def make_strategy(rt, settings, args) -> Strategy:

@@ -80,7 +80,7 @@ class Parallel3D(Strategy):
         self.model = self.stage.module
         self.optimizer = self.make_optimizer(self.model.parameters())  # the shards' parameters
         self.actions = SCHEDULES[self.schedule_name](g.pp, self.m, g.p)
-        self.extra.update(grid=g.describe(), coords=list(g.coords))
+        self.extra.update(grid=g.describe(), coords=list(g.coords), cp_rank=g.c)
 
     def local_batch(self, x, y):
         x, y = super().local_batch(x, y)   # this replica's rows
@@ -145,7 +145,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--cp", type=int, default=1,
                    help="context parallel degree: the sequence cut over CP ranks, ring attention "
                         "(zig-zag layout; default 1)")
-    p.add_argument("--schedule", default="1f1b", choices=list(SCHEDULES))
+    p.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b"])
     p.add_argument("--microbatches", type=int, default=2)
     p.add_argument("--order", default="tp-inner", choices=["tp-inner", "pp-inner"],
                    help="tp-inner: consecutive ranks (one node) form a TP group (default); "

@@ -21,7 +21,8 @@ sequence instead: rank r holds tokens [r T/TP, (r+1) T/TP) of the residual strea
 after a row-parallel layer becomes a reduce-scatter (each rank keeps the sum for its tokens
 only), and the copy before a column-parallel layer becomes an all-gather of the LayerNorm's
 output (``GatherFromSP``; backward reduce-scatter). An all-reduce is a reduce-scatter followed
-by an all-gather, so the bytes are the same, in two collectives with work between them. The
+by an all-gather, so the bytes are the same, in two collectives with work between them (plus
+one all-gather in the backward of the embedding's entry into the SP region). The
 LayerNorm parameters and the row-parallel biases now see only their rank's tokens: their
 gradients are all-reduced over the TP group after the backward.
 
@@ -164,11 +165,11 @@ class EmbeddingThenScatter(Embedding):
     """The embedding (replicated) followed by the entry into the sequence-parallel region."""
 
     @classmethod
-    def from_embedding(cls, emb: Embedding, cfg, group, counter) -> "EmbeddingThenScatter":
-        new = cls(cfg).to(emb.tok.weight.device)
-        new.load_state_dict(emb.state_dict())
-        new.group, new.counter = group, counter
-        return new
+    def from_embedding(cls, emb: Embedding, group, counter) -> "EmbeddingThenScatter":
+        """The same module (its parameters and positions), now entering the SP region."""
+        emb.__class__ = cls
+        emb.group, emb.counter = group, counter
+        return emb
 
     def forward(self, idx):
         return ScatterToSP.apply(super().forward(idx), self.group, self.counter)
@@ -270,7 +271,7 @@ def shard_layers(full: ToyGPT, indices, grid: Grid, counter: CommCounter,
     for i in indices:
         layer = full.layers[i]
         if i == 0 and sp:
-            full.layers[0] = EmbeddingThenScatter.from_embedding(layer, cfg, group, counter)
+            EmbeddingThenScatter.from_embedding(layer, group, counter)
         elif 0 < i < last:  # a block
             a, m = layer.attn, layer.mlp
             layer.ln1 = LayerNormThenCopy.from_layernorm(layer.ln1, group, counter, sp)
@@ -429,6 +430,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def check_args(args, settings, world: int) -> None:
     Grid(tp=world).validate(world, settings.model, settings.batch_size, preset=settings.preset)
+    if args.sp and world == 1:
+        raise UsageError("--sp cuts the sequence over the tensor parallel ranks: run with "
+                         "--nproc 2 or more")
     if args.sp and args.impl != "own":
         raise UsageError("--sp is written out in --impl own only; drop --impl torch")
     if args.sp and settings.model.seq_len % world:

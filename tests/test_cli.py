@@ -48,7 +48,8 @@ def test_summary_has_every_documented_field(tmp_path):
     assert set(s["comm"]) >= {"bytes_per_step", "calls_per_step", "by_op"}
     assert len(s["memory"]["per_rank"]) == 2
     for m in s["memory"]["per_rank"]:
-        assert set(m) == {"params", "grads", "optimizer", "activations_peak", "peak"}
+        assert set(m) == {"params", "grads", "optimizer", "activations_peak",
+                          "recompute_peak", "peak"}
         n = s["n_params"]
         assert m["params"] == 4 * n and m["grads"] == 4 * n
         # AdamW: exp_avg and exp_avg_sq (4 B each per parameter) plus a scalar step per tensor

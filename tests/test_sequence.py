@@ -49,7 +49,9 @@ def test_recompute_keeps_every_bit_and_the_memory_formula():
     for r in range(tp):
         f = activation_formula_for(cfg(recompute="full"), 16, tp=tp, sp=True, tp_rank=r)
         assert acts(re, r)["activations_peak"] == f["forward"]
-        assert acts(re, r)["recompute_peak"] == f["recompute_peak"] == f["per_block"]
+        # beyond the kept input, the rest of the block's set while it is recomputed
+        assert acts(re, r)["recompute_peak"] == f["recompute_peak"] == \
+            f["per_block"] - f["kept_per_block"]
     assert f["forward"] < activation_formula_for(cfg(), 16, tp=tp, sp=True)["forward"] / 2
     # every block's forward runs twice: 2 all-gathers and 2 reduce-scatters more per block
     for op, extra in (("all_gather", 2 * L), ("reduce_scatter", 2 * L)):
@@ -88,11 +90,14 @@ def test_sequence_parallel_bytes_and_activations():
         assert f_sp["block"][k] == f_tp["block"][k]
 
 
-def test_sequence_parallel_needs_divisible_sequence(tmp_path):
+def test_sequence_parallel_bad_input(tmp_path):
     p, s = run_lab("tensor_parallel", 2, tmp_path, "--sp", "--seq-len", "33")
     assert p.returncode == 2 and s is None
     assert "--sp: the sequence length 33 is not divisible by the tensor parallel size 2" \
         in p.stderr
+    p, s = run_lab("tensor_parallel", 1, tmp_path, "--sp")
+    assert p.returncode == 2 and "--sp cuts the sequence over the tensor parallel ranks: run " \
+        "with --nproc 2 or more" in p.stderr
 
 
 # --------------------------------------------------------------------------- context parallel
@@ -131,7 +136,10 @@ def test_zigzag_chunks_and_pairs():
 def test_context_parallel_bad_input(tmp_path):
     p, s = run_lab("context_parallel", 4, tmp_path, "--seq-len", "36")
     assert p.returncode == 2 and s is None
-    assert "--layout zigzag: the sequence length 36 must divide into 8 equal chunks" in p.stderr
+    assert "--layout zigzag: the sequence length 36 must divide into 8 equal chunks at 4 ranks; " \
+        "give --seq-len a multiple of 8" in p.stderr
+    p, s = run_lab("context_parallel", 1, tmp_path)
+    assert p.returncode == 2 and "runs on >=2 process(es), not 1" in p.stderr
     p, s = run_lab("context_parallel", 2, tmp_path, "--impl", "torch")
     assert p.returncode == 2
     assert "does not" not in p.stderr and "CUDA flash and memory-efficient SDPA" in p.stderr
@@ -142,3 +150,25 @@ def test_context_parallel_in_the_grid(grid):
     """dp x cp and tp x cp at 4 ranks (a 4D grid with pp 1) equal the baseline."""
     s = lab("parallel3d", 4, *grid, "--pp", "1", "--cp", "2", "--microbatches", "1")
     assert s["extra"]["grid"]["cp"] == 2 and s["variant"].endswith("-cp2")
+
+
+def test_docs_tables_are_the_record():
+    """The measured tables of the three long-sequence pages are what the record renders."""
+    import json
+    import re
+
+    from conftest import ROOT
+    from dtlab.tools.longseq import PAGES, tables
+    record = json.loads((ROOT / "docs/reference/long-sequences.json").read_text())
+    want = tables(record)
+    seen = set()
+    for page in PAGES:
+        text = (ROOT / "docs" / page).read_text()
+        for name, body in re.findall(r"<!-- longseq:(\w+) -->\n(.*?)\n<!-- /longseq:\1 -->",
+                                     text, flags=re.S):
+            assert body == want[name], f"{page}: table {name} differs from the record"
+            seen.add(name)
+    assert seen == set(want)
+    # every measured activation equals its formula in the record itself
+    for part in ("recompute", "sequence_parallel", "context_parallel"):
+        assert all(r["measured"] == r["formula"] for r in record[part]), part

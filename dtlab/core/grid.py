@@ -5,21 +5,22 @@ The W = dp x pp x cp x tp ranks are laid out as ``arange(W).view(dp, pp, cp, tp)
 
     rank = ((d * pp + p) * cp + c) * tp + t
 
-(with cp = 1, the 3D grid: rank = (d * pp + p) * tp + t). Context parallelism sits next to TP:
+(with cp = 1, the 3D grid: rank = (d * pp + p) * tp + t), so consecutive ranks form a TP
+group (on a real cluster: the GPUs of one node, joined by NVLink), a pipeline runs across the TP
+groups of one replica, and the DP replicas are outermost. Context parallelism sits next to TP:
 its ring passes K and V every layer, the second chattiest traffic after TP's.
-
-so consecutive ranks form a TP group (on a real cluster: the GPUs of one node, joined by
-NVLink), a pipeline runs across the TP groups of one replica, and the DP replicas are outermost.
 ``order="pp-inner"`` swaps TP and PP (rank = (d * tp + t) * pp + p): consecutive ranks then hold
-consecutive pipeline stages, and a TP group spans nodes, the layout to measure against (3D only: with cp > 1 the order is tp-inner).
+consecutive pipeline stages, and a TP group spans nodes, the layout to measure against (3D only:
+with cp > 1 the order is tp-inner).
 Megatron-LM orders the same grid with PP outermost and DeepSpeed's topology is (pipe, data,
 model); what matters on a cluster is that TP, the chattiest, stays inside a node
 (docs/3d-parallel.md).
 
 A ``Grid`` knows a rank's coordinates, its pipeline neighbours and the ranks of its TP and DP
 groups, and with cp > 1 its CP group (the ring) and the DP x CP group that averages gradients
-(every rank holding the same shard); ``with_groups()`` creates the process groups (a collective: every rank calls it). Labs
-take the grid as an argument; nothing about it is kept in module state.
+(every rank holding the same shard); ``with_groups()`` creates the process groups (a
+collective: every rank calls it). Labs take the grid as an argument; nothing about it is kept in
+module state.
 """
 from __future__ import annotations
 
@@ -56,16 +57,18 @@ class Grid:
             raise UsageError(f"--dp, --pp, --tp and --cp must be >= 1, got {self.dp}, {self.pp}, "
                              f"{self.tp}, {self.cp}")
         if self.world != world:
-            cp = f" x cp {self.cp}" if self.cp > 1 else ""
-            raise UsageError(f"world size {world} != dp x pp x tp{cp} = {self.dp} x {self.pp} x "
-                             f"{self.tp}{cp and f' x {self.cp}'} = {self.world}; make --nproc "
-                             "equal their product")
+            names, values = ("dp x pp x tp", f"{self.dp} x {self.pp} x {self.tp}")
+            if self.cp > 1:
+                names = "dp x pp x cp x tp"
+                values = f"{self.dp} x {self.pp} x {self.cp} x {self.tp}"
+            raise UsageError(f"world size {world} != {names} = {values} = {self.world}; make "
+                             "--nproc equal their product")
         if self.cp > 1 and self.order != "tp-inner":
             raise UsageError("--cp > 1 lays ranks out tp-inner only; drop --order pp-inner")
         if self.cp > 1 and model.seq_len % (2 * self.cp):
             raise UsageError(f"context parallel size {self.cp} must split seq_len="
                              f"{model.seq_len}{what} into {2 * self.cp} equal zig-zag chunks; "
-                             "use a preset with a longer sequence (long: 256) or a smaller --cp")
+                             f"give --seq-len a multiple of {2 * self.cp} or a smaller --cp")
         if self.tp > 1:
             for name in ("n_head", "d_model", "d_ff"):
                 if getattr(model, name) % self.tp:
@@ -132,6 +135,12 @@ class Grid:
     def next_rank(self) -> int | None:
         d, p, t = self.coords
         return self.rank_of(d, p + 1, t, self.c) if p < self.pp - 1 else None
+
+    def stage_rank(self, p: int) -> int:
+        """The rank holding pipeline stage ``p`` (modulo pp: an interleaved schedule's chunk
+        after the last stage is on stage 0 again) at this rank's (d, c, t)."""
+        d, _, t = self.coords
+        return self.rank_of(d, p % self.pp, t, self.c)
 
     def tp_ranks(self, d: int, p: int, c: int = 0) -> list[int]:
         return [self.rank_of(d, p, t, c) for t in range(self.tp)]

@@ -6,7 +6,7 @@ forward pass, counted through ``saved_tensors_hooks`` (parameters excluded: they
 parameters); all of them are alive at the end of the forward, so their sum is the step's peak.
 With recomputation (dtlab/core/recompute.py) a checkpointed block saves only its input in the
 forward and saves its whole set again while it is recomputed in the backward; the meter counts
-that set too, as ``recompute_peak`` (the largest one).
+that set too, beyond the input already kept, as ``recompute_peak`` (the largest one).
 ``peak`` is the process's peak resident memory on the CPU, or ``torch.cuda.max_memory_allocated``
 when the run is on CUDA.
 """
@@ -108,10 +108,11 @@ class ActivationMeter:
         self.peak = max(self.peak, total[0])
 
     @contextmanager
-    def measure_recompute(self):
-        """Count what one block saves while it is recomputed in the backward."""
+    def measure_recompute(self, kept: torch.Tensor | None = None):
+        """Count what one block saves while it is recomputed in the backward, beyond ``kept``
+        (its input, saved since the forward and already counted there)."""
         total = [0]
-        with _counting(self.params, total):
+        with _counting(self.params + ([kept] if kept is not None else []), total):
             yield
         self.recompute_peak = max(self.recompute_peak, total[0])
 
@@ -135,7 +136,6 @@ def snapshot(params: list[torch.Tensor], optimizer, meter: ActivationMeter,
     }
 
 
-
 def activation_formula(n_layer: int, d_model: int, n_head: int, d_ff: int, vocab: int,
                        rows: int, seq: int, act_bytes: int = 4, recompute: str = "none",
                        every: int = 2, tp: int = 1, sp: bool = False, cp: int = 1,
@@ -146,10 +146,11 @@ def activation_formula(n_layer: int, d_model: int, n_head: int, d_ff: int, vocab
     ``rows`` sequences of ``seq`` tokens reach the rank; context parallelism leaves it seq/cp of
     them, tensor parallelism cuts heads and the MLP's width by tp, sequence parallelism also cuts
     the LayerNorm inputs and statistics (the residual stream) by tp. A recomputed block keeps
-    only its input; ``recompute_peak`` is one block's whole set, saved again while it is
-    recomputed. ``tp_rank`` picks the rank's share of the vocabulary (the first V mod tp ranks
-    hold one id more). LayerNorm statistics and the attention log-sum-exp are fp32 (4 bytes), token and
-    position indices int64; the rest ``act_bytes``."""
+    only its input; ``recompute_peak`` is what one block saves beyond that input while it is
+    recomputed (forward + recompute_peak is the peak). ``tp_rank`` picks the rank's share of the
+    vocabulary (the first V mod tp ranks hold one id more). LayerNorm statistics and the
+    attention log-sum-exp are fp32 (4 bytes), token and position indices int64; the rest
+    ``act_bytes``."""
     s, b, h, f, a, V = seq // cp, rows, d_model, d_ff, n_head, vocab
     sb = s * b
     ln_in = sb * h // (tp if sp else 1)                # LayerNorm input, per LayerNorm
@@ -173,7 +174,7 @@ def activation_formula(n_layer: int, d_model: int, n_head: int, d_ff: int, vocab
     forward = embedding + (n_layer - n_re) * per_block + n_re * kept + head
     return {"forward": forward, "per_block": per_block, "block": block, "kept_per_block": kept,
             "recomputed_blocks": n_re, "embedding": embedding, "head": head,
-            "recompute_peak": per_block if n_re else 0}
+            "recompute_peak": per_block - kept if n_re else 0}
 
 
 def activation_formula_for(cfg, rows: int, tp: int = 1, sp: bool = False, cp: int = 1,

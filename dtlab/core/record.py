@@ -42,7 +42,8 @@ def build_summary(strategy, losses: list[float], baseline: dict, *, ok: bool, ti
         "lab": strategy.lab, "variant": strategy.variant, "world_size": rt.world_size,
         "backend": rt.backend, "device": str(rt.device), "dtype": strategy.dtype,
         "preset": s.preset, "steps": s.steps, "seed": s.seed, "batch_size": s.batch_size,
-        "seq_len": s.model.seq_len, "recompute": s.model.recompute, "n_params": strategy.num_params(), "losses": losses,
+        "seq_len": s.model.seq_len, "recompute": s.model.recompute,
+        "n_params": strategy.num_params(), "losses": losses,
         "baseline": baseline, "time": time, "comm": comm, "memory": memory, "flops": flops,
         "extra": strategy.extra, "params_sha256": params_sha256, "ok": ok}
     if failure is not None:

@@ -42,6 +42,8 @@ class Settings:
         d = asdict(self)
         d.pop("out")
         d.pop("profile_dir")
+        for k in ("recompute", "recompute_every"):  # they change no bit of the trajectory
+            d["model"].pop(k)
         d["data"] = self.corpus().describe()
         return d
 

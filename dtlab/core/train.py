@@ -244,9 +244,9 @@ def run(strategy: Strategy, lab: str, compare_baseline: bool = True,
     rt, s = strategy.rt, strategy.settings
     t_wall = time.perf_counter()
     strategy.lab = lab
-    if s.model.recompute != "none":
-        strategy.variant = f"{strategy.variant}+recompute-{s.model.recompute}"
     strategy.build()
+    if s.model.recompute != "none":  # after build: some labs choose or set it there
+        strategy.variant = f"{strategy.variant}+recompute-{s.model.recompute}"
     rt.log(f"{lab} [{strategy.variant}]  world {rt.world_size}  {rt.backend}/{rt.device}  "
            f"preset {s.preset} ({strategy.num_params():,} parameters)"
            f"  global batch {s.batch_size} x {s.model.seq_len} tokens  {s.steps} steps")

@@ -329,6 +329,13 @@ def run(a: argparse.Namespace) -> int:
         if a.sp and a.tp == 1:
             raise EstimateError("--sp cuts the sequence over the tensor parallel ranks: give "
                                 "--tp 2 or more")
+        seq, heads = s.seq_len or s.arch.seq_len, s.arch.n_head
+        if seq and seq % (a.cp * (a.tp if a.sp else 1)):
+            raise EstimateError(f"--seq {seq} does not split into --cp {a.cp}"
+                                + (f" x --tp {a.tp} (sequence parallel)" if a.sp else "")
+                                + " equal pieces; give a sequence length that does")
+        if heads and heads % a.tp:
+            raise EstimateError(f"--tp {a.tp} must divide the {heads} attention heads")
         result["activation_detail"] = activation_detail(s, a.recompute, a.recompute_every,
                                                         a.tp, a.sp, a.cp)
         if result["activation_detail"] is not None:

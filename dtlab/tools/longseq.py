@@ -1,6 +1,7 @@
 """Measure what long sequences cost and what each technique saves; record it and draw it.
 
-    python -m dtlab.tools.longseq --json docs/reference/long-sequences.json --img docs/img
+    python -m dtlab.tools.longseq --json docs/reference/long-sequences.json --img docs/img \
+        --docs docs
 
 Runs the real labs (``dtlab run ...``, one torchrun each, ``--no-baseline``: the equivalence is
 the tests' job) over sequence lengths and records, per run, the activation bytes every rank
@@ -48,7 +49,8 @@ def lab_run(lab: str, nproc: int, *args: str, steps: int = 2) -> dict:
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[2:])} failed:\n{p.stderr[-2000:]}")
     s = json.loads((Path(out) / "summary.json").read_text())
-    s["command"] = "dtlab " + " ".join(cmd[3:-2])
+    s["command"] = " ".join(["dtlab", "run", lab, "--nproc", str(nproc), "--preset", PRESET,
+                             "--steps", str(steps), *args])
     s["out"] = out
     return s
 
@@ -221,6 +223,120 @@ def draw_cp(rows, base_rows, path: Path) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- the docs' tables
+
+def _m(x) -> str:
+    return f"{x / 2**20:.2f}"
+
+
+def tables(R: dict) -> dict[str, str]:
+    """The measured tables of the three pages, from the record (marker name -> markdown)."""
+    src = (f"record `docs/reference/long-sequences.json` (`python -m dtlab.tools.longseq`, "
+           f"{R['date']}, {R['machine']['cores']} CPU cores, torch {R['machine']['torch']})")
+    rows, out = R["recompute"], {}
+    seqs = sorted({r["seq"] for r in rows})
+    t = ["| seq | none (MiB) | selective (MiB) | full (MiB) | full / none | formula |",
+         "|---|---|---|---|---|---|"]
+    for seq in seqs:
+        by = {r["recompute"]: r for r in rows if r["seq"] == seq}
+        same = all(r["measured"] == r["formula"] for r in by.values())
+        t.append(f"| {seq} | {_m(by['none']['measured'])} | {_m(by['selective']['measured'])} | "
+                 f"{_m(by['full']['measured'])} | "
+                 f"{by['full']['measured'] / by['none']['measured']:.3f} | "
+                 f"{'equal, to the byte' if same else 'DIFFERS'} |")
+    full = [r for r in rows if r["recompute"] == "full" and r["seq"] == seqs[-1]][0]
+    none = [r for r in rows if r["recompute"] == "none" and r["seq"] == seqs[-1]][0]
+    out["recompute"] = "\n".join(t) + (
+        f"\n\nPreset `{R['preset']}` (4 blocks, width 64, 4 heads), {R['rows_per_rank']} "
+        f"sequences, one process: the activations saved in the forward as the meter counted "
+        f"them; {src}. Commands: `{rows[0]['command']}`, and the same with `--recompute "
+        f"selective|full`. While a block is recomputed it saves its set again beyond the kept "
+        f"input: {_m(full['recompute_peak'])} MiB at seq {full['seq']} (formula "
+        f"{_m(full['recompute_peak_formula'])}), so full recomputation peaks at "
+        f"{_m(full['measured'] + full['recompute_peak'])} MiB against {_m(none['measured'])} "
+        "MiB without it.")
+    t = ["| recompute | step (ms, median) | ratio to none | theory |", "|---|---|---|---|"]
+    for r in R["recompute_step_time"]:
+        t.append(f"| {r['recompute']} | {r['step_s_median'] * 1e3:.1f} | {r['ratio']:.3f} | "
+                 f"{r['ratio_theory']:.3f} |")
+    out["time"] = "\n".join(t) + (
+        f"\n\nSeq {R['recompute_step_time'][0]['seq']}, preset `{R['preset']}`, one process, "
+        f"median of {R.get('time_steps', 12)} steps; {src}. Theory: 1 + (recomputed blocks / "
+        "blocks) / 3, the blocks' forward taken as a third of the step (selective recomputes 2 "
+        "of the 4 blocks). One run's medians on a 2-core CPU, where the step also holds the "
+        "optimizer and the loss: a measurement, not a benchmark.")
+    sp = R["sequence_parallel"]
+    t = ["| seq | TP 2 (MiB) | TP 2 + SP (MiB) | SP / TP | LayerNorm inputs a block, TP -> SP "
+         "(KiB) | formula |", "|---|---|---|---|---|---|"]
+    for seq in seqs:
+        a = next(r for r in sp if r["seq"] == seq and not r["sp"])
+        b = next(r for r in sp if r["seq"] == seq and r["sp"])
+        same = a["measured"] == a["formula"] and b["measured"] == b["formula"]
+        t.append(f"| {seq} | {_m(a['measured'])} | {_m(b['measured'])} | "
+                 f"{b['measured'] / a['measured']:.3f} | "
+                 f"{a['block']['layernorm_inputs'] / 1024:.0f} -> "
+                 f"{b['block']['layernorm_inputs'] / 1024:.0f} | "
+                 f"{'equal' if same else 'DIFFERS'} |")
+    a = next(r for r in sp if r["seq"] == 256 and not r["sp"])
+    b = next(r for r in sp if r["seq"] == 256 and r["sp"])
+    out["sp"] = "\n".join(t) + (
+        f"\n\nRank 0's activations, preset `{R['preset']}`, {R['rows_per_rank']} sequences, "
+        f"TP 2; {src}. The LayerNorm inputs and statistics halve; the gathered LayerNorm "
+        "outputs, q, k, v and the MLP's hidden layer are what TP already had, so the whole falls "
+        f"by {100 * (1 - b['measured'] / a['measured']):.0f}% at TP 2. Bytes sent per step at "
+        f"seq 256: TP {a['comm_bytes_per_step'] / 2**20:.2f} MiB, TP + SP "
+        f"{b['comm_bytes_per_step'] / 2**20:.2f} MiB (the difference: the embedding's gather "
+        "and the LayerNorm gradients' all-reduce).")
+    cp = R["context_parallel"]
+    base = {r["seq"]: r for r in rows if r["recompute"] == "none"}
+    t = ["| seq | CP 1 (MiB) | CP 2 (MiB) | CP 4 (MiB) | CP 4 / CP 1 | K/V bytes sent a step, "
+         "CP 4 (MiB): measured / formula |", "|---|---|---|---|---|---|"]
+    for seq in seqs:
+        c2 = next(r for r in cp if r["seq"] == seq and r["cp"] == 2)
+        c4 = next(r for r in cp if r["seq"] == seq and r["cp"] == 4 and r["layout"] == "zigzag")
+        t.append(f"| {seq} | {_m(base[seq]['measured'])} | {_m(c2['measured'])} | "
+                 f"{_m(c4['measured'])} | {c4['measured'] / base[seq]['measured']:.3f} | "
+                 f"{_m(c4['send_bytes_per_step'])} / {_m(c4['send_bytes_theory'])} |")
+    out["cp"] = "\n".join(t) + (
+        f"\n\nRank 0's activations (every rank's equal the formula), preset `{R['preset']}`, "
+        f"{R['rows_per_rank']} sequences; CP 1 is the one-process run; {src}. Everything but "
+        "the int64 position indices divides by W.")
+    w = sorted((r for r in cp if r["seq"] == 256 and r["cp"] == 4), key=lambda r: r["layout"])
+    t = ["| layout (CP 4, seq 256) | scores computed per rank, per layer, row and head | "
+         "max / mean |", "|---|---|---|"]
+    for r in w:
+        t.append(f"| {r['layout']} | {', '.join(f'{x:,}' for x in r['attention_entries'])} | "
+                 f"{r['imbalance']:.2f} |")
+    out["work"] = "\n".join(t) + (
+        f"\n\nMeasured by the lab (`attention_entries` in each rank's memory record; {src}). The "
+        f"causal triangle holds 256 x 257 / 2 = 32,896 scores; the layouts compute "
+        f"{sum(w[0]['attention_entries']):,} and {sum(w[1]['attention_entries']):,} in all (a "
+        "diagonal block is computed whole, then masked). Contiguous: rank r computes r + 1 "
+        "blocks, max/mean 2W/(W+1) = 1.6; zig-zag: 2W + 1 = 9 blocks of (T/2W)^2 on every rank.")
+    return out
+
+
+PAGES = ("activation-recomputation.md", "sequence-parallel.md", "context-parallel.md")
+
+
+def render_docs(R: dict, docs: Path) -> list[str]:
+    """Write each table between its ``<!-- longseq:NAME -->`` markers; the pages changed."""
+    import re
+    blocks, changed = tables(R), []
+    for page in PAGES:
+        path = docs / page
+        text = path.read_text()
+        new = text
+        for name, body in blocks.items():
+            new = re.sub(rf"<!-- longseq:{name} -->\n.*?<!-- /longseq:{name} -->",
+                         lambda _m: f"<!-- longseq:{name} -->\n{body}\n<!-- /longseq:{name} -->",
+                         new, flags=re.S)
+        if new != text:
+            atomic_write_text(path, new)
+            changed.append(page)
+    return changed
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dtlab.tools.longseq",
                                 description=__doc__.splitlines()[0])
@@ -230,12 +346,18 @@ def main(argv=None) -> int:
                    help=f"sequence lengths (default {','.join(map(str, SEQS))})")
     p.add_argument("--time-steps", type=int, default=12,
                    help="steps of the step-time runs (default 12)")
+    p.add_argument("--docs", default=None,
+                   help="docs folder whose measured tables to write from the record")
     p.add_argument("--redraw", action="store_true",
-                   help="draw the measured pictures again from --json, without running anything")
+                   help="draw the pictures and write the tables again from --json, without "
+                        "running anything")
     a = p.parse_args(argv)
     if a.redraw:
         record = json.loads(Path(a.json).read_text())
+        if a.docs:
+            print(f"tables written in: {', '.join(render_docs(record, Path(a.docs))) or 'none'}")
         img = Path(a.img or ".")
+        img.mkdir(parents=True, exist_ok=True)
         draw_recompute(record["recompute"], img / "activation-recomputation.png")
         draw_sp(record["sequence_parallel"], img / "sequence-parallel.png")
         draw_cp(record["context_parallel"], record["recompute"], img / "context-parallel.png")
@@ -254,7 +376,7 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%d"),
               "machine": {"cpu": platform.processor() or platform.machine(),
                           "cores": os.cpu_count(), "torch": torch.__version__},
-              "preset": PRESET, "rows_per_rank": ROWS}
+              "preset": PRESET, "rows_per_rank": ROWS, "time_steps": a.time_steps}
     record["recompute"] = recompute_rows(seqs)
     record["recompute_step_time"] = step_time_rows(256, a.time_steps)
     record["sequence_parallel"] = sp_rows(seqs)
@@ -271,6 +393,8 @@ def main(argv=None) -> int:
         for layout, png in rings.items():  # drawn by the lab from its own layout functions
             shutil.copyfile(png, img / f"ring-attention-{layout}.png")
         print(f"drew {3 + len(rings)} pictures in {img}")
+    if a.docs:
+        print(f"tables written in: {', '.join(render_docs(record, Path(a.docs))) or 'none'}")
     return 0
 
 
