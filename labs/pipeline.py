@@ -53,11 +53,11 @@ from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
 
 # --------------------------------------------------------------------------- schedules
 
-def gpipe_schedule(p: int, m: int, rank: int) -> list[tuple[str, int]]:
+def gpipe_schedule(p: int, m: int, rank: int, v: int = 1) -> list[tuple[str, int]]:
     return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
 
 
-def one_f_one_b_schedule(p: int, m: int, rank: int) -> list[tuple[str, int]]:
+def one_f_one_b_schedule(p: int, m: int, rank: int, v: int = 1) -> list[tuple[str, int]]:
     warmup = min(p - 1 - rank, m)
     actions = [("F", i) for i in range(warmup)]
     f, b = warmup, 0
@@ -70,11 +70,104 @@ def one_f_one_b_schedule(p: int, m: int, rank: int) -> list[tuple[str, int]]:
     return actions
 
 
-SCHEDULES = MappingProxyType({"gpipe": gpipe_schedule, "1f1b": one_f_one_b_schedule})
+def interleaved_schedule(p: int, m: int, rank: int, v: int = 2) -> list[tuple[str, int, int]]:
+    """Interleaved 1F1B (Megatron's virtual pipeline): rank r holds V chunks, chunk c being
+    virtual stage c P + r. Micro-batches go through in groups of P: the k-th forward of a rank is
+    micro-batch (k // PV) P + k % P on chunk (k // P) % V; backwards walk the chunks the other
+    way. Warm-up: 2 (P - 1 - r) + (V - 1) P forwards, then one forward one backward."""
+    n = m * v
+
+    def forward(k):
+        return (k // (p * v)) * p + k % p, (k // p) % v
+
+    def backward(k):
+        return (k // (p * v)) * p + k % p, v - 1 - (k // p) % v
+
+    warmup = min(2 * (p - 1 - rank) + (v - 1) * p, n)
+    actions = [("F", *forward(k)) for k in range(warmup)]
+    for k in range(warmup, n):
+        actions += [("F", *forward(k)), ("B", *backward(k - warmup))]
+    actions += [("B", *backward(k)) for k in range(n - warmup, n)]
+    return actions
 
 
-def bubble_theory(p: int, m: int) -> float:
+def zbh1_schedule(p: int, m: int, rank: int, v: int = 1) -> list[tuple[str, int]]:
+    """ZB-H1 (zero bubble, Qi et al. 2023): the backward split into B (the input's gradient,
+    which the previous stage waits for) and W (the weights' gradient, which nobody waits for).
+    1F1B's order of F and B, with rank r's W passes running r behind its B passes: the W's fill
+    the cool-down, where 1F1B idles, and every rank keeps at most P micro-batches alive (1F1B's
+    most, on rank 0)."""
+    warmup = min(p - 1 - rank, m)
+    actions = [("F", i) for i in range(warmup)]
+    f, b, w = warmup, 0, 0
+    while b < m:
+        if f < m:
+            actions.append(("F", f))
+            f += 1
+        actions.append(("B", b))
+        b += 1
+        if b - w > rank:
+            actions.append(("W", w))
+            w += 1
+    return actions + [("W", i) for i in range(w, m)]
+
+
+SCHEDULES = MappingProxyType({"gpipe": gpipe_schedule, "1f1b": one_f_one_b_schedule,
+                              "interleaved": interleaved_schedule, "zbh1": zbh1_schedule})
+SPLIT_BACKWARD = frozenset({"zbh1"})   # schedules with separate B and W passes
+
+
+def bubble_theory(p: int, m: int, schedule: str = "1f1b", v: int = 1) -> float:
+    """The idle fraction of the ideal schedule (equal stages, free messages, a backward twice a
+    forward, B = W = F when the backward is split):
+        GPipe, 1F1B   (P-1) / (M + P-1)
+        interleaved   (P-1) / (V M + P-1)   the warm-up and cool-down ramps are V times shorter
+        ZB-H1         (P-1) / (3M + P-1)    1F1B's bubble of P-1 slots of F+B+W becomes P-1 of
+                                            F+B-W: a third (for M >= P)
+    ``ideal`` below replays any action list and gives the same figures."""
+    if schedule == "interleaved":
+        return (p - 1) / (v * m + p - 1)
+    if schedule == "zbh1":
+        return (p - 1) / (3 * m + p - 1)
     return (p - 1) / (m + p - 1)
+
+
+def ideal(p: int, m: int, schedule: str, v: int = 1) -> dict:
+    """Replay every rank's action list with unit costs (F 1/V, B 2/V, or B = W = 1/V when split)
+    and free messages: the bubble and the most live micro-batches per rank (activations are
+    released by B, or by W when the backward is split). Raises if the lists deadlock."""
+    lists = [SCHEDULES[schedule](p, m, r, v) for r in range(p)]
+    split = schedule in SPLIT_BACKWARD
+    cost = {"F": 1 / v, "B": (1 if split else 2) / v, "W": 1 / v}
+    done, pos, clock = {}, [0] * p, [0.0] * p
+    moved = True
+    while moved:
+        moved = False
+        for r in range(p):
+            while pos[r] < len(lists[r]):
+                kind, i, c = (*lists[r][pos[r]], 0)[:3]
+                vs = c * p + r
+                need = {"F": [("F", i, vs - 1)] if vs else [],
+                        "B": [("F", i, vs)] + ([("B", i, vs + 1)] if vs < p * v - 1 else []),
+                        "W": [("B", i, vs)]}[kind]
+                if any(n not in done for n in need):
+                    break
+                clock[r] = max([clock[r]] + [done[n] for n in need]) + cost[kind]
+                done[(kind, i, vs)] = clock[r]
+                pos[r] += 1
+                moved = True
+    if pos != [len(x) for x in lists]:
+        raise RuntimeError(f"schedule {schedule} deadlocks at P={p}, M={m}, V={v}")
+    busy = sum(cost[(*a, 0)[0]] for x in lists for a in x) / p
+    release = "W" if split else "B"
+    peaks = []
+    for x in lists:
+        alive = peak = 0
+        for a in x:
+            alive += 1 if a[0] == "F" else -1 if a[0] == release else 0
+            peak = max(peak, alive)
+        peaks.append(peak)
+    return {"bubble": 1 - busy / max(clock), "peak_live": peaks}
 
 
 # --------------------------------------------------------------------------- one stage
@@ -120,71 +213,109 @@ def _busy(seconds: float) -> None:
         time.sleep(min(1e-3, max(0.0, end - time.perf_counter())))
 
 
-def run_schedule(stage: Stage, actions: list[tuple[str, int]], xs, ys, grid: Grid,
-                 comm: CommCounter, meter: mem.ActivationMeter,
-                 compute_s: float = 0.0) -> torch.Tensor:
+def _tag(boundary: int, i: int, m: int) -> int:
+    """Message tag of micro-batch i crossing from virtual stage ``boundary`` to the next
+    (activations; their gradients go back with tag + 1)."""
+    return 2 * (boundary * m + i)
+
+
+def run_schedule(stages: Stage | list[Stage], actions: list[tuple], xs, ys, grid: Grid,
+                 comm: CommCounter, meter: mem.ActivationMeter, compute_s: float = 0.0,
+                 split_backward: bool = False) -> torch.Tensor:
     """Execute one rank's action list for one step; returns the summed micro-batch losses (the
-    last stage's; zero elsewhere). Receives block until the neighbour's message arrives, sends
-    do not (isend), so any schedule whose dependencies are acyclic runs without deadlock. The
-    step's timeline (kind, micro-batch, work start, end, start of waiting) is appended to
-    ``stage.timelines``."""
-    m, device = len(xs), xs[0].device
-    first, last = grid.prev_rank is None, grid.next_rank is None
-    inputs, outputs, live, live_bytes, sends = {}, {}, {}, 0, []
+    last stage's; zero elsewhere). ``stages``: this rank's model chunk, or its V chunks (chunk c
+    is virtual stage c * P + p). An action is (kind, micro-batch) or (kind, micro-batch, chunk);
+    kinds F, B and, with ``split_backward``, W: B then computes only the gradient of the stage's
+    input (what the previous stage waits for) and W the parameters' gradients, later. Receives
+    block until the neighbour's message arrives, sends do not (isend), so any schedule whose
+    dependencies are acyclic runs without deadlock. The step's timeline (kind, micro-batch, work
+    start, end, start of waiting, chunk) and the most live micro-batches (F done, activations
+    not yet released) are kept on the first chunk."""
+    stages = stages if isinstance(stages, list) else [stages]
+    book, v, m, device = stages[0], len(stages), len(xs), xs[0].device
+    n_virtual = grid.pp * v
+    prev, nxt = grid.stage_rank(grid.p - 1), grid.stage_rank(grid.p + 1)
+    inputs, outputs, grads, live, live_bytes, sends = {}, {}, {}, {}, 0, []
     total_loss = torch.zeros((), device=device)
     timeline = []
-    for kind, i in actions:
+    for action in actions:
+        kind, i, c = (*action, 0)[:3]
+        stage, vs = stages[c], c * grid.pp + grid.p
+        first, last = vs == 0, vs == n_virtual - 1
         t0 = time.time()
         if kind == "F":
             if first:
                 inp = xs[i]
             else:
                 inp = torch.empty(xs[i].shape[0], xs[i].shape[1], stage.width, device=device)
-                dist.recv(inp, grid.prev_rank, tag=2 * i)
+                dist.recv(inp, prev, tag=_tag(vs - 1, i, m))
                 inp.requires_grad_(True)
             t1 = time.time()  # waiting for the message is idle time, not work
             with meter.measure(stage.module.parameters()) as saved:
                 out = stage.module(inp)
                 if last:
                     out = stage.loss(out, ys[i]) / m  # mean of equal micro-batch means
-            live[i] = saved.last
+            live[(i, c)] = saved.last
             live_bytes += saved.last
-            stage.peak_live = max(stage.peak_live, len(live))
-            stage.peak_live_bytes = max(stage.peak_live_bytes, live_bytes)
-            inputs[i], outputs[i] = inp, out
-            _busy(compute_s)
+            book.peak_live = max(book.peak_live, len(live))
+            book.peak_live_bytes = max(book.peak_live_bytes, live_bytes)
+            inputs[(i, c)], outputs[(i, c)] = inp, out
+            _busy(compute_s / v)
             if last:
                 total_loss += out.detach()
             else:
-                sends.append(dist.isend(out.detach(), grid.next_rank, tag=2 * i))
+                sends.append(dist.isend(out.detach(), nxt, tag=_tag(vs, i, m)))
                 comm.record("send", out, sent_bytes=nbytes(out))
-        else:
-            out = outputs.pop(i)
-            if last:
-                t1 = time.time()
-                out.backward()
-            else:
+        elif kind == "B":
+            out, inp = outputs[(i, c)], inputs[(i, c)]
+            grad = None
+            if not last:
                 grad = torch.empty_like(out)
-                dist.recv(grad, grid.next_rank, tag=2 * i + 1)
-                t1 = time.time()
+                dist.recv(grad, nxt, tag=_tag(vs, i, m) + 1)
+            t1 = time.time()
+            if split_backward:  # only the input's gradient now; keep the graph for W
+                grads[(i, c)] = grad
+                g_in = None if first else torch.autograd.grad(out, inp, grad,
+                                                              retain_graph=True)[0]
+                _busy(compute_s / v)
+            else:
                 out.backward(grad)
-            inp = inputs.pop(i)
-            _busy(2 * compute_s)
+                g_in = inp.grad
+                _busy(2 * compute_s / v)
+                del outputs[(i, c)], inputs[(i, c)]
+                live_bytes -= live.pop((i, c))
             if not first:
-                sends.append(dist.isend(inp.grad, grid.prev_rank, tag=2 * i + 1))
-                comm.record("send", inp.grad, sent_bytes=nbytes(inp.grad))
-            live_bytes -= live.pop(i)
-        timeline.append((kind, i, t1, time.time(), t0))
+                sends.append(dist.isend(g_in, prev, tag=_tag(vs - 1, i, m) + 1))
+                comm.record("send", g_in, sent_bytes=nbytes(g_in))
+        elif kind == "W":  # the parameters' gradients of a B done earlier
+            t1 = time.time()
+            out, grad = outputs.pop((i, c)), grads.pop((i, c))
+            del inputs[(i, c)]
+            params = [q for q in stage.module.parameters() if q.requires_grad]
+            for q, g in zip(params, torch.autograd.grad(out, params, grad, allow_unused=True)):
+                if g is not None:
+                    q.grad = g if q.grad is None else q.grad + g
+            _busy(compute_s / v)
+            live_bytes -= live.pop((i, c))
+        else:
+            raise ValueError(f"unknown pipeline action {action!r}")
+        timeline.append((kind, i, t1, time.time(), t0, c))
     for s in sends:
         s.wait()
-    stage.timelines.append(timeline)
+    book.timelines.append(timeline)
     return total_loss
 
 
-def stage_canonical(stage: Stage, full: ToyGPT, optimizer, gather) -> dict:
+def chunks_named(stages: Stage | list[Stage], full: ToyGPT) -> dict:
+    """The parameters of a rank's chunk(s) under the full model's names."""
+    stages = stages if isinstance(stages, list) else [stages]
+    return {k: v for st in stages for k, v in st.named(full).items()}
+
+
+def stage_canonical(stages: Stage | list[Stage], full: ToyGPT, optimizer, gather) -> dict:
     """The canonical state (dtlab/core/checkpoint.py) of a pipeline: every stage's parameters
     and moments, put together on every rank."""
-    return {k: v for part in gather(ckpt.adam_named(stage.named(full), optimizer))
+    return {k: v for part in gather(ckpt.adam_named(chunks_named(stages, full), optimizer))
             for k, v in part.items()}
 
 
@@ -207,44 +338,55 @@ class OwnPipeline(Strategy):
     whole_batch = True  # every stage sees the whole batch (the first needs the tokens, the last
                         # the targets)
 
-    def __init__(self, rt, settings, schedule: str, microbatches: int, compute_ms: float):
+    def __init__(self, rt, settings, schedule: str, microbatches: int, compute_ms: float,
+                 virtual: int = 1):
         super().__init__(rt, settings)
         self.schedule_name, self.m, self.compute_s = schedule, microbatches, compute_ms / 1e3
-        self.variant = f"own-{schedule}"
+        self.v = virtual
+        self.variant = f"own-{schedule}" + (f"-v{virtual}" if virtual > 1 else "")
         self.grid = Grid(pp=rt.world_size, rank=rt.rank)
 
     def build(self) -> None:
-        p, r = self.grid.pp, self.grid.p
+        p, r, v = self.grid.pp, self.grid.p, self.v
         self.full = ToyGPT(self.settings.model).to(self.rt.device)  # same init as the baseline
-        self.stage = cut_stage(self.full, r, p)
-        self.model = self.stage.module
+        # chunk c of this rank is virtual stage c P + r of P V (round-robin); one chunk: stage r
+        self.chunks = [cut_stage(self.full, c * p + r, p * v) for c in range(v)]
+        self.stage = self.chunks[0]
+        self.model = torch.nn.ModuleList([st.module for st in self.chunks])
         self.optimizer = self.make_optimizer(self.model.parameters())
-        self.actions = SCHEDULES[self.schedule_name](p, self.m, r)
+        self.actions = SCHEDULES[self.schedule_name](p, self.m, r, v)
         self.extra.update(stages=p, microbatches=self.m, schedule=self.schedule_name,
-                          stage_layers=[self.stage.lo, self.stage.hi],
-                          actions=[f"{a}{i}" for a, i in self.actions])
+                          virtual_stages=v,
+                          stage_layers=[[st.lo, st.hi] for st in self.chunks] if v > 1 else
+                          [self.stage.lo, self.stage.hi],
+                          actions=["".join(map(str, a)) for a in self.actions])
 
     def forward_backward(self, x, y):
         self.optimizer.zero_grad(set_to_none=True)
         self.barrier()  # every stage starts the step together: the timeline measures the step
-        return run_schedule(self.stage, self.actions, x.chunk(self.m), y.chunk(self.m),
-                            self.grid, self.comm, self.meter, self.compute_s)
+        return run_schedule(self.chunks, self.actions, x.chunk(self.m), y.chunk(self.m),
+                            self.grid, self.comm, self.meter, self.compute_s,
+                            split_backward=self.schedule_name in SPLIT_BACKWARD)
 
     def global_loss(self, local_loss: torch.Tensor) -> float:
         return pipeline_loss(local_loss, self.grid)
 
     def full_state(self):
-        parts = self.gather_object(self.stage.params(self.full))
+        mine = {n: q.detach().cpu() for n, q in chunks_named(self.chunks, self.full).items()}
+        parts = self.gather_object(mine)
         return {k: v for part in parts for k, v in part.items()} if self.rt.is_main else None
 
     def memory(self) -> dict:
-        return self.stage.memory(self.optimizer, self.meter, self.rt.device)
+        snap = mem.snapshot(list(self.model.parameters()), self.optimizer, self.meter,
+                            self.rt.device)
+        snap["activations_peak"] = self.stage.peak_live_bytes  # all live micro-batches at once
+        return snap
 
     def canonical_state(self) -> dict:
-        return stage_canonical(self.stage, self.full, self.optimizer, self.gather_object)
+        return stage_canonical(self.chunks, self.full, self.optimizer, self.gather_object)
 
     def load_canonical_state(self, full: dict) -> None:
-        ckpt.load_adam_named(self.stage.named(self.full), self.optimizer, full)
+        ckpt.load_adam_named(chunks_named(self.chunks, self.full), self.optimizer, full)
 
     def close(self) -> None:
         # The first step includes warm-up (allocations, connections); measure the later ones.
@@ -252,33 +394,41 @@ class OwnPipeline(Strategy):
         per_rank = self.gather_object({"timelines": steps, "peak_live": self.stage.peak_live,
                                        "peak_live_bytes": self.stage.peak_live_bytes})
         if self.rt.is_main:
-            self.extra.update(analyse(per_rank, self.rt.world_size, self.m))
+            self.extra.update(analyse(per_rank, self.rt.world_size, self.m, self.schedule_name,
+                                      self.v))
             draw_schedule(per_rank, self.settings.out, self.variant, self.extra)
         super().close()
 
 
 class TorchPipeline(Strategy):
-    """The same stages through torch.distributed.pipelining's own schedules."""
-
     name = "pipeline"
     whole_batch = True
 
-    def __init__(self, rt, settings, schedule: str, microbatches: int):
+    # our schedule -> torch.distributed.pipelining's class (interleaved: V stages a rank)
+    TORCH = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
+             "interleaved": "ScheduleInterleaved1F1B", "zbh1": "ScheduleInterleavedZeroBubble"}
+
+    def __init__(self, rt, settings, schedule: str, microbatches: int, virtual: int = 1):
         super().__init__(rt, settings)
-        self.schedule_name, self.m = schedule, microbatches
-        self.variant = f"torch-{schedule}"
+        self.schedule_name, self.m, self.v = schedule, microbatches, virtual
+        self.variant = f"torch-{schedule}" + (f"-v{virtual}" if virtual > 1 else "")
 
     def build(self) -> None:
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-        r, p = self.rt.rank, self.rt.world_size
+        import torch.distributed.pipelining as pipelining
+        from torch.distributed.pipelining import PipelineStage
+        r, p, v = self.rt.rank, self.rt.world_size, self.v
         self.full = ToyGPT(self.settings.model).to(self.rt.device)
-        self.stage = cut_stage(self.full, r, p)
-        self.model = self.stage.module
+        self.chunks = [cut_stage(self.full, c * p + r, p * v) for c in range(v)]
+        self.stage = self.chunks[0]
+        self.model = torch.nn.ModuleList([st.module for st in self.chunks])
         self.optimizer = self.make_optimizer(self.model.parameters())
-        torch_stage = PipelineStage(self.model, r, p, self.rt.device)
-        cls = ScheduleGPipe if self.schedule_name == "gpipe" else Schedule1F1B
+        stages = [PipelineStage(st.module, c * p + r, p * v, self.rt.device)
+                  for c, st in enumerate(self.chunks)]
+        cls = getattr(pipelining, self.TORCH[self.schedule_name])
         # loss per micro-batch; the schedule divides the gradients by M (scale_grads)
-        self.sched = cls(torch_stage, n_microbatches=self.m, loss_fn=loss_fn)
+        self.sched = cls(stages if v > 1 or self.schedule_name in ("interleaved", "zbh1")
+                         else stages[0], n_microbatches=self.m, loss_fn=loss_fn)
+        self.extra.update(torch_schedule=self.TORCH[self.schedule_name], virtual_stages=v)
 
     def forward_backward(self, x, y):
         self.optimizer.zero_grad(set_to_none=True)
@@ -301,19 +451,20 @@ class TorchPipeline(Strategy):
         return pipeline_loss(local_loss, Grid(pp=self.rt.world_size, rank=self.rt.rank))
 
     def full_state(self):
-        parts = self.gather_object(self.stage.params(self.full))
+        mine = {n: q.detach().cpu() for n, q in chunks_named(self.chunks, self.full).items()}
+        parts = self.gather_object(mine)
         return {k: v for part in parts for k, v in part.items()} if self.rt.is_main else None
 
     def canonical_state(self) -> dict:
-        return stage_canonical(self.stage, self.full, self.optimizer, self.gather_object)
+        return stage_canonical(self.chunks, self.full, self.optimizer, self.gather_object)
 
     def load_canonical_state(self, full: dict) -> None:
-        ckpt.load_adam_named(self.stage.named(self.full), self.optimizer, full)
+        ckpt.load_adam_named(chunks_named(self.chunks, self.full), self.optimizer, full)
 
 
 # --------------------------------------------------------------------------- measured vs theory
 
-def analyse(per_rank: list[dict], p: int, m: int) -> dict:
+def analyse(per_rank: list[dict], p: int, m: int, schedule: str = "1f1b", v: int = 1) -> dict:
     """Measured bubble: per step, the span from the first action's start to the last action's
     end over all ranks; each rank is busy for the sum of its actions; bubble = 1 - mean busy /
     span. Averaged over steps."""
@@ -324,13 +475,18 @@ def analyse(per_rank: list[dict], p: int, m: int) -> dict:
         end = max(a[3] for tl in tls for a in tl)
         busy = [sum(a[3] - a[2] for a in tl) for tl in tls]
         bubbles.append(1 - sum(busy) / len(busy) / (end - start))
-    return {"bubble_measured": sum(bubbles) / len(bubbles), "bubble_theory": bubble_theory(p, m),
+    best = ideal(p, m, schedule, v)
+    return {"bubble_measured": sum(bubbles) / len(bubbles),
+            "bubble_theory": bubble_theory(p, m, schedule, v), "bubble_ideal": best["bubble"],
+            "peak_live_theory": best["peak_live"],
             "peak_live_microbatches": [pr["peak_live"] for pr in per_rank],
             "peak_live_activation_bytes": [pr["peak_live_bytes"] for pr in per_rank]}
 
 
 def draw_schedule(per_rank: list[dict], out: str, title: str, figures: dict) -> None:
-    """schedule.png: one row per stage, forwards blue, backwards green, gaps the bubble."""
+    """schedule.png: one row per stage, forwards blue, backwards green (B of a split backward
+    green, W orange), each labelled with its micro-batch (and chunk, interleaved); gaps are the
+    bubble."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -342,16 +498,21 @@ def draw_schedule(per_rank: list[dict], out: str, title: str, figures: dict) -> 
     t0 = min(a[2] for tl in tls for a in tl)
     fig, ax = plt.subplots(figsize=(10, 0.6 * len(tls) + 1.2))
     for r, tl in enumerate(tls):
-        for kind, i, s, e, _ in tl:
+        for kind, i, s, e, *rest in tl:
+            chunk = rest[1] if len(rest) > 1 else 0
             ax.barh(r, (e - s) * 1e3, left=(s - t0) * 1e3, height=0.8,
-                    color="#4c78a8" if kind == "F" else "#59a14f", edgecolor="white")
-            ax.text((s - t0 + (e - s) / 2) * 1e3, r, f"{kind}{i}", ha="center", va="center",
+                    color={"F": "#4c78a8", "B": "#59a14f", "W": "#f28e2b"}[kind],
+                    alpha=1.0 if chunk % 2 == 0 else 0.65, edgecolor="white")
+            label = f"{kind}{i}" + ("'" * chunk)
+            ax.text((s - t0 + (e - s) / 2) * 1e3, r, label, ha="center", va="center",
                     color="white", fontsize=7)
     ax.set_yticks(range(len(tls)), [f"stage {r}" for r in range(len(tls))])
     ax.invert_yaxis()
     ax.set_xlabel("ms (white gaps are the bubble)")
+    formula = {"interleaved": "(P-1)/(VM+P-1)", "zbh1": "(P-1)/(3M+P-1)"}.get(
+        figures.get("schedule", ""), "(P-1)/(M+P-1)")
     ax.set_title(f"{title}: measured bubble {figures['bubble_measured']:.3f}, theory "
-                 f"(P-1)/(M+P-1) = {figures['bubble_theory']:.3f}")
+                 f"{formula} = {figures['bubble_theory']:.3f}", fontsize=10)
     fig.tight_layout()
     Path(out).mkdir(parents=True, exist_ok=True)
     fig.savefig(Path(out) / "schedule.png", dpi=110)
@@ -365,12 +526,34 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", default="own", choices=["own", "torch"])
     p.add_argument("--schedule", default="1f1b", choices=list(SCHEDULES))
     p.add_argument("--microbatches", type=int, default=4, help="M (default 4)")
+    p.add_argument("--virtual-stages", type=int, default=None,
+                   help="V model chunks per rank for --schedule interleaved (default 2)")
     p.add_argument("--stage-compute-ms", type=finite, default=0.0,
                    help="known busy time added to every forward (and twice to every backward)")
     return add_common_args(p)
 
 
+def virtual_stages(args) -> int:
+    return args.virtual_stages or (2 if args.schedule == "interleaved" else 1)
+
+
 def check_args(args, settings, world: int) -> None:
+    v = virtual_stages(args)
+    if args.schedule != "interleaved" and v != 1:
+        raise UsageError(f"--virtual-stages {v}: only --schedule interleaved runs several "
+                         "chunks per rank")
+    if args.schedule == "interleaved":
+        if v < 2:
+            raise UsageError(f"--virtual-stages {v}: interleaving needs 2 or more chunks a rank")
+        if world * v > settings.model.n_layer:
+            raise UsageError(f"--schedule interleaved: {world} ranks x {v} chunks = "
+                             f"{world * v} virtual stages but preset {settings.preset!r} has "
+                             f"{settings.model.n_layer} blocks; use fewer --virtual-stages or "
+                             "ranks, or a preset with more layers")
+        if args.microbatches % world:
+            raise UsageError(f"--schedule interleaved sends micro-batches in groups of the "
+                             f"{world} stages: --microbatches {args.microbatches} must be a "
+                             f"multiple of {world}")
     Grid(pp=world).validate(world, settings.model, settings.batch_size, args.microbatches,
                             settings.preset)
     if not args.stage_compute_ms >= 0:  # also refuses nan
@@ -382,8 +565,10 @@ def check_args(args, settings, world: int) -> None:
 
 def make_strategy(rt, settings, args) -> Strategy:
     if args.impl == "torch":
-        return TorchPipeline(rt, settings, args.schedule, args.microbatches)
-    return OwnPipeline(rt, settings, args.schedule, args.microbatches, args.stage_compute_ms)
+        return TorchPipeline(rt, settings, args.schedule, args.microbatches,
+                             virtual_stages(args))
+    return OwnPipeline(rt, settings, args.schedule, args.microbatches, args.stage_compute_ms,
+                       virtual_stages(args))
 
 
 def main(argv=None) -> int:

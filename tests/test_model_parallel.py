@@ -42,7 +42,8 @@ def test_tensor_parallel_rejects_heads_not_divisible(tmp_path):
     assert "tensor parallel size 4 must divide n_head=2 of preset 'tiny'" in p.stderr
 
 
-from labs.pipeline import bubble_theory, gpipe_schedule, one_f_one_b_schedule  # noqa: E402
+from labs.pipeline import (SCHEDULES, bubble_theory, gpipe_schedule, ideal,  # noqa: E402
+                           one_f_one_b_schedule)
 
 
 def test_schedules_as_action_lists():
@@ -160,3 +161,72 @@ def test_parallel3d_bad_grid_is_one_line(tmp_path):
     p, s = run_lab("parallel3d", 4, tmp_path, "--dp", 2, "--pp", 2, "--tp", 2)
     assert p.returncode == 2 and s is None
     assert "world size 4 != dp x pp x tp = 2 x 2 x 2 = 8" in p.stderr
+
+
+@pytest.mark.parametrize("schedule, v", [("gpipe", 1), ("1f1b", 1), ("interleaved", 2),
+                                         ("interleaved", 3), ("zbh1", 1)])
+def test_every_schedule_runs_and_meets_its_formula(schedule, v):
+    """Replaying each action list with ideal costs (no deadlock, every F/B/W once) gives the
+    closed-form bubble: interleaving divides 1F1B's by V, ZB-H1 leaves a third of it."""
+    for p in (2, 3, 4):
+        for m in (p, 2 * p, 3 * p):
+            lists = [SCHEDULES[schedule](p, m, r, v) for r in range(p)]
+            for acts in lists:
+                kinds = "FBW" if schedule == "zbh1" else "FB"
+                want = sorted((k, i, c) for k in kinds for i in range(m) for c in range(v))
+                assert sorted((*a, 0)[:3] for a in acts) == want
+            got = ideal(p, m, schedule, v)
+            assert got["bubble"] == pytest.approx(bubble_theory(p, m, schedule, v))
+            if schedule == "interleaved":  # the warm-up's forwards, plus one
+                assert got["peak_live"] == [min(2 * (p - 1 - r) + (v - 1) * p + 1, m * v)
+                                            for r in range(p)]
+            if schedule == "zbh1":          # as many as 1F1B's rank 0, on every rank
+                assert got["peak_live"] == [p] * p
+    assert bubble_theory(4, 8, "interleaved", 2) == pytest.approx(
+        bubble_theory(4, 16))  # V = 2 is 1F1B with twice the micro-batches
+    assert bubble_theory(4, 8, "zbh1") == pytest.approx(3 / 27)
+
+
+@pytest.mark.parametrize("impl", ["own", "torch"])
+@pytest.mark.parametrize("schedule", ["interleaved", "zbh1"])
+def test_interleaved_and_zero_bubble_equal_baseline(impl, schedule, tmp_path):
+    """Interleaved 1F1B (2 ranks x 2 chunks of the small preset's 4 blocks) and ZB-H1 equal the
+    baseline; every virtual-stage boundary carries each micro-batch's activation forward and its
+    gradient back."""
+    p, s = run_lab("pipeline", 2, tmp_path, "--impl", impl, "--schedule", schedule,
+                   "--microbatches", 4, "--preset", "small", "--steps", 3)
+    assert p.returncode == 0, p.stderr[-3000:]
+    b = s["baseline"]
+    assert b["ok"] is True and b["max_rel_loss_diff"] <= 1e-5 and b["max_abs_param_diff"] <= 1e-4
+    if impl == "own":
+        v = 2 if schedule == "interleaved" else 1
+        act = 16 * 64 * 128 * 4  # the whole batch's activations, over its micro-batches
+        assert sum(s["comm"]["per_rank"]) == 2 * (2 * v - 1) * act
+        assert (tmp_path / "schedule.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule, stages, m", [("interleaved", 2, 4), ("zbh1", 4, 8)])
+def test_new_schedules_bubble_and_memory_match_theory(schedule, stages, m, tmp_path):
+    """With a known busy time per forward (and per B and W, or twice per whole backward), the
+    measured idle fraction is within 0.05 of the formula and the live micro-batches per rank
+    are the action list's."""
+    p, s = run_lab("pipeline", stages, tmp_path, "--schedule", schedule, "--microbatches", m,
+                   "--preset", "small", "--steps", 3, "--stage-compute-ms", 20)
+    assert p.returncode == 0, p.stderr[-3000:]
+    e = s["extra"]
+    assert e["bubble_theory"] == pytest.approx(bubble_theory(stages, m, schedule,
+                                                             2 if schedule == "interleaved" else 1))
+    assert abs(e["bubble_measured"] - e["bubble_theory"]) <= 0.05, e["bubble_measured"]
+    assert e["peak_live_microbatches"] == e["peak_live_theory"]
+
+
+def test_pipeline_schedule_bad_input(tmp_path):
+    for args, says in [(("--schedule", "interleaved", "--preset", "tiny"),
+                        "2 ranks x 2 chunks = 4 virtual stages but preset 'tiny' has 2 blocks"),
+                       (("--schedule", "interleaved", "--preset", "small", "--microbatches", "3"),
+                        "--microbatches 3 must be a multiple of 2"),
+                       (("--schedule", "1f1b", "--virtual-stages", "2"),
+                        "only --schedule interleaved runs several chunks per rank")]:
+        p, s = run_lab("pipeline", 2, tmp_path, *args)
+        assert p.returncode == 2 and s is None and says in p.stderr, p.stderr
