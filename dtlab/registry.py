@@ -26,6 +26,7 @@ class Lab:
     tour_gpu: tuple[tuple[tuple[str, ...], str], ...] = field(default=())  # (args, why CUDA)
     no_checkpoint: str | None = None      # why --ckpt-dir cannot work with it, if it cannot
     variant_files: tuple[str, ...] = ()   # labs/<file>.py holding a library variant of the lab
+    moe: bool = False                     # runs the mixture-of-experts model (--moe-experts)
 
     @property
     def module(self) -> str:
@@ -54,7 +55,7 @@ class Lab:
 
 LABS: dict[str, Lab] = {lab.name: lab for lab in [
     Lab("baseline", "one process, whole global batch: the reference every lab must equal",
-        min_world=1, max_world=1, tour_nproc=1),
+        min_world=1, max_world=1, tour_nproc=1, moe=True),
     Lab("dataparallel", "nn.DataParallel and the same written out: scatter, replicate, "
         "parallel_apply, gather, reduce; device 0's extra memory measured",
         min_world=1, max_world=1, tour_nproc=1, data_parallel=False,
@@ -97,15 +98,22 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
     Lab("tensor_parallel", "Megatron column/row-parallel layers, heads split, vocab-parallel "
         "loss (own) and DTensor's plan (torch); --sp: sequence parallelism", data_parallel=False,
         tour_more=(("--impl", "torch"), ("--sp", "--recompute", "full"))),
-    Lab("pipeline", "stages over ranks, GPipe and 1F1B as action lists, measured bubble and "
-        "live micro-batches, schedule picture", data_parallel=False,
-        tour_more=(("--schedule", "gpipe"), ("--impl", "torch"))),
+    Lab("pipeline", "stages over ranks; GPipe, 1F1B, interleaved 1F1B and ZB-H1 as action lists; "
+        "measured bubble and live micro-batches against each formula; schedule picture",
+        data_parallel=False,
+        tour_more=(("--schedule", "gpipe"), ("--impl", "torch"), ("--schedule", "zbh1"),
+                   ("--schedule", "interleaved", "--preset", "small"))),
     Lab("parallel3d", "data x pipeline x tensor parallel on one grid of ranks (TP inside, PP "
-        "across, DP outermost)", min_world=1, tour_nproc=4, data_parallel=False,
+        "across, DP outermost); --cp: context parallel, a 4D grid", min_world=1, tour_nproc=4, data_parallel=False,
         tour_args=("--dp", "1", "--pp", "2", "--tp", "2", "--preset", "small")),
     Lab("context_parallel", "the sequence cut over ranks, ring attention (online softmax, K/V "
         "passed around), zig-zag vs contiguous causal layout", min_world=2, data_parallel=False,
         tour_more=(("--layout", "contiguous"),)),
+    Lab("expert_parallel", "a mixture-of-experts model with its experts spread over ranks, "
+        "tokens dispatched and returned by all-to-all; ep x dp; capacity factor", min_world=2,
+        moe=True, tour_args=("--moe-experts", "4", "--moe-top-k", "2"),
+        tour_more=(("--moe-experts", "4", "--moe-top-k", "2", "--capacity-factor", "1.0"),),
+        no_checkpoint="its expert shards are not written to the canonical checkpoint yet"),
 ]}
 
 

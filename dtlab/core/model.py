@@ -42,6 +42,9 @@ class ModelConfig:
     init_seed: int = 0
     recompute: str = "none"     # none | full (every block) | selective (every k-th block)
     recompute_every: int = 2    # k for selective
+    moe_experts: int = 0        # > 0: every block's MLP is a mixture of this many experts
+    moe_top_k: int = 1          # experts each token is sent to
+    moe_aux_weight: float = 0.01  # weight of the load-balancing loss
 
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "d_ff"):
@@ -54,6 +57,10 @@ class ModelConfig:
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"ModelConfig.recompute must be one of {', '.join(RECOMPUTE)}, "
                              f"got {self.recompute!r}")
+        if self.moe_experts < 0 or (self.moe_experts and not
+                                    1 <= self.moe_top_k <= self.moe_experts):
+            raise ValueError(f"ModelConfig: moe_top_k={self.moe_top_k} must be in 1.."
+                             f"moe_experts={self.moe_experts}")
         if self.recompute_every < 1:
             raise ValueError(f"ModelConfig.recompute_every must be >= 1, got "
                              f"{self.recompute_every}")
@@ -162,6 +169,69 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x)))
 
 
+class AddAuxiliaryLoss(torch.autograd.Function):
+    """Forward: ``x`` unchanged. Backward: ``x``'s gradient, and 1 for ``aux``: the auxiliary
+    loss's gradient joins the backward without changing the loss any lab computes and reports."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.dtype, ctx.device = aux.dtype, aux.device
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, torch.ones((), dtype=ctx.dtype, device=ctx.device)
+
+
+class MoE(nn.Module):
+    """A mixture of experts in place of the MLP: a router scores the E experts for every token,
+    the token goes to its top K, and its output is the experts' outputs weighted by their router
+    probabilities. A load-balancing loss (Switch Transformer's E * sum_e f_e P_e, f_e the share of
+    assignments expert e received, P_e its mean router probability) keeps the router from
+    sending everything to a few experts; its gradient joins the backward through
+    ``AddAuxiliaryLoss``.
+
+    Two hooks let expert parallelism (labs/expert_parallel.py) cut it without changing the maths:
+    ``run_experts(rows, counts)`` computes the experts on rows grouped by expert (here: locally),
+    ``reduce_counts(counts)`` turns this process's assignment counts into the global ones f_e
+    is taken from (here: unchanged). ``last_counts`` keeps the latest counts, for the record."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k, self.aux_weight = cfg.moe_experts, cfg.moe_top_k, \
+            cfg.moe_aux_weight
+        self.router = nn.Linear(cfg.d_model, cfg.moe_experts, bias=False)
+        self.experts = nn.ModuleList([MLP(cfg) for _ in range(cfg.moe_experts)])
+        self.run_experts = self.local_experts
+        self.reduce_counts = lambda counts: counts
+        self.last_counts: torch.Tensor | None = None
+
+    def local_experts(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Rows grouped by expert, ``counts[e]`` of them for expert e, through their experts."""
+        return torch.cat([self.experts[e](part) for e, part in
+                          enumerate(rows.split(counts)) if counts[e]] or [rows[:0]])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, h = x.shape, x.reshape(-1, x.shape[-1])
+        n, k = h.shape[0], self.top_k
+        if h.device.type == "meta":  # shapes only (FLOP counting): every token through k experts
+            self.router(h)
+            return sum(self.experts[e](h) for e in range(k)).view(shape)
+        probs = F.softmax(self.router(h).float(), dim=-1)
+        gate, expert = probs.topk(k, dim=-1)                    # [n, k] each
+        flat_e = expert.reshape(-1)
+        order = torch.argsort(flat_e, stable=True)              # assignments grouped by expert
+        token = torch.arange(n, device=h.device).repeat_interleave(k)[order]
+        counts = torch.bincount(flat_e, minlength=self.n_experts)
+        out = self.run_experts(h[token], counts.tolist())
+        y = torch.zeros_like(h).index_add(0, token, out * gate.reshape(-1)[order, None].to(h.dtype))
+        total = self.reduce_counts(counts.float())
+        self.last_counts = total.detach()
+        share = total / total.sum()                             # f_e
+        aux = self.aux_weight * self.n_experts * (share * probs.mean(dim=0)).sum()
+        return AddAuxiliaryLoss.apply(y, aux).view(shape)
+
+
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)). With ``recompute`` it
     keeps only its input for the backward and runs its forward again there."""
@@ -169,7 +239,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, recompute: bool = False):
         super().__init__()
         self.ln1, self.attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
-        self.ln2, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MoE(cfg) if cfg.moe_experts else MLP(cfg)
         self.recompute = recompute
 
     def body(self, x: torch.Tensor) -> torch.Tensor:

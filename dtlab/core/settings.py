@@ -100,6 +100,11 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="activation recomputation: full (every block keeps only its input and "
                         "runs its forward again in the backward), selective (every k-th block), "
                         "none (default; docs/activation-recomputation.md)")
+    g.add_argument("--moe-experts", type=int, default=0,
+                   help="make every block's MLP a mixture of this many experts (default 0: a "
+                        "plain MLP; docs/expert-parallel.md)")
+    g.add_argument("--moe-top-k", type=int, default=1,
+                   help="experts each token goes to (default 1)")
     g.add_argument("--recompute-every", type=int, default=2,
                    help="k of --recompute selective: blocks 0, k, 2k, ... (default 2)")
     g.add_argument("--profile-dir", default=None,
@@ -170,6 +175,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise UsageError(f"--timeout must be in (0, {MAX_TIMEOUT_S}] seconds, got {args.timeout:g}")
     s = Settings(preset=args.preset, steps=args.steps, batch_size=batch, lr=lr, seed=args.seed,
                  data=args.data, out=args.out, profile_dir=args.profile_dir)
+    if args.moe_experts < 0:
+        raise UsageError(f"--moe-experts must be >= 0, got {args.moe_experts}")
+    if args.moe_experts and not 1 <= args.moe_top_k <= args.moe_experts:
+        raise UsageError(f"--moe-top-k {args.moe_top_k} must be between 1 and --moe-experts "
+                         f"{args.moe_experts}")
     if args.recompute_every < 1:
         raise UsageError(f"--recompute-every must be >= 1, got {args.recompute_every}")
     if args.seq_len is not None and args.seq_len < 2:
@@ -180,7 +190,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     try:
         s.model = config_from_preset(args.preset, vocab, init_seed=args.seed, seq_len=seq,
                                      recompute=args.recompute,
-                                     recompute_every=args.recompute_every)
+                                     recompute_every=args.recompute_every,
+                                     moe_experts=args.moe_experts, moe_top_k=args.moe_top_k)
     except ValueError as e:
         raise UsageError(f"--data {args.data}: {e}; use a preset that takes the data's "
                          "vocabulary (tiny, small) or a file with fewer distinct characters"

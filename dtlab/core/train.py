@@ -346,6 +346,9 @@ def run_lab(lab, parser: argparse.ArgumentParser, make_strategy, argv=None,
             check_args(args, settings, world)
         else:
             check_divisible(settings.batch_size, world)
+        if settings.model.moe_experts and not getattr(lab, "moe", False):
+            raise UsageError(f"--moe-experts: lab {name!r} does not run the mixture-of-experts "
+                             "model; run it with baseline or expert_parallel")
         plan, fault_plan = plans_from_args(args, settings, world, name,
                                            getattr(lab, "no_checkpoint", None))
         if rank == 0:  # one run per output and checkpoint folder: a second is refused
