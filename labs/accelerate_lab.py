@@ -80,6 +80,9 @@ class AccelerateStrategy(Strategy):
             # DeepSpeed needs the micro-batch; without a prepared DataLoader we say it.
             micro = self.settings.batch_size // (self.rt.world_size * self.accum)
             state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
+            # accelerate fills an "auto" gradient_clipping with 1.0; the baseline clips nothing
+            # (0 turns DeepSpeed's clipping off), so clipping would make the run differ
+            state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = 0.0
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         # What autocast really computes in: the dtype of a linear layer's output (accelerate
         # casts the model's outputs back to fp32, so the logits would not tell).

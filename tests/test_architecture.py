@@ -97,3 +97,15 @@ def test_labs_folder_is_the_registry():
     assert names == list(registry.LABS)
     variants = [v for lab in registry.LABS.values() for v in lab.variant_files]
     assert sorted(p.stem for p in LAB_FILES if p.stem != "__init__") == sorted(names + variants)
+
+
+def test_cli_parser_builds_without_torch():
+    """`dtlab list`, `dtlab cluster ...` and the doctor run with a Python that has no torch (the
+    CI's and Slurm's system python3 tear clusters down with it): building the parser must not
+    import torch."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from dtlab.cli import make_parser; make_parser()\n"
+            "import dtlab.tools.estimate, dtlab.registry")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]

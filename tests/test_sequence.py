@@ -1,6 +1,6 @@
 """Memory for long sequences: activation recomputation, sequence parallelism and context
 parallelism (ring attention), each equal to the baseline, with measured activation bytes equal
-to the formula (dtlab/core/memory.py: activation_formula) and counted bytes equal to theirs.
+to the formula (dtlab/core/activations.py: activation_formula) and counted bytes equal to theirs.
 
 Each lab run is made once per session and shared between the assertions that read it."""
 from dataclasses import replace

@@ -54,7 +54,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from dtlab.core.errors import UsageError
-from dtlab.core.memory import activation_formula
+from dtlab.core.activations import activation_formula
 from dtlab.core.zero_formula import BYTES_PER_PARAM, zero_state_bytes
 from dtlab.tools import report
 
@@ -143,7 +143,7 @@ def model_states(s: Setup, stage: int, offload: str) -> dict:
 def activation_detail(s: Setup, recompute: str = "none", every: int = 2, tp: int = 1,
                       sp: bool = False, cp: int = 1) -> dict | None:
     """Bytes autograd keeps for backward per GPU, term by term (``activation_formula`` in
-    dtlab/core/memory.py, the formula the labs' measurements are checked against); None when
+    dtlab/core/activations.py, the formula the labs' measurements are checked against); None when
     the architecture is not known."""
     a = s.arch
     if None in (a.n_layer, a.d_model, a.n_head):

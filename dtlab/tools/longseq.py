@@ -5,7 +5,7 @@
 
 Runs the real labs (``dtlab run ...``, one torchrun each, ``--no-baseline``: the equivalence is
 the tests' job) over sequence lengths and records, per run, the activation bytes every rank
-saved (the memory meter) beside the formula (``activation_formula`` in dtlab/core/memory.py):
+saved (the memory meter) beside the formula (``activation_formula`` in dtlab/core/activations.py):
 - recomputation none / selective / full on one process (``baseline`` lab), and the step time of
   each against the theory (a backward costs about two forwards, so recomputing every block adds
   one forward of the blocks: about 4/3 of the step);
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from dtlab.core.record import atomic_write_text
 from dtlab.core.errors import UsageError
-from dtlab.core.memory import activation_formula_for
+from dtlab.core.activations import activation_formula_for
 from dtlab.core.model import config_from_preset
 
 PRESET, ROWS = "long", 8          # batch 8 sequences (the preset's)
