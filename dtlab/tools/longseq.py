@@ -31,6 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from dtlab.core.record import atomic_write_text
+from dtlab.tools import report
 from dtlab.core.errors import UsageError
 from dtlab.core.activations import activation_formula_for
 from dtlab.core.model import config_from_preset
@@ -145,67 +146,54 @@ def _mib(x):
     return x / 2**20
 
 
-def draw_recompute(rows, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for mode, color in (("none", "tab:red"), ("selective", "tab:orange"), ("full", "tab:green")):
-        pts = [r for r in rows if r["recompute"] == mode]
-        ax.plot([r["seq"] for r in pts], [_mib(r["formula"]) for r in pts], "-", color=color,
-                alpha=0.5)
-        ax.plot([r["seq"] for r in pts], [_mib(r["measured"]) for r in pts], "o", color=color,
-                label=f"{mode} (measured; line: formula)")
-    ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)",
-           ylabel="activations saved in the forward (MiB)",
-           title=f"Recomputation, preset {PRESET}, {ROWS} sequences, one process")
+def _series(ax, pts: list[dict], color: str, name: str) -> None:
+    """Measured points and, under them, the formula's line, per sequence length."""
+    seqs = [r["seq"] for r in pts]
+    ax.plot(seqs, [_mib(r["formula"]) for r in pts], "-", color=color, alpha=0.5)
+    ax.plot(seqs, [_mib(r["measured"]) for r in pts], "o", color=color,
+            label=f"{name} (measured; line: formula)")
+
+
+def _finish(ax, ylabel: str, title: str) -> None:
+    ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)", ylabel=ylabel,
+           title=title)
     _seq_axis(ax)
     ax.legend(fontsize=8)
+
+
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.plt_agg().close(fig)
+
+
+def draw_recompute(rows, path: Path) -> None:
+    fig, ax = report.plt_agg().subplots(figsize=(6.4, 4.2))
+    for mode, color in (("none", "tab:red"), ("selective", "tab:orange"), ("full", "tab:green")):
+        _series(ax, [r for r in rows if r["recompute"] == mode], color, mode)
+    _finish(ax, "activations saved in the forward (MiB)",
+            f"Recomputation, preset {PRESET}, {ROWS} sequences, one process")
+    _save(fig, path)
 
 
 def draw_sp(rows, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = report.plt_agg().subplots(figsize=(6.4, 4.2))
     for sp, color in ((False, "tab:blue"), (True, "tab:purple")):
-        pts = [r for r in rows if r["sp"] == sp]
-        name = "TP 2 + SP" if sp else "TP 2"
-        ax.plot([r["seq"] for r in pts], [_mib(r["formula"]) for r in pts], "-", color=color,
-                alpha=0.5)
-        ax.plot([r["seq"] for r in pts], [_mib(r["measured"]) for r in pts], "o", color=color,
-                label=f"{name} (measured; line: formula)")
-    ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)",
-           ylabel="activations per rank (MiB)",
-           title=f"Tensor parallel with and without SP, preset {PRESET}")
-    _seq_axis(ax)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _series(ax, [r for r in rows if r["sp"] == sp], color, "TP 2 + SP" if sp else "TP 2")
+    _finish(ax, "activations per rank (MiB)",
+            f"Tensor parallel with and without SP, preset {PRESET}")
+    _save(fig, path)
 
 
 def draw_cp(rows, base_rows, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax, bx) = report.plt_agg().subplots(1, 2, figsize=(11, 4.2))
     one = [r for r in base_rows if r["recompute"] == "none"]
     series = [(1, one, "tab:red")] + [
         (w, [r for r in rows if r["cp"] == w and r["layout"] == "zigzag"], c)
         for w, c in ((2, "tab:blue"), (4, "tab:green"))]
     for w, pts, color in series:
-        ax.plot([r["seq"] for r in pts], [_mib(r["formula"]) for r in pts], "-", color=color,
-                alpha=0.5)
-        ax.plot([r["seq"] for r in pts], [_mib(r["measured"]) for r in pts], "o", color=color,
-                label=f"CP {w} (measured; line: formula)")
-    ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)",
-           ylabel="activations per rank (MiB)", title=f"Context parallel, preset {PRESET}")
-    _seq_axis(ax)
-    ax.legend(fontsize=8)
+        _series(ax, pts, color, f"CP {w}")
+    _finish(ax, "activations per rank (MiB)", f"Context parallel, preset {PRESET}")
     four = {r["layout"]: r for r in rows if r["cp"] == 4 and r["seq"] == 256}
     width = 0.38
     for i, (layout, color) in enumerate((("contiguous", "tab:gray"), ("zigzag", "tab:green"))):
@@ -218,9 +206,7 @@ def draw_cp(rows, base_rows, path: Path) -> None:
            title="Causal work per rank, CP 4, seq 256")
     bx.set_xticks(range(4))
     bx.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # --------------------------------------------------------------------------- the docs' tables
@@ -321,20 +307,7 @@ PAGES = ("activation-recomputation.md", "sequence-parallel.md", "context-paralle
 
 def render_docs(R: dict, docs: Path) -> list[str]:
     """Write each table between its ``<!-- longseq:NAME -->`` markers; the pages changed."""
-    import re
-    blocks, changed = tables(R), []
-    for page in PAGES:
-        path = docs / page
-        text = path.read_text()
-        new = text
-        for name, body in blocks.items():
-            new = re.sub(rf"<!-- longseq:{name} -->\n.*?<!-- /longseq:{name} -->",
-                         lambda _m: f"<!-- longseq:{name} -->\n{body}\n<!-- /longseq:{name} -->",
-                         new, flags=re.S)
-        if new != text:
-            atomic_write_text(path, new)
-            changed.append(page)
-    return changed
+    return report.fill_marked_tables(docs, PAGES, "longseq", tables(R))
 
 
 def main(argv=None) -> int:

@@ -109,11 +109,36 @@ def report_row(s: dict) -> list[str]:
             "-" if ex is None else f"{ex:.0%}", human_bytes(max(peaks) if peaks else None)]
 
 
-def _plt():
+def plt_agg():
+    """matplotlib.pyplot on the file-only Agg backend."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+_plt = plt_agg
+
+
+def fill_marked_tables(docs: Path, pages, tag: str, blocks: dict[str, str]) -> list[str]:
+    """Write every ``blocks[name]`` between ``<!-- TAG:name -->`` and ``<!-- /TAG:name -->`` in
+    the pages under ``docs``; returns the pages that changed. How recorded figures reach the
+    docs (``python -m dtlab.tools.longseq``, ``schedexp``) without hand copying."""
+    import re
+
+    from dtlab.core.record import atomic_write_text
+    changed = []
+    for page in pages:
+        path = Path(docs) / page
+        text = new = path.read_text()
+        for name, body in blocks.items():
+            new = re.sub(rf"<!-- {tag}:{name} -->\n.*?<!-- /{tag}:{name} -->",
+                         lambda _m: f"<!-- {tag}:{name} -->\n{body}\n<!-- /{tag}:{name} -->",
+                         new, flags=re.S)
+        if new != text:
+            atomic_write_text(path, new)
+            changed.append(page)
+    return changed
 
 
 def plot_losses(summaries: list[dict], path: Path) -> Path:

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 from dtlab.core.record import atomic_write_text
+from dtlab.tools import report
 
 PIPELINES = [  # (schedule, ranks, micro-batches)
     ("1f1b", 2, 4), ("interleaved", 2, 4), ("1f1b", 2, 8), ("interleaved", 2, 8),
@@ -116,19 +116,8 @@ def tables(R: dict) -> dict[str, str]:
 
 
 def render_docs(R: dict, docs: Path) -> list[str]:
-    blocks, changed = tables(R), []
-    for page in ("pipeline.md", "expert-parallel.md"):
-        path = docs / page
-        text = path.read_text()
-        new = text
-        for name, body in blocks.items():
-            new = re.sub(rf"<!-- schedexp:{name} -->\n.*?<!-- /schedexp:{name} -->",
-                         lambda _m: f"<!-- schedexp:{name} -->\n{body}\n<!-- /schedexp:{name} -->",
-                         new, flags=re.S)
-        if new != text:
-            atomic_write_text(path, new)
-            changed.append(page)
-    return changed
+    return report.fill_marked_tables(docs, ("pipeline.md", "expert-parallel.md"), "schedexp",
+                                     tables(R))
 
 
 def main(argv=None) -> int:
