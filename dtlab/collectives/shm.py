@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -64,7 +65,7 @@ class SharedBuffers:
     nothing stays in /dev/shm, whatever happens after."""
 
     def __init__(self, numel: int, dtype: torch.dtype = torch.float32,
-                 shm_dir: str | Path | None = None):
+                 shm_dir: str | Path | None = None, timeout_s: float = 60.0):
         root = Path(shm_dir or SHM_DIR)
         rank, world = dist.get_rank(), dist.get_world_size()
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
@@ -81,13 +82,15 @@ class SharedBuffers:
             raise SharedMemoryError(box[0][len("error: "):])
         folder = Path(box[0])
         names = [folder / f"rank{r}" for r in range(world)]
+        flag_names = [folder / f"flag{r}" for r in range(world)]
         problem = ""
         try:
-            fd = os.open(names[rank], os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            try:
-                os.posix_fallocate(fd, 0, max(1, nbytes))
-            finally:
-                os.close(fd)
+            for name, size in ((names[rank], nbytes), (flag_names[rank], FLAG_BYTES)):
+                fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                try:
+                    os.posix_fallocate(fd, 0, max(1, size))
+                finally:
+                    os.close(fd)
         except OSError as e:
             problem = e.strerror or str(e)
         problems = [None] * world
@@ -103,15 +106,49 @@ class SharedBuffers:
                     "(docker run --shm-size=1g, or --ipc=host) or use smaller messages")
             self.buffers = [torch.from_file(str(n), shared=True, size=numel, dtype=dtype)
                             for n in names]
+            self.flags = [torch.from_file(str(n), shared=True, size=FLAG_BYTES // 8,
+                                          dtype=torch.int64) for n in flag_names]
             dist.barrier()  # every rank has mapped every file: the names can go
         finally:
             names[rank].unlink(missing_ok=True)
+            flag_names[rank].unlink(missing_ok=True)
             dist.barrier()
             if rank == 0:
                 shutil.rmtree(folder, ignore_errors=True)
         self.numel, self.rank, self.world = numel, rank, world
+        self.seq = 0
+        self.timeout_s = timeout_s
         bounds = [numel * r // world for r in range(world + 1)]
         self.slices = [slice(bounds[r], bounds[r + 1]) for r in range(world)]
+
+
+    def barrier(self) -> None:
+        """Wait until every rank has reached this point, through the flags in shared memory:
+        rank r writes the call's sequence number into its own flag (after its data: x86 keeps
+        stores in order), then reads the others' until each shows the number. A few
+        microseconds where gloo's barrier costs tens; spins first, then yields the core, and
+        gives up after ``timeout_s`` naming the rank that never came."""
+        self.seq += 1
+        seq, me = self.seq, self.rank
+        self.flags[me][0] = seq
+        deadline, spins = None, 0
+        # spinning only pays when every rank has a core; oversubscribed, yield at once
+        spin = SPIN if self.world <= (os.cpu_count() or 1) else 0
+        for r, flag in enumerate(self.flags):
+            while r != me and int(flag[0]) < seq:
+                spins += 1
+                if spins > spin:
+                    if deadline is None:
+                        deadline = time.monotonic() + self.timeout_s
+                    elif time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"shared-memory barrier {seq}: rank {r} did not arrive within "
+                            f"{self.timeout_s:g} s (it stopped or is in another collective)")
+                    time.sleep(0 if spins < 4 * spin + 100 else 50e-6)
+
+
+FLAG_BYTES = 64   # one cache line per rank's flag: no two ranks write the same line
+SPIN = 20000      # busy reads (about a microsecond each) before yielding the core
 
 
 # Buffers are set up once per (size, type, folder) and reused: creating and mapping them costs
@@ -143,30 +180,30 @@ def shm_all_reduce(x: torch.Tensor, counter=None, shm_dir=None) -> torch.Tensor:
     mine, own = sb.buffers[sb.rank], sb.slices[sb.rank]
     if flat.data_ptr() == mine.data_ptr():
         # x already lives in my shared buffer (shm_tensor): reduce in place, two passes
-        dist.barrier()                                 # every rank has written its tensor
+        sb.barrier()                                 # every rank has written its tensor
         for r, b in enumerate(sb.buffers):
             if r != sb.rank:
                 mine[own].add_(b[own])
-        dist.barrier()
+        sb.barrier()
         for r, b in enumerate(sb.buffers):
             if r != sb.rank:
                 mine[sb.slices[r]].copy_(b[sb.slices[r]])
-        dist.barrier()
+        sb.barrier()
         if counter is not None:
             counter.record("all_reduce", x, sent_bytes=0)
         return x
     mine.copy_(flat)                                   # 1. publish my tensor
-    dist.barrier()
+    sb.barrier()
     acc = flat[own]                                    # 2. reduce my slice, in my own tensor,
     for r, b in enumerate(sb.buffers):                 #    and publish the result
         if r != sb.rank:
             acc.add_(b[own])
     mine[own].copy_(acc)
-    dist.barrier()
+    sb.barrier()
     for r, b in enumerate(sb.buffers):                 # 3. fetch every other reduced slice
         if r != sb.rank:
             flat[sb.slices[r]].copy_(b[sb.slices[r]])
-    dist.barrier()
+    sb.barrier()
     if counter is not None:  # bytes this rank reads from the other ranks' buffers
         counter.record("all_reduce", x, sent_bytes=0)
     return x
