@@ -29,6 +29,7 @@ Run:
 from __future__ import annotations
 
 import argparse
+import socket
 import statistics
 import sys
 import time
@@ -45,6 +46,7 @@ from dtlab.core.model import loss_fn
 from dtlab.core.settings import finite
 from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
 from dtlab.collectives.ring import ring_all_reduce
+from dtlab.collectives.shm import shm_all_reduce, shm_tensor
 
 
 class TorchDDP(Strategy):
@@ -113,6 +115,24 @@ class OwnDDP(Strategy):
         # Our ring is blocking point-to-point code; a single communication thread runs the
         # buckets one after another, in launch order, while backward goes on in this thread.
         self.comm_thread = ThreadPoolExecutor(max_workers=1) if self.allreduce == "ring" else None
+        if self.allreduce == "shm" and self.rt.distributed:
+            hosts = [None] * self.rt.world_size
+            dist.all_gather_object(hosts, socket.gethostname())
+            if len(set(hosts)) > 1:
+                self.rt.log(f"--allreduce shm needs every rank on one host, these are on "
+                            f"{len(set(hosts))}: using the library's all-reduce instead")
+                self.allreduce = "library"
+        if self.allreduce == "shm" and self.rt.distributed:
+            # 4. Gradients as views of the buckets (DDP's gradient_as_bucket_view), the buckets
+            #    this rank's shared buffers: backward writes the gradients where the other ranks
+            #    read them, and the all-reduce is in place, with no copy in or out.
+            for b in self.buckets:
+                b.flat = shm_tensor(b.flat.numel(), b.flat.dtype, name=f"ddp-bucket{b.index}")
+                b.flat.zero_()
+                offset = 0
+                for p in b.params:
+                    p.grad = b.flat[offset:offset + p.numel()].view_as(p)
+                    offset += p.numel()
         self.extra.update(bucket_mb=self.bucket_bytes / 2**20, accum=self.accum,
                           allreduce=self.allreduce, overlap=self.overlap,
                           buckets=[sum(p.numel() for p in b.params) for b in self.buckets])
@@ -131,6 +151,9 @@ class OwnDDP(Strategy):
             self.next_bucket += 1
 
     def _launch(self, b: Bucket) -> None:
+        if self.allreduce == "shm":  # the gradients are the bucket: average it where it is
+            shm_all_reduce(b.flat.div_(self.rt.world_size), self.comm)
+            return
         torch.cat([p.grad.reshape(-1) if p.grad is not None else
                    torch.zeros(p.numel(), device=p.device) for p in b.params], out=b.flat)
         b.flat.div_(self.rt.world_size)
@@ -142,7 +165,8 @@ class OwnDDP(Strategy):
 
     # ---- the step
     def forward_backward(self, x, y):
-        self.optimizer.zero_grad(set_to_none=True)
+        # with bucket views the gradients are zeroed in place: they must stay the views
+        self.optimizer.zero_grad(set_to_none=self.allreduce != "shm")
         for b in self.buckets:
             b.ready, b.pending = 0, None
         self.next_bucket = 0
@@ -170,6 +194,8 @@ class OwnDDP(Strategy):
             self._launch(self.buckets[self.next_bucket])
             self.next_bucket += 1
         for b in self.buckets:
+            if self.allreduce == "shm":
+                continue  # reduced in place, in the gradients themselves
             b.pending.wait() if self.allreduce == "library" else b.pending.result()
             unflatten_into(b.flat, [p.grad for p in b.params])
         self.timings["wait_s"].append(time.perf_counter() - t0)
@@ -193,8 +219,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="torch: DistributedDataParallel; own: the same machinery written out")
     p.add_argument("--bucket-mb", type=finite, default=25.0,
                    help="bucket size in MiB (default 25, as DDP's)")
-    p.add_argument("--allreduce", default="ring", choices=["ring", "library"],
-                   help="--impl own: our ring (ring_allreduce.py) or the library's all_reduce")
+    p.add_argument("--allreduce", default="ring", choices=["ring", "library", "shm"],
+                   help="--impl own: our ring (ring_allreduce.py), the library's all_reduce, or "
+                        "the shared-memory one in place in the gradients (one host)")
     p.add_argument("--accum", type=int, default=1,
                    help="--impl own: micro-batches per step, one all-reduce per step")
     p.add_argument("--no-overlap", action="store_true",

@@ -156,19 +156,29 @@ SPIN = 20000      # busy reads (about a microsecond each) before yielding the co
 _CACHE: dict[tuple, SharedBuffers] = {}
 
 
-def _buffers(numel: int, dtype: torch.dtype, shm_dir=None) -> SharedBuffers:
-    key = (numel, dtype, str(shm_dir or SHM_DIR))
+def _buffers(numel: int, dtype: torch.dtype, shm_dir=None, name=None) -> SharedBuffers:
+    key = (numel, dtype, str(shm_dir or SHM_DIR), name)
     if key not in _CACHE:
         _CACHE[key] = SharedBuffers(numel, dtype, shm_dir)
     return _CACHE[key]
 
 
-def shm_tensor(numel: int, dtype: torch.dtype = torch.float32, shm_dir=None) -> torch.Tensor:
+def shm_tensor(numel: int, dtype: torch.dtype = torch.float32, shm_dir=None,
+               name=None) -> torch.Tensor:
     """This rank's shared buffer as an ordinary tensor. Compute into it (as DDP computes
     gradients into its buckets) and ``shm_all_reduce`` skips the publish pass: the peers read
-    it where it is. Collective: every rank must call it with the same size."""
-    sb = _buffers(numel, dtype, shm_dir)
+    it where it is. ``name`` tells apart buffers of the same size (DDP's buckets). Collective:
+    every rank must call it with the same size and name."""
+    sb = _buffers(numel, dtype, shm_dir, name)
     return sb.buffers[sb.rank]
+
+
+def _owner(flat: torch.Tensor) -> SharedBuffers | None:
+    """The buffers ``flat`` is this rank's buffer of, if it is one."""
+    for sb in _CACHE.values():
+        if sb.buffers[sb.rank].data_ptr() == flat.data_ptr() and sb.numel == flat.numel():
+            return sb
+    return None
 
 
 def shm_all_reduce(x: torch.Tensor, counter=None, shm_dir=None) -> torch.Tensor:
@@ -176,7 +186,7 @@ def shm_all_reduce(x: torch.Tensor, counter=None, shm_dir=None) -> torch.Tensor:
     if x.device.type != "cpu":
         raise ValueError("shm_all_reduce works on CPU tensors of ranks on one host")
     flat = x.view(-1)
-    sb = _buffers(flat.numel(), flat.dtype, shm_dir)
+    sb = _owner(flat) or _buffers(flat.numel(), flat.dtype, shm_dir)
     mine, own = sb.buffers[sb.rank], sb.slices[sb.rank]
     if flat.data_ptr() == mine.data_ptr():
         # x already lives in my shared buffer (shm_tensor): reduce in place, two passes

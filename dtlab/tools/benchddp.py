@@ -1,8 +1,8 @@
 """``dtlab bench ddp``: our DDP against torch's on the same settings; the figure is the ratio of
 median step times, measured in one session.
 
-The variants take turns run by run (torch, ours over the ring, ours over the library's
-all-reduce, then again), so a drift in the machine's load hits all of them alike.
+The variants take turns run by run (torch, ours over the ring, over the library's
+all-reduce and over shared memory, then again), so a drift in the machine's load hits all of them alike.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from dtlab.tools.launch import get_lab, launch, validate
 
 VARIANTS = {"torch": ["--impl", "torch"],
             "own-ring": ["--impl", "own", "--allreduce", "ring"],
-            "own-library": ["--impl", "own", "--allreduce", "library"]}
+            "own-library": ["--impl", "own", "--allreduce", "library"],
+            "own-shm": ["--impl", "own", "--allreduce", "shm"]}
 
 
 def bench_ddp(nproc: int, preset: str, steps: int, repeats: int, out: str) -> int:
