@@ -13,9 +13,12 @@ Two implementations:
 - ``--impl own``: the same machinery written out below: broadcast of rank 0's initial state,
   per-parameter hooks that fill buckets, an asynchronous all-reduce per full bucket (our ring
   from ring_allreduce.py on a communication thread, or the library's with ``--allreduce
-  library``), a wait before the optimizer step, the average. ``--accum K`` splits each rank's
-  rows into K micro-batches and communicates only after the last one (what DDP's ``no_sync``
-  is for). ``--no-overlap`` waits for backward to finish before sending anything, to measure
+  library``), a wait before the optimizer step, the average. ``--allreduce shm`` (ranks on one
+  host) makes the gradients views of shared-memory buckets, as DDP's gradient_as_bucket_view
+  does, and averages them in place where the other ranks read them; ``--allreduce hier`` does
+  that inside each node and runs rings between the nodes (dtlab/collectives/hier.py).
+  ``--accum K`` splits each rank's rows into K micro-batches and communicates only after the
+  last one (what DDP's ``no_sync`` is for). ``--no-overlap`` waits for backward to finish before sending anything, to measure
   what the overlap saves.
 
 Per step and rank, with G gradient bytes and W ranks, a ring all-reduce sends 2(W-1)/W * G.
@@ -25,6 +28,8 @@ Explained in docs/ddp.md (questions 3, 9 and 35-38 of docs/questions.md).
 Run:
     torchrun --nproc_per_node=2 -m labs.ddp --steps 20
     dtlab run ddp --nproc 4 --impl own --allreduce ring --accum 2 --bucket-mb 0.02
+    dtlab run ddp --nproc 2 --impl own --allreduce shm
+    dtlab run ddp --nnodes 2 --nproc 2 --impl own --allreduce hier     # namespace cluster
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ from dtlab.core.data import check_divisible
 from dtlab.core.model import loss_fn
 from dtlab.core.settings import finite
 from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
+from dtlab.collectives.hier import hier_all_reduce, hier_tensor
 from dtlab.collectives.ring import ring_all_reduce
 from dtlab.collectives.shm import shm_all_reduce, shm_tensor
 
@@ -114,7 +120,8 @@ class OwnDDP(Strategy):
             p.register_post_accumulate_grad_hook(self._grad_ready)
         # Our ring is blocking point-to-point code; a single communication thread runs the
         # buckets one after another, in launch order, while backward goes on in this thread.
-        self.comm_thread = ThreadPoolExecutor(max_workers=1) if self.allreduce == "ring" else None
+        self.comm_thread = ThreadPoolExecutor(max_workers=1) \
+            if self.allreduce in ("ring", "hier") else None
         if self.allreduce == "shm" and self.rt.distributed:
             hosts = [None] * self.rt.world_size
             dist.all_gather_object(hosts, socket.gethostname())
@@ -122,12 +129,15 @@ class OwnDDP(Strategy):
                 self.rt.log(f"--allreduce shm needs every rank on one host, these are on "
                             f"{len(set(hosts))}: using the library's all-reduce instead")
                 self.allreduce = "library"
-        if self.allreduce == "shm" and self.rt.distributed:
+        self.views = self.allreduce in ("shm", "hier") and self.rt.distributed
+        if self.views:
             # 4. Gradients as views of the buckets (DDP's gradient_as_bucket_view), the buckets
-            #    this rank's shared buffers: backward writes the gradients where the other ranks
-            #    read them, and the all-reduce is in place, with no copy in or out.
+            #    this rank's shared buffers (of its node, for hier): backward writes the
+            #    gradients where the other ranks read them, and the reduction is in place, with
+            #    no copy in or out.
+            shared = shm_tensor if self.allreduce == "shm" else hier_tensor
             for b in self.buckets:
-                b.flat = shm_tensor(b.flat.numel(), b.flat.dtype, name=f"ddp-bucket{b.index}")
+                b.flat = shared(b.flat.numel(), b.flat.dtype, name=f"ddp-bucket{b.index}")
                 b.flat.zero_()
                 offset = 0
                 for p in b.params:
@@ -154,6 +164,10 @@ class OwnDDP(Strategy):
         if self.allreduce == "shm":  # the gradients are the bucket: average it where it is
             shm_all_reduce(b.flat.div_(self.rt.world_size), self.comm)
             return
+        if self.allreduce == "hier":  # the same, and the leaders' ring on the comm thread
+            b.pending = self.comm_thread.submit(hier_all_reduce, b.flat.div_(self.rt.world_size),
+                                                self.comm)
+            return
         torch.cat([p.grad.reshape(-1) if p.grad is not None else
                    torch.zeros(p.numel(), device=p.device) for p in b.params], out=b.flat)
         b.flat.div_(self.rt.world_size)
@@ -166,7 +180,7 @@ class OwnDDP(Strategy):
     # ---- the step
     def forward_backward(self, x, y):
         # with bucket views the gradients are zeroed in place: they must stay the views
-        self.optimizer.zero_grad(set_to_none=self.allreduce != "shm")
+        self.optimizer.zero_grad(set_to_none=not self.views)
         for b in self.buckets:
             b.ready, b.pending = 0, None
         self.next_bucket = 0
@@ -197,7 +211,8 @@ class OwnDDP(Strategy):
             if self.allreduce == "shm":
                 continue  # reduced in place, in the gradients themselves
             b.pending.wait() if self.allreduce == "library" else b.pending.result()
-            unflatten_into(b.flat, [p.grad for p in b.params])
+            if not self.views:
+                unflatten_into(b.flat, [p.grad for p in b.params])
         self.timings["wait_s"].append(time.perf_counter() - t0)
 
     def close(self) -> None:
@@ -219,9 +234,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="torch: DistributedDataParallel; own: the same machinery written out")
     p.add_argument("--bucket-mb", type=finite, default=25.0,
                    help="bucket size in MiB (default 25, as DDP's)")
-    p.add_argument("--allreduce", default="ring", choices=["ring", "library", "shm"],
-                   help="--impl own: our ring (ring_allreduce.py), the library's all_reduce, or "
-                        "the shared-memory one in place in the gradients (one host)")
+    p.add_argument("--allreduce", default="ring", choices=["ring", "library", "shm", "hier"],
+                   help="--impl own: our ring (ring_allreduce.py), the library's all_reduce, "
+                        "the shared-memory one in place in the gradients (one host), or hier: "
+                        "shared memory in each node and a ring between nodes")
     p.add_argument("--accum", type=int, default=1,
                    help="--impl own: micro-batches per step, one all-reduce per step")
     p.add_argument("--no-overlap", action="store_true",

@@ -17,13 +17,14 @@ def test_parse_size():
 
 def test_bench_comm_rows(tmp_path):
     out = tmp_path / "comm.json"
-    p = dtlab("bench", "comm", "--nproc", "2,3", "--impl", "library,ring,tree,shm,shm-inplace", "--sizes",
+    impls = {"library", "ring", "tree", "shm", "shm-inplace", "hier"}
+    p = dtlab("bench", "comm", "--nproc", "2,3", "--impl", ",".join(sorted(impls)), "--sizes",
               "4KiB,1MiB", "--iters", 2, "--warmup", 1, "--json", out, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     record = json.loads(out.read_text())
     rows = record["rows"]
-    assert len(rows) == 2 * 5 * 2  # world sizes x implementations x sizes, every one exact
-    assert {f["impl"] for f in record["alpha_beta"]} == {"library", "ring", "tree", "shm", "shm-inplace"}
+    assert len(rows) == 2 * len(impls) * 2  # world sizes x implementations x sizes, all exact
+    assert {f["impl"] for f in record["alpha_beta"]} == impls
     assert (tmp_path / "comm.png").stat().st_size > 10_000
     for r in rows:
         assert set(r) >= {"op", "impl", "world_size", "bytes", "time_s_median", "algbw_GBps",
@@ -61,10 +62,17 @@ def test_bench_ddp_record(tmp_path):
               "--out", tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr
     s = json.loads((tmp_path / "summary.json").read_text())
-    assert set(s["step_s_median"]) == {"torch", "own-ring", "own-library"}
+    assert set(s["step_s_median"]) == {"torch", "own-ring", "own-library", "own-shm",
+                                       "no-comm floor"}
     assert s["ratio_vs_torch"]["torch"] == 1.0
     for v, t in s["step_s_median"].items():
         assert t > 0 and s["ratio_vs_torch"][v] == pytest.approx(t / s["step_s_median"]["torch"])
+    floor = s["step_s_median"]["no-comm floor"]
+    removed = s["comm_overhead_removed"]
+    if removed is not None:  # torch above the floor: the share of that overhead each removed
+        t = s["step_s_median"]
+        assert removed["own-shm"] == pytest.approx((t["torch"] - t["own-shm"]) /
+                                                   (t["torch"] - floor))
 
 
 def test_alpha_beta_fit_recovers_the_model():
@@ -138,7 +146,8 @@ def test_shared_memory_files_are_private_and_gone(tmp_path, monkeypatch):
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         sb = shm.SharedBuffers(1024, shm_dir=tmp_path)
-        assert seen == [(0o700, 0o600)] and sb.buffers[0].numel() == 1024
+        # the buffer and its barrier flag, both private
+        assert seen == [(0o700, 0o600)] * 2 and sb.buffers[0].numel() == 1024
         assert list(tmp_path.iterdir()) == []  # mapped, and no name left
     finally:
         dist.destroy_process_group()

@@ -276,12 +276,21 @@ def test_doctor_sees_what_reaches_the_nodes(tst, tmp_path):
 # ssh across n1 and n2: tests/test_doctor.py; Slurm: tests/test_slurm.py.
 
 def test_torchrun_across_two_nodes_equals_baseline(main_cluster, tmp_path):
-    p = dtlab("run", "ddp", "--nnodes", 2, "--nproc", 1, "--steps", 4, "--out", tmp_path,
-              timeout=300)
+    """2 nodes x 2 ranks, our DDP over the hierarchical all-reduce: shared memory inside each
+    node, one ring per local rank between the nodes."""
+    p = dtlab("run", "ddp", "--nnodes", 2, "--nproc", 2, "--impl", "own", "--allreduce", "hier",
+              "--bucket-mb", 0.02, "--steps", 4, "--out", tmp_path, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["ok"] is True and s["baseline"]["ok"] is True
-    assert s["hosts"] == ["n1", "n2"]  # one rank in each node's namespace
+    assert s["baseline"]["max_rel_loss_diff"] <= 1e-5
+    assert s["hosts"] == ["n1", "n1", "n2", "n2"]  # two ranks in each node's namespace
+    assert s["variant"] == "own-hier" and len(s["extra"]["buckets"]) > 1
+    # Each rank puts its half of every bucket on a ring of 2 nodes, 2(N-1)/N = 1 times: the
+    # link carries S a direction (a flat ring of 4 would put 1.5 S on it)
+    grads = 4 * sum(s["extra"]["buckets"])
+    halves = sum(4 * (n // 2) for n in s["extra"]["buckets"])  # local rank 0's slices
+    assert s["comm"]["per_rank"] == [halves, grads - halves, halves, grads - halves]
 
 
 def test_bad_input_is_one_line():

@@ -36,7 +36,7 @@ def segment_elems(chunk_numel: int) -> int:
 
 
 def _exchange(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int,
-              reduce: bool = False, scratch: torch.Tensor | None = None) -> int:
+              reduce: bool = False, scratch: torch.Tensor | None = None, group=None) -> int:
     """Send one chunk to ``dst`` while receiving one from ``src`` (both at once, so neither side
     waits for the other), then add the received chunk into ``recv`` (reduce-scatter) or leave it
     there (all-gather). Large chunks go as segments, all posted at once: the adding of segment i
@@ -48,8 +48,8 @@ def _exchange(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int,
     # Receives first: gloo holds a send until the peer has a receive posted, so when both ends
     # send first their transfers serialise (measured across two nodes: each direction got
     # about half the link); posted first, both directions of the link carry data at once.
-    recvs = [dist.irecv(t, src, tag=i) for i, (t, _) in enumerate(segs) if t.numel()]
-    sends = [dist.isend(part, dst, tag=i) for i, part in
+    recvs = [dist.irecv(t, src, group=group, tag=i) for i, (t, _) in enumerate(segs) if t.numel()]
+    sends = [dist.isend(part, dst, group=group, tag=i) for i, part in
              enumerate(send.split(segment_elems(send.numel()))) if part.numel()]
     for work, (t, r) in zip(recvs, segs):
         work.wait()
@@ -73,23 +73,28 @@ def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return buf[:numel]
 
 
-def ring_all_reduce(t: torch.Tensor, counter: CommCounter | None = None) -> torch.Tensor:
-    """Sum ``t`` over all ranks, in place, with a ring of isend/irecv."""
-    world, rank = dist.get_world_size(), dist.get_rank()
+def ring_all_reduce(t: torch.Tensor, counter: CommCounter | None = None,
+                    group=None) -> torch.Tensor:
+    """Sum ``t`` over all ranks (of ``group``, default all), in place, with a ring of
+    isend/irecv."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     flat = t.view(-1)
     if world == 1:
         return t
     chunks = list(flat.split(chunk_sizes(flat.numel(), world)))
-    right, left = (rank + 1) % world, (rank - 1) % world
+    # neighbours in the group's order; the messages name them by their global rank
+    right, left = ((rank + 1) % world, (rank - 1) % world) if group is None else \
+        (dist.get_global_rank(group, (rank + 1) % world),
+         dist.get_global_rank(group, (rank - 1) % world))
     sent = 0
     scratch = _scratch(chunks[0].numel(), t.dtype, t.device)
     for s in range(world - 1):  # reduce-scatter
         send_i, recv_i = (rank - s) % world, (rank - s - 1) % world
         sent += _exchange(chunks[send_i], right, chunks[recv_i], left, reduce=True,
-                          scratch=scratch)
+                          scratch=scratch, group=group)
     for s in range(world - 1):  # all-gather
         send_i, recv_i = (rank + 1 - s) % world, (rank - s) % world
-        sent += _exchange(chunks[send_i], right, chunks[recv_i], left)
+        sent += _exchange(chunks[send_i], right, chunks[recv_i], left, group=group)
     if counter is not None:
         counter.record("all_reduce", t, sent_bytes=sent)
     return t

@@ -23,9 +23,15 @@ bytes of memory traffic per rank instead of 5.5S, the least an all-reduce can do
 writes S result bytes and reads the peers' halves); docs/communication.md has what that is worth
 against gloo, measured.
 
-The barriers are gloo's (a few tens of microseconds), so for small messages the library is as
-fast; the gain is in bandwidth. DeepSpeed's CPU backend (``shm_comm``, used by
-``deepspeed.comm.inference_all_reduce``) uses the same idea in C++ with spin-wait flags.
+The passes are separated by barriers through shared memory too: each rank writes a sequence
+number into its own flag (one cache line) after its data and reads the others' flags until they
+show it, spinning first and then yielding the core. That costs a few microseconds where a gloo
+barrier (a message round through the loopback) costs tens to hundreds, so small messages are
+not slower than gloo's all-reduce either. DeepSpeed's CPU backend (``shm_comm``, used by
+``deepspeed.comm.inference_all_reduce``) uses the same idea in C++.
+
+Every function takes an optional process ``group`` (ranks of one node inside a larger job:
+dtlab/collectives/hier.py); ranks and the slices are then the group's.
 """
 from __future__ import annotations
 
@@ -65,9 +71,9 @@ class SharedBuffers:
     nothing stays in /dev/shm, whatever happens after."""
 
     def __init__(self, numel: int, dtype: torch.dtype = torch.float32,
-                 shm_dir: str | Path | None = None, timeout_s: float = 60.0):
+                 shm_dir: str | Path | None = None, timeout_s: float = 60.0, group=None):
         root = Path(shm_dir or SHM_DIR)
-        rank, world = dist.get_rank(), dist.get_world_size()
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
         folder = None
         if rank == 0:
@@ -77,7 +83,7 @@ class SharedBuffers:
             except OSError as e:
                 folder = f"error: cannot create a folder in {root} ({e.strerror})"
         box = [str(folder)]
-        dist.broadcast_object_list(box, src=0)  # one private folder per group
+        dist.broadcast_object_list(box, group=group, group_src=0)  # a private folder a group
         if box[0].startswith("error: "):
             raise SharedMemoryError(box[0][len("error: "):])
         folder = Path(box[0])
@@ -94,7 +100,7 @@ class SharedBuffers:
         except OSError as e:
             problem = e.strerror or str(e)
         problems = [None] * world
-        dist.all_gather_object(problems, problem)  # every rank learns whether all succeeded
+        dist.all_gather_object(problems, problem, group=group)  # all learn if all succeeded
         try:
             if any(problems):
                 r = next(i for i, p in enumerate(problems) if p)
@@ -108,19 +114,20 @@ class SharedBuffers:
                             for n in names]
             self.flags = [torch.from_file(str(n), shared=True, size=FLAG_BYTES // 8,
                                           dtype=torch.int64) for n in flag_names]
-            dist.barrier()  # every rank has mapped every file: the names can go
+            dist.barrier(group=group)  # every rank has mapped every file: names can go
         finally:
             names[rank].unlink(missing_ok=True)
             flag_names[rank].unlink(missing_ok=True)
-            dist.barrier()
+            dist.barrier(group=group)
             if rank == 0:
                 shutil.rmtree(folder, ignore_errors=True)
         self.numel, self.rank, self.world = numel, rank, world
+        self.global_ranks = [dist.get_global_rank(group, r) if group is not None else r
+                             for r in range(world)]
         self.seq = 0
         self.timeout_s = timeout_s
         bounds = [numel * r // world for r in range(world + 1)]
         self.slices = [slice(bounds[r], bounds[r + 1]) for r in range(world)]
-
 
     def barrier(self) -> None:
         """Wait until every rank has reached this point, through the flags in shared memory:
@@ -132,8 +139,9 @@ class SharedBuffers:
         seq, me = self.seq, self.rank
         self.flags[me][0] = seq
         deadline, spins = None, 0
-        # spinning only pays when every rank has a core; oversubscribed, yield at once
-        spin = SPIN if self.world <= (os.cpu_count() or 1) else 0
+        # spinning only pays when every rank has a core; oversubscribed, yield at once. The
+        # whole job counts: the nodes of the namespace cluster share this machine's cores.
+        spin = SPIN if dist.get_world_size() <= (os.cpu_count() or 1) else 0
         for r, flag in enumerate(self.flags):
             while r != me and int(flag[0]) < seq:
                 spins += 1
@@ -142,7 +150,8 @@ class SharedBuffers:
                         deadline = time.monotonic() + self.timeout_s
                     elif time.monotonic() > deadline:
                         raise RuntimeError(
-                            f"shared-memory barrier {seq}: rank {r} did not arrive within "
+                            f"shared-memory barrier {seq}: rank {self.global_ranks[r]} did not "
+                            f"arrive within "
                             f"{self.timeout_s:g} s (it stopped or is in another collective)")
                     time.sleep(0 if spins < 4 * spin + 100 else 50e-6)
 
@@ -156,37 +165,39 @@ SPIN = 20000      # busy reads (about a microsecond each) before yielding the co
 _CACHE: dict[tuple, SharedBuffers] = {}
 
 
-def _buffers(numel: int, dtype: torch.dtype, shm_dir=None, name=None) -> SharedBuffers:
-    key = (numel, dtype, str(shm_dir or SHM_DIR), name)
+def _buffers(numel: int, dtype: torch.dtype, shm_dir=None, name=None,
+             group=None) -> SharedBuffers:
+    key = (numel, dtype, str(shm_dir or SHM_DIR), name, id(group))
     if key not in _CACHE:
-        _CACHE[key] = SharedBuffers(numel, dtype, shm_dir)
+        _CACHE[key] = SharedBuffers(numel, dtype, shm_dir, group=group)
     return _CACHE[key]
 
 
 def shm_tensor(numel: int, dtype: torch.dtype = torch.float32, shm_dir=None,
-               name=None) -> torch.Tensor:
+               name=None, group=None) -> torch.Tensor:
     """This rank's shared buffer as an ordinary tensor. Compute into it (as DDP computes
     gradients into its buckets) and ``shm_all_reduce`` skips the publish pass: the peers read
     it where it is. ``name`` tells apart buffers of the same size (DDP's buckets). Collective:
     every rank must call it with the same size and name."""
-    sb = _buffers(numel, dtype, shm_dir, name)
+    sb = _buffers(numel, dtype, shm_dir, name, group)
     return sb.buffers[sb.rank]
 
 
-def _owner(flat: torch.Tensor) -> SharedBuffers | None:
-    """The buffers ``flat`` is this rank's buffer of, if it is one."""
+def buffers_for(flat: torch.Tensor, shm_dir=None, group=None) -> SharedBuffers:
+    """The buffers ``flat`` is this rank's buffer of (made by ``shm_tensor``), or else the
+    group's buffers for its size and type."""
     for sb in _CACHE.values():
         if sb.buffers[sb.rank].data_ptr() == flat.data_ptr() and sb.numel == flat.numel():
             return sb
-    return None
+    return _buffers(flat.numel(), flat.dtype, shm_dir, group=group)
 
 
-def shm_all_reduce(x: torch.Tensor, counter=None, shm_dir=None) -> torch.Tensor:
-    """Sum ``x`` over all ranks in place (all ranks must be on this host, x on the CPU)."""
+def shm_all_reduce(x: torch.Tensor, counter=None, shm_dir=None, group=None) -> torch.Tensor:
+    """Sum ``x`` over the group's ranks in place (all on this host, x on the CPU)."""
     if x.device.type != "cpu":
         raise ValueError("shm_all_reduce works on CPU tensors of ranks on one host")
     flat = x.view(-1)
-    sb = _owner(flat) or _buffers(flat.numel(), flat.dtype, shm_dir)
+    sb = buffers_for(flat, shm_dir, group)
     mine, own = sb.buffers[sb.rank], sb.slices[sb.rank]
     if flat.data_ptr() == mine.data_ptr():
         # x already lives in my shared buffer (shm_tensor): reduce in place, two passes
@@ -217,4 +228,5 @@ def shm_all_reduce(x: torch.Tensor, counter=None, shm_dir=None) -> torch.Tensor:
     if counter is not None:  # bytes this rank reads from the other ranks' buffers
         counter.record("all_reduce", x, sent_bytes=0)
     return x
+
 

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from dtlab.collectives import ALGORITHMS
+from dtlab.collectives.hier import hier_all_reduce
 from dtlab.collectives.shm import shm_all_reduce, shm_tensor
 from dtlab.core import runtime
 from dtlab.core.comm import RING_FACTORS
@@ -40,7 +41,7 @@ from dtlab.core.errors import UsageError, fail
 BUS_FACTOR = {**{op: RING_FACTORS[op] for op in ("all_reduce", "all_gather", "reduce_scatter")},
               "broadcast": lambda n: 1.0}
 OPS = tuple(BUS_FACTOR)
-OUR_IMPLS = ("ring", "naive", "tree", "shm", "shm-inplace")  # all_reduce only, dtlab/collectives
+OUR_IMPLS = ("ring", "naive", "tree", "shm", "shm-inplace", "hier")  # all_reduce only, dtlab/collectives
 DEFAULT_SIZES = "1KiB,16KiB,256KiB,1MiB,4MiB,16MiB,64MiB"
 
 
@@ -96,6 +97,8 @@ def _call(op: str, impl: str, x: torch.Tensor, out: torch.Tensor | None,
         return x
     if impl in ("shm", "shm-inplace"):
         return shm_all_reduce(x, shm_dir=shm_dir)
+    if impl == "hier":
+        return hier_all_reduce(x)
     if impl != "library":
         return ALGORITHMS[impl](x)
     if op == "all_reduce":
@@ -155,8 +158,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtlab.tools.commbench", description=__doc__.splitlines()[0])
     p.add_argument("--ops", default="all_reduce", help=f"comma list of {', '.join(OPS)}, or all")
     p.add_argument("--impl", default="library,ring",
-                   help="comma list: library, and for all_reduce ring, naive, tree, shm "
-                        "(ours) and deepspeed-shm (DeepSpeed's CPU shared-memory op)")
+                   help="comma list: library, and for all_reduce ring, naive, tree, shm, "
+                        "shm-inplace, hier (ours) and deepspeed-shm (DeepSpeed's CPU "
+                        "shared-memory op)")
     p.add_argument("--sizes", default=DEFAULT_SIZES, help=f"message sizes (default {DEFAULT_SIZES})")
     p.add_argument("--iters", type=int, default=10, help="timed calls per row (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
@@ -171,8 +175,9 @@ def validate(args) -> tuple[list[str], list[str], list[int]]:
     ops = parse_list(args.ops, OPS, "ops")
     impls = parse_list(args.impl, ("library",) + OUR_IMPLS + ("deepspeed-shm",), "impl")
     if any(i != "library" for i in impls) and ops != ["all_reduce"]:
-        raise BenchError("--impl ring/naive/tree/shm/deepspeed-shm implement all_reduce only; "
-                         "use --ops all_reduce with them, or --impl library for other ops")
+        ours = ", ".join(i for i in impls if i != "library")
+        raise BenchError(f"--impl {ours}: these implement all_reduce only; use --ops all_reduce "
+                         "with them, or --impl library for other ops")
     if args.iters < 1 or args.warmup < 0:
         raise BenchError("--iters must be >= 1 and --warmup >= 0")
     return ops, impls, [parse_size(s) for s in args.sizes.split(",") if s.strip()]
