@@ -45,3 +45,23 @@ def test_a_crash_in_ddp_over_shared_memory_leaves_nothing_behind(tmp_path):
     assert _ours() - before == set()
     leftover = subprocess.run(["pgrep", "-f", f"labs.ddp.*{tmp_path}"], capture_output=True)
     assert leftover.stdout == b""
+
+
+def test_docs_tables_are_the_record():
+    """The measured tables in communication.md, ddp.md and questions.md are what the record
+    renders (python -m dtlab.tools.commexp --redraw rewrites them), and every row it holds was
+    an exact result."""
+    import re
+
+    from dtlab.tools.commexp import PAGES, tables
+    record = json.loads((ROOT / "docs/reference/faster-collectives.json").read_text())
+    want = tables(record)
+    seen = set()
+    for page in PAGES:
+        text = (ROOT / "docs" / page).read_text()
+        for name, body in re.findall(r"<!-- commexp:(\w+) -->\n(.*?)\n<!-- /commexp:\1 -->",
+                                     text, flags=re.S):
+            assert body == want[name], f"{page}: table {name} differs from the record"
+            seen.add(name)
+    assert seen == set(want)
+    assert all(r["ok"] for part in ("host", "cross") for r in record[part]["rows"])
