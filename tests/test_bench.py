@@ -90,10 +90,14 @@ def test_alpha_beta_fit_recovers_the_model():
 @pytest.mark.deepspeed
 def test_deepspeed_shared_memory_row(tmp_path):
     pytest.importorskip("deepspeed")
+    import glob
     out = tmp_path / "ds.json"
+    before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
     p = dtlab("bench", "comm", "--nproc", "2", "--impl", "library,deepspeed-shm", "--sizes",
               "4KiB,1MiB", "--iters", 2, "--warmup", 1, "--json", out, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    # DeepSpeed leaves a 66 MiB file a rank in /dev/shm; our shutdown removes this run's
+    assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) - before == set()
     rows = json.loads(out.read_text())["rows"]
     assert {r["impl"] for r in rows} == {"library", "deepspeed-shm"}
     assert all(r["ok"] for r in rows)  # DeepSpeed's result checked exactly like ours

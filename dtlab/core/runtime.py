@@ -135,7 +135,24 @@ def shutdown(rt: Runtime) -> None:
             dist.destroy_process_group()
         except Exception:  # teardown after an error must not mask that error
             pass
+    release_deepspeed_shm(rt.rank)
     rt.distributed = False
+
+
+def release_deepspeed_shm(rank: int) -> None:
+    """Remove this rank's buffer of DeepSpeed's CPU all-reduce (its ``shm_comm`` op, set up by
+    ``deepspeed.init_distributed`` when every rank is on one host). DeepSpeed creates one 66 MiB
+    file a rank in /dev/shm and never unlinks it: every run on a CPU would leave them behind
+    until the machine restarts. At shutdown every peer mapped it long ago (they all do so while
+    initialising), so the name can go; the memory goes with the last process that maps it."""
+    if "deepspeed" not in sys.modules:
+        return
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except OSError:
+        pass
 
 
 def exit_now(code: int) -> NoReturn:
