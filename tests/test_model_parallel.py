@@ -155,6 +155,15 @@ def test_parallel3d_2x2x2_on_8_ranks(tmp_path):
                    "small", "--steps", 3, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert s["baseline"]["ok"] is True and s["world_size"] == 8
+    # model states from the shapes (dtlab/core/costmodel.py) are every rank's, to the byte
+    from dtlab.core.costmodel import Shape, model_states, total_params
+    m = Shape(4, 128, 4, 512, 13, 64)  # the small preset on the default text (13 symbols)
+    assert total_params(m) == s["n_params"]
+    for rank, mem in enumerate(s["memory"]["per_rank"]):
+        stage, t = divmod(rank % 4, 2)  # rank = (d PP + p) TP + t
+        want = model_states(m, pp=2, stage=stage, tp=2, t=t)
+        assert {k: mem[k] for k in ("params", "grads", "optimizer")} == \
+            {k: want[k] for k in ("params", "grads", "optimizer")}, rank
 
 
 def test_parallel3d_bad_grid_is_one_line(tmp_path):
