@@ -62,7 +62,7 @@ def cmd_bench_comm(args, rest) -> int:
 
 def cmd_bench_ddp(args, rest) -> int:
     from dtlab.tools.benchddp import bench_ddp
-    return bench_ddp(args.nproc, args.preset, args.steps, args.repeats, args.out)
+    return bench_ddp(args.nproc, args.preset, args.steps, args.repeats, args.out, args.variants)
 
 
 def cmd_bench_cluster(args, rest) -> int:
@@ -187,6 +187,9 @@ def make_parser() -> argparse.ArgumentParser:
     bd.add_argument("--steps", type=int, default=30)
     bd.add_argument("--repeats", type=int, default=3)
     bd.add_argument("--out", default="runs/bench/ddp")
+    bd.add_argument("--variants", default="all",
+                    help="comma list of torch, own-ring, own-library, own-shm (default all; "
+                         "torch is always run: the ratios are to it)")
     bd.set_defaults(func=cmd_bench_ddp)
     bk = bsub.add_parser("cluster", help="bus bandwidth vs link rate and step time per strategy "
                          "on the namespace cluster (root)")

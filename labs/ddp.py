@@ -250,8 +250,9 @@ def check_args(args, settings, world: int) -> None:
         raise UsageError(f"--bucket-mb must be > 0, got {args.bucket_mb}")
     if args.accum < 1:
         raise UsageError(f"--accum must be >= 1, got {args.accum}")
-    if args.impl == "torch" and (args.accum != 1 or args.no_overlap):
-        raise UsageError("--accum and --no-overlap belong to --impl own; add --impl own")
+    if args.impl == "torch" and (args.accum != 1 or args.no_overlap or args.allreduce != "ring"):
+        raise UsageError("--accum, --no-overlap and --allreduce belong to --impl own; add "
+                         "--impl own")
     check_divisible(settings.batch_size, world * args.accum,
                     what=f"world size x --accum ({world} x {args.accum})")
 

@@ -90,6 +90,7 @@ def test_run_checks_before_launch(lab, nproc, argv):
     ("ddp", 2, ["--ckpt-every", "0", "--ckpt-dir", "x"], "--ckpt-every must be >= 1"),
     ("ddp", 2, ["--timeout", "1e300"], "--timeout must be in (0, 604800] seconds"),
     ("ddp", 2, ["--batch-size", "200000", "--preset", "small"], "needs about"),
+    ("ddp", 2, ["--allreduce", "shm"], "--allreduce belong to --impl own"),
 ])
 def test_named_bad_inputs(lab, nproc, argv, says):
     kind, err = _outcome(lambda: _validate(lab, nproc, argv))

@@ -51,6 +51,11 @@ def test_bench_comm_other_ops_library(tmp_path):
         assert r["busbw_GBps"] == pytest.approx(r["algbw_GBps"] * factor)
 
 
+def test_bench_ddp_rejects_unknown_variants():
+    p = dtlab("bench", "ddp", "--variants", "own-nccl", timeout=60)
+    assert p.returncode == 2 and "--variants: unknown own-nccl" in p.stderr, p.stderr
+
+
 def test_bench_comm_rejects_ring_for_other_ops():
     p = dtlab("bench", "comm", "--ops", "all_gather", "--impl", "ring", timeout=60)
     assert p.returncode == 2
@@ -59,11 +64,10 @@ def test_bench_comm_rejects_ring_for_other_ops():
 
 def test_bench_ddp_record(tmp_path):
     p = dtlab("bench", "ddp", "--nproc", 2, "--preset", "tiny", "--steps", 3, "--repeats", 1,
-              "--out", tmp_path, timeout=300)
+              "--variants", "own-shm", "--out", tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr
     s = json.loads((tmp_path / "summary.json").read_text())
-    assert set(s["step_s_median"]) == {"torch", "own-ring", "own-library", "own-shm",
-                                       "no-comm floor"}
+    assert set(s["step_s_median"]) == {"torch", "own-shm", "no-comm floor"}
     assert s["ratio_vs_torch"]["torch"] == 1.0
     for v, t in s["step_s_median"].items():
         assert t > 0 and s["ratio_vs_torch"][v] == pytest.approx(t / s["step_s_median"]["torch"])

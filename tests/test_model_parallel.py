@@ -34,6 +34,9 @@ def test_tensor_parallel_equals_baseline(impl, tp, preset, tmp_path):
         assert ar["calls"] == steps * (4 * L + 1 + 3)
         assert ar["bytes"] == steps * payload
         assert s["comm"]["bytes_per_step"] == pytest.approx(2 * (tp - 1) / tp * payload)
+        from dtlab.core.costmodel import Shape, sent_bytes
+        shape = Shape(L, d, cfg.n_head, cfg.d_ff, 13, T)
+        assert sent_bytes(shape, B, tp=tp)["tp"] == pytest.approx(2 * (tp - 1) / tp * payload)
 
 
 def test_tensor_parallel_rejects_heads_not_divisible(tmp_path):
@@ -156,14 +159,19 @@ def test_parallel3d_2x2x2_on_8_ranks(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert s["baseline"]["ok"] is True and s["world_size"] == 8
     # model states from the shapes (dtlab/core/costmodel.py) are every rank's, to the byte
-    from dtlab.core.costmodel import Shape, model_states, total_params
+    # and so are the activations it keeps (two micro-batches, 1F1B) and the bytes it sends
+    from dtlab.core.costmodel import Shape, activations, model_states, sent_bytes, total_params
     m = Shape(4, 128, 4, 512, 13, 64)  # the small preset on the default text (13 symbols)
     assert total_params(m) == s["n_params"]
     for rank, mem in enumerate(s["memory"]["per_rank"]):
         stage, t = divmod(rank % 4, 2)  # rank = (d PP + p) TP + t
         want = model_states(m, pp=2, stage=stage, tp=2, t=t)
-        assert {k: mem[k] for k in ("params", "grads", "optimizer")} == \
-            {k: want[k] for k in ("params", "grads", "optimizer")}, rank
+        want["activations_peak"] = activations(m, 16, dp=2, tp=2, t=t, pp=2, stage=stage,
+                                               microbatches=2)
+        keys = ("params", "grads", "optimizer", "activations_peak")
+        assert {k: mem[k] for k in keys} == {k: want[k] for k in keys}, rank
+        assert s["comm"]["per_rank"][rank] == pytest.approx(
+            sent_bytes(m, 16, dp=2, tp=2, t=t, pp=2, stage=stage)["total"]), rank
 
 
 def test_parallel3d_bad_grid_is_one_line(tmp_path):

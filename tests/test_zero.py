@@ -40,6 +40,9 @@ def test_zero_equals_baseline_with_memory_and_comm(stage, offload, world, tmp_pa
     assert P <= padded < P + len(ex["units"]) * world
     volume = 3 if stage == 3 else 2
     assert s["comm"]["bytes_per_step"] == pytest.approx(volume * (world - 1) / world * 4 * padded)
+    from dtlab.core.costmodel import Shape, sent_bytes  # the same volume, before padding
+    assert sent_bytes(Shape(2, 32, 2, 128, 13, 32), 16, dp=world, zero=stage)["dp"] == \
+        pytest.approx(volume * (world - 1) / world * 4 * P)
     ops = s["comm"]["by_op"]
     units = len(ex["units"])
     if stage == 0:

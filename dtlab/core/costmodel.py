@@ -1,5 +1,6 @@
-"""What one rank of a layout holds, from the shapes alone: weights, gradients and AdamW state
-for any cut of the model into pipeline stages and tensor-parallel shards.
+"""What one rank of a layout holds, from the shapes alone: weights, gradients, AdamW state and
+activations, for any cut of the model over data-parallel replicas, pipeline stages and
+tensor-parallel shards.
 
 Standard library only (the CLI builds without torch). The figures follow the labs exactly:
 - ToyGPT's layers are [embedding, block x L, head] (dtlab/core/model.py); a pipeline stage owns
@@ -9,12 +10,16 @@ Standard library only (the CLI builds without torch). The figures follow the lab
   the embedding and every LayerNorm stay whole; uneven cuts give the first ranks one more
   (``chunk_sizes``);
 - AdamW keeps two fp32 moments a parameter and a 4-byte step counter a parameter tensor.
-tests/test_costmodel.py and the 3D lab test hold these equal to what the runs count. Activations
-are :func:`dtlab.core.activations.activation_formula`'s.
+Activations per rank (:func:`activations`) build on
+:func:`dtlab.core.activations.activation_formula`, per pipeline stage and live micro-batch.
+tests/test_costmodel.py, the 3D lab test (8 ranks, DP x PP x TP) and the DDP tests (2-4 ranks,
+with micro-batches) hold both equal, to the byte, to what the runs count.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from dtlab.core.activations import activation_formula
 
 
 @dataclass(frozen=True)
@@ -75,3 +80,67 @@ def model_states(m: Shape, pp: int = 1, stage: int = 0, tp: int = 1, t: int = 0)
 def total_params(m: Shape) -> int:
     return sum(rank_tensors(m))
 
+
+
+def live_microbatches(schedule: str, pp: int, stage: int, microbatches: int) -> int:
+    """Most micro-batches whose activations a stage holds at once: all of them under GPipe,
+    one per stage still ahead under 1F1B (the warm-up's forwards, plus one)."""
+    return microbatches if schedule == "gpipe" else min(pp - stage, microbatches)
+
+
+def activations(m: Shape, batch: int, dp: int = 1, tp: int = 1, t: int = 0, pp: int = 1,
+                stage: int = 0, microbatches: int = 1, schedule: str = "1f1b",
+                recompute: str = "none", every: int = 2, sp: bool = False, cp: int = 1) -> int:
+    """Peak bytes autograd keeps on one rank when a global batch of ``batch`` sequences is cut
+    over ``dp`` replicas, then into ``microbatches`` (pipelines): a pipeline stage counts its own
+    blocks, the embedding or head when it holds them, times its live micro-batches. A rank's
+    rows are views of the global batch, so the token indices the embedding saves (and the
+    targets of a plain loss) keep the global batch's storage: what the meter counts with each
+    micro-batch, and what a device holds as long as any of them lives."""
+    b = batch // dp // microbatches
+    full = activation_formula(m.n_layer, m.d_model, m.n_head, m.d_ff, m.vocab, b, m.seq,
+                              recompute=recompute, every=every, tp=tp, sp=sp, cp=cp, tp_rank=t)
+    whole = 8 * batch * m.seq - 8 * b * (m.seq // cp)  # the batch behind an index view
+    lo, hi = stage_layers(m.n_layer, pp, stage)
+    one = 0
+    for i in range(max(lo, 1) - 1, min(hi, m.n_layer + 1) - 1):   # 0-based blocks
+        kept = recompute == "full" or (recompute == "selective" and i % every == 0)
+        one += full["kept_per_block"] if kept else full["per_block"]
+    if lo == 0:
+        one += full["embedding"] + whole
+    if hi == m.n_layer + 2:
+        one += full["head"] + (whole if tp == 1 else 0)
+    return one * live_microbatches(schedule, pp, stage, microbatches)
+
+
+def ring_factor(op: str, n: int) -> float:
+    """Bytes a rank sends per byte of payload in a ring: 2(n-1)/n for all-reduce, (n-1)/n for
+    all-gather and reduce-scatter."""
+    return (2 if op == "all_reduce" else 1) * (n - 1) / n
+
+
+def sent_bytes(m: Shape, batch: int, dp: int = 1, tp: int = 1, t: int = 0, pp: int = 1,
+               stage: int = 0, zero: int = 0) -> dict:
+    """Bytes one rank sends per step, by what they are for, with ring collectives:
+    - ``dp``: the gradient average: 2(dp-1)/dp of the rank's gradient bytes (ZeRO 1 and 2 split
+      it into a reduce-scatter and an all-gather of the same volume; ZeRO 3 gathers the weights
+      once more in the backward: 3(dp-1)/dp);
+    - ``tp``: per block two all-reduces forward and two backward of the activations A (rows x
+      seq x d_model x 4 bytes), one more before the vocabulary-parallel head, and the loss's three
+      fp32 numbers a token: (4 L + 1) A + 12 N, times 2(tp-1)/tp;
+    - ``pp``: the activations to the next stage and their gradients back to the previous one,
+      A for each neighbour.
+    Labs pad ZeRO's flat partitions to a multiple of dp (a few elements): not counted here."""
+    rows = batch // dp
+    a = rows * m.seq * m.d_model * 4
+    lo, hi = stage_layers(m.n_layer, pp, stage)
+    blocks = min(hi, m.n_layer + 1) - max(lo, 1)
+    head = hi == m.n_layer + 2
+    grads = 4 * model_states(m, pp, stage, tp, t)["numel"]
+    out = {"dp": (3 if zero == 3 else 2) * (dp - 1) / dp * grads if dp > 1 else 0.0,
+           "tp": ring_factor("all_reduce", tp) * ((4 * blocks + head) * a +
+                                                  (12 * rows * m.seq if head else 0))
+           if tp > 1 else 0.0,
+           "pp": a * ((stage > 0) + (stage < pp - 1))}
+    out["total"] = sum(out.values())
+    return out

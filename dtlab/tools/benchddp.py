@@ -59,15 +59,23 @@ def floor_step(nproc: int, common: list[str], preset: str, out: Path) -> float:
                              for k in range(nproc))
 
 
-def bench_ddp(nproc: int, preset: str, steps: int, repeats: int, out: str) -> int:
+def bench_ddp(nproc: int, preset: str, steps: int, repeats: int, out: str,
+              variants: str = "all") -> int:
     if repeats < 1 or steps < 1:
         raise UsageError("--repeats and --steps must be >= 1")
+    chosen = list(VARIANTS) if variants == "all" else \
+        ["torch", *(v.strip() for v in variants.split(",") if v.strip() and v.strip() != "torch")]
+    bad = [v for v in chosen if v not in VARIANTS]
+    if bad:
+        raise UsageError(f"--variants: unknown {', '.join(bad)}; choose from "
+                         f"{', '.join(VARIANTS)}")
     lab = get_lab("ddp")
     common = ["--preset", preset, "--steps", str(steps), "--no-baseline"]
     out = Path(out)
-    runs = {v: [] for v in [*VARIANTS, FLOOR]}
+    runs = {v: [] for v in [*chosen, FLOOR]}
     for i in range(repeats):
-        for v, flags in VARIANTS.items():
+        for v in chosen:
+            flags = VARIANTS[v]
             run_out = out / f"{v}-{i}"
             lab_args = [*flags, *common, "--out", str(run_out)]
             validate(lab, nproc, lab_args)
@@ -85,7 +93,7 @@ def bench_ddp(nproc: int, preset: str, steps: int, repeats: int, out: str) -> in
     result = {"preset": preset, "nproc": nproc, "steps": steps, "repeats": repeats,
               "step_s_median": med, "step_s_runs": runs,
               "ratio_vs_torch": {v: med[v] / med["torch"] for v in med},
-              "comm_overhead_removed": {v: (med["torch"] - med[v]) / over for v in VARIANTS}
+              "comm_overhead_removed": {v: (med["torch"] - med[v]) / over for v in chosen}
               if FLOOR in med and over > 0 else None}
     atomic_write_text(out / "summary.json", json.dumps(result, indent=1) + "\n")
     for v in med:
