@@ -18,8 +18,8 @@ Two implementations:
   does, and averages them in place where the other ranks read them; ``--allreduce hier`` does
   that inside each node and runs rings between the nodes (dtlab/collectives/hier.py).
   ``--accum K`` splits each rank's rows into K micro-batches and communicates only after the
-  last one (what DDP's ``no_sync`` is for). ``--no-overlap`` waits for backward to finish before sending anything, to measure
-  what the overlap saves.
+  last one (what DDP's ``no_sync`` is for). ``--no-overlap`` waits for backward to finish
+  before sending anything, to measure what the overlap saves.
 
 Per step and rank, with G gradient bytes and W ranks, a ring all-reduce sends 2(W-1)/W * G.
 
@@ -164,7 +164,7 @@ class OwnDDP(Strategy):
         if self.allreduce == "shm":  # the gradients are the bucket: average it where it is
             shm_all_reduce(b.flat.div_(self.rt.world_size), self.comm)
             return
-        if self.allreduce == "hier":  # the same, and the leaders' ring on the comm thread
+        if self.allreduce == "hier":  # the same, with the rings across nodes on the comm thread
             b.pending = self.comm_thread.submit(hier_all_reduce, b.flat.div_(self.rt.world_size),
                                                 self.comm)
             return
