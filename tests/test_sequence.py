@@ -155,20 +155,16 @@ def test_context_parallel_in_the_grid(grid):
 def test_docs_tables_are_the_record():
     """The measured tables of the three long-sequence pages are what the record renders."""
     import json
-    import re
 
     from conftest import ROOT
     from dtlab.tools.longseq import PAGES, tables
+    from dtlab.tools.report import read_marked_tables
     record = json.loads((ROOT / "docs/reference/long-sequences.json").read_text())
     want = tables(record)
-    seen = set()
-    for page in PAGES:
-        text = (ROOT / "docs" / page).read_text()
-        for name, body in re.findall(r"<!-- longseq:(\w+) -->\n(.*?)\n<!-- /longseq:\1 -->",
-                                     text, flags=re.S):
-            assert body == want[name], f"{page}: table {name} differs from the record"
-            seen.add(name)
-    assert seen == set(want)
+    found = read_marked_tables(ROOT / "docs", PAGES, "longseq")
+    for page, name, body in found:
+        assert body == want[name], f"{page}: table {name} differs from the record"
+    assert {name for _, name, _ in found} == set(want)
     # every measured activation equals its formula in the record itself
     for part in ("recompute", "sequence_parallel", "context_parallel"):
         assert all(r["measured"] == r["formula"] for r in record[part]), part

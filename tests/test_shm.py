@@ -51,17 +51,12 @@ def test_docs_tables_are_the_record():
     """The measured tables in communication.md, ddp.md and questions.md are what the record
     renders (python -m dtlab.tools.commexp --redraw rewrites them), and every row it holds was
     an exact result."""
-    import re
-
     from dtlab.tools.commexp import PAGES, tables
+    from dtlab.tools.report import read_marked_tables
     record = json.loads((ROOT / "docs/reference/faster-collectives.json").read_text())
     want = tables(record)
-    seen = set()
-    for page in PAGES:
-        text = (ROOT / "docs" / page).read_text()
-        for name, body in re.findall(r"<!-- commexp:(\w+) -->\n(.*?)\n<!-- /commexp:\1 -->",
-                                     text, flags=re.S):
-            assert body == want[name], f"{page}: table {name} differs from the record"
-            seen.add(name)
-    assert seen == set(want)
+    found = read_marked_tables(ROOT / "docs", PAGES, "commexp")
+    for page, name, body in found:
+        assert body == want[name], f"{page}: table {name} differs from the record"
+    assert {name for _, name, _ in found} == set(want)
     assert all(r["ok"] for part in ("host", "cross") for r in record[part]["rows"])

@@ -178,13 +178,7 @@ def render_docs(R: dict, docs: Path) -> list[str]:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dtlab.tools.commexp",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("--json", required=True, help="where to write the record")
-    p.add_argument("--img", default=None, help="folder for the pictures")
-    p.add_argument("--docs", default=None, help="docs folder whose tables to write")
-    p.add_argument("--redraw", action="store_true",
-                   help="only write the tables again from --json")
+    p = report.record_tool_parser("python -m dtlab.tools.commexp", __doc__.splitlines()[0])
     p.add_argument("--parts", default=",".join(PARTS),
                    help=f"measure only these of {','.join(PARTS)} and keep the rest of --json "
                         "(the record then says which part was measured when)")

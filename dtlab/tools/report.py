@@ -141,6 +141,28 @@ def fill_marked_tables(docs: Path, pages, tag: str, blocks: dict[str, str]) -> l
     return changed
 
 
+def read_marked_tables(docs: Path, pages, tag: str) -> list[tuple[str, str, str]]:
+    """(page, name, body) of every ``<!-- TAG:name -->`` block in the pages: what
+    ``fill_marked_tables`` wrote, for the tests that hold the docs equal to a record."""
+    import re
+    return [(page, name, body) for page in pages
+            for name, body in re.findall(rf"<!-- {tag}:(\w+) -->\n(.*?)\n<!-- /{tag}:\1 -->",
+                                         (Path(docs) / page).read_text(), flags=re.S)]
+
+
+def record_tool_parser(prog: str, description: str):
+    """The flags every record tool shares (``python -m dtlab.tools.schedexp``, ``commexp``):
+    where the record goes, the pictures, the docs to write, and redrawing from a record."""
+    import argparse
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--json", required=True, help="where to write the record")
+    p.add_argument("--img", default=None, help="folder for the pictures")
+    p.add_argument("--docs", default=None, help="docs folder whose tables to write")
+    p.add_argument("--redraw", action="store_true",
+                   help="only write the tables again from --json")
+    return p
+
+
 def plot_losses(summaries: list[dict], path: Path) -> Path:
     """Every strategy's loss curve over its baseline's, and each one's distance from it."""
     plt = _plt()

@@ -15,7 +15,6 @@ Copies the runs' schedule.png and experts.png into ``--img`` and writes the tabl
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -121,13 +120,7 @@ def render_docs(R: dict, docs: Path) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dtlab.tools.schedexp",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("--json", required=True, help="where to write the record")
-    p.add_argument("--img", default=None, help="folder for the pictures")
-    p.add_argument("--docs", default=None, help="docs folder whose tables to write")
-    p.add_argument("--redraw", action="store_true",
-                   help="only write the tables again from --json")
+    p = report.record_tool_parser("python -m dtlab.tools.schedexp", __doc__.splitlines()[0])
     a = p.parse_args(argv)
     if a.redraw:
         R = json.loads(Path(a.json).read_text())
