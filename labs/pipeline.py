@@ -45,6 +45,7 @@ from dtlab import registry
 from dtlab.core import checkpoint as ckpt
 from dtlab.core import memory as mem
 from dtlab.core.comm import CommCounter, library_collectives, nbytes
+from dtlab.core.costmodel import bubble as bubble_theory
 from dtlab.core.grid import Grid
 from dtlab.core.model import ToyGPT, loss_fn, stage_bounds
 from dtlab.core.settings import finite
@@ -115,21 +116,6 @@ def zbh1_schedule(p: int, m: int, rank: int, v: int = 1) -> list[tuple[str, int]
 SCHEDULES = MappingProxyType({"gpipe": gpipe_schedule, "1f1b": one_f_one_b_schedule,
                               "interleaved": interleaved_schedule, "zbh1": zbh1_schedule})
 SPLIT_BACKWARD = frozenset({"zbh1"})   # schedules with separate B and W passes
-
-
-def bubble_theory(p: int, m: int, schedule: str = "1f1b", v: int = 1) -> float:
-    """The idle fraction of the ideal schedule (equal stages, free messages, a backward twice a
-    forward, B = W = F when the backward is split):
-        GPipe, 1F1B   (P-1) / (M + P-1)
-        interleaved   (P-1) / (V M + P-1)   the warm-up and cool-down ramps are V times shorter
-        ZB-H1         (P-1) / (3M + P-1)    1F1B's bubble of P-1 slots of F+B+W becomes P-1 of
-                                            F+B-W: a third (for M >= P)
-    ``ideal`` below replays any action list and gives the same figures."""
-    if schedule == "interleaved":
-        return (p - 1) / (v * m + p - 1)
-    if schedule == "zbh1":
-        return (p - 1) / (3 * m + p - 1)
-    return (p - 1) / (m + p - 1)
 
 
 def ideal(p: int, m: int, schedule: str, v: int = 1) -> dict:

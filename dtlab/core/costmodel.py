@@ -113,6 +113,52 @@ def activations(m: Shape, batch: int, dp: int = 1, tp: int = 1, t: int = 0, pp: 
     return one * live_microbatches(schedule, pp, stage, microbatches)
 
 
+def bubble(p: int, m: int, schedule: str = "1f1b", v: int = 1) -> float:
+    """The idle fraction of the ideal schedule (equal stages, free messages, a backward twice a
+    forward, B = W = F when the backward is split):
+        GPipe, 1F1B   (P-1) / (M + P-1)
+        interleaved   (P-1) / (V M + P-1)   the warm-up and cool-down ramps are V times shorter
+        ZB-H1         (P-1) / (3M + P-1)    1F1B's bubble of P-1 slots of F+B+W becomes P-1 of
+                                            F+B-W: a third (for M >= P)
+    labs/pipeline.py's ``ideal`` replays any action list and gives the same figures."""
+    if schedule == "interleaved":
+        return (p - 1) / (v * m + p - 1)
+    if schedule == "zbh1":
+        return (p - 1) / (3 * m + p - 1)
+    return (p - 1) / (m + p - 1)
+
+
+def zero_units(m: Shape, dp: int) -> list[tuple[int, int]]:
+    """(elements, owned elements) of each ZeRO unit (one a layer, as labs/zero.py cuts them):
+    a unit is padded to a multiple of dp and every rank owns an equal slice."""
+    out = []
+    for i in range(m.n_layer + 2):
+        n = sum(layer_tensors(m, i))
+        out.append((n, -(-n // dp)))
+    return out
+
+
+def zero_states(m: Shape, dp: int, stage: int, offload: str = "none") -> dict:
+    """Device bytes of weights, gradients and AdamW state on one rank of labs/zero.py, padding
+    included: from stage 1 the optimizer holds the owned slices (one step counter a unit), from
+    stage 2 only the owned gradient slices stay, at stage 3 only the owned weight slices; with
+    offload the optimizer side (and at stage 1 nothing else) leaves for the CPU."""
+    units = zero_units(m, dp)
+    n = sum(u[0] for u in units)
+    owned = sum(u[1] for u in units)
+    params = 4 * (owned if stage == 3 else n)
+    if offload == "param":
+        params = 0
+    if offload != "none":
+        grads = 4 * n if stage == 1 else 0
+        optimizer = 0
+    else:
+        grads = 4 * owned + (4 * n if stage == 1 else 0)
+        optimizer = 8 * owned + 4 * len(units)
+    return {"params": params, "grads": grads, "optimizer": optimizer, "numel": owned,
+            "tensors": len(units)}
+
+
 def ring_factor(op: str, n: int) -> float:
     """Bytes a rank sends per byte of payload in a ring: 2(n-1)/n for all-reduce, (n-1)/n for
     all-gather and reduce-scatter."""
