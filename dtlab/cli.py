@@ -7,6 +7,7 @@
     dtlab bench ddp [--nproc 2] [--preset small] [--steps 30] [--repeats 3]
     dtlab profile LAB|compare [--nproc N] [lab flags...]
     dtlab doctor [--hostfile F] [--include S | --exclude S] [--master-addr A] [--json]
+    dtlab plan [calibrate|validate] [--preset small | --layers L --d-model H --heads A] ...
     dtlab memory --params 7e9 [--nodes N --gpus-per-node G] [--zero 0|1|2|3] [--offload ...]
     dtlab exercise NAME [--dest DIR]   /   dtlab check NAME [--impl FILE]
 
@@ -89,6 +90,11 @@ def cmd_doctor(args, rest) -> int:
 def cmd_memory(args, rest) -> int:
     from dtlab.tools import estimate
     return estimate.run(args)
+
+
+def cmd_plan(args, rest) -> int:
+    from dtlab.tools import plan
+    return plan.run(args)
 
 
 def cmd_exercise(args, rest) -> int:
@@ -226,13 +232,18 @@ def make_parser() -> argparse.ArgumentParser:
     add_placement(pr)
     pr.set_defaults(func=cmd_profile, forwards=True)
 
-    from dtlab.tools import doctor, estimate
+    from dtlab.tools import doctor, estimate, plan
     doctor.add_arguments(sub.add_parser(
         "doctor", help="check a DeepSpeed hostfile and a multi-node setup before launch",
         description=doctor.__doc__.split("\n\n")[0])).set_defaults(func=cmd_doctor)
     estimate.add_arguments(sub.add_parser(
         "memory", help="estimate GPU and CPU memory per ZeRO stage, offload and precision",
         description=estimate.__doc__.split("\n\n")[0])).set_defaults(func=cmd_memory)
+
+    plan.add_arguments(sub.add_parser(
+        "plan", help="rank the layouts that fit a model on a cluster by predicted step time "
+        "and memory; calibrate this machine; validate the predictions against runs",
+        description=plan.__doc__.split("\n\n")[0])).set_defaults(func=cmd_plan)
 
     dbg = sub.add_parser("debug", help="what a hanging run's ranks are doing")
     dsub = dbg.add_subparsers(dest="what", required=True)
