@@ -199,11 +199,12 @@ def model_from_args(a) -> tuple[cm.Shape, int, str | None]:
         m, batch = preset_shape(a.preset, a.seq)
         return m, a.batch or batch, a.preset
     if a.params and not any(described):
-        # a GPT-like shape of about that many parameters: d = 128 x layers, 12 d^2 a block
+        # a GPT-like shape of about that many parameters (12 d^2 a block): width about 128 x
+        # layers, rounded to a multiple of 1024, heads of 128
         n = float(a.params)
-        layers = max(2, round((n / (12 * 128**2)) ** (1 / 3)))
-        d = 128 * layers
-        m = cm.Shape(layers, d, max(1, d // 128), 4 * d, a.vocab or 50257, a.seq or 2048)
+        d = max(1024, round(128 * (n / (12 * 128**2)) ** (1 / 3) / 1024) * 1024)
+        layers = max(2, round(n / (12 * d * d)))
+        m = cm.Shape(layers, d, d // 128, 4 * d, a.vocab or 50257, a.seq or 2048)
         return m, a.batch or 8, None
     if not all(described):
         raise PlanError("give the model: --preset small, or --layers L --d-model H --heads A "
