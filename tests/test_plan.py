@@ -122,14 +122,16 @@ A100 = ["--layers", "32", "--d-model", "4096", "--heads", "32", "--seq", "4096",
 @pytest.mark.parametrize("argv,message", [
     (["--preset", "small", "--device-memory", "1MiB", "--calibration", "CAL"],
      "the model fits nowhere"),
-    (A100 + ["--nodes", "1", "--inter", "10,25"], "--nodes is 1"),
+    (A100 + ["--nodes", "1", "--inter", "10,200"], "--nodes is 1"),
     (A100 + ["--nodes", "4"], "needs the links between nodes"),
-    (A100 + ["--nodes", "2", "--inter", "10,400"], "faster than --intra"),
+    (A100 + ["--nodes", "2", "--inter", "10,4000"], "more than --intra"),
+    (A100 + ["--nodes", "2", "--inter", "10,200", "--tp", "0"], "--tp '0': each must be >= 1"),
+    (["--preset", "small", "--ffn", "64", "--peak-flops", "1e12"], "not both"),
     (["--layers", "4", "--d-model", "100", "--heads", "3", "--peak-flops", "1e12"],
      "not a multiple of --heads"),
     (["--preset", "small"], "--peak-flops"),
     (["--preset", "small", "--calibration", "/nonexistent.json"], "no such file"),
-    (A100 + ["--nodes", "2", "--inter", "10,25", "--tp", "3"], "no layout"),
+    (A100 + ["--nodes", "2", "--inter", "10,200", "--tp", "3"], "no layout"),
 ])
 def test_bad_input_is_one_clear_line(argv, message, tmp_path):
     cal = tmp_path / "cal.json"
@@ -140,9 +142,10 @@ def test_bad_input_is_one_clear_line(argv, message, tmp_path):
 
 
 def test_worked_example_many_a100_nodes(tmp_path):
-    """Datasheet inputs (no calibration): a ranking, a 3D layout on top, an sbatch line."""
+    """Datasheet inputs (no calibration): a ranking whose best fits the GPUs, the layout in words
+    (no preset has the shape), and the sbatch line a preset of 4 nodes would get."""
     out = tmp_path / "a100.json"
-    p = run_plan(*A100, "--nodes", "4", "--inter", "10,25", "--json", str(out))
+    p = run_plan(*A100, "--nodes", "4", "--inter", "10,200", "--json", str(out))
     assert p.returncode == 0, p.stderr
     res = json.loads(out.read_text())
     best = res["ranked"][0]
@@ -157,7 +160,7 @@ def test_worked_example_many_a100_nodes(tmp_path):
 def test_validate_ci_set_records_predictions_and_measurements(tmp_path):
     rec = tmp_path / "validate.json"
     p = run_plan("validate", "--set", "ci", "--out", str(tmp_path / "cal.json"), "--json",
-                 str(rec), "--work", str(tmp_path / "runs"), "--steps", "6")
+                 str(rec), "--work", str(tmp_path / "runs"), "--steps", "4")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     d = json.loads(rec.read_text())
     assert d["calibration"] == json.loads((tmp_path / "cal.json").read_text())["name"]

@@ -16,7 +16,8 @@ cores, every rank's compute is slowed by that ratio (for a pipeline, by the shar
 that compute at once, M / (M + P - 1): the others wait and leave their cores). On the namespace
 cluster every node shares this machine's cores (``shared_cores``).
 
-Standard library only: ``dtlab plan`` runs without torch.
+Standard library only (a preset's shape, ``preset_shape``, is read from the model module, which
+imports torch): ``dtlab plan`` for a described model runs without torch.
 """
 from __future__ import annotations
 
@@ -90,8 +91,10 @@ class Layout:
 
 @dataclass(frozen=True)
 class Link:
+    """Inside a node: one device's link; between nodes: one node's link to the others, shared
+    by the groups of its devices that cross it at once."""
     alpha_s: float       # per message step (a ring all-reduce takes 2(W-1) of them)
-    bytes_per_s: float   # one direction of one device's link
+    bytes_per_s: float   # one direction
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,8 @@ def invalid(m: cm.Shape, batch: int, lay: Layout, c: ClusterSpec) -> str | None:
         return f"batch {batch} does not split over dp={lay.dp} x {lay.microbatches} micro-batches"
     if lay.zero and lay.world != lay.dp:
         return "ZeRO runs in the data-parallel lab only (tp = pp = cp = 1)"
+    if lay.zero and lay.dp < 2:
+        return "ZeRO needs 2 or more data-parallel ranks"
     if lay.offload != "none" and not lay.zero:
         return "offload needs ZeRO"
     if lay.offload == "param" and lay.zero != 3:
@@ -265,12 +270,22 @@ def _between(points: list, gap: float) -> list[tuple[float, tuple[float, float]]
     return [(1.0, tuple(pts[-1][1:]))]
 
 
-def _where(size: int, stride: int, c: ClusterSpec) -> tuple[str, int]:
-    """Whether a group of ``size`` ranks ``stride`` apart crosses nodes, and how many such
-    groups share a node's link at once."""
-    if size * stride <= c.per_node or c.nodes == 1:
+def _where(lay: Layout, vary: tuple[str, ...], c: ClusterSpec) -> tuple[str, int]:
+    """Whether the groups whose ranks differ only in the ``vary`` coordinates of the grid
+    (rank = ((d pp + p) cp + c) tp + t, dtlab/core/grid.py) cross nodes, and how many crossing
+    groups have ranks on one node (they share its link)."""
+    if c.nodes == 1:
         return "intra", 1
-    return "inter", max(1, min(stride, c.per_node))
+    shape = {"dp": lay.dp, "pp": lay.pp, "cp": lay.cp, "tp": lay.tp}
+    stride = {"tp": 1, "cp": lay.tp, "pp": lay.tp * lay.cp, "dp": lay.tp * lay.cp * lay.pp}
+    groups: dict = {}
+    for r in range(lay.world):
+        key = tuple((r // stride[k]) % shape[k] for k in shape if k not in vary)
+        groups.setdefault(key, set()).add(r // c.per_node)
+    crossing = [g for g in groups.values() if len(g) > 1]
+    if not crossing:
+        return "intra", 1
+    return "inter", max(sum(n in g for g in crossing) for n in range(c.nodes))
 
 
 def step_time(m: cm.Shape, batch: int, lay: Layout, c: ClusterSpec, comp: Compute,
@@ -282,48 +297,54 @@ def step_time(m: cm.Shape, batch: int, lay: Layout, c: ClusterSpec, comp: Comput
     for stage in range(P):
         lo, hi = cm.stage_layers(m.n_layer, P, stage)
         blocks = range(max(lo, 1) - 1, min(hi, m.n_layer + 1) - 1)
-        t = sum(comp.piece("block_fb", rows, lay.tp) for _ in blocks)
-        t += sum(comp.piece("block_f", rows, lay.tp) for i in blocks
-                 if lay.recompute == "full" or (lay.recompute == "selective" and i % 2 == 0))
+        redo = sum(1 for i in blocks if lay.recompute == "full" or    # recomputed blocks
+                   (lay.recompute == "selective" and i % 2 == 0))
+        t = (len(blocks) * comp.piece("block_fb", rows, lay.tp) +
+             redo * comp.piece("block_f", rows, lay.tp))
         if lo == 0:
             t += comp.piece("embed_fb", rows, 1)
         if hi == m.n_layer + 2:
             t += comp.piece("head_fb", rows, lay.tp)
-        per_stage.append((t, len(blocks), hi == m.n_layer + 2))
-    slot = max(per_stage)[0]
+        per_stage.append((t, len(blocks), hi == m.n_layer + 2, redo))
+    slot = max(st[0] for st in per_stage)
     if comp.slowdown > 1 and P > 1:
         # ranks that wait (the bubble, a pipeline's messages) leave their cores to the others:
         # on average only M / (M + P - 1) of a pipeline's ranks compute at once
         slot *= max(1.0, comp.slowdown * M / (M + P - 1)) / comp.slowdown
     compute = M * slot
     bubble = (P - 1) * slot
-    strides = {"tp": 1, "cp": lay.tp, "pp": lay.tp * lay.cp, "dp": lay.tp * lay.cp * lay.pp}
     comm = {"dp": 0.0, "tp": 0.0, "pp": 0.0, "cp": 0.0}
     act = batch / lay.dp / M * m.seq / lay.cp * m.d_model * 4      # a micro-batch's activations
     if lay.tp > 1:
-        where, share = _where(lay.tp, 1, c)
-        blocks = max(b for _, b, _ in per_stage)
-        head = any(h for _, _, h in per_stage)
-        gap = slot / (4 * blocks + 4 * head)      # computation between two of its calls
-        per_mb = 4 * blocks * links.time("all_reduce", act, lay.tp, where, share, gap)
+        where, share = _where(lay, ("tp",), c)
+        blocks = max(st[1] for st in per_stage)
+        redo = max(st[3] for st in per_stage)   # a recomputed block's forward: 2 more
+        head = any(st[2] for st in per_stage)
+        calls = 4 * blocks + 2 * redo + 4 * head
+        gap = slot / calls                        # computation between two of its calls
+        per_mb = (4 * blocks + 2 * redo) * links.time("all_reduce", act, lay.tp, where, share,
+                                                      gap)
         if head:
             per_mb += links.time("all_reduce", act, lay.tp, where, share, gap)
             per_mb += 3 * links.time("all_reduce", act / m.d_model, lay.tp, where, share, gap)
         comm["tp"] = M * per_mb
     if P > 1:
-        where, share = _where(P, strides["pp"], c)
+        where, share = _where(lay, ("pp",), c)
         # p2p: timed with every rank of the job sending at once (world), as a pipeline does
         comm["pp"] = (M + P - 1) * 2 * links.time("p2p", act, c.world, where, share,
                                                        slot)
     if lay.cp > 1:
-        where, share = _where(lay.cp, strides["cp"], c)
+        where, share = _where(lay, ("cp",), c)
         kv = 2 * act / lay.tp
-        blocks = max(b for _, b, _ in per_stage)
-        calls = 3 * (lay.cp - 1) * blocks
+        blocks = max(st[1] for st in per_stage)
+        redo = max(st[3] for st in per_stage)
+        # K and V go round the ring W-1 times forward (again for a recomputed block), W-1
+        # times backward with their gradients W times (labs/context_parallel.bytes_theory)
+        calls = (3 * lay.cp - 2) * blocks + (lay.cp - 1) * redo
         comm["cp"] = M * calls * links.time("p2p", kv, c.world, where, share, slot / calls)
     n_dp = lay.dp * lay.cp if lay.tp * lay.pp * lay.cp > 1 else lay.dp
     if n_dp > 1:
-        where, share = _where(n_dp, lay.tp * (lay.pp if lay.cp == 1 else 1), c)
+        where, share = _where(lay, ("dp", "cp") if lay.world > lay.dp else ("dp",), c)
         if lay.zero:
             units = cm.zero_units(m, lay.dp)
             gathers = 2 if lay.zero == 3 else 1
@@ -387,7 +408,8 @@ def load_calibration(path: str | None) -> dict | None:
                         "`dtlab plan calibrate --out FILE`")
     try:
         d = json.loads(f.read_text())
-        d["name"], d["compute"], d["links"]  # noqa: B018  the fields a prediction reads
+        for k in ("name", "compute", "links", "optimizer", "cores"):  # what predictions read
+            d[k]  # noqa: B018
     except (ValueError, KeyError, TypeError):
         raise PlanError(f"--calibration {path}: not a calibration written by dtlab plan "
                         "calibrate") from None

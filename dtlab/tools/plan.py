@@ -47,9 +47,10 @@ def check_cluster(c: ClusterSpec, calib: dict | None) -> None:
         raise PlanError(f"--nodes {c.nodes} needs the links between nodes: give --inter "
                         "ALPHA_US,GBPS" + (f", or --rate one of {', '.join(h[6:] for h in have)}"
                                            if have else " or a calibration with --cluster-rates"))
-    if c.inter and c.intra and c.inter.bytes_per_s > c.intra.bytes_per_s:
-        raise PlanError(f"--inter ({c.inter.bytes_per_s / 1e9:g} GB/s) is faster than --intra "
-                        f"({c.intra.bytes_per_s / 1e9:g} GB/s): links between nodes are never "
+    if c.inter and c.intra and c.inter.bytes_per_s / c.per_node > c.intra.bytes_per_s:
+        raise PlanError(f"--inter ({c.inter.bytes_per_s / 1e9:g} GB/s for the node's "
+                        f"{c.per_node} devices) gives each device more than --intra "
+                        f"({c.intra.bytes_per_s / 1e9:g} GB/s): links between nodes are not "
                         "faster than inside one; check the units (GB/s, one direction)")
     if calib is None and c.peak_flops is None:
         raise PlanError("give the devices' speed: --peak-flops (a datasheet figure) or "
@@ -119,8 +120,16 @@ def plan(m: cm.Shape, batch: int, c: ClusterSpec, s: Search, calib: dict | None)
         why = sorted({w for _, w in bad}) or ["the search names no layout"]
         raise PlanError(f"no layout of {c.world} devices can run this model and batch: "
                         + "; ".join(why[:4]))
+    if comp.table is not None:   # cuts the calibration has not timed cannot be predicted
+        bad += [(lay, f"the calibration has no tp={lay.tp} timings") for lay in cands
+                if str(lay.tp) not in comp.table]
+        cands = [lay for lay in cands if str(lay.tp) in comp.table]
+        if not cands:
+            raise PlanError(f"calibration {calib['name']!r} has timed none of the tensor-"
+                            "parallel cuts this cluster needs; calibrate again or give "
+                            "--peak-flops")
     preds = [predict(m, batch, lay, c, comp, links) for lay in cands]
-    # fastest first; at the same time, the leaner one (1e-4 relative counts as the same)
+    # fastest first; at the same time (to the nanosecond), the leaner one
     fit = sorted((p for p in preds if p["fits"]),
                  key=lambda p: (round(p["time"]["total"], 9), p["memory"]["total"]))
     if not fit:
@@ -160,15 +169,17 @@ def parse_link(text: str | None, flag: str) -> Link | None:
     return Link(a * 1e-6, b * 1e9)
 
 
-def parse_ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+def parse_ints(text: str | None, flag: str, lo: int = 1, hi: int | None = None
+               ) -> tuple[int, ...] | None:
     if not text:
         return None
     try:
         vals = tuple(int(x) for x in text.split(","))
     except ValueError:
         raise PlanError(f"{flag} {text!r}: give whole numbers, e.g. 1,2,4") from None
-    if min(vals) < 0:
-        raise PlanError(f"{flag} {text!r}: must be >= 0")
+    if min(vals) < lo or (hi is not None and max(vals) > hi):
+        raise PlanError(f"{flag} {text!r}: each must be " +
+                        (f"{lo}..{hi}" if hi is not None else f">= {lo}"))
     return vals
 
 
@@ -192,8 +203,9 @@ def parse_bytes(text: str, flag: str) -> float:
 def model_from_args(a) -> tuple[cm.Shape, int, str | None]:
     """The model shape, the global batch and the preset (None for a described model)."""
     described = [a.layers, a.d_model, a.heads]
-    if a.preset and any(described):
-        raise PlanError("give the model either as --preset or as --layers/--d-model/--heads, "
+    if a.preset and any(described + [a.ffn, a.vocab, a.params]):
+        raise PlanError("give the model either as --preset (with --seq and --batch if you "
+                        "like) or as --layers/--d-model/--heads/--ffn/--vocab or --params, "
                         "not both")
     if a.preset:
         m, batch = preset_shape(a.preset, a.seq)
@@ -229,7 +241,7 @@ def spec_from_args(a, calib: dict | None) -> ClusterSpec:
 def search_from_args(a) -> Search:
     return Search(dp=parse_ints(a.dp, "--dp"), tp=parse_ints(a.tp, "--tp"),
                   pp=parse_ints(a.pp, "--pp"), cp=parse_ints(a.cp, "--cp") or (1,),
-                  zero=parse_ints(a.zero, "--zero") or (0,),
+                  zero=parse_ints(a.zero, "--zero", 0, 3) or (0,),
                   offload=parse_words(a.offload, "--offload", ("none", "optimizer", "param")),
                   recompute=parse_words(a.recompute, "--recompute",
                                         ("none", "selective", "full")),
@@ -237,14 +249,15 @@ def search_from_args(a) -> Search:
                   schedules=parse_words(a.schedules, "--schedules", ("1f1b", "gpipe")))
 
 
-def command_for(lay: Layout, preset: str | None, batch: int, c: ClusterSpec) -> str:
+def command_for(lay: Layout, preset: str | None, batch: int, c: ClusterSpec,
+                seq: int | None = None) -> str:
     """The command that runs the layout with dtlab's labs (they train presets only: for a
     described model, the layout to set in your framework)."""
     lab, flags = lay.lab_args()
     if preset is None:
         return (f"{lay.label()} on {c.nodes} node(s) x {c.per_node} (dtlab's labs train its "
                 f"presets only; with one: dtlab's {lab} lab, flags {' '.join(flags) or 'none'})")
-    model = [f"--preset {preset}"]
+    model = [f"--preset {preset}"] + ([f"--seq-len {seq}"] if seq else [])
     if c.nodes > 1 and not c.shared_cores:
         return (f"NPROC_PER_NODE={c.per_node} sbatch -N {c.nodes} slurm/torchrun.sbatch {lab} "
                 + " ".join([*model, f"--batch-size {batch}", *flags]))
@@ -302,7 +315,7 @@ def run(a) -> int:
     c = spec_from_args(a, calib)
     res = plan(m, batch, c, search_from_args(a), calib)
     best = Layout(**res["ranked"][0]["layout"])
-    res["command"] = command_for(best, preset, batch, c)
+    res["command"] = command_for(best, preset, batch, c, a.seq if preset else None)
     if a.json:
         from dtlab.core.record import atomic_write_text
         atomic_write_text(Path(a.json), json.dumps(res, indent=1) + "\n")
@@ -335,8 +348,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "there is no calibration of the model's shape")
     k.add_argument("--efficiency", type=float, default=0.4,
                    help="share of --peak-flops a step reaches (default 0.4, an assumption)")
-    k.add_argument("--intra", help="link inside a node: ALPHA_US,GBPS (one direction)")
-    k.add_argument("--inter", help="link between nodes: ALPHA_US,GBPS (one direction)")
+    k.add_argument("--intra", help="a device's link inside a node: ALPHA_US,GBPS (one "
+                   "direction)")
+    k.add_argument("--inter", help="a node's link to the others: ALPHA_US,GBPS (one direction, "
+                   "all its devices together: 8 x 25 GB/s adapters are 200)")
     k.add_argument("--pcie", type=float, default=25.0,
                    help="GB/s between a device and its host, for offload's copies (default 25: "
                         "an assumption near PCIe 4.0 x16's 31.5 GB/s)")

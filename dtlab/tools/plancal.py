@@ -8,12 +8,13 @@
   the projections by input, the head by vocabulary). Each piece's time is fitted as a + c x rows.
   AdamW's step is fitted as a x tensors + c x elements.
 - Links: all-reduce, all-gather, reduce-scatter and a pipeline's send/receive pair, 4 KiB to
-  2 MiB, each called right after about a millisecond of computation, as training calls them (a rank that
-  arrives first sleeps until the others come: on 2 shared cores that costs about as much again
-  as a back-to-back call after a barrier, which is what ``dtlab bench comm`` times), at each
-  world size on this machine, and with ``--cluster-rates`` across two nodes of the namespace
-  cluster, one set per rate (the links are shaped in turn and put back afterwards). Each
-  (op, world size) is fitted as alpha + bytes / beta.
+  2 MiB, each called right after about a millisecond of computation, as training calls them (a
+  rank that arrives first sleeps until the others come; ``dtlab bench comm`` times calls after
+  a barrier instead), at each world size on this machine, and with ``--cluster-rates`` across
+  two nodes of the namespace cluster, one set per rate (the links are shaped in turn and put
+  back afterwards). Each (op, world size) is fitted as alpha + bytes / beta.
+- What a collective waits in a real step beyond that: a reference run per world size
+  (``measure_sync``).
 
 The record (JSON) names itself (``name``: host, cores, date); every prediction names the
 calibration it used."""
@@ -163,10 +164,10 @@ GAPS = (16,)
 def worker(out: str, iters: int = 20) -> int:
     """Under torchrun: every op at every size, each call right after some computation (as in
     training, where ranks reach a collective at slightly different times and a rank that waits
-    has gone to sleep), never after a barrier, with three amounts of computation between calls
-    (the gap: tensor parallelism calls every few hundred microseconds, DDP once a step). A
-    call's time is the mean over ranks of the median; ``p2p`` is a send from even to odd ranks
-    and one back (a pipeline's two messages), halved."""
+    has gone to sleep), never after a barrier, after each amount of computation in ``GAPS``
+    (tensor parallelism calls every few hundred microseconds, DDP once a step). A
+    call's time is the mean over ranks of the median; ``p2p`` is a send from rank r to rank
+    r + W/2 and one back (a pipeline's two messages), halved."""
     import torch
     import torch.distributed as dist
 
@@ -204,9 +205,9 @@ def worker(out: str, iters: int = 20) -> int:
                         dist.all_gather_into_tensor(out_t, x[:k])
                     elif op == "reduce_scatter":
                         dist.reduce_scatter_tensor(out_t[:k], x)
-                    else:
-                        peer = r + 1 if r % 2 == 0 else r - 1
-                        if r % 2 == 0:
+                    else:   # pairs half a world apart: across nodes on 2 nodes
+                        peer = (r + W // 2) % W
+                        if r < W // 2:
                             dist.send(x, peer)
                             dist.recv(x, peer)
                         else:
@@ -257,6 +258,8 @@ def calibrate(args) -> int:
     from dtlab.core.data import ARITH_VOCAB
     import torch
     cores = os.cpu_count() or 1
+    if args.max_ranks < 2:
+        raise UsageError(f"--max-ranks must be >= 2 (links need two ranks), got {args.max_ranks}")
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     threads = sorted({1, cores})
     date = datetime.date.today().isoformat()
@@ -305,8 +308,8 @@ def measure_sync(rec: dict, max_ranks: int, reps: int) -> dict:
     """What a collective costs in a real training step beyond its alpha-beta fit: ranks reach
     it at times that differ by the Python and scheduling noise of everything before it, and the
     first one waits. One reference run a world size (ZeRO-3, tiny preset at sequence 16: 12
-    collectives a step, batch 12), its step predicted without this term; the difference over the calls
-    is the term, added to every collective of that many ranks."""
+    collectives a step, batch 12), its step predicted without this term; the difference over the
+    calls is the term, added to every collective of that many ranks."""
     import shutil
 
     from dtlab.core.data import ARITH_VOCAB
@@ -326,11 +329,12 @@ def measure_sync(rec: dict, max_ranks: int, reps: int) -> dict:
             t = step_time(m, 12, Layout(dp=w, zero=3), spec, Compute(m, spec, rec),
                           Links(spec, rec))
             measured = []
-            for i in range(2 if reps >= 5 else 1):   # the mean of two runs, when not in a hurry
+            for i in range(2 if reps >= 5 else 1):   # two runs of 30 steps, when not in a hurry
                 run = work / f"zero3-{w}-{i}"
                 cmd = [sys.executable, "-m", "dtlab", "run", "zero", "--stage", "3", "--nproc",
                        str(w), "--preset", "tiny", "--seq-len", str(SYNC_SEQ), "--batch-size",
-                       "12", "--steps", "30", "--no-baseline", "--out", str(run)]
+                       "12", "--steps", str(30 if reps >= 5 else 12), "--no-baseline",
+                       "--out", str(run)]
                 p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
                 if p.returncode != 0:
                     raise UsageError(f"calibration reference run failed: {' '.join(cmd[2:])}: "

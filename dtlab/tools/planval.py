@@ -184,7 +184,7 @@ def validate(args) -> int:
             from dtlab.tools.clusterbench import set_rate
             set_rate(args.cluster, before, work / "cluster.log")
     rec = {"date": datetime.date.today().isoformat(), "set": args.set,
-           "calibration": calib["name"], "machine": {k: calib[k] for k in
+           "calibration": calib["name"], "machine": {k: calib.get(k) for k in
                                                      ("host", "cpu", "cores", "torch")},
            "steps": args.steps, "compute_resource": CPU_HONESTY, "layouts": rows,
            "measured_in": args.measured or "this run",
