@@ -271,7 +271,8 @@ def run(strategy: Strategy, lab: str, compare_baseline: bool = True,
     cmp = _compare(strategy, losses, full, compare_baseline)
     comm = dict(comms[0])
     comm["per_rank"] = [c["bytes_per_step"] for c in comms]
-    flops = flops_record(s.model, s.batch_size, step_s, rt.world_size, rt.device)
+    flops = flops_record(s.model, s.batch_size, step_s, rt.world_size, rt.device,
+                         strategy.dtype)
     flops["utilisation_per_rank"] = utilisation
     nonfinite = record.first_nonfinite(losses, full)
     summary = record.build_summary(
