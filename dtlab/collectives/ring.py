@@ -26,6 +26,14 @@ def chunk_sizes(n: int, world: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(world)]
 
 
+def schedule(rank: int, world: int) -> list[tuple[str, int, int]]:
+    """Rank ``rank``'s steps: (phase, chunk it sends to the right, chunk it receives from the
+    left), W-1 reduce-scatter steps then W-1 all-gather steps (the module docstring's rule)."""
+    return [("reduce-scatter", (rank - s) % world, (rank - s - 1) % world)
+            for s in range(world - 1)] + \
+        [("all-gather", (rank + 1 - s) % world, (rank - s) % world) for s in range(world - 1)]
+
+
 # Big chunks travel in pieces so that adding one piece overlaps the transfer of the next: about
 # 4 pieces a chunk, each between 256 KiB and 4 MiB of fp32 (bounds picked with dtlab bench comm).
 MIN_SEGMENT, MAX_SEGMENT = 1 << 16, 1 << 20
@@ -88,13 +96,12 @@ def ring_all_reduce(t: torch.Tensor, counter: CommCounter | None = None,
          dist.get_global_rank(group, (rank - 1) % world))
     sent = 0
     scratch = _scratch(chunks[0].numel(), t.dtype, t.device)
-    for s in range(world - 1):  # reduce-scatter
-        send_i, recv_i = (rank - s) % world, (rank - s - 1) % world
-        sent += _exchange(chunks[send_i], right, chunks[recv_i], left, reduce=True,
-                          scratch=scratch, group=group)
-    for s in range(world - 1):  # all-gather
-        send_i, recv_i = (rank + 1 - s) % world, (rank - s) % world
-        sent += _exchange(chunks[send_i], right, chunks[recv_i], left, group=group)
+    for phase, send_i, recv_i in schedule(rank, world):
+        if phase == "reduce-scatter":  # add what arrives into the local chunk
+            sent += _exchange(chunks[send_i], right, chunks[recv_i], left, reduce=True,
+                              scratch=scratch, group=group)
+        else:  # all-gather: store it
+            sent += _exchange(chunks[send_i], right, chunks[recv_i], left, group=group)
     if counter is not None:
         counter.record("all_reduce", t, sent_bytes=sent)
     return t
