@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 PYTEST_ARGS ?=
 
-.PHONY: tour test venv clean
+.PHONY: tour test docs venv clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 tour: $(STAMP)
 	$(VENV)/bin/dtlab tour
+
+# The reference run behind every figure in docs/ (about an hour here; root for the cluster parts),
+# then docs/ and docs/img/ rendered from it. `dtlab docs refresh --render` redraws only.
+docs: $(STAMP)
+	$(VENV)/bin/dtlab docs refresh
 
 # Run as root, the tests bring up (and stop) the local Slurm cluster and ssh hosts themselves;
 # the browser they open the reports in is installed here, as .ci/run does.

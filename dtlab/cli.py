@@ -53,7 +53,7 @@ def cmd_profile(args, rest) -> int:
 
 def cmd_tour(args, rest) -> int:
     from dtlab.tools.tour import tour
-    return tour(args.only, args.skip, args.nproc, args.steps, args.out)
+    return tour(args.only, args.skip, args.nproc, args.steps, args.out, args.json)
 
 
 def cmd_bench_comm(args, rest) -> int:
@@ -95,6 +95,15 @@ def cmd_memory(args, rest) -> int:
 def cmd_plan(args, rest) -> int:
     from dtlab.tools import plan
     return plan.run(args)
+
+
+def cmd_docs(args, rest) -> int:
+    from dtlab.tools import docsref
+    try:
+        return docsref.main(args)
+    except docsref.DocsError as e:
+        print(f"dtlab docs: {e}", file=sys.stderr)
+        return 2
 
 
 def cmd_exercise(args, rest) -> int:
@@ -176,6 +185,8 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/tour")
     t.add_argument("--only", default=None, help="comma-separated labs to run")
     t.add_argument("--skip", default=None, help="comma-separated labs to leave out")
+    t.add_argument("--json", default=None,
+                   help="also write the tour's record here (OUT/tour.json always holds it)")
     t.set_defaults(func=cmd_tour)
 
     b = sub.add_parser("bench", help="benchmarks: comm (collectives), ddp (ours vs torch's)")
@@ -296,6 +307,11 @@ def make_parser() -> argparse.ArgumentParser:
     for a in (cd, cs, ce, lk, fw):
         a.add_argument("--name", default="main", help="which cluster (default main)")
     cl.set_defaults(func=cmd_cluster)
+
+    from dtlab.tools import docsref
+    docsref.add_arguments(sub.add_parser(
+        "docs", help="the reference run behind docs/: refresh (make docs), check, list",
+        description=docsref.__doc__.split("\n\n")[0])).set_defaults(func=cmd_docs)
 
     ex = sub.add_parser("exercise", help="write an exercise skeleton (TODOs and hints) to fill in")
     ex.add_argument("name", help="ring_allreduce, loss_scaler, tensor_parallel, 1f1b, zero1 or "

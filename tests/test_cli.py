@@ -94,7 +94,7 @@ def test_tour_report_md_html_and_pictures(tmp_path):
     in HTML (pictures inside, opens from a file), loss/memory/communication/schedule pictures."""
     from dtlab import registry
     p = dtlab("tour", "--steps", 4, "--out", tmp_path, "--only", ",".join(TOUR_LABS),
-              timeout=900)
+              "--json", tmp_path / "record.json", timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "dtlab tour" in p.stdout and "runs in" in p.stdout
     runnable = [registry.LABS[name] for name in TOUR_LABS
@@ -117,6 +117,14 @@ def test_tour_report_md_html_and_pictures(tmp_path):
     if not cuda:  # the GPU-only variants are listed with the reason
         assert "- skipped dataparallel --impl torch: needs CUDA: nn.DataParallel itself needs " \
                "CUDA" in report and "- skipped ddp --backend nccl: needs CUDA" in report
+    # the record docs/ is rendered from: the same runs, the same table rows, the machine
+    import json
+    rec = json.loads((tmp_path / "record.json").read_text())
+    assert rec == json.loads((tmp_path / "tour.json").read_text())
+    assert len(rec["runs"]) == expected and rec["machine"]["cores"] and rec["machine"]["torch"]
+    from dtlab.tools.docsfig import tour_table
+    assert [r for r in tour_table(rec).splitlines() if r.startswith("| ") and "---" not in r] \
+        == rows
     exposed = [line.split(" | ")[9] for line in rows[1:]]
     assert sum(e.endswith("%") for e in exposed) >= expected - 1  # every run but the baseline
     pics = ["loss.png", "memory.png", "comm.png", "schedule-own-1f1b.png",

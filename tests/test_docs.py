@@ -30,6 +30,12 @@ def quoted_commands():
                             r"accelerate launch|ACCELERATE_USE_CPU)", cmd) and "..." not in cmd \
                         and not any(PLACEHOLDER.fullmatch(w) for w in shlex.split(cmd)):
                     yield doc.name, cmd  # usage patterns (`dtlab run LAB --nproc N`) left out
+        # and the commands an answer tells the reader to try, inline
+        for line in re.findall(r"^Try: .*$", text, flags=re.M):
+            for cmd in re.findall(r"`((?:sudo )?(?:dtlab|python -m|torchrun) [^`]*)`", line):
+                cmd = re.sub(r"^sudo\s+", "", cmd)
+                if not any(PLACEHOLDER.fullmatch(w) for w in shlex.split(cmd)):
+                    yield doc.name, cmd
 
 
 COMMANDS = sorted(set(quoted_commands()))
@@ -106,6 +112,33 @@ def test_questions_page_answers_all_67_in_order():
         assert len(asked) == len(numbers)
 
 
+# a command a reader can type, and a figure: a number with its unit, a ratio, a count
+ANSWER_COMMAND = re.compile(r"`(sudo )?(\.venv/bin/)?(dtlab |python -m |torchrun |deepspeed |"
+                            r"accelerate launch|sbatch |launchers/|nvidia-smi|ds_report|"
+                            r"NCCL_\w+=|py-spy |make )|```")
+ANSWER_FIGURE = re.compile(r"\d[\d,.]*\s*(%|x\b|ms\b|s\b|GB|MB|MiB|KiB|GiB|TB|B\b|TFLOP|GFLOP|"
+                           r"bytes|B/param|GB/s)|\d\.\d+e-\d+|\b0\.\d+\b|\b\d{1,3}(,\d{3})+\b|"
+                           r"2\^\d+|\b\d+ (named files|open descriptors|steps?|ranks|tensors|"
+                           r"runs|layouts|cases|missing keys)\b")
+
+
+def test_every_answer_has_a_command_and_a_figure_or_says_why_none_can_exist():
+    text = (ROOT / "docs" / "questions.md").read_text()
+    text = re.sub(r"<!--fig:[\w.-]+-->(.*?)<!--/fig-->", r"\1", text)  # as a reader sees it
+    parts = re.split(r"^\*\*(\d+)\. ", text, flags=re.M)
+    missing = []
+    for n, answer in zip(parts[1::2], parts[2::2]):
+        answer = answer.split("\n## ")[0]
+        if "No figure can exist here" in answer:
+            why = answer.split("No figure can exist here", 1)[1]
+            assert len(why.split()) >= 8, f"question {n}: say why no figure can exist"
+            continue
+        if not ANSWER_COMMAND.search(answer) or not ANSWER_FIGURE.search(answer):
+            missing.append(f"{n}: command {bool(ANSWER_COMMAND.search(answer))}, figure "
+                           f"{bool(ANSWER_FIGURE.search(answer))}")
+    assert not missing, "answers without a command and a figure:\n" + "\n".join(missing)
+
+
 def test_doc_links_and_anchors_resolve():
     import re
     docs = ROOT / "docs"
@@ -126,3 +159,88 @@ def test_doc_links_and_anchors_resolve():
             elif path and not (docs / path).exists():
                 bad.append(f"{name}: {target} (no such file)")
     assert not bad, "\n".join(bad)
+
+
+# --------------------------------------------------------------------------- docs = records
+
+def test_every_figure_in_docs_is_the_records():
+    """`dtlab docs check`: every marked table and inline figure of every page equals what
+    docs/reference/ renders (`dtlab docs refresh --render` writes them), and no marker is
+    unknown to the renderer."""
+    from dtlab.tools.docsref import render
+    problems = render(ROOT / "docs", ROOT / "docs" / "reference", write=False)
+    assert not problems, "\n".join(problems)
+
+
+def _docs_copy(tmp_path):
+    import shutil
+    docs = tmp_path / "docs"
+    shutil.copytree(ROOT / "docs", docs, ignore=shutil.ignore_patterns("img"))
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    return docs
+
+
+def test_a_figure_edited_by_hand_fails_the_check(tmp_path, capsys):
+    import argparse
+
+    from dtlab.tools import docsref
+    docs = _docs_copy(tmp_path)
+    page = docs / "communication.md"
+    text = page.read_text()
+    m = docsref.FIG.search(text)
+    assert m, "communication.md quotes figures from the records"
+    page.write_text(text.replace(m.group(0), f"<!--fig:{m.group(1)}-->12.3 ms<!--/fig-->", 1))
+    tour = docs / "tour.md"
+    tour.write_text(tour.read_text().replace("| baseline | single | 1 |", "| baseline | single | 9 |"))
+    (docs / "zero.md").write_text((docs / "zero.md").read_text()
+                                  + "\n<!--fig:no.such.figure-->1<!--/fig-->\n")
+    args = argparse.Namespace(action="check", docs=str(docs), only=None, render=False)
+    assert docsref.main(args) == 1
+    out = capsys.readouterr().out
+    assert f"communication.md: figure {m.group(1)} reads '12.3 ms'" in out
+    assert "tour.md: table <!-- ref:tour --> differs from the record" in out
+    assert "zero.md: figure <!--fig:no.such.figure--> is not in the records" in out
+    # rendering puts the record's figures back, and then the copy agrees
+    args.action, args.render = "refresh", True
+    problems = docsref.render(docs, docs / "reference", write=True)
+    assert problems and docsref.render(docs, docs / "reference", write=False) == [
+        "zero.md: figure <!--fig:no.such.figure--> is not in the records"]
+    assert page.read_text() == text
+
+
+def test_docs_cli_refuses_bad_input(tmp_path):
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "dtlab", "docs", "refresh", "--only", "tour,nope",
+                        "--render"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 2 and "--only: unknown reference(s) nope" in p.stderr
+    assert "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "-m", "dtlab", "docs", "check", "--docs", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 2 and "no reference/ folder there" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "dtlab", "docs", "list"], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0 and "docs/reference/tour.json" in p.stdout
+
+
+def test_every_reference_command_parses():
+    """The commands `dtlab docs refresh` runs are real invocations (a renamed flag breaks this
+    test, not the next refresh an hour in)."""
+    from dtlab.tools.docsref import REFERENCES
+    for ref in REFERENCES:
+        test_quoted_command_parses("docsref", " ".join(ref.argv))
+
+
+def test_concept_pictures_come_from_the_code(tmp_path):
+    """The ring picture replays ``ring.schedule``, the schedule the ring all-reduce runs: after
+    W-1 reduce-scatter steps rank r holds chunk r+1 summed over every rank, after W-1 all-gather
+    steps every rank holds every chunk summed; the four pictures are drawn."""
+    from dtlab.tools import concepts
+    for world in (2, 3, 4, 5):
+        states = concepts.ring_states(world)
+        assert len(states) == 2 * world - 1
+        after_rs, end = states[world - 1], states[-1]
+        assert all(after_rs[r][(r + 1) % world] == set(range(world)) for r in range(world))
+        assert all(c == set(range(world)) for row in end for c in row)
+    pics = concepts.draw_all(tmp_path)
+    assert len(pics) == 4 and all(p.stat().st_size > 10_000 for p in pics)

@@ -173,18 +173,11 @@ def test_validate_ci_set_records_predictions_and_measurements(tmp_path):
     assert (tmp_path / "validate.png").stat().st_size > 0
 
 
-def test_docs_tables_equal_the_records():
-    """docs/plan.md and question 18 show the validation and worked-example records as
-    `python -m dtlab.tools.planval --docs docs` renders them, and the validation is whole: 30+
-    layouts, each with a prediction and a measurement, and its memory exact but for CP."""
-    from dtlab.tools.planval import A100_RECORD, PAGES, tables
-    from dtlab.tools.report import read_marked_tables
+def test_the_validation_record_is_whole():
+    """The validation docs/plan.md quotes (that the page equals it is tests/test_docs.py's
+    check) is whole: 30+ layouts, each with a prediction and a measurement, and its memory
+    exact but for CP."""
     rec = json.loads((ROOT / "docs/reference/plan-validate.json").read_text())
-    want = tables(rec, json.loads((ROOT / A100_RECORD).read_text()))
-    found = read_marked_tables(ROOT / "docs", PAGES, "plan")
-    for page, name, body in found:
-        assert body == want[name], f"{page}: table {name} differs from the record"
-    assert {name for _, name, _ in found} == set(want)
     assert len(rec["layouts"]) >= 30 and rec["calibration"]
     for r in rec["layouts"]:
         assert r["measured"]["step_s"] > 0 and r["predicted"]["step_s"] > 0

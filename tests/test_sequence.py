@@ -152,19 +152,13 @@ def test_context_parallel_in_the_grid(grid):
     assert s["extra"]["grid"]["cp"] == 2 and s["variant"].endswith("-cp2")
 
 
-def test_docs_tables_are_the_record():
-    """The measured tables of the three long-sequence pages are what the record renders."""
+def test_the_docs_record_measures_the_formula():
+    """The record the three long-sequence pages quote (that they equal it is
+    tests/test_docs.py's check): every measured activation equals its formula."""
     import json
 
     from conftest import ROOT
-    from dtlab.tools.longseq import PAGES, tables
-    from dtlab.tools.report import read_marked_tables
     record = json.loads((ROOT / "docs/reference/long-sequences.json").read_text())
-    want = tables(record)
-    found = read_marked_tables(ROOT / "docs", PAGES, "longseq")
-    for page, name, body in found:
-        assert body == want[name], f"{page}: table {name} differs from the record"
-    assert {name for _, name, _ in found} == set(want)
     # every measured activation equals its formula in the record itself
     for part in ("recompute", "sequence_parallel", "context_parallel"):
         assert all(r["measured"] == r["formula"] for r in record[part]), part

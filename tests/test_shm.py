@@ -47,16 +47,8 @@ def test_a_crash_in_ddp_over_shared_memory_leaves_nothing_behind(tmp_path):
     assert leftover.stdout == b""
 
 
-def test_docs_tables_are_the_record():
-    """The measured tables in communication.md, ddp.md and questions.md are what the record
-    renders (python -m dtlab.tools.commexp --redraw rewrites them), and every row it holds was
-    an exact result."""
-    from dtlab.tools.commexp import PAGES, tables
-    from dtlab.tools.report import read_marked_tables
+def test_the_docs_record_holds_only_exact_results():
+    """Every row of the record docs/ quotes (communication.md, ddp.md, questions.md; that the
+    pages equal it is tests/test_docs.py's check) was an exact result."""
     record = json.loads((ROOT / "docs/reference/faster-collectives.json").read_text())
-    want = tables(record)
-    found = read_marked_tables(ROOT / "docs", PAGES, "commexp")
-    for page, name, body in found:
-        assert body == want[name], f"{page}: table {name} differs from the record"
-    assert {name for _, name, _ in found} == set(want)
     assert all(r["ok"] for part in ("host", "cross") for r in record[part]["rows"])

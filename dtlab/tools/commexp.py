@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -194,14 +192,12 @@ def main(argv=None) -> int:
     if a.redraw:
         R = json.loads(Path(a.json).read_text())
     else:
-        import torch
         tmp = Path(tempfile.mkdtemp(prefix="dtlab-commexp-"))
         old = json.loads(Path(a.json).read_text()) if set(parts) != set(PARTS) else {}
         date = time.strftime("%Y-%m-%d")
         R = {**old, "what": "shared-memory and hierarchical all-reduce, DDP over shared memory "
                             "(python -m dtlab.tools.commexp)", "date": old.get("date", date),
-             "machine": {"cpu": platform.processor() or platform.machine(),
-                         "cores": os.cpu_count(), "torch": torch.__version__},
+             "machine": report.machine(),
              **{k: {**v, "date": date} for k, v in measure(tmp, parts).items()}}
         atomic_write_text(Path(a.json), json.dumps(R, indent=1) + "\n")
         print(f"wrote {a.json}")

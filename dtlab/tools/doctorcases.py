@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from dtlab.tools import report
 
 NAME, SUBNET, MASTER = "doc", "10.84.0.0/24", "10.84.0.11"
 PORT = "29611"  # below the ephemeral range, so the `ports` case blocks gloo's ports only
@@ -70,11 +71,15 @@ def record() -> dict:
     return cases
 
 
-def main(argv=None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m dtlab.tools.doctorcases", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", required=True, help="where to write the record")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    a = make_parser().parse_args(argv)
     if os.geteuid() != 0:
         print("doctorcases: needs root (it brings up a namespace cluster)", file=sys.stderr)
         return 2
@@ -87,12 +92,8 @@ def main(argv=None) -> int:
         cases = record()
     finally:
         _dtlab("cluster", "down", "--name", NAME)
-    import torch
     out = {"what": "dtlab doctor --collective on a 3-node namespace cluster (200mbit links)",
-           "date": time.strftime("%Y-%m-%d"), "machine": {"cpu": platform.processor() or
-                                                          platform.machine(),
-                                                          "cores": os.cpu_count(),
-                                                          "torch": torch.__version__},
+           "date": time.strftime("%Y-%m-%d"), "machine": report.machine(),
            "cases": cases}
     Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
     for name, c in cases.items():

@@ -21,7 +21,6 @@ is pulled) to the first line of the report on the launcher's output.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from dtlab.core.errors import UsageError
 from dtlab.core.record import atomic_write_text
+from dtlab.tools import report
 
 FAULTS = ("stall", "mismatch", "link")
 LINK_STEPS = 3000
@@ -123,14 +123,11 @@ def run(json_path: str, runs: int, faults: str, timeout_s: float, cluster: str,
     if "link" in chosen:
         from dtlab.cluster.netns import Cluster
         Cluster.load(cluster)  # a clear error when it is not up
-    import platform
-    import torch
     record = {"what": "desync report against injected faults (dtlab bench hang)",
               "command": f"dtlab bench hang --runs {runs} --faults {','.join(chosen)} "
                          f"--timeout {timeout_s:g} --cluster {cluster}",
               "date": time.strftime("%Y-%m-%d"),
-              "machine": {"cpu": platform.processor() or platform.machine(),
-                          "cores": os.cpu_count(), "torch": torch.__version__},
+              "machine": report.machine(),
               "timeout_s": timeout_s, "limit_s": timeout_s + MARGIN_S, "faults": {}}
     for fault in chosen:
         rows = []

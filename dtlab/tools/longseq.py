@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -31,10 +29,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from dtlab.core.record import atomic_write_text
-from dtlab.tools import report
 from dtlab.core.errors import UsageError
 from dtlab.core.activations import activation_formula_for
 from dtlab.core.model import config_from_preset
+from dtlab.tools import report
 
 PRESET, ROWS = "long", 8          # batch 8 sequences (the preset's)
 SEQS = (64, 128, 256, 512)
@@ -310,7 +308,7 @@ def render_docs(R: dict, docs: Path) -> list[str]:
     return report.fill_marked_tables(docs, PAGES, "longseq", tables(R))
 
 
-def main(argv=None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dtlab.tools.longseq",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--json", required=True, help="where to write the record")
@@ -324,7 +322,11 @@ def main(argv=None) -> int:
     p.add_argument("--redraw", action="store_true",
                    help="draw the pictures and write the tables again from --json, without "
                         "running anything")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    a = make_parser().parse_args(argv)
     if a.redraw:
         record = json.loads(Path(a.json).read_text())
         if a.docs:
@@ -343,12 +345,10 @@ def main(argv=None) -> int:
     if any(s % 8 for s in seqs):
         raise UsageError(f"--seqs {a.seqs}: every length must be a multiple of 8 (2 x 4 zig-zag "
                          "chunks)")
-    import torch
     record = {"what": "activation memory for long sequences: recomputation, sequence and "
                       "context parallelism (python -m dtlab.tools.longseq)",
               "date": time.strftime("%Y-%m-%d"),
-              "machine": {"cpu": platform.processor() or platform.machine(),
-                          "cores": os.cpu_count(), "torch": torch.__version__},
+              "machine": report.machine(),
               "preset": PRESET, "rows_per_rank": ROWS, "time_steps": a.time_steps}
     record["recompute"] = recompute_rows(seqs)
     record["recompute_step_time"] = step_time_rows(256, a.time_steps)

@@ -12,6 +12,35 @@ def console(width: int = 200):
     return c if c.is_terminal else Console(width=width)
 
 
+def machine() -> dict:
+    """The machine and software a record was made with (no heavy imports: versions from the
+    installed distributions)."""
+    import os
+    import platform
+    import socket
+    from importlib import metadata
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem = None
+    versions = {}
+    for dist in ("torch", "deepspeed", "accelerate", "fairscale", "matplotlib", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
+            "memory_gib": None if mem is None else round(mem, 1), "os": platform.platform(),
+            "python": platform.python_version(), **versions}
+
+
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "-"
@@ -141,15 +170,6 @@ def fill_marked_tables(docs: Path, pages, tag: str, blocks: dict[str, str]) -> l
     return changed
 
 
-def read_marked_tables(docs: Path, pages, tag: str) -> list[tuple[str, str, str]]:
-    """(page, name, body) of every ``<!-- TAG:name -->`` block in the pages: what
-    ``fill_marked_tables`` wrote, for the tests that hold the docs equal to a record."""
-    import re
-    return [(page, name, body) for page in pages
-            for name, body in re.findall(rf"<!-- {tag}:(\w+) -->\n(.*?)\n<!-- /{tag}:\1 -->",
-                                         (Path(docs) / page).read_text(), flags=re.S)]
-
-
 def record_tool_parser(prog: str, description: str):
     """The flags every record tool shares (``python -m dtlab.tools.schedexp``, ``commexp``):
     where the record goes, the pictures, the docs to write, and redrawing from a record."""
@@ -163,27 +183,41 @@ def record_tool_parser(prog: str, description: str):
     return p
 
 
+LINES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "v", "D", "x")
+
+
+def series_style(i: int) -> dict:
+    """The i-th series' colour, line style and marker: no two of the first 240 alike, so a
+    picture with 20 runs does not draw two in the same pink."""
+    import matplotlib
+    colours = matplotlib.colormaps["tab10"].colors
+    return {"color": colours[i % 10], "ls": LINES[(i // 10) % 4],
+            "marker": MARKERS[(i // 40) % 6], "markersize": 3}
+
+
 def plot_losses(summaries: list[dict], path: Path) -> Path:
     """Every strategy's loss curve over its baseline's, and each one's distance from it."""
     plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(15, 8.5))
     refs = {}
-    for s in summaries:
+    for i, s in enumerate(summaries):
         losses = _floats(s["losses"])
-        a.plot(losses, lw=1, alpha=0.7, label=run_label(s))
+        a.plot(losses, lw=1.2, label=run_label(s), **series_style(i))
         base = s["baseline"].get("losses")
         if base:
             refs[(s["preset"], s["batch_size"])] = base
             d = [max(abs(x - y) / max(abs(y), 1e-12), 1e-9) for x, y in zip(losses, _floats(base))]
-            b.semilogy(d, lw=1, marker=".", label=run_label(s))
-    for (preset, batch), base in refs.items():
-        a.plot(base, "k--", lw=2, label=f"baseline, 1 process ({preset}, batch {batch})")
+            b.semilogy(d, lw=1.2, label=run_label(s), **series_style(i))
+    for k, ((preset, batch), base) in enumerate(refs.items()):
+        a.plot(base, color="black", ls=("--", "-.", ":")[k % 3], lw=2.2,
+               label=f"baseline, 1 process ({preset}, batch {batch})")
     a.set(xlabel="step", ylabel="loss of the global batch", title="loss: every strategy")
     b.set(xlabel="step", ylabel="|loss - baseline| / baseline (floor 1e-9)",
           title="distance from the baseline (red: fp32 bound 1e-5)")
     b.axhline(1e-5, color="red", lw=1, ls=":")
-    a.legend(fontsize=6, ncol=2)
-    b.legend(fontsize=6, ncol=2)
+    for ax in (a, b):  # below the axes, so no legend hides a curve
+        ax.legend(fontsize=6, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -195,33 +229,40 @@ STATES = ("params", "grads", "optimizer")
 
 def plot_memory(summaries: list[dict], path: Path) -> Path:
     """Rank 0's model states by category (stacked, ZeRO's formula as a black bar) and its peak
-    saved activations, for each strategy."""
+    saved activations, for each strategy: one row of axes a preset, so a bigger model's bars
+    do not flatten the small one's."""
     plt = _plt()
     runs = [s for s in summaries if s["memory"]["per_rank"]]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(max(12, 0.9 * len(runs) + 4), 5.5),
-                               gridspec_kw={"width_ratios": [3, 2]})
-    x = range(len(runs))
-    bottoms = [0.0] * len(runs)
-    for cat in STATES:
-        vals = [s["memory"]["per_rank"][0].get(cat, 0) / 2**10 for s in runs]
-        a.bar(x, vals, bottom=bottoms, label=cat)
-        bottoms = [u + v for u, v in zip(bottoms, vals)]
-    shown = False
-    for i, s in enumerate(runs):
-        f = s.get("extra", {}).get("memory_formula")
-        if f and "device" in f:
-            total = sum(f["device"].get(k, 0) for k in STATES)
-            a.plot([i - 0.4, i + 0.4], [total / 2**10] * 2, "k-", lw=2.5,
-                   label=None if shown else "ZeRO formula")
-            shown = True
-    b.bar(x, [s["memory"]["per_rank"][0].get("activations_peak", 0) / 2**10 for s in runs],
-          color="tab:red")
-    labels = [run_label(s) for s in runs]
-    for ax, title in ((a, "model states on rank 0 (params + grads + optimizer)"),
-                      (b, "peak saved activations on rank 0")):
-        ax.set_xticks(list(x), labels, rotation=70, ha="right", fontsize=7)
-        ax.set(ylabel="KiB", title=title)
-    a.legend(fontsize=8)
+    presets = list(dict.fromkeys(s["preset"] for s in runs))
+    widest = max(sum(s["preset"] == p for s in runs) for p in presets)
+    fig, axes = plt.subplots(len(presets), 2, squeeze=False,
+                             figsize=(max(12, 0.9 * widest + 4), 5.5 * len(presets)),
+                             gridspec_kw={"width_ratios": [3, 2]})
+    for (a, b), preset in zip(axes, presets):
+        group = [s for s in runs if s["preset"] == preset]
+        x = range(len(group))
+        bottoms = [0.0] * len(group)
+        for cat in STATES:
+            vals = [s["memory"]["per_rank"][0].get(cat, 0) / 2**10 for s in group]
+            a.bar(x, vals, bottom=bottoms, label=cat)
+            bottoms = [u + v for u, v in zip(bottoms, vals)]
+        shown = False
+        for i, s in enumerate(group):
+            f = s.get("extra", {}).get("memory_formula")
+            if f and "device" in f:
+                total = sum(f["device"].get(k, 0) for k in STATES)
+                a.plot([i - 0.4, i + 0.4], [total / 2**10] * 2, "k-", lw=2.5,
+                       label=None if shown else "ZeRO formula")
+                shown = True
+        b.bar(x, [s["memory"]["per_rank"][0].get("activations_peak", 0) / 2**10
+                  for s in group], color="tab:red")
+        labels = [run_label(s) for s in group]
+        for ax, title in ((a, f"{preset} preset: model states on rank 0 (params + grads + "
+                              f"optimizer)"),
+                          (b, f"{preset} preset: peak saved activations on rank 0")):
+            ax.set_xticks(list(x), labels, rotation=70, ha="right", fontsize=7)
+            ax.set(ylabel="KiB", title=title)
+        a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -16,8 +16,6 @@ Copies the runs' schedule.png and experts.png into ``--img`` and writes the tabl
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -114,22 +112,25 @@ def tables(R: dict) -> dict[str, str]:
     return out
 
 
+PAGES = ("pipeline.md", "expert-parallel.md")
+
+
 def render_docs(R: dict, docs: Path) -> list[str]:
-    return report.fill_marked_tables(docs, ("pipeline.md", "expert-parallel.md"), "schedexp",
-                                     tables(R))
+    return report.fill_marked_tables(docs, PAGES, "schedexp", tables(R))
+
+
+def make_parser():
+    return report.record_tool_parser("python -m dtlab.tools.schedexp", __doc__.splitlines()[0])
 
 
 def main(argv=None) -> int:
-    p = report.record_tool_parser("python -m dtlab.tools.schedexp", __doc__.splitlines()[0])
-    a = p.parse_args(argv)
+    a = make_parser().parse_args(argv)
     if a.redraw:
         R = json.loads(Path(a.json).read_text())
     else:
-        import torch
         R = {"what": "pipeline schedules after 1F1B and expert parallelism "
                      "(python -m dtlab.tools.schedexp)", "date": time.strftime("%Y-%m-%d"),
-             "machine": {"cpu": platform.processor() or platform.machine(),
-                         "cores": os.cpu_count(), "torch": torch.__version__}}
+             "machine": report.machine()}
         R["pipelines"] = pipeline_rows()
         R["experts"] = expert_rows()
         atomic_write_text(Path(a.json), json.dumps(R, indent=1) + "\n")

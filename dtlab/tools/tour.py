@@ -7,13 +7,14 @@ anything starts), :func:`run` (one torchrun per run, a progress bar and a row as
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from dtlab import registry
 from dtlab.core.errors import UsageError
-from dtlab.core.record import read_summary
+from dtlab.core.record import atomic_write_text, read_summary
 from dtlab.tools import report
 from dtlab.tools.launch import launch, validate
 
@@ -80,8 +81,10 @@ def plan(only: str | None, skip: str | None, nproc: int | None, steps: int,
     return runs, skipped
 
 
-def run(runs: list[TourRun], skipped: list[tuple[str, str]], out: Path) -> int:
-    """Launch every run, show each row as it ends, write the report; 1 if any run failed."""
+def run(runs: list[TourRun], skipped: list[tuple[str, str]], out: Path,
+        json_path: str | None = None) -> int:
+    """Launch every run, show each row as it ends, write the report and the record
+    (OUT/tour.json, and ``json_path`` when given); 1 if any run failed."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     console = report.console()
     summaries, failed, dirs = [], [], {}
@@ -118,11 +121,18 @@ def run(runs: list[TourRun], skipped: list[tuple[str, str]], out: Path) -> int:
     for name, why in skipped:
         console.print(f"  skipped {name}: {why}")
     md = report.write_report(out, summaries, skipped, failed, wall, dirs)
+    record = json.dumps({"what": "dtlab tour: every lab against the single-process baseline",
+                         "date": time.strftime("%Y-%m-%d"), "machine": report.machine(),
+                         "wall_s": wall, "runs": summaries, "skipped": skipped,
+                         "failed": failed}, indent=1) + "\n"
+    for path in [out / "tour.json"] + ([Path(json_path)] if json_path else []):
+        atomic_write_text(path, record)
     console.print(f"{len(summaries)} runs in {wall:.0f} s; report: {md} and "
                   f"{out / 'report.html'} (opens without a server)")
     return 1 if failed else 0
 
 
-def tour(only: str | None, skip: str | None, nproc: int | None, steps: int, out: str) -> int:
+def tour(only: str | None, skip: str | None, nproc: int | None, steps: int, out: str,
+         json_path: str | None = None) -> int:
     runs, skipped = plan(only, skip, nproc, steps, Path(out))
-    return run(runs, skipped, Path(out))
+    return run(runs, skipped, Path(out), json_path)
