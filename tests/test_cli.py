@@ -85,8 +85,22 @@ def test_outside_tolerance_exits_nonzero(tmp_path):
 
 # The README's tour on the labs whose rows the report's checks read; every lab's own runs are
 # asserted in its tests, and the full tour costs this suite two more minutes.
-TOUR_LABS = ("baseline", "dataparallel", "ddp", "amp", "tensor_parallel", "pipeline",
-             "context_parallel")
+TOUR_LABS = ("baseline", "dataparallel", "ddp", "amp", "pipeline")
+
+
+def test_tour_plans_every_variant(tmp_path):
+    """The whole tour's plan (nothing run): every lab that can run here is in it, with the newer
+    variants, and every request was validated."""
+    from dtlab import registry
+    from dtlab.tools.tour import plan
+    runs, skipped = plan(None, None, None, 4, tmp_path)
+    titles = {r.title for r in runs}
+    assert {"tensor_parallel --sp --recompute full", "context_parallel --layout contiguous",
+            "pipeline --schedule zbh1", "pipeline --schedule interleaved --preset small",
+            "expert_parallel --moe-experts 4 --moe-top-k 2 --capacity-factor 1.0"} <= titles
+    runnable = {n for n, lab in registry.LABS.items() if not lab.missing() and not lab.gpu_only}
+    assert {r.lab.name for r in runs} == runnable
+    assert all(why.startswith("needs CUDA") for _, why in skipped)
 
 
 def test_tour_report_md_html_and_pictures(tmp_path):
@@ -112,8 +126,6 @@ def test_tour_report_md_html_and_pictures(tmp_path):
     assert "| amp | fp16-own | 2 |" in report and "ok (1 step skipped)" in oks, report
     assert "| pipeline | own-zbh1 | 2 |" in report and "| pipeline | own-interleaved-v2 | 2 |" \
         in report
-    assert "| tensor_parallel | own-sp+recompute-full | 2 |" in report
-    assert "| context_parallel | ring-contiguous | 2 |" in report
     if not cuda:  # the GPU-only variants are listed with the reason
         assert "- skipped dataparallel --impl torch: needs CUDA: nn.DataParallel itself needs " \
                "CUDA" in report and "- skipped ddp --backend nccl: needs CUDA" in report

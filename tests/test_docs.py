@@ -191,7 +191,8 @@ def test_a_figure_edited_by_hand_fails_the_check(tmp_path, capsys):
     assert m, "communication.md quotes figures from the records"
     page.write_text(text.replace(m.group(0), f"<!--fig:{m.group(1)}-->12.3 ms<!--/fig-->", 1))
     tour = docs / "tour.md"
-    tour.write_text(tour.read_text().replace("| baseline | single | 1 |", "| baseline | single | 9 |"))
+    tour.write_text(tour.read_text().replace("| baseline | single | 1 |",
+                                             "| baseline | single | 9 |"))
     (docs / "zero.md").write_text((docs / "zero.md").read_text()
                                   + "\n<!--fig:no.such.figure-->1<!--/fig-->\n")
     args = argparse.Namespace(action="check", docs=str(docs), only=None, render=False)

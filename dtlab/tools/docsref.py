@@ -32,6 +32,7 @@ class Reference:
     minutes: float              # about how long on the 2-core reference machine
     root: bool = False          # needs root: the namespace cluster
     produces: str | None = None  # where the command writes the record, when not in place
+    more: tuple[str, ...] = ()   # other records the same command writes
 
 
 REFERENCES = (
@@ -42,6 +43,8 @@ REFERENCES = (
                                     "1KiB,256KiB,1MiB,4MiB,16MiB,64MiB", "--iters", "20",
                                     "--json", "runs/docs/comm.json"), 1,
               produces="runs/docs/comm.json"),
+    Reference("labs", "labs.json", ("python", "-m", "dtlab.tools.labruns", "--json",
+                                    "docs/reference/labs.json", "--img", "docs/img"), 15),
     Reference("collectives", "faster-collectives.json",
               ("python", "-m", "dtlab.tools.commexp", "--json",
                "docs/reference/faster-collectives.json", "--img", "docs/img"), 12, root=True),
@@ -51,6 +54,10 @@ REFERENCES = (
     Reference("long-sequences", "long-sequences.json",
               ("python", "-m", "dtlab.tools.longseq", "--json",
                "docs/reference/long-sequences.json", "--img", "docs/img"), 6),
+    Reference("reliability", "resharding.json",
+              ("python", "-m", "dtlab.tools.reliabref", "--json", "docs/reference/resharding.json",
+               "--restart-json", "docs/reference/reliability-restart.json"), 4,
+              more=("reliability-restart.json",)),
     Reference("cluster", "cluster.json", ("dtlab", "bench", "cluster", "--out",
                                           "runs/docs/cluster"), 10, root=True,
               produces="runs/docs/cluster/cluster.json"),
@@ -101,16 +108,44 @@ def _argv(ref: Reference) -> list[str]:
     return list(ref.argv)
 
 
-def run_references(names: list[str], ref_dir: Path, logs: Path) -> int:
-    """Run the named references in order, each with its log; stop at the first failure."""
-    import os
+def _cluster_up(log: Path) -> bool:
+    """The 2-node namespace cluster the multi-node references run on (with Slurm, as the
+    collectives' record needs): brought up when it is not; True if this call did."""
+    from dtlab.cluster.netns import Cluster, ClusterError
+    try:
+        Cluster.load("main")
+        return False
+    except ClusterError:
+        pass
+    print("  bringing the namespace cluster up (2 nodes, Slurm)", flush=True)
+    with open(log, "w") as f:
+        subprocess.run([sys.executable, "-m", "dtlab", "cluster", "up", "--nodes", "2",
+                        "--slurm"], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True,
+                       timeout=900)
+    return True
 
-    from dtlab.tools import report
+
+def run_references(names: list[str], ref_dir: Path, logs: Path) -> int:
+    """Run the named references in order, each with its log; stop at the first failure. The
+    namespace cluster is brought up for the root ones (and down again after, if it was not up)."""
+    import os
     if any(BY_NAME[n].root for n in names) and os.geteuid() != 0:
         need = ", ".join(n for n in names if BY_NAME[n].root)
         raise DocsError(f"{need} need root (the namespace cluster): run `sudo .venv/bin/dtlab "
                         f"docs refresh`, or leave them out with --only")
     logs.mkdir(parents=True, exist_ok=True)
+    started = any(BY_NAME[n].root for n in names) and os.geteuid() == 0 and \
+        _cluster_up(logs / "cluster-up.log")
+    try:
+        return _run(names, ref_dir, logs)
+    finally:
+        if started:
+            subprocess.run([sys.executable, "-m", "dtlab", "cluster", "down"], cwd=ROOT,
+                           capture_output=True, timeout=600)
+
+
+def _run(names: list[str], ref_dir: Path, logs: Path) -> int:
+    from dtlab.tools import report
     meta_path = ref_dir / "machine.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     meta.update({"what": "the reference run behind docs/ (dtlab docs refresh)",
@@ -119,6 +154,7 @@ def run_references(names: list[str], ref_dir: Path, logs: Path) -> int:
     meta.setdefault("records", {})
     total = sum(BY_NAME[n].minutes for n in names)
     print(f"dtlab docs refresh: {len(names)} reference command(s), about {total:.0f} min here")
+    failed = []
     for i, name in enumerate(names, 1):
         ref = BY_NAME[name]
         log = logs / f"{name}.log"
@@ -129,18 +165,24 @@ def run_references(names: list[str], ref_dir: Path, logs: Path) -> int:
             rc = subprocess.run(_argv(ref), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                                 timeout=max(600, ref.minutes * 60 * 4)).returncode
         took = time.perf_counter() - t0
-        if rc != 0:
-            print(f"  FAILED (exit {rc}) after {took:.0f} s; log: {log}", file=sys.stderr)
-            return rc
+        if rc != 0:  # the others still run: one broken record should not cost the hour
+            print(f"  FAILED (exit {rc}) after {took:.0f} s; its record is unchanged; log: {log}",
+                  file=sys.stderr, flush=True)
+            failed.append(name)
+            continue
         if ref.produces:
             (ref_dir / ref.record).write_text((ROOT / ref.produces).read_text())
-        meta["records"][ref.record] = {"command": " ".join(ref.argv),
+        for record in (ref.record, *ref.more):
+            meta["records"][record] = {"command": " ".join(ref.argv),
                                        "date": time.strftime("%Y-%m-%d %H:%M"),
                                        "seconds": round(took, 1)}
         print(f"  done in {took:.0f} s: docs/reference/{ref.record}", flush=True)
         from dtlab.core.record import atomic_write_text
         atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
-    return 0
+    if failed:
+        print(f"dtlab docs refresh: {', '.join(failed)} FAILED; the docs are rendered from the "
+              f"records as they are", file=sys.stderr)
+    return 1 if failed else 0
 
 
 # --------------------------------------------------------------------------- rendering
@@ -175,11 +217,12 @@ def records_table(ref_dir: Path) -> str:
              "|---|---|---|---|"]
     known = set()
     for r in REFERENCES:
-        known.add(r.record)
-        own = _load(ref_dir, r.record).get("date", "-")
-        when = made.get(r.record, {})
-        lines.append(f"| `{r.record}` | `{' '.join(r.argv)}`{' (root)' if r.root else ''} | "
-                     f"{when.get('date', own)} | {when.get('seconds', '-')} |")
+        for record in (r.record, *r.more):
+            known.add(record)
+            own = _load(ref_dir, record).get("date", "-")
+            when = made.get(record, {})
+            lines.append(f"| `{record}` | `{' '.join(r.argv)}`{' (root)' if r.root else ''} | "
+                         f"{when.get('date', own)} | {when.get('seconds', '-')} |")
     for path in sorted(Path(ref_dir).glob("*.json")):
         if path.name in known or path.name == "machine.json":
             continue
@@ -302,11 +345,8 @@ def main(args) -> int:
     if unknown:
         raise DocsError(f"--only: unknown reference(s) {', '.join(unknown)}; choose from "
                         f"{', '.join(BY_NAME)}")
-    if not args.render:
-        rc = run_references(names, ref_dir, ROOT / "runs" / "docs" / "logs")
-        if rc:
-            return rc
+    rc = 0 if args.render else run_references(names, ref_dir, ROOT / "runs" / "docs" / "logs")
     changed = render(docs, ref_dir, write=True)
     pics = draw(ref_dir, docs / "img")
     print(f"rendered: {len(changed)} table(s)/figure(s) changed, {len(pics)} picture(s) drawn")
-    return 0
+    return rc
