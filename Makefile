@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 tour: $(STAMP)
 	$(VENV)/bin/dtlab tour
 
-# The reference run behind every figure in docs/ (about an hour here; root for the cluster parts),
+# The reference run behind every figure in docs/ (about 50 minutes here; root for the cluster parts),
 # then docs/ and docs/img/ rendered from it. `dtlab docs refresh --render` redraws only.
 docs: $(STAMP)
 	$(VENV)/bin/dtlab docs refresh

@@ -10,7 +10,7 @@ from pathlib import Path
 from dtlab.tools.report import REPORT_COLUMNS, exposed_share, human_bytes, report_row
 
 PAGES = ("tour.md", "profiling.md", "ring-allreduce.md", "ddp.md", "index.md", "pipeline.md",
-         "cluster.md", "debugging.md", "doctor.md", "reliability.md")
+         "cluster.md", "debugging.md", "doctor.md", "reliability.md", "plan.md")
 
 
 def _load(ref_dir: Path, name: str) -> dict:
@@ -32,6 +32,10 @@ def _ms(s: dict) -> str:
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.0%}"
+
+
+def _span(xs: list[float], unit: str = "") -> str:
+    return f"{min(xs):.2f}-{max(xs):.2f}{unit}"
 
 
 def _sci(s: dict) -> str:
@@ -70,6 +74,8 @@ def figures(ref_dir: Path) -> dict[str, str]:
                         f"{b['max_abs_param_diff']:.1e}",
                         f"{key}.step_ms": _ms(s), f"{key}.exposed": _pct(exposed_share(s))})
 
+    shares = [exposed_share(s) for s in runs if s["world_size"] > 1 and exposed_share(s)]
+
     def ring64(rows):
         return next(r["busbw_vs_library"] for r in rows if r["impl"] == "ring" and
                     r["world_size"] == 2 and r["bytes"] == 64 * 2**20)
@@ -77,6 +83,8 @@ def figures(ref_dir: Path) -> dict[str, str]:
         **per_run, **lab_figures(ref_dir),
         **cluster_figures(_load(ref_dir, "cluster.json")),
         **restart_figures(_load(ref_dir, "reliability-restart.json")),
+        **plan_figures(_load(ref_dir, "plan-validate.json"),
+                       _load(ref_dir, "plan-calibration.json")),
         "tour.head": f"{len(runs)} runs in {tour['wall_s']:.0f} s, "
                      + ("all within tolerance, exit status 0" if not bad else
                         f"{bad} NOT OK, exit status 1"),
@@ -97,6 +105,7 @@ def figures(ref_dir: Path) -> dict[str, str]:
         "dataparallel.rel": _sci(find(runs, "dataparallel", "own")),
         "mp.rel": _sci(find(runs, "torch_multiprocessing", "sync")),
         "tour.runs": str(len(runs)),
+        "tour.exposed_range": f"{min(shares):.0%}-{max(shares):.0%}",
         "tour.minutes": f"{tour['wall_s'] / 60:.1f}",
         "comm.ring64": f"{ring64(comm):.2f}x",
         "zero3.exposed": _pct(exposed_share(find(runs, "zero", "own-stage3"))),
@@ -111,8 +120,41 @@ def figures(ref_dir: Path) -> dict[str, str]:
         "mfu.sweep": ", ".join(f"{r['m']}x{r['k']}x{r['n']} {r['flops_per_s'] / 1e9:.0f}"
                                for r in f["matmul_sweep"]) + " GFLOP/s",
         "comm.lib64": f"{lib64(comm):.3f}",
+        "comm.ring_large": _span([r["busbw_vs_library"] for r in comm if r["impl"] == "ring"
+                                  and r["bytes"] >= 16 * 2**20], "x"),
+        "comm.copies64": _span([r["busbw_vs_library"] for r in comm if r["impl"] in
+                                ("naive", "tree") and r["bytes"] == 64 * 2**20], "x"),
         "commexp.lib64": f"{lib64(shm):.3f}",
     }
+
+
+def plan_figures(rec: dict, cal: dict) -> dict[str, str]:
+    """The validation's errors by kind of layout (signed: + the prediction was slower), for the
+    prose of docs/plan.md: context parallelism, TP, recomputation and pipelines on 2 ranks, the
+    tiny preset in one process; the memory of CP; the spread of the calibration's repeated
+    reference runs."""
+    def err(r):
+        return r["predicted"]["step_s"] / r["measured"]["step_s"] - 1
+
+    def pct(xs):
+        lo, hi = min(abs(x) for x in xs), max(abs(x) for x in xs)
+        return f"{lo:.0%}" if round(lo, 2) == round(hi, 2) else f"{lo:.0%}-{hi:.0%}"
+    rows = rec["layouts"]
+    lay = [(r, r["layout"]) for r in rows]
+    cp = [r for r, x in lay if x.get("cp", 1) > 1]
+    tp = [err(r) for r, x in lay if x.get("tp", 1) > 1 and x.get("cp", 1) == 1]
+    two = [err(r) for r, x in lay if r["nodes"] * r["per_node"] == 2 and x.get("cp", 1) == 1
+           and (x.get("recompute", "none") != "none" or x.get("pp", 1) > 1)]
+    tiny1 = next(r for r in rows if r["preset"] == "tiny" and r["label"] == "dp1")
+    runs = [sorted(v) for v in cal["sync_runs_s"].values()]
+    return {"plan.err.cp": pct([err(r) for r in cp]),
+            "plan.err.cp.memory": " and ".join(f"{r['ape_memory']:.2%}" for r in cp),
+            "plan.err.tp": pct([e for e in tp if e < 0]),
+            "plan.err.tp.under": f"{sum(e < 0 for e in tp)} of {len(tp)}",
+            "plan.err.two": pct([e for e in two if e > 0]),
+            "plan.err.two.over": f"{sum(e > 0 for e in two)} of {len(two)}",
+            "plan.err.tiny1": f"{err(tiny1):+.0%}",
+            "plan.repeat": pct([b / a - 1 for a, b in runs])}
 
 
 def lab_figures(ref_dir: Path) -> dict[str, str]:
@@ -153,6 +195,8 @@ def lab_figures(ref_dir: Path) -> dict[str, str]:
     zero = [s for n, s in runs.items() if n.startswith("zero-small-")]
     out["zero-small.rel"] = f"{max(s['baseline']['max_rel_loss_diff'] for s in zero):.1e}"
     out["zero-small.param"] = f"{max(s['baseline']['max_abs_param_diff'] for s in zero):.1e}"
+    for r in _load(ref_dir, "long-sequences.json")["recompute_step_time"]:
+        out[f"recompute.{r['recompute']}.ratio"] = f"{r['ratio']:.2f}x"
     for r in _load(ref_dir, "schedules-experts.json")["pipelines"]:
         key = f"sched.{r['schedule']}.p{r['P']}.v{r['V']}.m{r['M']}"
         out[key] = f"{r['bubble_measured']:.3f}"
@@ -182,6 +226,9 @@ def cluster_figures(c: dict) -> dict[str, str]:
     shaped = [r["busbw_over_link"] for r in c["links"] if r["rate"] in ("100mbit", "1gbit")
               and r["bytes"] == 8 * 2**20]
     out["cluster.links.shaped"] = f"{min(shaped):.2f}-{max(shaped):.2f}"
+    fast = [r["busbw_GBps"] * 8 for r in c["links"] if r["rate"] in ("10gbit", "unshaped")
+            and r["bytes"] == 8 * 2**20]
+    out["cluster.links.cpu"] = f"{min(fast):.1f}-{max(fast):.1f} Gbit/s"
     sent = [s["comm_bytes_per_step"] for s in c["strategies"]]
     out["cluster.bytes_spread"] = f"{max(sent) / min(sent):.0f}x"
     for r in c["parallel3d"]:

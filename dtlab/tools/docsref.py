@@ -44,29 +44,29 @@ REFERENCES = (
                                     "--json", "runs/docs/comm.json"), 1,
               produces="runs/docs/comm.json"),
     Reference("labs", "labs.json", ("python", "-m", "dtlab.tools.labruns", "--json",
-                                    "docs/reference/labs.json", "--img", "docs/img"), 15),
+                                    "docs/reference/labs.json", "--img", "docs/img"), 7),
     Reference("collectives", "faster-collectives.json",
               ("python", "-m", "dtlab.tools.commexp", "--json",
-               "docs/reference/faster-collectives.json", "--img", "docs/img"), 12, root=True),
+               "docs/reference/faster-collectives.json", "--img", "docs/img"), 3, root=True),
     Reference("schedules", "schedules-experts.json",
               ("python", "-m", "dtlab.tools.schedexp", "--json",
-               "docs/reference/schedules-experts.json", "--img", "docs/img"), 3),
+               "docs/reference/schedules-experts.json", "--img", "docs/img"), 2),
     Reference("long-sequences", "long-sequences.json",
               ("python", "-m", "dtlab.tools.longseq", "--json",
-               "docs/reference/long-sequences.json", "--img", "docs/img"), 6),
+               "docs/reference/long-sequences.json", "--img", "docs/img"), 5),
     Reference("reliability", "resharding.json",
               ("python", "-m", "dtlab.tools.reliabref", "--json", "docs/reference/resharding.json",
-               "--restart-json", "docs/reference/reliability-restart.json"), 4,
+               "--restart-json", "docs/reference/reliability-restart.json"), 2,
               more=("reliability-restart.json",)),
     Reference("cluster", "cluster.json", ("dtlab", "bench", "cluster", "--out",
-                                          "runs/docs/cluster"), 10, root=True,
+                                          "runs/docs/cluster"), 5, root=True,
               produces="runs/docs/cluster/cluster.json"),
     Reference("doctor", "doctor-collective.json",
               ("python", "-m", "dtlab.tools.doctorcases", "--json",
-               "docs/reference/doctor-collective.json"), 4, root=True),
+               "docs/reference/doctor-collective.json"), 1.5, root=True),
     Reference("hang", "hang.json", ("dtlab", "bench", "hang", "--runs", "10", "--faults",
                                     "stall,mismatch,link", "--timeout", "5", "--json",
-                                    "docs/reference/hang.json"), 8, root=True),
+                                    "docs/reference/hang.json"), 11, root=True),
     Reference("plan-calibration", "plan-calibration.json",
               ("dtlab", "plan", "calibrate", "--cluster-rates", "100mbit,1gbit,unshaped",
                "--out", "docs/reference/plan-calibration.json"), 3, root=True),
@@ -74,7 +74,7 @@ REFERENCES = (
               ("dtlab", "plan", "validate", "--calibration",
                "docs/reference/plan-calibration.json", "--cluster-rates",
                "100mbit,1gbit,unshaped", "--json", "docs/reference/plan-validate.json",
-               "--img", "docs/img"), 10, root=True),
+               "--img", "docs/img"), 7, root=True),
     Reference("plan-a100", "plan-a100.json",
               ("dtlab", "plan", "--layers", "32", "--d-model", "4096", "--heads", "32", "--seq",
                "2048", "--batch", "512", "--nodes", "4", "--devices-per-node", "8",
@@ -233,7 +233,6 @@ def records_table(ref_dir: Path) -> str:
     return "\n".join(lines)
 
 
-
 FIG = re.compile(r"<!--fig:([\w.-]+)-->(.*?)<!--/fig-->", flags=re.S)
 BLOCK = re.compile(r"<!-- (\w+):(\w+) -->\n(.*?)\n?<!-- /\1:\2 -->", flags=re.S)
 OPEN = re.compile(r"<!-- (\w+):(\w+) -->")
@@ -296,14 +295,15 @@ def render(docs: Path, ref_dir: Path, write: bool) -> list[str]:
 def draw(ref_dir: Path, img: Path) -> list[Path]:
     """The pictures drawn from records (the tour's, the collectives') and from the code (the
     concepts, the import graph). The record tools draw their own pictures when they run."""
-    from dtlab.tools import commbench, concepts, importgraph, report
+    from dtlab.tools import clusterbench, commbench, concepts, importgraph, report
     img.mkdir(parents=True, exist_ok=True)
     tour = _load(ref_dir, "tour.json")
     runs = tour["runs"]
     pics = [report.plot_losses(runs, img / "tour-loss.png"),
             report.plot_memory(runs, img / "tour-memory.png"),
             report.plot_comm(runs, img / "tour-comm.png"),
-            commbench.plot_busbw(_load(ref_dir, "comm.json")["rows"], img / "comm-busbw.png")]
+            commbench.plot_busbw(_load(ref_dir, "comm.json")["rows"], img / "comm-busbw.png"),
+            clusterbench.plot(_load(ref_dir, "cluster.json"), img / "cluster-links.png")]
     return pics + concepts.draw_all(img) + [importgraph.draw(importgraph.graph(),
                                                              img / "architecture.png")]
 

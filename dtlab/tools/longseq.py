@@ -74,12 +74,20 @@ def recompute_rows(seqs) -> list[dict]:
     return rows
 
 
-def step_time_rows(seq: int, steps: int) -> list[dict]:
-    rows = []
-    for mode in ("none", "selective", "full"):
-        s = lab_run("baseline", 1, "--seq-len", str(seq), "--recompute", mode, steps=steps)
-        rows.append({"seq": seq, "recompute": mode, "step_s_median": s["time"]["step_s_median"],
-                     "command": s["command"]})
+def step_time_rows(seq: int, steps: int, rounds: int = 3) -> list[dict]:
+    """Step time with each recompute mode: the modes in turn, ``rounds`` times (so a change of
+    load on the machine hits all of them), the median of each mode's per-run medians."""
+    import statistics
+    modes = ("none", "selective", "full")
+    medians = {m: [] for m in modes}
+    for _ in range(rounds):
+        for mode in modes:
+            s = lab_run("baseline", 1, "--seq-len", str(seq), "--recompute", mode, steps=steps)
+            medians[mode].append(s["time"]["step_s_median"])
+    rows = [{"seq": seq, "recompute": mode, "step_s_median": statistics.median(medians[mode]),
+             "runs_s": medians[mode],
+             "command": s["command"].replace("--recompute full", f"--recompute {mode}")}
+            for mode in modes]
     base = rows[0]["step_s_median"]
     n_layer = _cfg(seq).n_layer
     for r in rows:
@@ -245,10 +253,12 @@ def tables(R: dict) -> dict[str, str]:
                  f"{r['ratio_theory']:.3f} |")
     out["time"] = "\n".join(t) + (
         f"\n\nSeq {R['recompute_step_time'][0]['seq']}, preset `{R['preset']}`, one process, "
-        f"median of {R.get('time_steps', 12)} steps; {src}. Theory: 1 + (recomputed blocks / "
-        "blocks) / 3, the blocks' forward taken as a third of the step (selective recomputes 2 "
-        "of the 4 blocks). One run's medians on a 2-core CPU, where the step also holds the "
-        "optimizer and the loss: a measurement, not a benchmark.")
+        f"median of {R.get('time_steps', 12)} steps a run"
+        + (f", the median of {len(R['recompute_step_time'][0]['runs_s'])} runs a mode taken in "
+           "turn" if "runs_s" in R["recompute_step_time"][0] else "")
+        + f"; {src}. Theory: 1 + (recomputed blocks / blocks) / 3, the blocks' forward taken as "
+        "a third of the step (selective recomputes 2 of the 4 blocks). Medians on a 2-core CPU, "
+        "where the step also holds the optimizer and the loss: a measurement, not a benchmark.")
     sp = R["sequence_parallel"]
     t = ["| seq | TP 2 (MiB) | TP 2 + SP (MiB) | SP / TP | LayerNorm inputs a block, TP -> SP "
          "(KiB) | formula |", "|---|---|---|---|---|---|"]
