@@ -188,28 +188,27 @@ def _run(names: list[str], ref_dir: Path, logs: Path) -> int:
 # --------------------------------------------------------------------------- rendering
 
 
-def _load(ref_dir: Path, record: str) -> dict:
-    return json.loads((Path(ref_dir) / record).read_text())
-
-
 def _tables(ref_dir: Path) -> dict[str, tuple[tuple[str, ...], dict[str, str]]]:
     """tag -> (pages, {name: body}) for every marked table the docs hold."""
-    from dtlab.tools import commexp, docsfig, longseq, planval, schedexp
+    from dtlab.tools import commexp, docsfig, docsops, longseq, planval, schedexp
+    load = docsfig.load
     return {
-        "commexp": (commexp.PAGES, commexp.tables(_load(ref_dir, "faster-collectives.json"))),
-        "schedexp": (schedexp.PAGES, schedexp.tables(_load(ref_dir, "schedules-experts.json"))),
-        "longseq": (longseq.PAGES, longseq.tables(_load(ref_dir, "long-sequences.json"))),
-        "plan": (planval.PAGES, planval.tables(_load(ref_dir, "plan-validate.json"),
-                                               _load(ref_dir, "plan-a100.json"))),
-        "ref": (docsfig.PAGES, {**docsfig.tables(ref_dir), "records": records_table(ref_dir)}),
+        "commexp": (commexp.PAGES, commexp.tables(load(ref_dir, "faster-collectives.json"))),
+        "schedexp": (schedexp.PAGES, schedexp.tables(load(ref_dir, "schedules-experts.json"))),
+        "longseq": (longseq.PAGES, longseq.tables(load(ref_dir, "long-sequences.json"))),
+        "plan": (planval.PAGES, planval.tables(load(ref_dir, "plan-validate.json"),
+                                               load(ref_dir, "plan-a100.json"))),
+        "ref": (docsfig.PAGES + docsops.PAGES + ("index.md",),
+                {**docsfig.tables(ref_dir), **docsops.tables(ref_dir),
+                 "records": records_table(ref_dir)}),
     }
 
 
 def records_table(ref_dir: Path) -> str:
     """Every record under docs/reference/: the command that makes it and when it was made (as
     machine.json has it for a refreshed record, else the record's own date)."""
-    from dtlab.tools.docsfig import machine_line
-    meta = _load(ref_dir, "machine.json")
+    from dtlab.tools.docsfig import load, machine_line
+    meta = load(ref_dir, "machine.json")
     made = meta.get("records", {})
     lines = [f"Reference machine: {machine_line(meta['machine'], meta.get('date', '-'))}; "
              f"commit {meta.get('commit') or '-'}.", "",
@@ -219,7 +218,7 @@ def records_table(ref_dir: Path) -> str:
     for r in REFERENCES:
         for record in (r.record, *r.more):
             known.add(record)
-            own = _load(ref_dir, record).get("date", "-")
+            own = load(ref_dir, record).get("date", "-")
             when = made.get(record, {})
             lines.append(f"| `{record}` | `{' '.join(r.argv)}`{' (root)' if r.root else ''} | "
                          f"{when.get('date', own)} | {when.get('seconds', '-')} |")
@@ -267,9 +266,9 @@ def render(docs: Path, ref_dir: Path, write: bool) -> list[str]:
     """Render every page of ``docs`` (and README.md beside it) from ``ref_dir``; write the pages
     that change when ``write``; the differences and problems, one line each."""
     from dtlab.core.record import atomic_write_text
-    from dtlab.tools import docsfig
+    from dtlab.tools import docsfig, docsops
     tables = _tables(ref_dir)
-    figures = docsfig.figures(ref_dir)
+    figures = {**docsfig.figures(ref_dir), **docsops.figures(ref_dir)}
     out: list[str] = []
     pages = sorted(Path(docs).glob("*.md")) + [Path(docs).parent / "README.md"]
     for path in pages:
@@ -297,13 +296,13 @@ def draw(ref_dir: Path, img: Path) -> list[Path]:
     concepts, the import graph). The record tools draw their own pictures when they run."""
     from dtlab.tools import clusterbench, commbench, concepts, importgraph, report
     img.mkdir(parents=True, exist_ok=True)
-    tour = _load(ref_dir, "tour.json")
-    runs = tour["runs"]
+    from dtlab.tools.docsfig import load
+    runs = load(ref_dir, "tour.json")["runs"]
     pics = [report.plot_losses(runs, img / "tour-loss.png"),
             report.plot_memory(runs, img / "tour-memory.png"),
             report.plot_comm(runs, img / "tour-comm.png"),
-            commbench.plot_busbw(_load(ref_dir, "comm.json")["rows"], img / "comm-busbw.png"),
-            clusterbench.plot(_load(ref_dir, "cluster.json"), img / "cluster-links.png")]
+            commbench.plot_busbw(load(ref_dir, "comm.json")["rows"], img / "comm-busbw.png"),
+            clusterbench.plot(load(ref_dir, "cluster.json"), img / "cluster-links.png")]
     return pics + concepts.draw_all(img) + [importgraph.draw(importgraph.graph(),
                                                              img / "architecture.png")]
 

@@ -119,12 +119,19 @@ def run_label(s: dict) -> str:
     return f"{s['lab']} [{s['variant']}] x{s['world_size']}"
 
 
-def exposed_share(s: dict) -> float | None:
-    """Mean over ranks of the profiled step's exposed-communication share (dtlab profile)."""
-    rows = [r for r in (s.get("extra", {}).get("profile") or []) if r]
+def profile_shares(s: dict) -> dict[str, float] | None:
+    """Mean over ranks of each share of the profiled step (computation, communication, overlap,
+    exposed_communication, other; dtlab profile), or None for a run not profiled."""
+    rows = [r["share_of_step"] for r in (s.get("extra", {}).get("profile") or []) if r]
     if not rows:
         return None
-    return sum(r["share_of_step"]["exposed_communication"] for r in rows) / len(rows)
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+
+
+def exposed_share(s: dict) -> float | None:
+    """Mean over ranks of the profiled step's exposed-communication share."""
+    shares = profile_shares(s)
+    return None if shares is None else shares["exposed_communication"]
 
 
 def report_row(s: dict) -> list[str]:
