@@ -20,7 +20,7 @@ import argparse
 import sys
 
 from dtlab import registry
-from dtlab.core.errors import UsageError, fail
+from dtlab.errors import UsageError, fail
 
 
 def cmd_list(args, rest) -> int:
@@ -29,7 +29,7 @@ def cmd_list(args, rest) -> int:
         return 0
     from rich.table import Table
 
-    from dtlab.tools.report import console
+    from dtlab.report.tables import console
     t = Table(title="dtlab labs")
     for c in ("lab", "what it shows", "processes", "status"):
         t.add_column(c)
@@ -40,65 +40,65 @@ def cmd_list(args, rest) -> int:
 
 
 def cmd_run(args, rest) -> int:
-    from dtlab.tools.launch import run_one
+    from dtlab.launch.launcher import run_one
     return run_one(args.lab, args.nproc, rest, args.max_restarts, args.nnodes, args.cluster)
 
 
 def cmd_profile(args, rest) -> int:
-    from dtlab.tools import profile
+    from dtlab.report import profile
     if args.lab == "compare":
         return profile.compare(args.nproc, rest, args.nnodes, args.cluster)
     return profile.profile_one(args.lab, args.nproc, rest, args.nnodes, args.cluster)
 
 
 def cmd_tour(args, rest) -> int:
-    from dtlab.tools.tour import tour
+    from dtlab.report.tour import tour
     return tour(args.only, args.skip, args.nproc, args.steps, args.out, args.json)
 
 
 def cmd_bench_comm(args, rest) -> int:
-    from dtlab.tools.commbench import bench_comm
+    from dtlab.bench.collectives import bench_comm
     return bench_comm(args.nproc, args.json, rest, args.nnodes, args.cluster)
 
 
 def cmd_bench_ddp(args, rest) -> int:
-    from dtlab.tools.benchddp import bench_ddp
+    from dtlab.bench.ddp import bench_ddp
     return bench_ddp(args.nproc, args.preset, args.steps, args.repeats, args.out, args.variants)
 
 
 def cmd_bench_cluster(args, rest) -> int:
-    from dtlab.tools.clusterbench import run
+    from dtlab.bench.cluster import run
     return run(args.out, args.cluster, args.rates, args.train_rates, args.sizes, args.preset,
                args.steps)
 
 
 def cmd_bench_hang(args, rest) -> int:
-    from dtlab.tools.hangbench import run
+    from dtlab.bench.hang import run
     return run(args.json, args.runs, args.faults, args.timeout, args.cluster, args.work)
 
 
 def cmd_debug(args, rest) -> int:
-    from dtlab.tools.hang import hang
+    from dtlab.report.hang_report import hang
     return hang(args.run_dir, args.wait)
 
 
 def cmd_doctor(args, rest) -> int:
-    from dtlab.tools import doctor
+    from dtlab.doctor import diagnose as doctor
     return doctor.run(args)
 
 
 def cmd_memory(args, rest) -> int:
-    from dtlab.tools import estimate
+    from dtlab.plan import memory_estimate as estimate
     return estimate.run(args)
 
 
 def cmd_plan(args, rest) -> int:
-    from dtlab.tools import plan
+    from dtlab.plan import search as plan
     return plan.run(args)
 
 
 def cmd_docs(args, rest) -> int:
-    from dtlab.tools import docsref
+    from dtlab.docsgen import refresh as docsref
     try:
         return docsref.main(args)
     except docsref.DocsError as e:
@@ -192,7 +192,7 @@ def make_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks: comm (collectives), ddp (ours vs torch's)")
     bsub = b.add_subparsers(dest="bench", required=True)
     bc = bsub.add_parser("comm", help="time collectives, library vs ours, over message sizes",
-                         description="Other flags go to dtlab.tools.commbench: --ops, --impl, "
+                         description="Other flags go to dtlab.bench.collectives: --ops, --impl, "
                                      "--sizes, --iters, --warmup.")
     bc.add_argument("--nproc", default="2", help="world sizes, e.g. 2 or 2,4 (default 2)")
     bc.add_argument("--json", default="runs/bench/comm.json", help="where the rows go")
@@ -243,7 +243,8 @@ def make_parser() -> argparse.ArgumentParser:
     add_placement(pr)
     pr.set_defaults(func=cmd_profile, forwards=True)
 
-    from dtlab.tools import doctor, estimate, plan
+    from dtlab.doctor import diagnose as doctor
+    from dtlab.plan import memory_estimate as estimate, search as plan
     doctor.add_arguments(sub.add_parser(
         "doctor", help="check a DeepSpeed hostfile and a multi-node setup before launch",
         description=doctor.__doc__.split("\n\n")[0])).set_defaults(func=cmd_doctor)
@@ -308,7 +309,7 @@ def make_parser() -> argparse.ArgumentParser:
         a.add_argument("--name", default="main", help="which cluster (default main)")
     cl.set_defaults(func=cmd_cluster)
 
-    from dtlab.tools import docsref
+    from dtlab.docsgen import refresh as docsref
     docsref.add_arguments(sub.add_parser(
         "docs", help="the reference run behind docs/: refresh (make docs), check, list",
         description=docsref.__doc__.split("\n\n")[0])).set_defaults(func=cmd_docs)

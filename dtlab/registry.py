@@ -25,12 +25,21 @@ class Lab:
     tour_more: tuple[tuple[str, ...], ...] = field(default=())  # further variants in the tour
     tour_gpu: tuple[tuple[tuple[str, ...], str], ...] = field(default=())  # (args, why CUDA)
     no_checkpoint: str | None = None      # why --ckpt-dir cannot work with it, if it cannot
-    variant_files: tuple[str, ...] = ()   # labs/<file>.py holding a library variant of the lab
+    library: tuple[tuple[str, str], ...] = ()  # --impl NAME -> "labs.library.MODULE:CLASS"
     moe: bool = False                     # runs the mixture-of-experts model (--moe-experts)
 
     @property
     def module(self) -> str:
         return f"labs.{self.name}"
+
+    def library_strategy(self, impl: str):
+        """The Strategy class of a library variant (``--impl``), imported only when asked for:
+        the lab file names no library, so it reads as our algorithm alone."""
+        spec = dict(self.library).get(impl)
+        if spec is None:
+            raise KeyError(f"lab {self.name!r} has no library variant {impl!r}")
+        module, cls = spec.split(":")
+        return getattr(importlib.import_module(module), cls)
 
     def world_text(self) -> str:
         if self.max_world == self.min_world:
@@ -78,13 +87,14 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
         tour_gpu=((("--dtype", "fp16", "--scaler", "torch"),
                    "fp16 autocast with tensor cores is the case AMP exists for; on CUDA only"),),
         no_checkpoint="its fp32 master weights and loss-scaler state are not checkpointed yet",
-        variant_files=("amp_deepspeed",)),
+        library=(("deepspeed", "labs.library.amp_deepspeed:DeepSpeedFP16"),)),
     Lab("zero", "ZeRO stages 0-3 written out: optimizer state, gradients, parameters "
         "partitioned; CPU offload; memory counted beside the formulas", min_world=2,
         tour_args=("--stage", "3"),
         tour_more=(("--stage", "0"), ("--stage", "1"), ("--stage", "2"),
                    ("--stage", "3", "--offload", "param")),
-        variant_files=("zero_libraries",)),
+        library=tuple((impl, "labs.library.zero_libraries:LibraryZeRO")
+                      for impl in ("fairscale-oss", "fairscale-sdp", "fsdp2"))),
     Lab("deepspeed_zero", "DeepSpeed's engine with ZeRO 0-3 and CPU offload from JSON configs; "
         "stage-3 parameters gathered and a checkpoint merged to fp32", requires=("deepspeed",),
         extra="deepspeed", tour_args=("--config", "ds_zero3"),

@@ -40,12 +40,14 @@ import sys
 import torch
 
 from dtlab import registry
-from dtlab.core import memory as mem
-from dtlab.core.comm import library_collectives
-from dtlab.core.data import check_divisible
-from dtlab.core.model import loss_fn
-from dtlab.core.precision import AMP_TOLERANCE
-from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
+from dtlab.measure import memory_meter as mem
+from dtlab.measure.comm_counter import library_collectives
+from dtlab.train.data import check_divisible
+from dtlab.train.model import loss_fn
+from dtlab.train.precision import AMP_TOLERANCE
+from dtlab.errors import UsageError
+from dtlab.harness import add_common_args, run_lab
+from dtlab.train.loop import Strategy
 
 
 class AccelerateStrategy(Strategy):

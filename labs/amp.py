@@ -35,13 +35,15 @@ import torch
 import torch.distributed as dist
 
 from dtlab import registry
-from dtlab.core.data import check_divisible
-from dtlab.core.model import loss_fn
-from dtlab.core.precision import (AMP_TOLERANCE, DTYPES, ScaleHistory,
+from dtlab.train.data import check_divisible
+from dtlab.train.model import loss_fn
+from dtlab.train.precision import (AMP_TOLERANCE, DTYPES, ScaleHistory,
                                   deepspeed_fp16_unsupported)
-from dtlab.core.runtime import choose_backend_device
-from dtlab.core.settings import finite
-from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
+from dtlab.train.runtime import choose_backend_device
+from dtlab.train.settings import finite
+from dtlab.errors import UsageError
+from dtlab.harness import add_common_args, run_lab
+from dtlab.train.loop import Strategy
 
 
 class DynamicLossScaler:
@@ -138,7 +140,7 @@ class MixedPrecision(Strategy):
         if self.rt.distributed:  # data parallel across ranks: DDP, its traffic counted
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            from dtlab.core.comm import counting_allreduce_hook
+            from dtlab.measure.comm_counter import counting_allreduce_hook
             self.model = DDP(self.model)
             self.model.register_comm_hook(None, counting_allreduce_hook(self.comm))
         if self.master_weights:
@@ -325,9 +327,8 @@ def check_args(args, settings, world: int) -> None:
 
 
 def make_strategy(rt, settings, args) -> Strategy:
-    if args.impl == "deepspeed":  # kept apart so that DeepSpeed is imported only for it
-        from labs.amp_deepspeed import DeepSpeedFP16
-        return DeepSpeedFP16(rt, settings, args.ds_stage, args.init_scale, args.growth_interval,
+    if args.impl == "deepspeed":  # labs/library/amp_deepspeed.py: DeepSpeed is imported only for it
+        return registry.get("amp").library_strategy("deepspeed")(rt, settings, args.ds_stage, args.init_scale, args.growth_interval,
                              args.hysteresis, args.consecutive_hysteresis,
                              args.inject_overflow_at)
     return MixedPrecision(rt, settings, args)

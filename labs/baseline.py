@@ -18,7 +18,9 @@ import argparse
 import sys
 
 from dtlab import registry
-from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
+from dtlab.errors import UsageError
+from dtlab.harness import add_common_args, run_lab
+from dtlab.train.loop import Strategy
 
 
 def make_parser() -> argparse.ArgumentParser:

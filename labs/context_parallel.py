@@ -52,10 +52,11 @@ import torch
 import torch.distributed as dist
 
 from dtlab import registry
-from dtlab.core.comm import CommCounter, flatten, nbytes, ring_sent_bytes, unflatten_into
-from dtlab.core.errors import UsageError
-from dtlab.core.model import ToyGPT
-from dtlab.core.train import Strategy, add_common_args, run_lab
+from dtlab.measure.comm_counter import CommCounter, flatten, nbytes, ring_sent_bytes, unflatten_into
+from dtlab.errors import UsageError
+from dtlab.train.model import ToyGPT
+from dtlab.harness import add_common_args, run_lab
+from dtlab.train.loop import Strategy
 
 KV_TAG, DKV_TAG = 4000, 5000  # message tags, apart from the pipeline's (labs/parallel3d.py)
 

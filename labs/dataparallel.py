@@ -39,9 +39,11 @@ import torch.nn as nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from dtlab import registry
-from dtlab.core import memory as mem
-from dtlab.core.model import ToyGPT, loss_fn
-from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
+from dtlab.measure import memory_meter as mem
+from dtlab.train.model import ToyGPT, loss_fn
+from dtlab.errors import UsageError
+from dtlab.harness import add_common_args, run_lab
+from dtlab.train.loop import Strategy
 
 
 class Gather(torch.autograd.Function):

@@ -45,11 +45,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dtlab import registry
-from dtlab.core.comm import counting_allreduce_hook, unflatten_into
-from dtlab.core.data import check_divisible
-from dtlab.core.model import loss_fn
-from dtlab.core.settings import finite
-from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
+from dtlab.measure.comm_counter import counting_allreduce_hook, unflatten_into
+from dtlab.train.data import check_divisible
+from dtlab.train.model import loss_fn
+from dtlab.train.settings import finite
+from dtlab.errors import UsageError
+from dtlab.harness import add_common_args, run_lab
+from dtlab.train.loop import Strategy
 from dtlab.collectives.hier import hier_all_reduce, hier_tensor
 from dtlab.collectives.ring import ring_all_reduce
 from dtlab.collectives.shm import shm_all_reduce, shm_tensor

@@ -41,12 +41,14 @@ from pathlib import Path
 import torch
 
 from dtlab import registry
-from dtlab.core import memory as mem
-from dtlab.core.comm import library_collectives
-from dtlab.core.data import check_divisible
-from dtlab.core.model import ToyGPT, loss_fn
-from dtlab.core.settings import ADAMW_BETAS
-from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
+from dtlab.measure import memory_meter as mem
+from dtlab.measure.comm_counter import library_collectives
+from dtlab.train.data import check_divisible
+from dtlab.train.model import ToyGPT, loss_fn
+from dtlab.train.settings import ADAMW_BETAS
+from dtlab.errors import UsageError
+from dtlab.harness import add_common_args, run_lab
+from dtlab.train.loop import Strategy
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "launchers" / "configs"
 

@@ -2,7 +2,7 @@
 to them and back with all-to-all.
 
 With ``--moe-experts E`` every block's MLP is a mixture of E experts (``MoE`` in
-dtlab/core/model.py): a router picks each token's top K experts, and the token's output is their
+dtlab/train/model.py): a router picks each token's top K experts, and the token's output is their
 outputs weighted by the router's probabilities. The experts are most of the parameters but each
 token uses only K of them, so they are the part to spread: with EP ranks, rank j holds experts
 [j E/EP, (j+1) E/EP), and every rank keeps the rest of the model (attention, router, embeddings)
@@ -46,11 +46,12 @@ import torch
 import torch.distributed as dist
 
 from dtlab import registry
-from dtlab.core.comm import CommCounter, flatten, nbytes, ring_sent_bytes, unflatten_into
-from dtlab.core.errors import UsageError
-from dtlab.core.model import MoE, ToyGPT
-from dtlab.core.settings import finite
-from dtlab.core.train import Strategy, add_common_args, run_lab
+from dtlab.measure.comm_counter import CommCounter, flatten, nbytes, ring_sent_bytes, unflatten_into
+from dtlab.errors import UsageError
+from dtlab.train.model import MoE, ToyGPT
+from dtlab.train.settings import finite
+from dtlab.harness import add_common_args, run_lab
+from dtlab.train.loop import Strategy
 
 
 class AllToAll(torch.autograd.Function):

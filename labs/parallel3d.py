@@ -1,6 +1,6 @@
 """3D parallelism: data x pipeline x tensor parallel on one grid of ranks.
 
-The W = DP x PP x TP ranks form a grid (dtlab/core/grid.py), TP fastest:
+The W = DP x PP x TP ranks form a grid (dtlab/train/grid.py), TP fastest:
     rank = (dp * PP + pp) * TP + tp
 so consecutive ranks share a TP group (on a real cluster: the GPUs of one node, joined by
 NVLink), a pipeline runs across the TP groups of one DP replica (its stages may sit on different
@@ -35,11 +35,12 @@ from functools import partial
 import torch.distributed as dist
 
 from dtlab import registry
-from dtlab.core import checkpoint as ckpt
-from dtlab.core.comm import flatten, nbytes, ring_sent_bytes, unflatten_into
-from dtlab.core.grid import Grid
-from dtlab.core.model import ToyGPT
-from dtlab.core.train import Strategy, add_common_args, run_lab
+from dtlab.reliability import checkpoint as ckpt
+from dtlab.measure.comm_counter import flatten, nbytes, ring_sent_bytes, unflatten_into
+from dtlab.train.grid import Grid
+from dtlab.train.model import ToyGPT
+from dtlab.harness import add_common_args, run_lab
+from dtlab.train.loop import Strategy
 from labs.context_parallel import Ring, cut_sequence, layout_chunks
 from labs.pipeline import SCHEDULES, cut_stage, pipeline_loss, run_schedule
 from labs.tensor_parallel import join_shards, shard_layers, take_shard, vocab_parallel_loss

@@ -42,14 +42,16 @@ import torch
 import torch.distributed as dist
 
 from dtlab import registry
-from dtlab.core import checkpoint as ckpt
-from dtlab.core import memory as mem
-from dtlab.core.comm import CommCounter, library_collectives, nbytes
-from dtlab.core.costmodel import bubble as bubble_theory
-from dtlab.core.grid import Grid
-from dtlab.core.model import ToyGPT, loss_fn, stage_bounds
-from dtlab.core.settings import finite
-from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
+from dtlab.reliability import checkpoint as ckpt
+from dtlab.measure import memory_meter as mem
+from dtlab.measure.comm_counter import CommCounter, library_collectives, nbytes
+from dtlab.costmodel.shapes import bubble as bubble_theory
+from dtlab.train.grid import Grid
+from dtlab.train.model import ToyGPT, loss_fn, stage_bounds
+from dtlab.train.settings import finite
+from dtlab.errors import UsageError
+from dtlab.harness import add_common_args, run_lab
+from dtlab.train.loop import Strategy
 
 
 # --------------------------------------------------------------------------- schedules
@@ -299,7 +301,7 @@ def chunks_named(stages: Stage | list[Stage], full: ToyGPT) -> dict:
 
 
 def stage_canonical(stages: Stage | list[Stage], full: ToyGPT, optimizer, gather) -> dict:
-    """The canonical state (dtlab/core/checkpoint.py) of a pipeline: every stage's parameters
+    """The canonical state (dtlab/reliability/checkpoint.py) of a pipeline: every stage's parameters
     and moments, put together on every rank."""
     return {k: v for part in gather(ckpt.adam_named(chunks_named(stages, full), optimizer))
             for k, v in part.items()}

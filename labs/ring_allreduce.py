@@ -26,9 +26,11 @@ import torch.distributed as dist
 from dtlab import registry
 from dtlab.collectives import ALGORITHMS
 from dtlab.collectives.ring import chunk_sizes
-from dtlab.core.comm import CommCounter, flatten, unflatten_into
-from dtlab.core.data import check_divisible
-from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
+from dtlab.measure.comm_counter import CommCounter, flatten, unflatten_into
+from dtlab.train.data import check_divisible
+from dtlab.errors import UsageError
+from dtlab.harness import add_common_args, run_lab
+from dtlab.train.loop import Strategy
 
 
 def check_against_library(world: int, rank: int, lengths: list[int]) -> list[dict]:

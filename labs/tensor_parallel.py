@@ -52,13 +52,14 @@ import torch.nn.functional as F
 
 from dtlab import registry
 from dtlab.collectives.ring import chunk_sizes
-from dtlab.core import checkpoint as ckpt
-from dtlab.core.comm import (CommCounter, flatten, library_collectives, nbytes, ring_sent_bytes,
+from dtlab.reliability import checkpoint as ckpt
+from dtlab.measure.comm_counter import (CommCounter, flatten, library_collectives, nbytes, ring_sent_bytes,
                              unflatten_into)
-from dtlab.core.grid import Grid
-from dtlab.core.errors import UsageError
-from dtlab.core.model import Embedding, ToyGPT, loss_fn
-from dtlab.core.train import Strategy, add_common_args, run_lab
+from dtlab.train.grid import Grid
+from dtlab.errors import UsageError
+from dtlab.train.model import Embedding, ToyGPT, loss_fn
+from dtlab.harness import add_common_args, run_lab
+from dtlab.train.loop import Strategy
 
 
 def _all_reduce(t: torch.Tensor, group, counter: CommCounter, op=dist.ReduceOp.SUM):

@@ -34,12 +34,14 @@ import torch
 import torch.multiprocessing as mp
 
 from dtlab import registry
-from dtlab.core.comm import flatten, unflatten_into
-from dtlab.core.model import ToyGPT
-from dtlab.core.errors import fail
-from dtlab.core.runtime import Runtime
-from dtlab.core.train import (Strategy, UsageError, add_common_args, run_lab,
-                             settings_from_args)
+from dtlab.measure.comm_counter import flatten, unflatten_into
+from dtlab.train.model import ToyGPT
+from dtlab.errors import fail
+from dtlab.train.runtime import Runtime
+from dtlab.errors import UsageError
+from dtlab.harness import add_common_args, run_lab
+from dtlab.train.loop import Strategy
+from dtlab.train.settings import settings_from_args
 
 
 class Shared:

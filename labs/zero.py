@@ -35,7 +35,7 @@ step), by category, and ``extra.memory`` puts the formula beside it. ``extra.com
 expected bytes per step from the volumes above.
 
 The same stages from the libraries, on the same model and data: ``--impl fairscale-oss`` (1),
-``fairscale-sdp`` (2), ``fsdp2`` (3); see labs/zero_libraries.py and labs/deepspeed_zero.py.
+``fairscale-sdp`` (2), ``fsdp2`` (3); see labs/library/zero_libraries.py and labs/deepspeed_zero.py.
 
 Explained in docs/zero.md (questions 51-54 of docs/questions.md).
 
@@ -53,12 +53,14 @@ import torch
 import torch.distributed as dist
 
 from dtlab import registry
-from dtlab.core import checkpoint as ckpt
-from dtlab.core import memory as mem
-from dtlab.core.comm import flatten, unflatten_into
-from dtlab.core.data import check_divisible
-from dtlab.core.train import Strategy, UsageError, add_common_args, run_lab
-from dtlab.core.zero_formula import zero_state_bytes
+from dtlab.reliability import checkpoint as ckpt
+from dtlab.measure import memory_meter as mem
+from dtlab.measure.comm_counter import flatten, unflatten_into
+from dtlab.train.data import check_divisible
+from dtlab.errors import UsageError
+from dtlab.harness import add_common_args, run_lab
+from dtlab.train.loop import Strategy
+from dtlab.costmodel.zero_memory import zero_state_bytes
 
 OFFLOAD_DEVICE = torch.device("cpu")
 
@@ -214,7 +216,7 @@ class ZeRO(Strategy):
                 self.comm.record("all_gather", u.full)
                 dist.all_gather_into_tensor(u.full, u.shard.clone())
 
-    # ---- checkpoints: the canonical state (dtlab/core/checkpoint.py) from the owned slices, so
+    # ---- checkpoints: the canonical state (dtlab/reliability/checkpoint.py) from the owned slices, so
     # a checkpoint written at one world size or stage resumes at another
     def _whole(self, u: Unit, shard: torch.Tensor) -> torch.Tensor:
         """The unit-sized vector put together from every rank's slice of it (a collective)."""
@@ -224,7 +226,7 @@ class ZeRO(Strategy):
 
     def canonical_state(self) -> dict:
         if self.stage == 0:  # every rank holds everything, as in DDP
-            return super().canonical_state()
+            return ckpt.layout_canonical_state(self)
         names = {id(p): n for n, p in self.model.named_parameters()}
         out, step = {}, 0.0
         for u, master in zip(self.units, self.masters):
@@ -245,7 +247,7 @@ class ZeRO(Strategy):
     @torch.no_grad()
     def load_canonical_state(self, full: dict) -> None:
         if self.stage == 0:
-            return super().load_canonical_state(full)
+            return ckpt.layout_load_canonical_state(self, full)
         names = {id(p): n for n, p in self.model.named_parameters()}
         states = []
         for u, master in zip(self.units, self.masters):
@@ -327,7 +329,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", default="own",
                    choices=["own", "fairscale-oss", "fairscale-sdp", "fsdp2"],
                    help="own: this file; fairscale-oss (stage 1), fairscale-sdp (stage 2), "
-                        "fsdp2 (stage 3): the libraries' versions (labs/zero_libraries.py)")
+                        "fsdp2 (stage 3): the libraries' versions (labs/library/zero_libraries.py)")
     p.add_argument("--stage", type=int, default=None, choices=[0, 1, 2, 3],
                    help="0: plain data parallel; 1: optimizer state; 2: + gradients; "
                         "3: + parameters partitioned (default 2)")
@@ -347,9 +349,9 @@ def check_args(args, settings, world: int) -> None:
         raise UsageError(f"ZeRO partitions state over data-parallel ranks; run it on 2 or more "
                          f"processes (--nproc 2), not {world}")
     if args.impl != "own":
-        from labs.zero_libraries import IMPLS
-        if args.stage not in (None, IMPLS[args.impl]) or args.offload != "none":
-            raise UsageError(f"--impl {args.impl} is ZeRO stage {IMPLS[args.impl]} without "
+        stage = registry.get("zero").library_strategy(args.impl).STAGES[args.impl]
+        if args.stage not in (None, stage) or args.offload != "none":
+            raise UsageError(f"--impl {args.impl} is ZeRO stage {stage} without "
                              "offload; drop --stage/--offload (they belong to --impl own)")
     if args.impl != "own" and getattr(args, "ckpt_dir", None):
         raise UsageError(f"--ckpt-dir works with --impl own; the libraries' sharded optimizer "
@@ -365,8 +367,7 @@ def check_args(args, settings, world: int) -> None:
 
 def make_strategy(rt, settings, args) -> Strategy:
     if args.impl != "own":
-        from labs.zero_libraries import LibraryZeRO
-        return LibraryZeRO(rt, settings, args.impl)
+        return registry.get("zero").library_strategy(args.impl)(rt, settings, args.impl)
     return ZeRO(rt, settings, own_stage(args), args.offload)
 
 

@@ -25,7 +25,7 @@ esac
 file="$(realpath "$file")"   # resolved here: the launch runs from the repository root
 LAB="${LAB:-accelerate_lab}"
 dtlab_resolve_lab accelerate_lab
-(cd "$here" && "$PYTHON" -m dtlab.tools.configcheck accelerate "$file") || exit 2
+(cd "$here" && "$PYTHON" -m dtlab.doctor.config_check accelerate "$file") || exit 2
 accelerate="$(dirname "$PYTHON")/accelerate"
 [[ -x "$accelerate" ]] || { echo "accelerate.sh: no accelerate next to $PYTHON; pip install -c \
 constraints.txt -e '.[accelerate]'" >&2; exit 2; }

@@ -51,7 +51,7 @@ fi
 # host like `-oProxyCommand=...` would otherwise run a command through DeepSpeed's own ssh test.
 check=(--include "${INCLUDE:-}" --exclude "${EXCLUDE:-}" --master-addr "${MASTER_ADDR:-}")
 [[ -n "${HOSTFILE:-}" ]] && check+=(--hostfile "$HOSTFILE")
-(cd "$here" && "$PYTHON" -m dtlab.tools.hostfile "${check[@]}") || exit 2
+(cd "$here" && "$PYTHON" -m dtlab.doctor.hostfile "${check[@]}") || exit 2
 # Without it DeepSpeed asks the first host for its address over ssh (`ssh HOST hostname -I`).
 [[ -n "${MASTER_ADDR:-}" ]] && args+=(--master_addr "$MASTER_ADDR")
 [[ "${NO_SSH_CHECK:-0}" == 1 ]] && args+=(--no_ssh_check)

@@ -26,7 +26,7 @@ NNODES="$SLURM_JOB_NUM_NODES"
 head="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 # The head's name goes to torchrun, DeepSpeed or accelerate as the rendezvous address: the
 # doctor's parser checks it first, like every host name a launcher hands on.
-"$PYTHON" -m dtlab.tools.hostfile --master-addr "$head" || exit 2
+"$PYTHON" -m dtlab.doctor.hostfile --master-addr "$head" || exit 2
 # A port per job, so two jobs sharing a node do not collide.
 MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

@@ -2,7 +2,8 @@
 tour's red path is tested with a real run. Not a real lab: it lives with the tests."""
 import torch
 
-from dtlab.core.train import Strategy, add_common_args, run_lab
+from dtlab.harness import add_common_args, run_lab
+from dtlab.train.loop import Strategy
 
 
 class Drifting(Strategy):

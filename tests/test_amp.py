@@ -4,7 +4,7 @@ fp16/bf16 from the fp32 baseline, and why fp32 master weights matter."""
 import pytest
 
 from conftest import run_lab
-from dtlab.core.precision import AMP_TOLERANCE, deepspeed_fp16_unsupported
+from dtlab.train.precision import AMP_TOLERANCE, deepspeed_fp16_unsupported
 from labs.amp import DynamicLossScaler, master_weights_demo
 
 
@@ -133,8 +133,8 @@ def test_deepspeed_fp16_is_refused_where_the_cpu_lacks_it(monkeypatch):
     import torch
 
     from dtlab import registry
-    from dtlab.core.errors import UsageError
-    from dtlab.tools import launch
+    from dtlab.errors import UsageError
+    from dtlab.launch import launcher as launch
     pytest.importorskip("deepspeed")
     real = bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
     assert (deepspeed_fp16_unsupported("cpu") is None) == real

@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import ROOT, dtlab
 from dtlab import registry
-from dtlab.core.errors import UsageError, fail
-from dtlab.tools import launch
-from dtlab.tools.configcheck import ConfigError, check_accelerate_config
+from dtlab.errors import UsageError, fail
+from dtlab.launch import launcher as launch
+from dtlab.doctor.config_check import ConfigError, check_accelerate_config
 from labs.deepspeed_zero import load_config
 
 LABS = [name for name, lab in registry.LABS.items() if not lab.missing() and not lab.gpu_only]
@@ -216,7 +216,7 @@ def test_data_file_fuzz(tmp_path, raw):
     a run's settings, or one line naming the file and the fix."""
     import argparse
 
-    from dtlab.core.settings import add_common_args, settings_from_args
+    from dtlab.train.settings import add_common_args, settings_from_args
     f = tmp_path / "données.txt"
     f.write_bytes(raw)
     for preset in ("tiny", "gpt2-124m"):
@@ -246,7 +246,7 @@ def test_deepspeed_env_fuzz(tmp_path, raw):
     would expand is an error."""
     import argparse
 
-    from dtlab.tools import doctor
+    from dtlab.doctor import diagnose as doctor
     (tmp_path / ".deepspeed_env").write_bytes(raw)
     args = doctor.add_arguments(argparse.ArgumentParser()).parse_args(["--cwd", str(tmp_path)])
     d = doctor.Doctor(args)
@@ -265,7 +265,7 @@ def test_deepspeed_env_fuzz(tmp_path, raw):
 @given(raw=st.one_of(st.binary(max_size=80), st.text(max_size=80).map(str.encode)))
 def test_hostfile_check_fuzz(tmp_path, raw):
     """The check every launcher runs: any hostfile bytes give accepted or one error line."""
-    from dtlab.tools import hostfile
+    from dtlab.doctor import hostfile
     f = tmp_path / "hostfile"
     f.write_bytes(raw)
     problem = hostfile.check(str(f))

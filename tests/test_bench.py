@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import dtlab
-from dtlab.tools.commbench import BUS_FACTOR, BenchError, parse_size
+from dtlab.bench.collectives import BUS_FACTOR, BenchError, parse_size
 
 
 def test_parse_size():
@@ -80,7 +80,7 @@ def test_bench_ddp_record(tmp_path):
 
 
 def test_alpha_beta_fit_recovers_the_model():
-    from dtlab.tools.commbench import fit_alpha_beta
+    from dtlab.bench.collectives import fit_alpha_beta
     alpha, beta = 50e-6, 2e9  # 50 us and 2 GB/s
     rows = [{"op": "all_reduce", "impl": "x", "world_size": 4, "bytes": b,
              "time_s_median": alpha + b / beta} for b in (1024, 2**16, 2**20, 2**24)]

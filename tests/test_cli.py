@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from conftest import ROOT, chromium_or_skip, dtlab, run_lab
-from dtlab.core.record import SUMMARY_FIELDS
+from dtlab.measure.run_record import SUMMARY_FIELDS
 
 
 @pytest.mark.parametrize("args, message", [
@@ -66,7 +66,8 @@ def test_outside_tolerance_exits_nonzero(tmp_path):
     """A strategy that drifts from the baseline must fail the run (exit 1), not just print."""
     import argparse
 
-    from dtlab.core.train import Strategy, add_common_args, run_lab as run_lab_main
+    from dtlab.harness import add_common_args, run_lab as run_lab_main
+    from dtlab.train.loop import Strategy
 
     class Drifting(Strategy):
         variant = "drifting"
@@ -92,7 +93,7 @@ def test_tour_plans_every_variant(tmp_path):
     """The whole tour's plan (nothing run): every lab that can run here is in it, with the newer
     variants, and every request was validated."""
     from dtlab import registry
-    from dtlab.tools.tour import plan
+    from dtlab.report.tour import plan
     runs, skipped = plan(None, None, None, 4, tmp_path)
     titles = {r.title for r in runs}
     assert {"tensor_parallel --sp --recompute full", "context_parallel --layout contiguous",
@@ -134,7 +135,7 @@ def test_tour_report_md_html_and_pictures(tmp_path):
     rec = json.loads((tmp_path / "record.json").read_text())
     assert rec == json.loads((tmp_path / "tour.json").read_text())
     assert len(rec["runs"]) == expected and rec["machine"]["cores"] and rec["machine"]["torch"]
-    from dtlab.tools.docsfig import tour_table
+    from dtlab.docsgen.lab_figures import tour_table
     assert [r for r in tour_table(rec).splitlines() if r.startswith("| ") and "---" not in r] \
         == rows
     exposed = [line.split(" | ")[9] for line in rows[1:]]

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from dtlab.core import record
-from dtlab.core.comm import CommCounter, ring_sent_bytes
-from dtlab.core.data import Corpus, DataError, check_divisible, rank_slice
-from dtlab.core.model import ModelConfig, ToyGPT, config_from_preset, loss_fn, preset
+from dtlab.measure import run_record as record
+from dtlab.measure.comm_counter import CommCounter, ring_sent_bytes
+from dtlab.train.data import Corpus, DataError, check_divisible, rank_slice
+from dtlab.train.model import ModelConfig, ToyGPT, config_from_preset, loss_fn, preset
 
 
 def test_same_seed_same_weights_and_other_seed_differs():

@@ -1,11 +1,11 @@
-"""Model states per rank from the shapes (dtlab/core/costmodel.py) against real models: the
+"""Model states per rank from the shapes (dtlab/costmodel/shapes.py) against real models: the
 pipeline cut equals the model's, and the weights, gradients and AdamW state are the bytes the
 tensors hold (the 3D lab test checks every rank of a TP x PP x DP run the same way)."""
 import pytest
 import torch
 
-from dtlab.core.costmodel import Shape, model_states, stage_layers, total_params
-from dtlab.core.model import ModelConfig, build_model, stage_bounds
+from dtlab.costmodel.shapes import Shape, model_states, stage_layers, total_params
+from dtlab.train.model import ModelConfig, build_model, stage_bounds
 
 
 def test_stage_cut_is_the_models():

@@ -5,7 +5,7 @@ single-process baseline."""
 import pytest
 
 from conftest import run_lab
-from dtlab.core.model import ToyGPT, config_from_preset
+from dtlab.train.model import ToyGPT, config_from_preset
 from dtlab.collectives.ring import chunk_sizes
 from labs.ring_allreduce import parse_lengths
 
@@ -88,8 +88,8 @@ def test_own_ddp_equals_baseline(world, allreduce, accum, tmp_path):
     expected = 0 if allreduce == "shm" else 2 * (world - 1) / world * 4 * TINY_PARAMS
     assert s["comm"]["bytes_per_step"] == pytest.approx(expected, abs=8 * len(buckets))
     assert s["variant"].startswith(f"own-{allreduce}")
-    # what each rank holds, from the shapes alone (dtlab/core/costmodel.py), to the byte
-    from dtlab.core.costmodel import Shape, activations, model_states, sent_bytes
+    # what each rank holds, from the shapes alone (dtlab/costmodel/shapes.py), to the byte
+    from dtlab.costmodel.shapes import Shape, activations, model_states, sent_bytes
     m = Shape(2, 32, 2, 128, 13, 32)  # the tiny preset on the default text (13 symbols)
     assert sent_bytes(m, 24, dp=world)["dp"] == 2 * (world - 1) / world * 4 * TINY_PARAMS
     want = {**model_states(m), "activations_peak": activations(m, 24, dp=world,

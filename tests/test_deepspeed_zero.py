@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, free_port, run_lab
-from dtlab.core.model import ToyGPT, config_from_preset
+from dtlab.train.model import ToyGPT, config_from_preset
 
 pytestmark = pytest.mark.deepspeed
 pytest.importorskip("deepspeed")

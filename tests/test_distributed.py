@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import ROOT, free_port, run_lab
-from dtlab.core.model import ModelConfig, ToyGPT, config_from_preset
+from dtlab.train.model import ModelConfig, ToyGPT, config_from_preset
 
 TINY_PARAMS = ToyGPT.count_params(config_from_preset("tiny", vocab_size=13))
 

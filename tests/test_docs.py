@@ -61,7 +61,7 @@ def test_quoted_command_parses(doc, cmd):
             # `profile compare` hands the common flags to every lab it profiles
             lab_args_parse("ddp" if args.lab == "compare" else args.lab, rest)
         elif args.command == "bench" and args.bench == "comm":
-            from dtlab.tools import commbench
+            from dtlab.bench import collectives as commbench
             commbench.validate(commbench.make_parser().parse_args(rest))
         else:
             assert not rest, f"unknown flags {rest} in: {cmd}"
@@ -167,7 +167,7 @@ def test_every_figure_in_docs_is_the_records():
     """`dtlab docs check`: every marked table and inline figure of every page equals what
     docs/reference/ renders (`dtlab docs refresh --render` writes them), and no marker is
     unknown to the renderer."""
-    from dtlab.tools.docsref import render
+    from dtlab.docsgen.refresh import render
     problems = render(ROOT / "docs", ROOT / "docs" / "reference", write=False)
     assert not problems, "\n".join(problems)
 
@@ -183,7 +183,7 @@ def _docs_copy(tmp_path):
 def test_a_figure_edited_by_hand_fails_the_check(tmp_path, capsys):
     import argparse
 
-    from dtlab.tools import docsref
+    from dtlab.docsgen import refresh as docsref
     docs = _docs_copy(tmp_path)
     page = docs / "communication.md"
     text = page.read_text()
@@ -227,7 +227,7 @@ def test_docs_cli_refuses_bad_input(tmp_path):
 def test_every_reference_command_parses():
     """The commands `dtlab docs refresh` runs are real invocations (a renamed flag breaks this
     test, not the next refresh an hour in)."""
-    from dtlab.tools.docsref import REFERENCES
+    from dtlab.docsgen.refresh import REFERENCES
     for ref in REFERENCES:
         test_quoted_command_parses("docsref", " ".join(ref.argv))
 
@@ -236,7 +236,7 @@ def test_concept_pictures_come_from_the_code(tmp_path):
     """The ring picture replays ``ring.schedule``, the schedule the ring all-reduce runs: after
     W-1 reduce-scatter steps rank r holds chunk r+1 summed over every rank, after W-1 all-gather
     steps every rank holds every chunk summed; the four pictures are drawn."""
-    from dtlab.tools import concepts
+    from dtlab.docsgen import concept_pictures as concepts
     for world in (2, 3, 4, 5):
         states = concepts.ring_states(world)
         assert len(states) == 2 * world - 1

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import ROOT, dtlab, free_port
-from dtlab.tools.doctor import matching_interfaces
-from dtlab.tools.hostfile import MAX_SLOTS, is_loopback, load, parse, resolve, why_unsafe
+from dtlab.doctor.diagnose import matching_interfaces
+from dtlab.doctor.hostfile import MAX_SLOTS, is_loopback, load, parse, resolve, why_unsafe
 
 
 # ---- the parser, against DeepSpeed's
@@ -270,7 +270,7 @@ def test_names_slots_and_deadlines():
     """A newline after a name is not a safe name (a regex `$` would have allowed it); a billion
     slots is refused before any list of them is built; a remote command that never answers
     does not hang the doctor."""
-    from dtlab.tools.doctor import _readline
+    from dtlab.doctor.diagnose import _readline
     assert why_unsafe("w1\n").startswith("character 3 is U+000A")
     assert why_unsafe("good-host_1.lan") is None
     hf = parse("w1 slots=1000000000\n")
@@ -300,7 +300,7 @@ def test_host_forms_deepspeed_and_pdsh_take_are_accepted_with_a_warning_for_filt
 
 
 def test_known_launcher_bugs_by_version():
-    from dtlab.tools.doctor import known_bugs
+    from dtlab.doctor.diagnose import known_bugs
     old = known_bugs((0, 14, 0), {"ssh_port": 2222})
     assert len(old) == 1 and "KeyError: 'PDSH_SSH_ARGS_APPEND'" in old[0][0]
     assert known_bugs((0, 14, 1), {"ssh_port": 2222}) == []
@@ -323,7 +323,7 @@ def test_gloo_loopback_prediction_follows_address_order():
     """gloo lets the higher address of a pair connect: a loopback pick hangs the job exactly
     when another host's address sorts above it."""
     from types import SimpleNamespace
-    from dtlab.tools import connectivity
+    from dtlab.doctor import connectivity
 
     def doc_with(peer_addr):
         d = SimpleNamespace(findings=[], resolved={"a": ["127.0.0.1"], "b": [peer_addr]})

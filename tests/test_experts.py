@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import run_lab
-from dtlab.core.model import MoE, ToyGPT, config_from_preset, loss_fn
+from dtlab.train.model import MoE, ToyGPT, config_from_preset, loss_fn
 from labs.expert_parallel import bytes_theory
 
 MOE = ("--moe-experts", "4", "--moe-top-k", "2")
@@ -78,8 +78,8 @@ def test_moe_bad_input(tmp_path):
 def test_moe_flags_checked():
     import argparse
 
-    from dtlab.core.errors import UsageError
-    from dtlab.core.settings import add_common_args, settings_from_args
+    from dtlab.errors import UsageError
+    from dtlab.train.settings import add_common_args, settings_from_args
     parser = add_common_args(argparse.ArgumentParser())
     with pytest.raises(UsageError, match="--moe-top-k 3 must be between 1 and --moe-experts 2"):
         settings_from_args(parser.parse_args(["--moe-experts", "2", "--moe-top-k", "3"]))

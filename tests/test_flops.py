@@ -4,10 +4,13 @@ import pytest
 import torch
 
 from conftest import run_lab
-from dtlab.core.model import config_from_preset
-from dtlab.core.flops import (PUBLISHED_PEAKS, SWEEP_CPU, counted_flops_per_step, flops_record,
-                              formula_flops_per_step, matmul_sweep, measure_peak_flops,
-                              published_peak)
+from dtlab.measure.flops import (PUBLISHED_PEAKS, SWEEP_CPU, flops_record, matmul_sweep,
+                                 measure_peak_flops, published_peak)
+from dtlab.train.model import config_from_preset, counted_flops_per_step, formula_flops_per_step
+
+
+def _flops(cfg, batch=16):
+    return counted_flops_per_step(cfg, batch), formula_flops_per_step(cfg, batch)
 
 
 @pytest.mark.parametrize("name,rel", [("tiny", 0.03), ("small", 0.01)])
@@ -27,14 +30,14 @@ def test_peak_is_the_dtypes_measured_given_or_published(monkeypatch):
     assert peak == max(r["flops_per_s"] for r in sweep) and how.startswith("measured: best fp32")
     assert measure_peak_flops(torch.device("cpu"), "bf16")[1].startswith("measured: best bf16")
     tiny = config_from_preset("tiny", vocab_size=13)
-    r = flops_record(tiny, 16, 0.01, 2, torch.device("cpu"), "fp16-master")
+    r = flops_record(*_flops(tiny), 0.01, 2, torch.device("cpu"), "fp16-master")
     assert r["dtype"] == "fp16"  # the dtype the run computes in, not the lab's variant name
     assert r["matmul_sweep"]  # fp16 is emulated on this CPU: the sweep keeps to its budget
     assert r["of_matmul_peak"] == pytest.approx(
         r["model_flops_per_step"] / 0.01 / r["matmul_peak_flops_per_s_per_device"])
     monkeypatch.setenv("DTLAB_PEAK_FLOPS", "1e12")
     assert measure_peak_flops(torch.device("cpu")) == (1e12, "DTLAB_PEAK_FLOPS")
-    r = flops_record(tiny, 16, 0.01, 2, torch.device("cpu"))
+    r = flops_record(*_flops(tiny), 0.01, 2, torch.device("cpu"))
     assert r["mfu"] == pytest.approx(r["model_flops_per_step"] / 0.01 / 1e12)
     # a GPU the datasheet table knows is held to its dtype's published peak: bf16 is not
     # divided by an fp32 figure (which would inflate MFU ~15x on an H100)

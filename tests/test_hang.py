@@ -1,4 +1,4 @@
-"""The flight recorder and the desync report (dtlab/core/flight.py): injected stalls and
+"""The flight recorder and the desync report (dtlab/reliability/flight.py): injected stalls and
 collective mismatches in real runs are traced to the right rank and op, live (`dtlab debug hang`,
 SIGUSR1) and after the fact (ring files that outlive a crashed rank). A link pulled on the
 namespace cluster is in tests/test_cluster.py."""
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from conftest import ROOT, dtlab
-from dtlab.core import flight
+from dtlab.reliability import flight
 
 
 # ---- the report, on records built by hand
@@ -58,7 +58,7 @@ def test_a_rank_stuck_inside_an_op_the_others_completed_is_a_transport_failure()
     assert rep["transport_failed"] and "rank 1 is stuck inside all_reduce #2 of group world" in \
         flight.describe_report(rep)[0]
     stalled = flight.desync_report({0: _dump(0, r0), 1: _dump(1, first + [
-        _entry(2, 2, "all_reduce", 4)], {"op": "stall", "site": "dtlab/core/train.py:1"})}, 2)
+        _entry(2, 2, "all_reduce", 4)], {"op": "stall", "site": "dtlab/train/loop.py:1"})}, 2)
     assert [(b["rank"], b["in_op"]) for b in stalled["behind"]] == [(1, False)]
     assert not stalled["transport_failed"]
 
@@ -106,7 +106,7 @@ def test_mismatch_is_traced_from_the_ring_files_of_a_crashed_job(tmp_path):
     assert "collective mismatch at op #5 of group world" in p.stderr, p.stderr[-3000:]
     rep = json.loads((tmp_path / "run" / "flight" / "report.json").read_text())
     ops = rep["mismatches"][0]["ops"]
-    assert ops["1"]["bytes"] == 28 and ops["1"]["site"].startswith("dtlab/core/faults.py")
+    assert ops["1"]["bytes"] == 28 and ops["1"]["site"].startswith("dtlab/reliability/faults.py")
     assert ops["0"]["bytes"] == 27136 * 4 and ops["0"]["step"] == ops["1"]["step"] == 2
     assert any(r.get("fatal") for r in rep["ranks"].values())  # the aborted rank's stacks
 

@@ -1,4 +1,4 @@
-"""`dtlab memory` (dtlab/tools/estimate.py): its model-state figures equal DeepSpeed's own
+"""`dtlab memory` (dtlab/plan/memory_estimate.py): its model-state figures equal DeepSpeed's own
 estimators where the assumptions match, its fp32 figures equal the bytes labs/zero.py counts from
 live tensors (tests/test_zero.py runs that), and its activation figure equals the bytes autograd
 saves in a real forward pass."""
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import dtlab
-from dtlab.core.memory import ActivationMeter
-from dtlab.core.model import ToyGPT, build_model, config_from_preset, loss_fn
-from dtlab.tools.estimate import (Arch, Setup, activation_bytes, activation_detail,
+from dtlab.measure.memory_meter import ActivationMeter
+from dtlab.train.model import ToyGPT, build_model, config_from_preset, loss_fn
+from dtlab.plan.memory_estimate import (Arch, Setup, activation_bytes, activation_detail,
                                  deepspeed_reference, model_states, parse_count)
 
 LLAMA65 = Arch(n_layer=80, d_model=8192, n_head=64, d_ff=22016, vocab_size=32000, seq_len=2048)
@@ -58,7 +58,7 @@ def test_where_deepspeed_differs_it_is_more_conservative_across_nodes():
 def test_zero_formula_by_category():
     """The one ZeRO formula (the lab asserts its live tensors against it, dtlab memory builds on
     it), category by category, written out by hand from the ZeRO paper's partitioning."""
-    from dtlab.core.zero_formula import zero_state_bytes
+    from dtlab.costmodel.zero_memory import zero_state_bytes
     P, W = 1000, 4
     cases = {  # (precision, stage, offload): (device params, grads, optimizer; cpu p, g, o)
         ("fp32", 0, "none"): (4 * P, 4 * P, 8 * P, 0, 0, 0),
@@ -82,7 +82,7 @@ def test_zero_formula_by_category():
 
 
 def test_estimate_is_the_formula_plus_the_layer_buffer():
-    from dtlab.core.zero_formula import zero_state_bytes
+    from dtlab.costmodel.zero_memory import zero_state_bytes
     P, W = 27136, 4
     s = Setup(params=P, gpus_per_node=W, precision="fp32", largest_layer=500)
     est = model_states(s, 3, "param")

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from conftest import run_lab
-from dtlab.core.model import ToyGPT, config_from_preset
+from dtlab.train.model import ToyGPT, config_from_preset
 
 
 @pytest.mark.parametrize("impl", ["own", "torch"])
@@ -34,7 +34,7 @@ def test_tensor_parallel_equals_baseline(impl, tp, preset, tmp_path):
         assert ar["calls"] == steps * (4 * L + 1 + 3)
         assert ar["bytes"] == steps * payload
         assert s["comm"]["bytes_per_step"] == pytest.approx(2 * (tp - 1) / tp * payload)
-        from dtlab.core.costmodel import Shape, sent_bytes
+        from dtlab.costmodel.shapes import Shape, sent_bytes
         shape = Shape(L, d, cfg.n_head, cfg.d_ff, 13, T)
         assert sent_bytes(shape, B, tp=tp)["tp"] == pytest.approx(2 * (tp - 1) / tp * payload)
 
@@ -112,8 +112,8 @@ def test_measured_bubble_matches_theory(schedule, stages, preset, m, tmp_path):
             assert live[0] > live[-1]
 
 
-from dtlab.core.errors import UsageError  # noqa: E402
-from dtlab.core.grid import Grid  # noqa: E402
+from dtlab.errors import UsageError  # noqa: E402
+from dtlab.train.grid import Grid  # noqa: E402
 
 
 def test_grid_layout_tp_fastest_dp_slowest():
@@ -158,9 +158,9 @@ def test_parallel3d_2x2x2_on_8_ranks(tmp_path):
                    "small", "--steps", 3, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert s["baseline"]["ok"] is True and s["world_size"] == 8
-    # model states from the shapes (dtlab/core/costmodel.py) are every rank's, to the byte
+    # model states from the shapes (dtlab/costmodel/shapes.py) are every rank's, to the byte
     # and so are the activations it keeps (two micro-batches, 1F1B) and the bytes it sends
-    from dtlab.core.costmodel import Shape, activations, model_states, sent_bytes, total_params
+    from dtlab.costmodel.shapes import Shape, activations, model_states, sent_bytes, total_params
     m = Shape(4, 128, 4, 512, 13, 64)  # the small preset on the default text (13 symbols)
     assert total_params(m) == s["n_params"]
     for rank, mem in enumerate(s["memory"]["per_rank"]):

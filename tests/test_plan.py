@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from dtlab.core import costmodel as cm
-from dtlab.core.comm import RING_FACTORS
-from dtlab.core.zero_formula import zero_state_bytes
-from dtlab.core import steptime as st
-from dtlab.tools import plan
+from dtlab.costmodel import shapes as cm
+from dtlab.measure.comm_counter import RING_FACTORS
+from dtlab.costmodel.zero_memory import zero_state_bytes
+from dtlab.costmodel import step_time as st
+from dtlab.plan import search as plan
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = cm.Shape(4, 128, 4, 512, 13, 64)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import chromium_or_skip, dtlab
-from dtlab.core.profiler import summarize
+from dtlab.measure.profiler import summarize
 
 
 def ev(name, start, end):

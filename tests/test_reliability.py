@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import dtlab, run_lab
-from dtlab.core import checkpoint as ckpt
+from dtlab.reliability import checkpoint as ckpt
 
 STEPS = 6
 
@@ -285,7 +285,7 @@ def test_data_file_is_identified_by_its_content(tmp_path):
     checkpoint must match), even under the same path."""
     import argparse
 
-    from dtlab.core.settings import add_common_args, settings_from_args
+    from dtlab.train.settings import add_common_args, settings_from_args
     f = tmp_path / "text.txt"
     f.write_text("hello world, " * 20)
     args = add_common_args(argparse.ArgumentParser()).parse_args(["--data", str(f)])

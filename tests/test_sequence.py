@@ -1,6 +1,6 @@
 """Memory for long sequences: activation recomputation, sequence parallelism and context
 parallelism (ring attention), each equal to the baseline, with measured activation bytes equal
-to the formula (dtlab/core/activations.py: activation_formula) and counted bytes equal to theirs.
+to the formula (dtlab/costmodel/activations.py: activation_formula) and counted bytes equal to theirs.
 
 Each lab run is made once per session and shared between the assertions that read it."""
 from dataclasses import replace
@@ -9,8 +9,8 @@ from functools import lru_cache
 import pytest
 
 from conftest import run_lab
-from dtlab.core.memory import activation_formula_for
-from dtlab.core.model import config_from_preset
+from dtlab.measure.memory_meter import activation_formula_for
+from dtlab.train.model import config_from_preset
 from labs.context_parallel import block_pairs, bytes_theory, layout_chunks
 
 VOCAB = 13          # the synthetic task's vocabulary

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import run_lab
-from dtlab.core import record
-from dtlab.tools.report import verdict_word
+from dtlab.measure import run_record as record
+from dtlab.report.tables import verdict_word
 
 TOL = {"loss_rel": 1e-5, "param_abs": 1e-4}
 special = st.sampled_from([float("nan"), float("inf"), float("-inf")])

@@ -5,8 +5,8 @@ bytes communicated match the known volumes."""
 import pytest
 
 from conftest import run_lab
-from dtlab.core.model import ToyGPT, config_from_preset
-from dtlab.core.zero_formula import zero_state_bytes as formula_bytes
+from dtlab.train.model import ToyGPT, config_from_preset
+from dtlab.costmodel.zero_memory import zero_state_bytes as formula_bytes
 
 P = ToyGPT.count_params(config_from_preset("tiny", vocab_size=13))
 COMBOS = [(0, "none"), (1, "none"), (2, "none"), (3, "none"),
@@ -40,7 +40,7 @@ def test_zero_equals_baseline_with_memory_and_comm(stage, offload, world, tmp_pa
     assert P <= padded < P + len(ex["units"]) * world
     volume = 3 if stage == 3 else 2
     assert s["comm"]["bytes_per_step"] == pytest.approx(volume * (world - 1) / world * 4 * padded)
-    from dtlab.core.costmodel import Shape, sent_bytes  # the same volume, before padding
+    from dtlab.costmodel.shapes import Shape, sent_bytes  # the same volume, before padding
     assert sent_bytes(Shape(2, 32, 2, 128, 13, 32), 16, dp=world, zero=stage)["dp"] == \
         pytest.approx(volume * (world - 1) / world * 4 * P)
     ops = s["comm"]["by_op"]

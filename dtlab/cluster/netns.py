@@ -32,7 +32,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from dtlab.core.errors import UsageError
+from dtlab.errors import UsageError
 
 STATE_ROOT = Path("/run/dtlab-cluster")
 DEFAULT_SUBNET = "10.77.0.0/24"

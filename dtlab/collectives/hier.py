@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from dtlab.collectives.ring import ring_all_reduce
 from dtlab.collectives.shm import buffers_for, shm_tensor
-from dtlab.core.errors import UsageError
+from dtlab.errors import UsageError
 
 
 @dataclass

@@ -17,7 +17,7 @@ import threading
 import torch
 import torch.distributed as dist
 
-from dtlab.core.comm import CommCounter, nbytes
+from dtlab.measure.comm_counter import CommCounter, nbytes
 
 
 def chunk_sizes(n: int, world: int) -> list[int]:

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dtlab.core.errors import UsageError
+from dtlab.errors import UsageError
 
 SHM_DIR = Path("/dev/shm")
 

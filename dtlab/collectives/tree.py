@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from dtlab.core.comm import CommCounter, nbytes
+from dtlab.measure.comm_counter import CommCounter, nbytes
 
 
 def tree_all_reduce(t: torch.Tensor, counter: CommCounter | None = None) -> torch.Tensor:

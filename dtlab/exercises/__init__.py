@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from dtlab.core.errors import UsageError
+from dtlab.errors import UsageError
 
 HERE = Path(__file__).resolve().parent
 PG_TIMEOUT_S = 20      # a learner's deadlock ends as a timeout, not a hang
