@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from conftest import ROOT, dtlab
 from dtlab import registry
@@ -125,13 +125,18 @@ def test_deepspeed_config_fuzz(tmp_path, cfg):
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(raw=st.binary(max_size=64))
+@example(raw=b"{}")
+@example(raw=b'{"zero_optimization": {"stage": 2}}')
 def test_deepspeed_config_garbage_bytes(tmp_path, raw):
     f = tmp_path / "ds.json"
     f.write_bytes(raw)
     try:
-        load_config(str(f))
+        path, loaded = load_config(str(f))
     except UsageError as e:
-        assert str(e).startswith(f"--config {f}: ")
+        assert str(e).startswith(f"--config {f}: ") and "\n" not in str(e)
+        return
+    # accepted: the bytes were a JSON object, and the config is exactly what they say
+    assert path == f and isinstance(loaded, dict) and loaded == json.loads(raw)
 
 
 # ---- accelerate YAML configs
@@ -161,13 +166,18 @@ def test_accelerate_config_fuzz(tmp_path, cfg):
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(raw=st.binary(max_size=64))
+@example(raw=b"num_processes: 2\n")
+@example(raw=b"{}")
 def test_accelerate_config_garbage_bytes(tmp_path, raw):
     f = tmp_path / "acc.yaml"
     f.write_bytes(raw)
     try:
-        check_accelerate_config(f)
+        loaded = check_accelerate_config(f)
     except ConfigError as e:
-        assert str(e).startswith(f"{f}: ")
+        assert str(e).startswith(f"{f}: ") and "\n" not in str(e)
+        return
+    # accepted: the bytes were a YAML mapping of sound settings, returned as they say
+    assert loaded == yaml.safe_load(raw.decode()) and loaded.get("num_processes", 1) >= 1
 
 
 def test_shipped_accelerate_configs_pass():
