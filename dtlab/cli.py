@@ -145,7 +145,8 @@ def cmd_cluster(args, rest) -> int:
         return 0
     if args.action == "status":
         if args.png:
-            print(f"picture: {manage.draw(args.name, args.png)}")
+            from dtlab.report.pictures import draw_cluster  # matplotlib: only for --png
+            print(f"picture: {draw_cluster(netns.status(args.name), args.png)}")
         return manage.print_status(args.name, args.json)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     return manage.exec_in(args.name, args.node, command)

@@ -25,6 +25,7 @@ from pathlib import Path
 from dtlab.cluster.netns import Cluster, rate_bits
 from dtlab.errors import UsageError
 from dtlab.measure.run_record import atomic_write_text
+from dtlab.report.pictures import plt_agg
 
 RATES = "100mbit,1gbit,10gbit,unshaped"
 TRAIN_RATES = "1gbit,100mbit"
@@ -135,9 +136,7 @@ def run(out: str, name: str = "main", rates: str = RATES, train_rates: str = TRA
 
 
 def plot(record: dict, path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plt_agg()
     rows = [r for r in record["links"] if r["bytes"] == max(x["bytes"] for x in record["links"])]
     rates = list(dict.fromkeys(r["rate"] for r in rows))
     fig, ax = plt.subplots(figsize=(8, 4.5))

@@ -35,6 +35,7 @@ from dtlab.collectives.shm import shm_all_reduce, shm_tensor
 from dtlab.train import runtime
 from dtlab.measure.comm_counter import RING_FACTORS
 from dtlab.errors import UsageError, fail
+from dtlab.report.pictures import plt_agg
 
 # nccl-tests' bus factors are the ring model's bytes per rank, except broadcast: there the bus
 # bandwidth is the algorithm bandwidth (factor 1), the rate at which the message leaves the root.
@@ -257,9 +258,7 @@ def fit_alpha_beta(rows: list[dict]) -> list[dict]:
 
 
 def plot_busbw(rows: list[dict], path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plt_agg()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups: dict[tuple, list[dict]] = {}
     for r in rows:

@@ -30,6 +30,7 @@ from pathlib import Path
 from dtlab.errors import UsageError
 from dtlab.measure.run_record import atomic_write_text
 from dtlab.report import tables as report
+from dtlab.report import records
 
 FAULTS = ("stall", "mismatch", "link")
 LINK_STEPS = 3000
@@ -127,7 +128,7 @@ def run(json_path: str, runs: int, faults: str, timeout_s: float, cluster: str,
               "command": f"dtlab bench hang --runs {runs} --faults {','.join(chosen)} "
                          f"--timeout {timeout_s:g} --cluster {cluster}",
               "date": time.strftime("%Y-%m-%d"),
-              "machine": report.machine(),
+              "machine": records.machine(),
               "timeout_s": timeout_s, "limit_s": timeout_s + MARGIN_S, "faults": {}}
     for fault in chosen:
         rows = []

@@ -33,6 +33,7 @@ import ast
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
+from dtlab.report.pictures import plt_agg
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("dtlab", "labs")
@@ -174,9 +175,7 @@ def _short(module: str) -> str:
 def draw(edges: dict[str, set[str]], path: Path) -> Path:
     """One box per layer (its modules listed inside), bottom to top, and an arrow for every pair
     of layers with imports between them, labelled with how many (red: against the layers)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plt_agg()
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
     members = defaultdict(list)
     for m in sorted(edges):

@@ -10,8 +10,7 @@ import json
 from pathlib import Path
 
 from dtlab.costmodel.shapes import ring_factor
-from dtlab.report.tables import (REPORT_COLUMNS, exposed_share, human_bytes, profile_shares,
-                                report_row)
+from dtlab.report.tables import REPORT_COLUMNS, exposed_share, human_bytes, profile_shares, report_row
 
 PAGES = ("tour.md", "profiling.md", "ring-allreduce.md", "ddp.md", "pipeline.md")
 

@@ -145,11 +145,11 @@ def run_references(names: list[str], ref_dir: Path, logs: Path) -> int:
 
 
 def _run(names: list[str], ref_dir: Path, logs: Path) -> int:
-    from dtlab.report import tables as report
+    from dtlab.report import records
     meta_path = ref_dir / "machine.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     meta.update({"what": "the reference run behind docs/ (dtlab docs refresh)",
-                 "date": time.strftime("%Y-%m-%d"), "machine": report.machine(),
+                 "date": time.strftime("%Y-%m-%d"), "machine": records.machine(),
                  "commit": _commit()})
     meta.setdefault("records", {})
     total = sum(BY_NAME[n].minutes for n in names)
@@ -298,13 +298,13 @@ def draw(ref_dir: Path, img: Path) -> list[Path]:
     concepts, the import graph). The record tools draw their own pictures when they run."""
     from dtlab.bench import cluster as clusterbench, collectives as commbench
     from dtlab.docsgen import concept_pictures as concepts, import_graph as importgraph
-    from dtlab.report import tables as report
+    from dtlab.report import pictures
     img.mkdir(parents=True, exist_ok=True)
     from dtlab.docsgen.lab_figures import load
     runs = load(ref_dir, "tour.json")["runs"]
-    pics = [report.plot_losses(runs, img / "tour-loss.png"),
-            report.plot_memory(runs, img / "tour-memory.png"),
-            report.plot_comm(runs, img / "tour-comm.png"),
+    pics = [pictures.plot_losses(runs, img / "tour-loss.png"),
+            pictures.plot_memory(runs, img / "tour-memory.png"),
+            pictures.plot_comm(runs, img / "tour-comm.png"),
             commbench.plot_busbw(load(ref_dir, "comm.json")["rows"], img / "comm-busbw.png"),
             clusterbench.plot(load(ref_dir, "cluster.json"), img / "cluster-links.png")]
     return pics + concepts.draw_all(img) + [importgraph.draw(importgraph.graph(),

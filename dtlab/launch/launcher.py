@@ -296,6 +296,8 @@ def run_one(name: str, nproc: int | None, lab_args: list[str], max_restarts: int
             flight_postmortem(out, world)
         return rc or 3
     print_table([summary])
+    from dtlab.report.pictures import draw_run_pictures  # matplotlib: only after a run
+    draw_run_pictures(out)  # the lab recorded what it did; its pictures are drawn from that
     if not summary["ok"]:
         if summary.get("nonfinite"):
             why = "diverged: " + describe_nonfinite(summary["nonfinite"])

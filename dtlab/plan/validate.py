@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from dtlab.errors import UsageError
+from dtlab.report.pictures import plt_agg
 
 # (preset, nproc per node, layout fields) on this machine
 HOST_SET = [
@@ -253,9 +254,7 @@ def print_summary(s: dict) -> None:
 
 def plot(rows: list[dict], path: Path) -> Path:
     """Predicted against measured, step time and memory, one marker a group of layouts."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plt_agg()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.6))
     styles: dict = {}
     markers = "osD^v<>Px*"
@@ -394,13 +393,13 @@ def tables(rec: dict, a100: dict) -> dict[str, str]:
 
 
 def make_parser():
-    from dtlab.report.tables import record_tool_parser
+    from dtlab.report.records import record_tool_parser
     return record_tool_parser("python -m dtlab.plan.validate",
                               "docs/plan.md's tables and picture from a plan validate record")
 
 
 if __name__ == "__main__":
-    from dtlab.report.tables import fill_marked_tables
+    from dtlab.report.records import fill_marked_tables
     a = make_parser().parse_args()
     record = json.loads(Path(a.json).read_text())
     if a.img:

@@ -3,11 +3,14 @@ profiled; a running table, then report.md / report.html and the pictures in ``--
 
 Three steps: :func:`plan` (which runs, which are skipped and why, every request validated before
 anything starts), :func:`run` (one torchrun per run, a progress bar and a row as each ends) and
-``report.write_report`` (the tables and pictures).
+``write_report`` (the tables and pictures).
 """
 from __future__ import annotations
 
+import base64
+import html
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +18,11 @@ from pathlib import Path
 from dtlab import registry
 from dtlab.errors import UsageError
 from dtlab.measure.run_record import atomic_write_text, read_summary
-from dtlab.report import tables as report
+from dtlab.report import pictures, tables
+from dtlab.report.records import machine
 from dtlab.launch.launcher import launch, validate
 
-ROW_WIDTHS = (22, 22, 5, 17, 18, 6, 8, 9, 14, 12, 13)  # report.REPORT_COLUMNS on the terminal
+ROW_WIDTHS = (22, 22, 5, 17, 18, 6, 8, 9, 14, 12, 13)  # tables.REPORT_COLUMNS on the terminal
 
 
 @dataclass
@@ -86,10 +90,10 @@ def run(runs: list[TourRun], skipped: list[tuple[str, str]], out: Path,
     """Launch every run, show each row as it ends, write the report and the record
     (OUT/tour.json, and ``json_path`` when given); 1 if any run failed."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    console = report.console()
+    console = tables.console()
     summaries, failed, dirs = [], [], {}
     t0 = time.perf_counter()
-    console.print("  ".join(f"{c:>{w}}" for c, w in zip(report.REPORT_COLUMNS, ROW_WIDTHS)))
+    console.print("  ".join(f"{c:>{w}}" for c, w in zip(tables.REPORT_COLUMNS, ROW_WIDTHS)))
     with Progress(TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                   console=console) as progress:
@@ -102,10 +106,11 @@ def run(runs: list[TourRun], skipped: list[tuple[str, str]], out: Path,
             if (r.out / "summary.json").is_file():
                 s = read_summary(r.out)
                 summaries.append(s)
-                dirs[report.run_label(s)] = r.out
+                dirs[tables.run_label(s)] = r.out
+                pictures.draw_run_pictures(r.out)  # drawn from the record the lab wrote
                 style = "" if s["ok"] else "[bold red]"
                 progress.console.print(style + "  ".join(
-                    f"{c:>{w}}" for c, w in zip(report.report_row(s), ROW_WIDTHS)),
+                    f"{c:>{w}}" for c, w in zip(tables.report_row(s), ROW_WIDTHS)),
                     markup=bool(style))
                 if not s["ok"]:
                     failed.append((r.lab.name, f"{' '.join(r.variant)}: outside tolerance or "
@@ -116,13 +121,13 @@ def run(runs: list[TourRun], skipped: list[tuple[str, str]], out: Path,
                 progress.console.print(f"[bold red]  {r.title} FAILED (exit {rc}); log: {log}")
             progress.advance(task)
     wall = time.perf_counter() - t0
-    report.print_table(summaries, title="dtlab tour: every lab against the single-process "
+    tables.print_table(summaries, title="dtlab tour: every lab against the single-process "
                                         "baseline")
     for name, why in skipped:
         console.print(f"  skipped {name}: {why}")
-    md = report.write_report(out, summaries, skipped, failed, wall, dirs)
+    md = write_report(out, summaries, skipped, failed, wall, dirs)
     record = json.dumps({"what": "dtlab tour: every lab against the single-process baseline",
-                         "date": time.strftime("%Y-%m-%d"), "machine": report.machine(),
+                         "date": time.strftime("%Y-%m-%d"), "machine": machine(),
                          "wall_s": wall, "runs": summaries, "skipped": skipped,
                          "failed": failed}, indent=1) + "\n"
     for path in [out / "tour.json"] + ([Path(json_path)] if json_path else []):
@@ -136,3 +141,52 @@ def tour(only: str | None, skip: str | None, nproc: int | None, steps: int, out:
          json_path: str | None = None) -> int:
     runs, skipped = plan(only, skip, nproc, steps, Path(out))
     return run(runs, skipped, Path(out), json_path)
+
+
+def write_report(out: Path, summaries: list[dict], skipped: list[tuple[str, str]],
+                 failed: list[tuple[str, str]], wall_s: float, runs: dict[str, Path]) -> Path:
+    """report.md, the PNGs beside it, and report.html with the PNGs inside (no server needed)."""
+    out = Path(out)
+    pics = [("Loss curves over the baseline's", pictures.plot_losses(summaries, out / "loss.png")),
+            ("Memory per rank by category", pictures.plot_memory(summaries, out / "memory.png")),
+            ("Communication per step", pictures.plot_comm(summaries, out / "comm.png"))]
+    for s in summaries:
+        src = runs.get(tables.run_label(s), Path("-")) / "schedule.png"
+        if s["lab"] == "pipeline" and src.is_file():
+            dst = out / f"schedule-{s['variant']}.png"
+            shutil.copyfile(src, dst)
+            pics.append((f"Pipeline schedule: {s['variant']}", dst))
+    n_bad = len(failed)  # runs outside tolerance or failing checks, and runs with no record
+    head = (f"{len(summaries)} runs in {wall_s:.0f} s; "
+            + ("all within tolerance" if n_bad == 0 else f"{n_bad} NOT OK"))
+    md = ["# dtlab tour\n\n", head + ".\n\n",
+          "Each run trained the same model on the same data as the single-process baseline; "
+          "`max rel loss diff` and `max abs param diff` are its distance from it (fp32 bound "
+          "1e-5 / 1e-4; mixed precision states its own). `exposed comm` is the share of a "
+          "profiled step spent in communication that no computation overlapped "
+          "(docs/profiling.md).\n\n"]
+    md.append("| " + " | ".join(tables.REPORT_COLUMNS) + " |\n|" + "---|" * len(tables.REPORT_COLUMNS) + "\n")
+    md += ["| " + " | ".join(tables.report_row(s)) + " |\n" for s in summaries]
+    md += ["\n"] + [f"- skipped {n}: {why}\n" for n, why in skipped]
+    md += [f"- FAILED {n}: {why}\n" for n, why in failed]
+    for title, p in pics:
+        md.append(f"\n## {title}\n\n![{title}]({p.name})\n")
+    atomic_write_text(out / "report.md", "".join(md))
+    e = html.escape
+    rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in tables.report_row(s)) + "</tr>\n"
+                   for s in summaries)
+    imgs = "".join(f"<h2>{e(t)}</h2><img alt='{e(t)}' src='data:image/png;base64,"
+                   f"{base64.b64encode(p.read_bytes()).decode()}'>\n" for t, p in pics)
+    notes = "".join(f"<li>skipped {e(n)}: {e(w)}</li>" for n, w in skipped) + \
+        "".join(f"<li><b>FAILED</b> {e(n)}: {e(w)}</li>" for n, w in failed)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>dtlab tour</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #bbb;padding:2px 8px;text-align:right}} td:nth-child(-n+2){{text-align:left}}
+img{{max-width:100%;border:1px solid #ddd}}</style></head><body>
+<h1>dtlab tour</h1><p>{e(head)}.</p>
+<table><tr>{''.join(f'<th>{e(c)}</th>' for c in tables.REPORT_COLUMNS)}</tr>
+{rows}</table><ul>{notes}</ul>
+{imgs}</body></html>
+"""
+    atomic_write_text(out / "report.html", page)
+    return out / "report.md"

@@ -10,7 +10,6 @@ has the measured figures and explains why DeepSpeed's fp16 engine drifts further
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
@@ -56,42 +55,16 @@ class ScaleHistory:
         self.step += 1
 
     def report(self, extra: dict, out: str | None, title: str) -> bool:
-        """Into ``extra`` and (when ``out`` is given) ``out/loss_scale.png``; True when the run
-        stayed equivalent to the baseline (no step was skipped: the baseline took every step)."""
+        """Into ``extra`` (the run record, from which ``dtlab run`` draws loss_scale.png: see
+        dtlab/report/pictures.py; ``out`` is unused); True when the run stayed equivalent to the
+        baseline (no step was skipped: the baseline took every step)."""
         extra.update(loss_scale=self.loss_scale, skipped_steps=self.skipped_steps,
-                     overflowed_grads=self.overflowed_grads)
-        if out is not None:
-            plot_loss_scale(self.loss_scale, self.skipped_steps, out, title)
+                     overflowed_grads=self.overflowed_grads, loss_scale_title=title)
         return not self.skipped_steps
 
     def drift_reason(self) -> str:
         n = len(self.skipped_steps)
         return f"{n} step{'s' if n != 1 else ''} skipped" if n else ""
-
-
-def plot_loss_scale(scales: list[float], skipped: list[int], out: str, title: str) -> None:
-    """loss_scale.png in the run's folder: the scale per step, skipped steps marked."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return  # the figures are in summary.json either way
-    if not scales:
-        return
-    fig, ax = plt.subplots(figsize=(7, 3))
-    ax.step(range(len(scales)), scales, where="post", label="loss scale after the step")
-    ax.scatter(skipped, [scales[i] for i in skipped], color="red", zorder=3,
-               label="overflow: step skipped")
-    ax.set_yscale("log", base=2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss scale")
-    ax.set_title(f"dynamic loss scaling ({title})")
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    Path(out).mkdir(parents=True, exist_ok=True)
-    fig.savefig(Path(out) / "loss_scale.png", dpi=110)
-    plt.close(fig)
 
 
 def deepspeed_fp16_unsupported(device_type: str) -> str | None:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from dtlab.measure.run_record import atomic_write_text
-from dtlab.report import tables as report
+from dtlab.report import records
 
 SIZES = "4KiB,16KiB,64KiB,256KiB,1MiB,4MiB,16MiB,64MiB"
 HOST = ["bench", "comm", "--nproc", "2,4", "--impl", "library,shm,shm-inplace,deepspeed-shm",
@@ -172,11 +172,11 @@ def tables(R: dict) -> dict[str, str]:
 
 
 def render_docs(R: dict, docs: Path) -> list[str]:
-    return report.fill_marked_tables(docs, PAGES, "commexp", tables(R))
+    return records.fill_marked_tables(docs, PAGES, "commexp", tables(R))
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = report.record_tool_parser("python -m dtlab.docsgen.records.collective_runs", __doc__.splitlines()[0])
+    p = records.record_tool_parser("python -m dtlab.docsgen.records.collective_runs", __doc__.splitlines()[0])
     p.add_argument("--parts", default=",".join(PARTS),
                    help=f"measure only these of {','.join(PARTS)} and keep the rest of --json "
                         "(the record then says which part was measured when)")
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
         date = time.strftime("%Y-%m-%d")
         R = {**old, "what": "shared-memory and hierarchical all-reduce, DDP over shared memory "
                             "(python -m dtlab.docsgen.records.collective_runs)", "date": old.get("date", date),
-             "machine": report.machine(),
+             "machine": records.machine(),
              **{k: {**v, "date": date} for k, v in measure(tmp, parts).items()}}
         atomic_write_text(Path(a.json), json.dumps(R, indent=1) + "\n")
         print(f"wrote {a.json}")

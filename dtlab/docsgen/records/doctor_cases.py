@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dtlab.report import tables as report
+from dtlab.report import records
 
 NAME, SUBNET, MASTER = "doc", "10.84.0.0/24", "10.84.0.11"
 PORT = "29611"  # below the ephemeral range, so the `ports` case blocks gloo's ports only
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     finally:
         _dtlab("cluster", "down", "--name", NAME)
     out = {"what": "dtlab doctor --collective on a 3-node namespace cluster (200mbit links)",
-           "date": time.strftime("%Y-%m-%d"), "machine": report.machine(),
+           "date": time.strftime("%Y-%m-%d"), "machine": records.machine(),
            "cases": cases}
     Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
     for name, c in cases.items():

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from dtlab.measure.run_record import atomic_write_text
-from dtlab.report import tables as report
+from dtlab.report import records
 
 # (name, lab, processes, flags): what the docs quote, and nothing else
 PIPELINE = [(f"pipeline-{s}-p{p}-m{m}", "pipeline", p,
@@ -66,7 +66,7 @@ def run_one(name: str, lab: str, nproc: int, flags: list[str], work: Path) -> di
 
 
 def make_parser():
-    p = report.record_tool_parser("python -m dtlab.docsgen.records.lab_runs", __doc__.splitlines()[0])
+    p = records.record_tool_parser("python -m dtlab.docsgen.records.lab_runs", __doc__.splitlines()[0])
     p.add_argument("--work", default="runs/docs/labs", help="where the runs write")
     return p
 
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     a = make_parser().parse_args(argv)
     work = Path(a.work)
     rec = {"what": "the lab runs docs quote beyond the tour (python -m dtlab.docsgen.records.lab_runs)",
-           "date": time.strftime("%Y-%m-%d"), "machine": report.machine(), "runs": {}}
+           "date": time.strftime("%Y-%m-%d"), "machine": records.machine(), "runs": {}}
     t0 = time.perf_counter()
     for i, (name, lab, nproc, flags) in enumerate(RUNS, 1):
         print(f"[{i}/{len(RUNS)}] {name}", flush=True)

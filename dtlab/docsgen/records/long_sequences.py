@@ -32,7 +32,8 @@ from dtlab.measure.run_record import atomic_write_text
 from dtlab.errors import UsageError
 from dtlab.costmodel.activations import activation_formula_for
 from dtlab.train.model import config_from_preset
-from dtlab.report import tables as report
+from dtlab.report import pictures
+from dtlab.report import records
 
 PRESET, ROWS = "long", 8          # batch 8 sequences (the preset's)
 SEQS = (64, 128, 256, 512)
@@ -170,11 +171,11 @@ def _finish(ax, ylabel: str, title: str) -> None:
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    report.plt_agg().close(fig)
+    pictures.plt_agg().close(fig)
 
 
 def draw_recompute(rows, path: Path) -> None:
-    fig, ax = report.plt_agg().subplots(figsize=(6.4, 4.2))
+    fig, ax = pictures.plt_agg().subplots(figsize=(6.4, 4.2))
     for mode, color in (("none", "tab:red"), ("selective", "tab:orange"), ("full", "tab:green")):
         _series(ax, [r for r in rows if r["recompute"] == mode], color, mode)
     _finish(ax, "activations saved in the forward (MiB)",
@@ -183,7 +184,7 @@ def draw_recompute(rows, path: Path) -> None:
 
 
 def draw_sp(rows, path: Path) -> None:
-    fig, ax = report.plt_agg().subplots(figsize=(6.4, 4.2))
+    fig, ax = pictures.plt_agg().subplots(figsize=(6.4, 4.2))
     for sp, color in ((False, "tab:blue"), (True, "tab:purple")):
         _series(ax, [r for r in rows if r["sp"] == sp], color, "TP 2 + SP" if sp else "TP 2")
     _finish(ax, "activations per rank (MiB)",
@@ -192,7 +193,7 @@ def draw_sp(rows, path: Path) -> None:
 
 
 def draw_cp(rows, base_rows, path: Path) -> None:
-    fig, (ax, bx) = report.plt_agg().subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax, bx) = pictures.plt_agg().subplots(1, 2, figsize=(11, 4.2))
     one = [r for r in base_rows if r["recompute"] == "none"]
     series = [(1, one, "tab:red")] + [
         (w, [r for r in rows if r["cp"] == w and r["layout"] == "zigzag"], c)
@@ -315,7 +316,7 @@ PAGES = ("activation-recomputation.md", "sequence-parallel.md", "context-paralle
 
 def render_docs(R: dict, docs: Path) -> list[str]:
     """Write each table between its ``<!-- longseq:NAME -->`` markers; the pages changed."""
-    return report.fill_marked_tables(docs, PAGES, "longseq", tables(R))
+    return records.fill_marked_tables(docs, PAGES, "longseq", tables(R))
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -358,7 +359,7 @@ def main(argv=None) -> int:
     record = {"what": "activation memory for long sequences: recomputation, sequence and "
                       "context parallelism (python -m dtlab.docsgen.records.long_sequences)",
               "date": time.strftime("%Y-%m-%d"),
-              "machine": report.machine(),
+              "machine": records.machine(),
               "preset": PRESET, "rows_per_rank": ROWS, "time_steps": a.time_steps}
     record["recompute"] = recompute_rows(seqs)
     record["recompute_step_time"] = step_time_rows(256, a.time_steps)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from dtlab.measure.run_record import atomic_write_text
-from dtlab.report import tables as report
+from dtlab.report import records
 
 # (written by, resumed by): layouts as `dtlab run` flags
 RESHARD = [("zero --stage 3 --nproc 2", "zero --stage 3 --nproc 4"),
@@ -78,7 +78,7 @@ def restart(work: Path) -> dict:
     s = json.loads((case / "run/summary.json").read_text())
     last = sorted((case / "ck").glob("step-*"))[-1]
     return {"command": f"dtlab run {RESTART}", "date": time.strftime("%Y-%m-%d"),
-            "machine": report.machine(), "wall_s_with_restart": round(wall, 2),
+            "machine": records.machine(), "wall_s_with_restart": round(wall, 2),
             "exit_status": rc, "checkpoint": s["extra"]["checkpoint"],
             "max_rel_loss_diff": s["baseline"]["max_rel_loss_diff"],
             "max_abs_param_diff": s["baseline"]["max_abs_param_diff"],
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     rows = resharding(work)
     atomic_write_text(Path(a.json), json.dumps(
         {"what": "a checkpoint written at one layout, resumed at another (10 steps written, "
-                 "resumed to 20)", "machine": report.machine(), "date": time.strftime("%Y-%m-%d"),
+                 "resumed to 20)", "machine": records.machine(), "date": time.strftime("%Y-%m-%d"),
          "rows": rows}, indent=1) + "\n")
     rec = restart(work)
     atomic_write_text(Path(a.restart_json), json.dumps(rec, indent=1) + "\n")

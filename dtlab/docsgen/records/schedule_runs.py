@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from dtlab.measure.run_record import atomic_write_text
-from dtlab.report import tables as report
+from dtlab.report import records
 
 PIPELINES = [  # (schedule, ranks, micro-batches)
     ("1f1b", 2, 4), ("interleaved", 2, 4), ("1f1b", 2, 8), ("interleaved", 2, 8),
@@ -116,11 +116,11 @@ PAGES = ("pipeline.md", "expert-parallel.md")
 
 
 def render_docs(R: dict, docs: Path) -> list[str]:
-    return report.fill_marked_tables(docs, PAGES, "schedexp", tables(R))
+    return records.fill_marked_tables(docs, PAGES, "schedexp", tables(R))
 
 
 def make_parser():
-    return report.record_tool_parser("python -m dtlab.docsgen.records.schedule_runs", __doc__.splitlines()[0])
+    return records.record_tool_parser("python -m dtlab.docsgen.records.schedule_runs", __doc__.splitlines()[0])
 
 
 def main(argv=None) -> int:
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     else:
         R = {"what": "pipeline schedules after 1F1B and expert parallelism "
                      "(python -m dtlab.docsgen.records.schedule_runs)", "date": time.strftime("%Y-%m-%d"),
-             "machine": report.machine()}
+             "machine": records.machine()}
         R["pipelines"] = pipeline_rows()
         R["experts"] = expert_rows()
         atomic_write_text(Path(a.json), json.dumps(R, indent=1) + "\n")
