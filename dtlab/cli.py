@@ -107,14 +107,14 @@ def cmd_docs(args, rest) -> int:
 
 
 def cmd_exercise(args, rest) -> int:
-    from dtlab import exercises
+    from dtlab.exercises import checker as exercises
     path = exercises.write_skeleton(args.name, args.dest, args.force)
     print(f"wrote {path}: fill in the TODOs, then run\n  dtlab check {args.name} --impl {path}")
     return 0
 
 
 def cmd_check(args, rest) -> int:
-    from dtlab import exercises
+    from dtlab.exercises import checker as exercises
     impl = args.impl or exercises.get(args.name).file
     print(f"checking {impl} ({exercises.get(args.name).summary}) ...", flush=True)
     passed, lines = exercises.check(args.name, impl)

@@ -3,7 +3,7 @@ its TODO message, and a subtly wrong solution fails with what differed."""
 import pytest
 
 from conftest import ROOT, dtlab
-from dtlab import exercises
+from dtlab.exercises import checker as exercises
 
 SOLUTIONS = ROOT / "dtlab" / "exercises" / "solutions"
 NAMES = list(exercises.EXERCISES)

@@ -36,6 +36,7 @@ from dtlab.train import runtime
 from dtlab.measure.comm_counter import RING_FACTORS
 from dtlab.errors import UsageError, fail
 from dtlab.report.pictures import plt_agg
+from dtlab.costmodel.fitting import fit_line_relative
 
 # nccl-tests' bus factors are the ring model's bytes per rank, except broadcast: there the bus
 # bandwidth is the algorithm bandwidth (factor 1), the rate at which the message leaves the root.
@@ -242,14 +243,9 @@ def fit_alpha_beta(rows: list[dict]) -> list[dict]:
     for (op, impl, world), rs in sorted(groups.items()):
         if len(rs) < 2:
             continue
-        x = torch.tensor([r["bytes"] for r in rs], dtype=torch.float64)
-        y = torch.tensor([r["time_s_median"] for r in rs], dtype=torch.float64)
-        # relative errors, so the microsecond calls count as much as the 64 MiB ones
-        a = torch.stack([torch.ones_like(x), x], dim=1) / y.unsqueeze(1)
-        fit = torch.linalg.lstsq(a, torch.ones_like(y).unsqueeze(1)).solution[:, 0]
-        alpha, inv_beta = float(fit[0]), float(fit[1])
-        pred = alpha + inv_beta * x
-        rel = float(((pred - y).abs() / y).max())
+        x, y = [r["bytes"] for r in rs], [r["time_s_median"] for r in rs]
+        alpha, inv_beta = fit_line_relative(x, y)
+        rel = max(abs(alpha + inv_beta * xi - yi) / yi for xi, yi in zip(x, y))
         fits.append({"op": op, "impl": impl, "world_size": world, "alpha_s": alpha,
                      "beta_GBps": (1 / inv_beta / 1e9) if inv_beta > 0 else None,
                      "busbw_limit_GBps": (1 / inv_beta / 1e9 * BUS_FACTOR[op](world))

@@ -34,6 +34,7 @@ import warnings
 from pathlib import Path
 
 from dtlab.errors import UsageError
+from dtlab.costmodel.fitting import fit_line_relative
 
 PIECES = ("block_fb", "block_f", "embed_fb", "head_fb")
 COMM_SIZES = "4KiB,64KiB,512KiB,2MiB,4MiB"
@@ -73,13 +74,9 @@ def _median_time(fn, reps: int) -> float:
 
 
 def _fit(xs: list[float], ys: list[float]) -> list[float]:
-    """Least squares a + c x, relative errors (short calls count as much as long ones)."""
-    import torch
-    x = torch.tensor(xs, dtype=torch.float64)
-    y = torch.tensor(ys, dtype=torch.float64)
-    a = torch.stack([torch.ones_like(x), x], dim=1) / y.unsqueeze(1)
-    sol = torch.linalg.lstsq(a, torch.ones_like(y).unsqueeze(1)).solution[:, 0]
-    return [max(float(sol[0]), 0.0), max(float(sol[1]), 0.0)]
+    """a + c x, neither negative (a piece's fixed cost and its cost a row)."""
+    a, c = fit_line_relative(xs, ys)
+    return [max(a, 0.0), max(c, 0.0)]
 
 
 def measure_compute(cfg, rows: list[int], tps: list[int], threads: int, reps: int) -> dict:

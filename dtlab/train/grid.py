@@ -167,37 +167,31 @@ class Grid:
         timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
         if not (dist.is_available() and dist.is_initialized()) or self.world == 1:
             return self
-        d, p, t = self.coords
-        c = self.c
-        tp_group = dp_group = cp_group = dp_cp_group = None
-        for dd in range(self.dp if self.tp > 1 else 0):  # a group of one rank is never used
-            for pp in range(self.pp):
-                for cc in range(self.cp):
-                    g = dist.new_group(self.tp_ranks(dd, pp, cc), timeout=timeout)
-                    if (dd, pp, cc) == (d, p, c):
-                        tp_group = g
-        for pp in range(self.pp if self.dp > 1 else 0):
-            for tt in range(self.tp):
-                for cc in range(self.cp):
-                    g = dist.new_group(self.dp_ranks(pp, tt, cc), timeout=timeout)
-                    if (pp, tt, cc) == (p, t, c):
-                        dp_group = g
-        for dd in range(self.dp if self.cp > 1 else 0):
-            for pp in range(self.pp):
-                for tt in range(self.tp):
-                    g = dist.new_group(self.cp_ranks(dd, pp, tt), timeout=timeout)
-                    if (dd, pp, tt) == (d, p, t):
-                        cp_group = g
-        dp_cp_group = dp_group
-        for pp in range(self.pp if self.dp > 1 and self.cp > 1 else 0):
-            for tt in range(self.tp):
-                g = dist.new_group(self.dp_cp_ranks(pp, tt), timeout=timeout)
-                if (pp, tt) == (p, t):
-                    dp_cp_group = g
-        if self.cp > 1 and self.dp == 1:
-            dp_cp_group = cp_group
+        tp_group, dp_group, cp_group = (self._new_groups(a, timeout) for a in "tdc")
+        dp_cp_group = self._new_groups("dc", timeout) if self.dp > 1 and self.cp > 1 else \
+            (dp_group if dp_group is not None else cp_group)
         return replace(self, tp_group=tp_group, dp_group=dp_group, cp_group=cp_group,
                        dp_cp_group=dp_cp_group)
+
+    def _new_groups(self, vary: str, timeout):
+        """Every group of the ranks whose coordinates differ only in ``vary`` (letters of
+        "dpct"), created in one order on every rank; the group holding this rank. None where
+        such groups would hold one rank (they are never used)."""
+        import torch.distributed as dist
+        sizes = {"d": self.dp, "p": self.pp, "c": self.cp, "t": self.tp}
+        if all(sizes[a] == 1 for a in vary):
+            return None
+        members: dict[tuple, list[int]] = {}
+        for r in range(self.world):
+            g = self.at(r)
+            where = dict(zip("dpt", g.coords), c=g.c)
+            members.setdefault(tuple(where[a] for a in "dpct" if a not in vary), []).append(r)
+        mine = None
+        for key in sorted(members):
+            group = dist.new_group(members[key], timeout=timeout)
+            if self.rank in members[key]:
+                mine = group
+        return mine
 
     def describe(self) -> dict:
         return {"dp": self.dp, "pp": self.pp, "tp": self.tp, "cp": self.cp, "order": self.order}
