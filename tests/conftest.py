@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -36,20 +37,52 @@ def run_lab(lab, nproc, out: Path, *extra, timeout=300):
     return p, (json.loads(f.read_text()) if f.is_file() else None)
 
 
+# What the root tests need is brought up by these session fixtures, once, when a test asks for
+# it: `make test` on a fresh machine as root installs and starts it (Debian packages included)
+# and stops what it started at the end; what .ci/run (or a person) brought up first is reused
+# as it is and left up.
+
 @pytest.fixture(scope="session")
 def main_cluster():
-    """The namespace cluster n1, n2 with Slurm (slurm/local/up.sh; .ci/run brings it up). Run as
-    root, the tests bring it up themselves when it is not, and stop it at the end."""
+    """The namespace cluster n1, n2 with Slurm (slurm/local/up.sh, which also installs slurm,
+    munge, openssh-server and nftables; .ci/run brings it up). Run as root, the tests bring it
+    up themselves when it is not, and stop it at the end."""
     if os.path.exists("/run/dtlab-cluster/main/cluster.json"):
         yield
         return
     if os.geteuid() != 0:
         pytest.skip("needs the namespace cluster: sudo slurm/local/up.sh")
     p = subprocess.run([str(ROOT / "slurm/local/up.sh")], capture_output=True, text=True,
-                       timeout=300)
+                       timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     yield
     subprocess.run([str(ROOT / "slurm/local/down.sh")], capture_output=True, timeout=120)
+
+
+def _ssh_hosts_answer() -> bool:
+    if shutil.which("ssh") is None:
+        return False
+    return subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=3", "dthost1",
+                           "true"], capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def ssh_hosts():
+    """The ssh test hosts dthost1, dthost2 and pdsh (tests/hosts/up.sh, which installs
+    openssh-server and pdsh; .ci/run brings them up). Run as root, the tests bring them up when
+    they are not (or install pdsh when only it is missing), and stop the sshd they started."""
+    answer = _ssh_hosts_answer()
+    if answer and shutil.which("pdsh"):
+        yield
+        return
+    if os.geteuid() != 0:
+        pytest.skip("needs the ssh test hosts and pdsh: sudo tests/hosts/up.sh")
+    p = subprocess.run([str(ROOT / "tests/hosts/up.sh")], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    yield
+    if not answer:  # an sshd that was up before is not ours to stop
+        subprocess.run([str(ROOT / "tests/hosts/down.sh")], capture_output=True, timeout=60)
 
 
 def chromium_or_skip(what: str) -> str:

@@ -24,6 +24,16 @@ def root_or_skip():
         pytest.skip("the namespace cluster needs root: sudo slurm/local/up.sh")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _services(request):
+    """Run as root, every test here needs what the main cluster's bring-up installs (sshd, nft;
+    and its subnet taken, for the bad-input check) and pdsh (DeepSpeed's launcher in the
+    doctor's collective job): the session fixtures bring both up, or reuse .ci/run's."""
+    if os.geteuid() == 0:
+        request.getfixturevalue("main_cluster")
+        request.getfixturevalue("ssh_hosts")
+
+
 def traces() -> dict:
     """Everything of the `tst` cluster the machine could keep: namespaces, links, qdiscs,
     /etc/hosts lines, mounts, daemons, state."""

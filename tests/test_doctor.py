@@ -144,22 +144,9 @@ def test_missing_hostfile_is_an_error_here_not_silence(tmp_path):
 
 
 # ---- against real ssh hosts
-@pytest.fixture(scope="module")
-def hosts():
-    ok = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=3", "dthost1",
-                         "true"], capture_output=True).returncode == 0 if \
-        subprocess.run(["which", "ssh"], capture_output=True).returncode == 0 else False
-    started = False
-    if not ok:
-        if os.geteuid() != 0:
-            pytest.skip("needs the ssh test hosts: sudo tests/hosts/up.sh")
-        p = subprocess.run([str(ROOT / "tests/hosts/up.sh")], capture_output=True, text=True,
-                           timeout=300)
-        assert p.returncode == 0, p.stdout + p.stderr
-        started = True
-    yield
-    if started:  # what the tests started, they stop
-        subprocess.run([str(ROOT / "tests/hosts/down.sh")], capture_output=True, timeout=60)
+@pytest.fixture
+def hosts(ssh_hosts):
+    """dthost1, dthost2 over ssh, and pdsh (conftest.ssh_hosts: brought up once a session)."""
 
 
 def doctor(tmp_path, hostfile_text, *args, env=None, cwd=None):
@@ -240,7 +227,7 @@ def _ds_launch(hostfile, out, port):
 
 @pytest.mark.deepspeed
 @pytest.mark.cluster
-def test_what_doctor_passes_launches_across_two_hosts(main_cluster, tmp_path):
+def test_what_doctor_passes_launches_across_two_hosts(main_cluster, ssh_hosts, tmp_path):
     """On the namespace cluster (two nodes with their own addresses and sshd): what the doctor
     passes, DeepSpeed's launcher runs over pdsh and ssh, one rank inside each node, equal to the
     baseline."""
