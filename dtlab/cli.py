@@ -11,8 +11,8 @@
     dtlab memory --params 7e9 [--nodes N --gpus-per-node G] [--zero 0|1|2|3] [--offload ...]
     dtlab exercise NAME [--dest DIR]   /   dtlab check NAME [--impl FILE]
 
-Nothing here plans, runs or renders: each command is one call into dtlab/tools (or the
-exercises). Bad input is one line on stderr and exit status 2.
+Nothing here plans, runs or renders: each command is one call into its family's folder (dtlab/launch,
+report, bench, doctor, plan, cluster, docsgen, exercises). Bad input is one line on stderr and exit status 2.
 """
 from __future__ import annotations
 

@@ -69,9 +69,9 @@ def test_quoted_command_parses(doc, cmd):
         assert "-m" in words or "--module" in words, cmd
         flag = "-m" if "-m" in words else "--module"
         module = words[words.index(flag) + 1]
-        assert module.startswith(("labs.", "dtlab.tools.")), cmd
+        assert module.startswith(("labs.", "dtlab.")), cmd
         rest = words[words.index(flag) + 2:]
-        if module.startswith("dtlab.tools."):
+        if module.startswith("dtlab."):
             importlib.import_module(module).make_parser().parse_args(rest)
         else:
             lab_args_parse(module.split(".", 1)[1], rest)

@@ -6,7 +6,7 @@
 - ``shm``:   shared-memory buffers for ranks on one host
 
 Each takes a tensor (summed in place over the default process group) and an optional
-``CommCounter``; they import nothing of dtlab but ``dtlab.core``.
+``CommCounter``; they import nothing of dtlab but the training runtime and the counter.
 """
 from dtlab.collectives.naive import naive_all_reduce
 from dtlab.collectives.ring import ring_all_reduce

@@ -162,9 +162,7 @@ def layer_edges(edges: dict[str, set[str]]) -> Counter:
 def _short(module: str) -> str:
     """A module's name inside its layer's box: without the package prefix; the exercise
     skeletons and solutions collapse into one entry each."""
-    for prefix in ("dtlab.exercises.", "dtlab.collectives.", "dtlab.cluster.", "dtlab.core.",
-                   "dtlab.tools.",
-                   "labs.", "dtlab."):
+    for prefix in ("dtlab.exercises.", "labs.library.", "labs.", "dtlab."):
         if module.startswith(prefix):
             module = module[len(prefix):]
             break
@@ -182,25 +180,28 @@ def draw(edges: dict[str, set[str]], path: Path) -> Path:
         name = _short(m)
         if name not in members[layer(m)]:
             members[layer(m)].append(name)
-    pos = {"core": (0.50, 0.08), "registry": (0.80, 0.31), "collectives": (0.22, 0.31),
-           "cluster": (0.52, 0.31),
-           "labs": (0.36, 0.54), "lab variant": (0.82, 0.54), "exercises": (0.20, 0.77),
-           "tools": (0.66, 0.77), "cli": (0.45, 0.95)}
-    width = {"core": 0.62, "labs": 0.50, "tools": 0.46, "collectives": 0.26, "exercises": 0.30,
-             "cluster": 0.22,
-             "registry": 0.22, "lab variant": 0.26, "cli": 0.26}
-    colours = {"core": "#dbe9f6", "registry": "#eeeeee", "collectives": "#dff0d8",
-               "cluster": "#d8f0ec",
-               "labs": "#fcf3cf", "lab variant": "#fdebd0", "exercises": "#f5e1f7",
-               "tools": "#e8e0f5", "cli": "#f2dede"}
-    fig, ax = plt.subplots(figsize=(12, 10))
+    pos = {"base": (0.14, 0.05), "costmodel": (0.45, 0.05), "cluster": (0.82, 0.05),
+           "measure": (0.30, 0.19), "train": (0.30, 0.33),
+           "reliability": (0.13, 0.48), "collectives": (0.43, 0.48), "harness": (0.70, 0.48),
+           "labs": (0.30, 0.63), "library": (0.72, 0.63),
+           "exercises": (0.16, 0.79), "commands": (0.62, 0.79),
+           "docsgen": (0.35, 0.94), "cli": (0.80, 0.94)}
+    width = {"base": 0.22, "costmodel": 0.34, "cluster": 0.22, "measure": 0.50, "train": 0.56,
+             "reliability": 0.24, "collectives": 0.30, "harness": 0.18, "labs": 0.56,
+             "library": 0.24, "exercises": 0.26, "commands": 0.66, "docsgen": 0.62, "cli": 0.22}
+    colours = {"base": "#eeeeee", "costmodel": "#e3f2e1", "cluster": "#d8f0ec",
+               "measure": "#dbe9f6", "train": "#cfe0f3", "reliability": "#f6e0db",
+               "collectives": "#dff0d8", "harness": "#e6e6fa", "labs": "#fcf3cf",
+               "library": "#fdebd0", "exercises": "#f5e1f7", "commands": "#e8e0f5",
+               "docsgen": "#f0f0d8", "cli": "#f2dede"}
+    fig, ax = plt.subplots(figsize=(14, 11))
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.02, 1.04)
     ax.axis("off")
     boxes = {}
     for name, (x, y) in pos.items():
         mods, w = members.get(name, []), width[name]
-        per_line = max(8, int(w * 120))  # characters of module names a line holds
+        per_line = max(8, int(w * 150))  # characters of module names a line holds
         lines, line = [], ""
         for m in mods:
             if line and len(line) + len(m) + 2 > per_line:
@@ -208,7 +209,7 @@ def draw(edges: dict[str, set[str]], path: Path) -> Path:
                 line = ""
             line = f"{line}, {m}" if line else m
         lines.append(line)
-        h = 0.055 + 0.02 * len(lines)
+        h = 0.045 + 0.015 * len(lines)
         boxes[name] = (x, y, w, h)
         ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.008",
                                     fc=colours[name], ec="#555555", zorder=2))
