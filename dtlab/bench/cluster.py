@@ -25,7 +25,7 @@ from pathlib import Path
 from dtlab.cluster.netns import Cluster, rate_bits
 from dtlab.errors import UsageError
 from dtlab.measure.run_record import atomic_write_text
-from dtlab.report.pictures import plt_agg
+from dtlab.plotting import plt_agg
 
 RATES = "100mbit,1gbit,10gbit,unshaped"
 TRAIN_RATES = "1gbit,100mbit"

@@ -35,7 +35,7 @@ from dtlab.collectives.shm import shm_all_reduce, shm_tensor
 from dtlab.train import runtime
 from dtlab.measure.comm_counter import RING_FACTORS
 from dtlab.errors import UsageError, fail
-from dtlab.report.pictures import plt_agg
+from dtlab.plotting import plt_agg
 from dtlab.costmodel.fitting import fit_line_relative
 
 # nccl-tests' bus factors are the ring model's bytes per rank, except broadcast: there the bus

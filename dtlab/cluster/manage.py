@@ -6,6 +6,7 @@ import subprocess
 
 from dtlab.cluster import netns, slurm
 from dtlab.cluster.netns import Cluster, ClusterError
+from dtlab.plotting import plt_agg
 
 
 def parse_assignment(text: str, flag: str) -> tuple[str, str]:
@@ -61,3 +62,40 @@ def print_status(name: str, as_json: bool) -> int:
         cores = f" cores {','.join(map(str, n['cores']))}" if n["cores"] else ""
         print(f"  {n['node']:<6} {n['address']:<15} {n['ifname']:<8}{cores}  {flags}")
     return 0
+
+
+def draw(name: str, path: str) -> str:
+    """The cluster as it is: the bridge in the root namespace (the controller's address), every
+    node with its address, interface and daemons, every link with its rate. Drawn from
+    ``dtlab cluster status``, not by hand."""
+    plt = plt_agg()
+    s = netns.status(name)
+    from matplotlib.patches import FancyBboxPatch
+    nodes = s["nodes"]
+    fig, ax = plt.subplots(figsize=(max(7, 2.6 * len(nodes)), 4.6))
+    ax.set_xlim(0, len(nodes))
+    ax.set_ylim(0, 1)
+    ax.axis("off")
+    ax.add_patch(FancyBboxPatch((0.1, 0.78), len(nodes) - 0.2, 0.14, boxstyle="round,pad=0.01",
+                                fc="#eeeeee", ec="#555555"))
+    ax.text(len(nodes) / 2, 0.85, f"root namespace: bridge {s['bridge']}"
+            + ("; slurmctld" if s["slurm"] else "") + "; no route out of the subnet "
+            f"{s['subnet']}", ha="center", va="center", fontsize=9)
+    for i, n in enumerate(nodes):
+        x = i + 0.5
+        ax.plot([x, x], [0.55, 0.78], color="#4c78a8", lw=3)
+        ax.text(x + 0.04, 0.665, f"veth, tbf {s['rate']}\nboth directions", fontsize=7.5,
+                va="center")
+        ax.add_patch(FancyBboxPatch((x - 0.42, 0.08), 0.84, 0.47, boxstyle="round,pad=0.01",
+                                    fc="#dbe9f6", ec="#555555"))
+        daemons = "sshd" + (" + slurmd" if s["slurm"] else "")
+        cores = f"\ncores {','.join(map(str, n['cores']))}" if n["cores"] else ""
+        ax.text(x, 0.31, f"node {n['node']}\nnetwork + UTS namespace\n{n['ifname']} "
+                f"{n['address']}\nlo (ranks of this node){cores}\n{daemons}", ha="center",
+                va="center", fontsize=8.5)
+    ax.set_title(f"dtlab cluster {s['name']}: {len(nodes)} nodes on one machine (drawn from "
+                 "`dtlab cluster status`)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

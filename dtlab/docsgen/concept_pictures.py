@@ -15,7 +15,7 @@ from dtlab.collectives.ring import chunk_sizes, schedule
 from dtlab.costmodel.shapes import zero_states
 from dtlab.train.grid import Grid
 from dtlab.train.model import preset_shape
-from dtlab.report.pictures import plt_agg
+from dtlab.plotting import plt_agg
 
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 

@@ -7,7 +7,8 @@ and drawn.
 Layers, from the bottom; each may import only what its row allows (and the standard library and
 third-party packages):
 
-    base         dtlab.errors, dtlab.registry     nothing of dtlab (standard library only)
+    base         dtlab.errors, dtlab.registry,    nothing of dtlab (standard library only;
+                 dtlab.plotting                   plotting sets matplotlib up on first use)
     costmodel    dtlab.costmodel.*                base (and no torch)
     measure      dtlab.measure.*                  base, costmodel
     train        dtlab.train.*                    base, costmodel, measure
@@ -33,7 +34,7 @@ import ast
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
-from dtlab.report.pictures import plt_agg
+from dtlab.plotting import plt_agg
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("dtlab", "labs")
@@ -64,7 +65,7 @@ def layer(module: str) -> str:
         return "library"
     if module == "labs" or module.startswith("labs."):
         return "labs"
-    if module in ("dtlab.errors", "dtlab.registry"):
+    if module in ("dtlab.errors", "dtlab.registry", "dtlab.plotting"):
         return "base"
     if module == "dtlab.harness":
         return "harness"

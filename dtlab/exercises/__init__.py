@@ -4,3 +4,34 @@
     dtlab exercise ring_allreduce --dest my/       # writes my/ring_allreduce.py
     dtlab check ring_allreduce --impl my/ring_allreduce.py
 """
+from __future__ import annotations
+
+
+def cmd_exercise(args, rest) -> int:
+    from dtlab.exercises import checker
+    path = checker.write_skeleton(args.name, args.dest, args.force)
+    print(f"wrote {path}: fill in the TODOs, then run\n  dtlab check {args.name} --impl {path}")
+    return 0
+
+
+def cmd_check(args, rest) -> int:
+    from dtlab.exercises import checker  # torch: the checks run the learner's code
+    impl = args.impl or checker.get(args.name).file
+    print(f"checking {impl} ({checker.get(args.name).summary}) ...", flush=True)
+    passed, lines = checker.check(args.name, impl)
+    print("\n".join(lines))
+    print("PASS" if passed else "FAIL: see above for what differed")
+    return 0 if passed else 1
+
+
+def add_commands(sub) -> None:
+    ex = sub.add_parser("exercise", help="write an exercise skeleton (TODOs and hints) to fill in")
+    ex.add_argument("name", help="ring_allreduce, loss_scaler, tensor_parallel, 1f1b, zero1 or "
+                    "ring_attention")
+    ex.add_argument("--dest", default=".", help="folder to write it into (default: here)")
+    ex.add_argument("--force", action="store_true", help="overwrite an existing file")
+    ex.set_defaults(func=cmd_exercise)
+    ck = sub.add_parser("check", help="grade an exercise: run it through its lab's verification")
+    ck.add_argument("name", help="the exercise (see dtlab exercise)")
+    ck.add_argument("--impl", default=None, help="your file (default: ./<exercise file>)")
+    ck.set_defaults(func=cmd_check)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from dtlab.errors import UsageError
-from dtlab.report.pictures import plt_agg
+from dtlab.plotting import plt_agg
 
 # (preset, nproc per node, layout fields) on this machine
 HOST_SET = [

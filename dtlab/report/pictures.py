@@ -1,5 +1,5 @@
-"""Pictures of run records, the one place matplotlib is set up (file-only Agg backend): the
-tour's loss, memory and communication pictures, and each run's own pictures drawn from its record
+"""Pictures of run records (matplotlib through dtlab/plotting.py): the tour's loss, memory and
+communication pictures, and each run's own pictures drawn from its record
 (``draw_run_pictures``): the labs record what they did and draw nothing themselves.
 
     python -m dtlab.report.pictures RUN_DIR      # the pictures of a run started by hand
@@ -9,16 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from dtlab.plotting import plt_agg
 from dtlab.report.tables import _floats, run_label
-
-
-def plt_agg():
-    """matplotlib.pyplot on the file-only Agg backend (imported on first use: slow to import,
-    and the CLI must build without it)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 LINES = ("-", "--", ":", "-.")
@@ -127,42 +119,6 @@ def plot_comm(summaries: list[dict], path: Path) -> Path:
     return path
 
 
-def draw_cluster(s: dict, path: str) -> str:
-    """The cluster as it is (``s``: ``dtlab cluster status``'s record): the bridge in the root
-    namespace (the controller's address), every node with its address, interface and daemons,
-    every link with its rate. Drawn from the status, not by hand."""
-    plt = plt_agg()
-    from matplotlib.patches import FancyBboxPatch
-    nodes = s["nodes"]
-    fig, ax = plt.subplots(figsize=(max(7, 2.6 * len(nodes)), 4.6))
-    ax.set_xlim(0, len(nodes))
-    ax.set_ylim(0, 1)
-    ax.axis("off")
-    ax.add_patch(FancyBboxPatch((0.1, 0.78), len(nodes) - 0.2, 0.14, boxstyle="round,pad=0.01",
-                                fc="#eeeeee", ec="#555555"))
-    ax.text(len(nodes) / 2, 0.85, f"root namespace: bridge {s['bridge']}"
-            + ("; slurmctld" if s["slurm"] else "") + "; no route out of the subnet "
-            f"{s['subnet']}", ha="center", va="center", fontsize=9)
-    for i, n in enumerate(nodes):
-        x = i + 0.5
-        ax.plot([x, x], [0.55, 0.78], color="#4c78a8", lw=3)
-        ax.text(x + 0.04, 0.665, f"veth, tbf {s['rate']}\nboth directions", fontsize=7.5,
-                va="center")
-        ax.add_patch(FancyBboxPatch((x - 0.42, 0.08), 0.84, 0.47, boxstyle="round,pad=0.01",
-                                    fc="#dbe9f6", ec="#555555"))
-        daemons = "sshd" + (" + slurmd" if s["slurm"] else "")
-        cores = f"\ncores {','.join(map(str, n['cores']))}" if n["cores"] else ""
-        ax.text(x, 0.31, f"node {n['node']}\nnetwork + UTS namespace\n{n['ifname']} "
-                f"{n['address']}\nlo (ranks of this node){cores}\n{daemons}", ha="center",
-                va="center", fontsize=8.5)
-    ax.set_title(f"dtlab cluster {s['name']}: {len(nodes)} nodes on one machine (drawn from "
-                 "`dtlab cluster status`)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def draw_loss_scale(summary: dict, out: Path) -> Path | None:
     """loss_scale.png: the dynamic loss scale per step, skipped steps marked (amp's runs)."""
     extra = summary.get("extra", {})
@@ -186,9 +142,33 @@ def draw_loss_scale(summary: dict, out: Path) -> Path | None:
     return Path(out) / "loss_scale.png"
 
 
+def draw_experts(summary: dict, out: Path) -> Path | None:
+    """experts.png (expert_parallel's runs): the token assignments each expert received, per
+    MoE layer, over the steps (``extra.tokens_per_expert``: [step][layer][expert])."""
+    tokens = summary.get("extra", {}).get("tokens_per_expert")
+    if not tokens:
+        return None
+    plt = plt_agg()
+    layers = len(tokens[0])
+    fig, axes = plt.subplots(1, layers, figsize=(4.2 * layers, 3.4), sharey=True, squeeze=False)
+    for li, ax in enumerate(axes[0]):
+        per_step = [step[li] for step in tokens]
+        for e in range(len(per_step[0])):
+            ax.plot([s[e] for s in per_step], marker="o", ms=3, label=f"expert {e}")
+        ax.set(title=f"block {li}", xlabel="step")
+    axes[0][0].set_ylabel("token assignments received")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{summary.get('variant', '')}: tokens per expert (the router's balance)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(Path(out) / "experts.png", dpi=110)
+    plt.close(fig)
+    return Path(out) / "experts.png"
+
+
 # a run's own pictures, drawn from its record: each drawer returns the PNG it wrote, or None when
 # the record holds nothing for it
-RUN_PICTURES = (draw_loss_scale,)
+RUN_PICTURES = (draw_loss_scale, draw_experts)
 
 
 def draw_run_pictures(out: str | Path) -> list[Path]:
@@ -199,8 +179,16 @@ def draw_run_pictures(out: str | Path) -> list[Path]:
     return [p for draw in RUN_PICTURES if (p := draw(summary, out)) is not None]
 
 
+def make_parser():
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m dtlab.report.pictures",
+                                description="draw a run's pictures from its record")
+    p.add_argument("run_dir", nargs="+", help="a run's --out folder (holding summary.json)")
+    return p
+
+
 def main(argv=None) -> int:
-    for folder in (argv if argv is not None else sys.argv[1:]):
+    for folder in make_parser().parse_args(argv).run_dir:
         for path in draw_run_pictures(folder):
             print(f"picture: {path}")
     return 0

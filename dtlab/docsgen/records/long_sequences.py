@@ -14,7 +14,7 @@ saved (the memory meter) beside the formula (``activation_formula`` in dtlab/cos
   contiguous and the zig-zag layout.
 Pictures: activation-recomputation.png, sequence-parallel.png, context-parallel.png (the labs'
 measurements) and ring-attention-{contiguous,zigzag}.png (the ring's steps in each layout, the
-``ring.png`` labs/context_parallel.py draws from its own layout functions).
+``ring.png`` dtlab/report/pictures.py draws in the run folder from the blocks it recorded).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from dtlab.measure.run_record import atomic_write_text
 from dtlab.errors import UsageError
 from dtlab.costmodel.activations import activation_formula_for
 from dtlab.train.model import config_from_preset
-from dtlab.report import pictures
+from dtlab.plotting import plt_agg
 from dtlab.report import records
 
 PRESET, ROWS = "long", 8          # batch 8 sequences (the preset's)
@@ -171,11 +171,11 @@ def _finish(ax, ylabel: str, title: str) -> None:
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    pictures.plt_agg().close(fig)
+    plt_agg().close(fig)
 
 
 def draw_recompute(rows, path: Path) -> None:
-    fig, ax = pictures.plt_agg().subplots(figsize=(6.4, 4.2))
+    fig, ax = plt_agg().subplots(figsize=(6.4, 4.2))
     for mode, color in (("none", "tab:red"), ("selective", "tab:orange"), ("full", "tab:green")):
         _series(ax, [r for r in rows if r["recompute"] == mode], color, mode)
     _finish(ax, "activations saved in the forward (MiB)",
@@ -184,7 +184,7 @@ def draw_recompute(rows, path: Path) -> None:
 
 
 def draw_sp(rows, path: Path) -> None:
-    fig, ax = pictures.plt_agg().subplots(figsize=(6.4, 4.2))
+    fig, ax = plt_agg().subplots(figsize=(6.4, 4.2))
     for sp, color in ((False, "tab:blue"), (True, "tab:purple")):
         _series(ax, [r for r in rows if r["sp"] == sp], color, "TP 2 + SP" if sp else "TP 2")
     _finish(ax, "activations per rank (MiB)",
@@ -193,7 +193,7 @@ def draw_sp(rows, path: Path) -> None:
 
 
 def draw_cp(rows, base_rows, path: Path) -> None:
-    fig, (ax, bx) = pictures.plt_agg().subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax, bx) = plt_agg().subplots(1, 2, figsize=(11, 4.2))
     one = [r for r in base_rows if r["recompute"] == "none"]
     series = [(1, one, "tab:red")] + [
         (w, [r for r in rows if r["cp"] == w and r["layout"] == "zigzag"], c)
@@ -374,7 +374,7 @@ def main(argv=None) -> int:
         draw_recompute(record["recompute"], img / "activation-recomputation.png")
         draw_sp(record["sequence_parallel"], img / "sequence-parallel.png")
         draw_cp(record["context_parallel"], record["recompute"], img / "context-parallel.png")
-        for layout, png in rings.items():  # drawn by the lab from its own layout functions
+        for layout, png in rings.items():  # drawn after the run from the blocks it recorded
             shutil.copyfile(png, img / f"ring-attention-{layout}.png")
         print(f"drew {3 + len(rings)} pictures in {img}")
     if a.docs:
