@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from rich.table import Table
 
 from dtlab.collectives import ALGORITHMS
 from dtlab.collectives.hier import hier_all_reduce
@@ -37,6 +38,9 @@ from dtlab.measure.comm_counter import RING_FACTORS
 from dtlab.errors import UsageError, fail
 from dtlab.plotting import plt_agg
 from dtlab.costmodel.fitting import fit_line_relative
+from dtlab.launch.launcher import Placement, torchrun
+from dtlab.measure.run_record import atomic_write_text
+from dtlab.report.tables import console, human_bytes
 
 # nccl-tests' bus factors are the ring model's bytes per rank, except broadcast: there the bus
 # bandwidth is the algorithm bandwidth (factor 1), the rate at which the message leaves the root.
@@ -94,7 +98,7 @@ def _inputs(op: str, numel: int, world: int, rank: int):
 def _call(op: str, impl: str, x: torch.Tensor, out: torch.Tensor | None,
           shm_dir: str | None = None) -> torch.Tensor:
     if impl == "deepspeed-shm":
-        import deepspeed.comm as dscomm
+        import deepspeed.comm as dscomm  # deepspeed: optional (the deepspeed extra)
         dscomm.inference_all_reduce(x)
         return x
     if impl in ("shm", "shm-inplace"):
@@ -200,7 +204,7 @@ def main(argv=None) -> int:
         # not); without it the op crashed with SIGSEGV on its first all-reduce here.
         os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
         try:
-            import deepspeed
+            import deepspeed  # deepspeed: optional (the deepspeed extra)
         except ImportError:
             fail("--impl deepspeed-shm needs DeepSpeed: pip install -e '.[deepspeed]'")
         deepspeed.init_distributed(dist_backend="gloo")  # builds the shm_comm op on first use
@@ -294,7 +298,6 @@ def bench_comm(nproc: str, json_path: str, rest: list[str], nnodes: int = 1,
     """``dtlab bench comm``: one torchrun per world size (``nproc`` per node, on ``nnodes``
     nodes of the namespace cluster when more than one), rows merged into one JSON record with
     the ratio to the library and the alpha-beta fits, a table and a picture."""
-    from dtlab.launch.launcher import Placement, torchrun
     validate(make_parser().parse_args(rest))
     if nnodes < 1:
         raise BenchError(f"--nnodes must be >= 1, got {nnodes}")
@@ -316,7 +319,6 @@ def bench_comm(nproc: str, json_path: str, rest: list[str], nnodes: int = 1,
     for r in rows:
         base = lib.get((r["op"], r["world_size"], r["bytes"]))
         r["busbw_vs_library"] = r["busbw_GBps"] / base if base else None
-    from dtlab.measure.run_record import atomic_write_text
     fits = fit_alpha_beta(rows)
     png = plot_busbw(rows, out.with_suffix(".png"))
     atomic_write_text(out, json.dumps({"rows": rows, "alpha_beta": fits, "plot": str(png)},
@@ -327,9 +329,6 @@ def bench_comm(nproc: str, json_path: str, rest: list[str], nnodes: int = 1,
 
 
 def print_tables(rows: list[dict], fits: list[dict]) -> None:
-    from rich.table import Table
-
-    from dtlab.report.tables import console, human_bytes
     t = Table(title="dtlab bench comm (busbw = algbw x nccl-tests factor)")
     for c in ("op", "impl", "world", "size", "time ms (median)", "spread ms", "algbw GB/s",
               "busbw GB/s", "vs library", "ok"):

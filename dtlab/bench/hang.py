@@ -27,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+from dtlab.cluster.netns import Cluster, set_link
 from dtlab.errors import UsageError
 from dtlab.measure.run_record import atomic_write_text
 from dtlab.report import tables as report
@@ -61,7 +62,6 @@ def one_run(fault: str, out: Path, timeout_s: float, cluster: str) -> dict:
     try:
         while proc.poll() is None and time.time() < deadline:
             if fault == "link" and not pulled and any("step    1 " in ln for _, ln in lines):
-                from dtlab.cluster.netns import set_link
                 t_fault = time.time()
                 set_link(cluster, _node_name(cluster, 2), "down")
                 pulled = True
@@ -72,7 +72,6 @@ def one_run(fault: str, out: Path, timeout_s: float, cluster: str) -> dict:
         reader.join(timeout=10)
     finally:
         if pulled:
-            from dtlab.cluster.netns import set_link
             set_link(cluster, _node_name(cluster, 2), "up")
     if fault != "link":
         t_fault = next((t for t, ln in lines if "injected" in ln), None)
@@ -84,7 +83,6 @@ def one_run(fault: str, out: Path, timeout_s: float, cluster: str) -> dict:
 
 
 def _node_name(cluster: str, i: int) -> str:
-    from dtlab.cluster.netns import Cluster
     return Cluster.load(cluster).node_name(i)
 
 
@@ -122,7 +120,6 @@ def run(json_path: str, runs: int, faults: str, timeout_s: float, cluster: str,
     if not 1 <= timeout_s <= 120:
         raise UsageError(f"--timeout {timeout_s:g}: give 1..120 seconds")
     if "link" in chosen:
-        from dtlab.cluster.netns import Cluster
         Cluster.load(cluster)  # a clear error when it is not up
     record = {"what": "desync report against injected faults (dtlab bench hang)",
               "command": f"dtlab bench hang --runs {runs} --faults {','.join(chosen)} "

@@ -2,6 +2,7 @@
 them when asked (slurm.py)."""
 from __future__ import annotations
 
+import json
 import subprocess
 
 from dtlab.cluster import netns, slurm
@@ -47,7 +48,6 @@ def exec_in(name: str, node: str, argv: list[str]) -> int:
 
 
 def print_status(name: str, as_json: bool) -> int:
-    import json
     s = netns.status(name)
     if as_json:
         print(json.dumps(s, indent=1))
@@ -70,7 +70,7 @@ def draw(name: str, path: str) -> str:
     ``dtlab cluster status``, not by hand."""
     plt = plt_agg()
     s = netns.status(name)
-    from matplotlib.patches import FancyBboxPatch
+    from matplotlib.patches import FancyBboxPatch  # matplotlib: slow to import, only to draw
     nodes = s["nodes"]
     fig, ax = plt.subplots(figsize=(max(7, 2.6 * len(nodes)), 4.6))
     ax.set_xlim(0, len(nodes))

@@ -30,6 +30,7 @@ shows the picture this module draws.
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import sys
 from collections import Counter, defaultdict
@@ -175,7 +176,7 @@ def draw(edges: dict[str, set[str]], path: Path) -> Path:
     """One box per layer (its modules listed inside), bottom to top, and an arrow for every pair
     of layers with imports between them, labelled with how many (red: against the layers)."""
     plt = plt_agg()
-    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # matplotlib: only to draw
     members = defaultdict(list)
     for m in sorted(edges):
         name = _short(m)
@@ -247,7 +248,6 @@ def draw(edges: dict[str, set[str]], path: Path) -> Path:
 
 
 def make_parser():
-    import argparse
     p = argparse.ArgumentParser(prog="python -m dtlab.docsgen.import_graph",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--png", default=None, help="draw the layer picture into this file")

@@ -5,6 +5,7 @@ detector (hang.json), the doctor's cases (doctor-collective.json), the checkpoin
 plan-calibration.json). Rendered by ``dtlab docs refresh`` as docsfig.py renders the lab runs'."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from dtlab.docsgen.lab_figures import _pct, load
@@ -131,7 +132,6 @@ def hang_table(h: dict) -> str:
 def doctor_cases(rec: dict) -> str:
     """Each case of the doctor's record: its command, exit status and time, and what it said
     (errors and warnings, the collective's lines), wrapped as the page shows them."""
-    import textwrap
     out = [f"Recorded on a 3-node namespace cluster with 200mbit links (`python -m "
            f"dtlab.docsgen.records.doctor_cases --json docs/reference/doctor-collective.json`, "
            f"{rec['date']}); each case's errors and the collective's verdict:\n"]

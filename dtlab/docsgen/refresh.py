@@ -14,12 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from dtlab.cluster.netns import Cluster, ClusterError
+from dtlab.docsgen import import_graph as importgraph
+from dtlab.docsgen import lab_figures as docsfig, ops_figures as docsops
+from dtlab.docsgen.lab_figures import load, machine_line
+from dtlab.plan import validate as planval
+from dtlab.report import pictures
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -111,7 +119,6 @@ def _argv(ref: Reference) -> list[str]:
 def _cluster_up(log: Path) -> bool:
     """The 2-node namespace cluster the multi-node references run on (with Slurm, as the
     collectives' record needs): brought up when it is not; True if this call did."""
-    from dtlab.cluster.netns import Cluster, ClusterError
     try:
         Cluster.load("main")
         return False
@@ -128,7 +135,6 @@ def _cluster_up(log: Path) -> bool:
 def run_references(names: list[str], ref_dir: Path, logs: Path) -> int:
     """Run the named references in order, each with its log; stop at the first failure. The
     namespace cluster is brought up for the root ones (and down again after, if it was not up)."""
-    import os
     if any(BY_NAME[n].root for n in names) and os.geteuid() != 0:
         need = ", ".join(n for n in names if BY_NAME[n].root)
         raise DocsError(f"{need} need root (the namespace cluster): run `sudo .venv/bin/dtlab "
@@ -145,7 +151,7 @@ def run_references(names: list[str], ref_dir: Path, logs: Path) -> int:
 
 
 def _run(names: list[str], ref_dir: Path, logs: Path) -> int:
-    from dtlab.report import records
+    from dtlab.report import records  # torch: the CLI parser imports this
     meta_path = ref_dir / "machine.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     meta.update({"what": "the reference run behind docs/ (dtlab docs refresh)",
@@ -177,7 +183,7 @@ def _run(names: list[str], ref_dir: Path, logs: Path) -> int:
                                        "date": time.strftime("%Y-%m-%d %H:%M"),
                                        "seconds": round(took, 1)}
         print(f"  done in {took:.0f} s: docs/reference/{ref.record}", flush=True)
-        from dtlab.measure.run_record import atomic_write_text
+        from dtlab.measure.run_record import atomic_write_text  # torch: the CLI parser imports this
         atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
     if failed:
         print(f"dtlab docs refresh: {', '.join(failed)} FAILED; the docs are rendered from the "
@@ -190,10 +196,8 @@ def _run(names: list[str], ref_dir: Path, logs: Path) -> int:
 
 def _tables(ref_dir: Path) -> dict[str, tuple[tuple[str, ...], dict[str, str]]]:
     """tag -> (pages, {name: body}) for every marked table the docs hold."""
-    from dtlab.docsgen.records import collective_runs as commexp, long_sequences as longseq, schedule_runs as schedexp
-    from dtlab.docsgen import lab_figures as docsfig, ops_figures as docsops
-    from dtlab.plan import validate as planval
-    load = docsfig.load
+    from dtlab.docsgen.records import (  # torch: the CLI parser imports this
+        collective_runs as commexp, long_sequences as longseq, schedule_runs as schedexp)
     return {
         "commexp": (commexp.PAGES, commexp.tables(load(ref_dir, "faster-collectives.json"))),
         "schedexp": (schedexp.PAGES, schedexp.tables(load(ref_dir, "schedules-experts.json"))),
@@ -209,7 +213,6 @@ def _tables(ref_dir: Path) -> dict[str, tuple[tuple[str, ...], dict[str, str]]]:
 def records_table(ref_dir: Path) -> str:
     """Every record under docs/reference/: the command that makes it and when it was made (as
     machine.json has it for a refreshed record, else the record's own date)."""
-    from dtlab.docsgen.lab_figures import load, machine_line
     meta = load(ref_dir, "machine.json")
     made = meta.get("records", {})
     lines = [f"Reference machine: {machine_line(meta['machine'], meta.get('date', '-'))}; "
@@ -267,8 +270,7 @@ def render_page(text: str, tables: dict, figures: dict[str, str], page: str,
 def render(docs: Path, ref_dir: Path, write: bool) -> list[str]:
     """Render every page of ``docs`` (and README.md beside it) from ``ref_dir``; write the pages
     that change when ``write``; the differences and problems, one line each."""
-    from dtlab.measure.run_record import atomic_write_text
-    from dtlab.docsgen import lab_figures as docsfig, ops_figures as docsops
+    from dtlab.measure.run_record import atomic_write_text  # torch: the CLI parser imports this
     tables = _tables(ref_dir)
     figures = {**docsfig.figures(ref_dir), **docsops.figures(ref_dir)}
     out: list[str] = []
@@ -296,11 +298,9 @@ def render(docs: Path, ref_dir: Path, write: bool) -> list[str]:
 def draw(ref_dir: Path, img: Path) -> list[Path]:
     """The pictures drawn from records (the tour's, the collectives') and from the code (the
     concepts, the import graph). The record tools draw their own pictures when they run."""
+    from dtlab.docsgen import concept_pictures as concepts  # torch: the CLI parser imports this
     from dtlab.bench import cluster as clusterbench, collectives as commbench
-    from dtlab.docsgen import concept_pictures as concepts, import_graph as importgraph
-    from dtlab.report import pictures
     img.mkdir(parents=True, exist_ok=True)
-    from dtlab.docsgen.lab_figures import load
     runs = load(ref_dir, "tour.json")["runs"]
     pics = [pictures.plot_losses(runs, img / "tour-loss.png"),
             pictures.plot_memory(runs, img / "tour-memory.png"),

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
                    help=argparse.SUPPRESS)  # DeepSpeed's launcher passes it
     a = p.parse_args(argv)
     t_start = time.time()
-    import torch
+    import torch  # start-up: after the flags are read; rank 0's deadline counts this import
     import torch.distributed as dist
     env = os.environ
     rank, world = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))

@@ -572,7 +572,6 @@ class Doctor:
 
     def check_ds_report(self) -> None:
         """DeepSpeed's op report on every host: which C++/CUDA ops are built or can be built."""
-        import re
         ds_report = str(Path(self.python).with_name("ds_report"))
         ansi = re.compile(r"\x1b\[[0-9;]*m")
         row = re.compile(r"^(\w+) \.+ \[(NO|YES|OKAY)\] \.+ \[(NO|OKAY)\]")
@@ -716,14 +715,15 @@ class Doctor:
 
 def _cuda_here() -> bool:
     try:
-        import torch
+        import torch  # torch: optional here (the doctor runs on a python without it)
         return torch.cuda.is_available()
     except ImportError:
         return False
 
 
 def deepspeed_version() -> tuple[int, ...] | None:
-    from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import (  # start-up: it loads email, zipfile and csv
+        PackageNotFoundError, version)
     try:
         text = version("deepspeed")
     except PackageNotFoundError:
@@ -819,7 +819,7 @@ def run(a: argparse.Namespace) -> int:
 
 
 def print_table(findings, errors, warns) -> None:
-    from rich.table import Table
+    from rich.table import Table  # rich: start-up (the CLI parser imports this)
     from rich.markup import escape
 
     t = Table(title="dtlab doctor")

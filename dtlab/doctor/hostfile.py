@@ -17,8 +17,11 @@ is refused, so it can never reach ssh as an option (``-oProxyCommand=...``) or a
 """
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import re
+import sys
+import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +76,6 @@ def why_unsafe(name: str) -> str | None:
         return None
     col, ch = next((i, c) for i, c in enumerate(name, 1)
                    if not re.fullmatch(r"[A-Za-z0-9._-]", c) or (i == 1 and c in ".-"))
-    import unicodedata
     label = unicodedata.name(ch, "a control character" if ord(ch) < 32 or ord(ch) == 127
                              else "unnamed")
     how = ""
@@ -301,8 +303,6 @@ def check(hostfile: str | None, include: str = "", exclude: str = "",
 def main(argv=None) -> int:
     """``python -m dtlab.doctor.hostfile [--hostfile F] [--include S] [--exclude S]
     [--master-addr A]``: exit 2 with one line when the launch settings are refused, else 0."""
-    import argparse
-    import sys
     p = argparse.ArgumentParser(prog="python -m dtlab.doctor.hostfile",
                                 description="check a DeepSpeed hostfile and host selection "
                                             "before a launcher uses them")

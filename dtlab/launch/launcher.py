@@ -18,13 +18,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from dtlab import registry
+from dtlab.cluster.netns import Cluster, node_argv
+from dtlab.plan.memory_estimate import Arch, Setup, activation_bytes
+from dtlab.reliability import flight
 from dtlab.reliability import checkpoint as ckpt
 from dtlab.train.data import check_divisible
 from dtlab.errors import UsageError
 from dtlab.measure.run_record import atomic_write_text, describe_nonfinite, read_summary
 from dtlab.reliability.options import lab_flags, plans_from_args
 from dtlab.train.settings import settings_from_args
+from dtlab.train.model import ToyGPT
+from dtlab.report.pictures import draw_run_pictures
+from dtlab.report.tables import print_table
 
 
 def opt_value(args: list[str], flag: str) -> str | None:
@@ -65,7 +73,6 @@ def validate(lab: registry.Lab, nproc: int, lab_args: list[str]) -> None:
         raise UsageError(f"{msg}; use --nproc {lab.min_world}" if lab.max_world == lab.min_world
                          else f"{msg}; choose --nproc in {lab.world_text()}")
     if lab.gpu_only:
-        import torch
         if not torch.cuda.is_available():
             raise UsageError(f"lab {lab.name!r} needs CUDA: {lab.gpu_only}")
     if (missing := lab.missing()):
@@ -101,14 +108,11 @@ def check_memory(lab: registry.Lab, nproc: int, settings, args) -> None:
     memory's estimate: every rank's activations for its rows, its model states (16 bytes a
     parameter with AdamW in fp32) and the process itself; on the CPU only (a GPU's memory is
     the device's)."""
-    import torch
     if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
         return
     have = available_bytes()
     if have is None:
         return
-    from dtlab.train.model import ToyGPT
-    from dtlab.plan.memory_estimate import Arch, Setup, activation_bytes
     cfg = settings.model
     rows = settings.batch_size // nproc if lab.data_parallel else settings.batch_size
     params = ToyGPT.count_params(cfg)
@@ -165,7 +169,6 @@ def torchrun(module: str, module_args: list[str], where: Placement, log: Path | 
     cores = (os.cpu_count() or 1) // where.nnodes
     nodes = []
     if where.nnodes > 1:
-        from dtlab.cluster.netns import Cluster
         c = Cluster.load(where.cluster)
         if c.nodes < where.nnodes:
             raise UsageError(f"--nnodes {where.nnodes}: cluster {c.name!r} has {c.nodes} "
@@ -184,7 +187,6 @@ def torchrun(module: str, module_args: list[str], where: Placement, log: Path | 
         if not nodes:
             return subprocess.call([*base, "--standalone", *tail], env=env, stdout=out,
                                    stderr=subprocess.STDOUT if out else None)
-        from dtlab.cluster.netns import node_argv
         port = 20000 + secrets.randbelow(20000)  # inside the first node's namespace: free
         rdzv = [f"--nnodes={len(nodes)}", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={nodes[0].name}:{port}", f"--rdzv-id={secrets.token_hex(4)}"]
@@ -248,7 +250,6 @@ def launch(lab: registry.Lab, nproc: int, lab_args: list[str], log: Path | None 
 def flight_postmortem(out: Path, world: int) -> None:
     """The desync report of a failed run from what its ranks left in ``out/flight`` (when no
     rank lived to print it: a rank aborted, the launcher stopped the others)."""
-    from dtlab.reliability import flight
     dumps = flight.postmortem(out)
     if not dumps:
         return
@@ -265,7 +266,6 @@ def run_one(name: str, nproc: int | None, lab_args: list[str], max_restarts: int
     """``dtlab run``: validate, launch, print the result; the exit status says the verdict
     (0 within tolerance, 1 outside or failing its checks, 2 bad input, 3 a failed collective).
     With ``nnodes`` > 1, ``nproc`` processes on each of that many cluster nodes."""
-    from dtlab.report.tables import print_table
     lab = get_lab(name)
     if nnodes < 1:
         raise UsageError(f"--nnodes must be >= 1, got {nnodes}")
@@ -296,7 +296,6 @@ def run_one(name: str, nproc: int | None, lab_args: list[str], max_restarts: int
             flight_postmortem(out, world)
         return rc or 3
     print_table([summary])
-    from dtlab.report.pictures import draw_run_pictures  # matplotlib: only after a run
     draw_run_pictures(out)  # the lab recorded what it did; its pictures are drawn from that
     if not summary["ok"]:
         if summary.get("nonfinite"):

@@ -10,6 +10,9 @@ from __future__ import annotations
 import logging
 import sys
 
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main as torchrun
+
 
 class _QuietVerdicts(logging.Filter):
     """Drops the agent's "failed (exitcode: N)" log line for the exit codes a lab uses for its
@@ -21,8 +24,6 @@ class _QuietVerdicts(logging.Filter):
 
 
 def main(argv=None) -> int:
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_QuietVerdicts())
     try:
         torchrun(sys.argv[1:] if argv is None else argv)

@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -33,8 +34,11 @@ import time
 import warnings
 from pathlib import Path
 
+from dtlab.cluster.netns import Cluster
 from dtlab.errors import UsageError
 from dtlab.costmodel.fitting import fit_line_relative
+from dtlab.costmodel.shapes import Shape, share
+from dtlab.costmodel.step_time import ClusterSpec, Compute, Layout, Links, shape_key, step_time
 
 PIECES = ("block_fb", "block_f", "embed_fb", "head_fb")
 COMM_SIZES = "4KiB,64KiB,512KiB,2MiB,4MiB"
@@ -42,9 +46,7 @@ COMM_SIZES = "4KiB,64KiB,512KiB,2MiB,4MiB"
 
 def _pieces(cfg, tp: int):
     """ToyGPT's block, embedding and head as tensor-parallel rank 0 of ``tp`` holds them."""
-    import torch.nn as nn
-
-    from dtlab.costmodel.shapes import share
+    import torch.nn as nn  # torch: the CLI parser imports this
     from dtlab.train.model import Block, Embedding, LMHead
     h = cfg.d_model
     block = Block(cfg)
@@ -81,9 +83,8 @@ def _fit(xs: list[float], ys: list[float]) -> list[float]:
 
 def measure_compute(cfg, rows: list[int], tps: list[int], threads: int, reps: int) -> dict:
     """{tp: {piece: [a, c]}} for one model shape at one thread count (plus the raw times)."""
-    import torch
+    import torch  # torch: the CLI parser imports this
     import torch.nn.functional as F
-
     from dtlab.measure.memory_meter import ActivationMeter
     from dtlab.train.model import ToyGPT, loss_fn
     torch.set_num_threads(threads)
@@ -131,7 +132,7 @@ def measure_compute(cfg, rows: list[int], tps: list[int], threads: int, reps: in
 def measure_optimizer(threads: int, reps: int) -> list[float]:
     """AdamW (the labs' settings) step time = a x tensors + c x elements, fitted on several
     tensor counts and sizes."""
-    import torch
+    import torch  # torch: the CLI parser imports this
     torch.set_num_threads(threads)
     X, y = [], []
     for count, numel in ((2, 1 << 10), (8, 1 << 12), (16, 1 << 14), (6, 1 << 17), (30, 1 << 15),
@@ -165,9 +166,8 @@ def worker(out: str, iters: int = 20) -> int:
     (tensor parallelism calls every few hundred microseconds, DDP once a step). A
     call's time is the mean over ranks of the median; ``p2p`` is a send from rank r to rank
     r + W/2 and one back (a pipeline's two messages), halved."""
-    import torch
+    import torch  # torch: the CLI parser imports this
     import torch.distributed as dist
-
     from dtlab.train import runtime
     warnings.filterwarnings("ignore", category=FutureWarning)  # the *_tensor names the labs use
     rt = runtime.init("gloo", "cpu")
@@ -226,7 +226,7 @@ def worker(out: str, iters: int = 20) -> int:
 def _bench_links(nproc: str, nnodes: int, cluster: str, label: str) -> dict:
     """Fits {op: {world: [[gap_s, alpha_s, beta_Bps], ...]}} of collectives called in a
     compute loop, one per gap."""
-    from dtlab.launch.launcher import Placement, torchrun
+    from dtlab.launch.launcher import Placement, torchrun  # torch: the CLI parser imports this
     out: dict = {}
     with tempfile.TemporaryDirectory() as d:
         for n in (int(x) for x in nproc.split(",")):
@@ -250,10 +250,9 @@ def _bench_links(nproc: str, nnodes: int, cluster: str, label: str) -> dict:
 
 
 def calibrate(args) -> int:
-    from dtlab.train.model import config_from_preset, preset
-    from dtlab.costmodel.step_time import shape_key
+    import torch  # torch: the CLI parser imports this
     from dtlab.train.data import ARITH_VOCAB
-    import torch
+    from dtlab.train.model import config_from_preset, preset
     cores = os.cpu_count() or 1
     if args.max_ranks < 2:
         raise UsageError(f"--max-ranks must be >= 2 (links need two ranks), got {args.max_ranks}")
@@ -291,7 +290,7 @@ def calibrate(args) -> int:
     if args.cluster_rates:
         rec["links"].update(calibrate_cluster(args))
     out = Path(args.out)
-    from dtlab.measure.run_record import atomic_write_text
+    from dtlab.measure.run_record import atomic_write_text  # torch: the CLI parser imports this
     atomic_write_text(out, json.dumps(rec, indent=1) + "\n")
     print(f"calibration {rec['name']!r} written to {out} "
           f"({time.perf_counter() - t0:.0f} s)")
@@ -307,16 +306,12 @@ def measure_sync(rec: dict, max_ranks: int, reps: int) -> dict:
     first one waits. One reference run a world size (ZeRO-3, tiny preset at sequence 16: 12
     collectives a step, batch 12), its step predicted without this term; the difference over the
     calls is the term, added to every collective of that many ranks."""
-    import shutil
-
-    from dtlab.train.data import ARITH_VOCAB
+    from dtlab.train.data import ARITH_VOCAB  # torch: the CLI parser imports this
     from dtlab.train.model import config_from_preset
-    from dtlab.costmodel.step_time import ClusterSpec, Compute, Layout, Links, shape_key, step_time
     cfg = config_from_preset("tiny", len(ARITH_VOCAB), seq_len=SYNC_SEQ)
     key = shape_key(cfg.d_model, cfg.n_head, cfg.d_ff, cfg.seq_len, cfg.vocab_size)
     rec["compute"][key] = {str(th): measure_compute(cfg, [1, 2, 4, 6, 12], [1], th, reps)
                            for th in sorted({1, rec["cores"]})}
-    from dtlab.costmodel.shapes import Shape
     m = Shape(cfg.n_layer, cfg.d_model, cfg.n_head, cfg.d_ff, cfg.vocab_size, cfg.seq_len)
     out = {}
     work = Path(tempfile.mkdtemp(prefix="dtlab-sync-"))
@@ -354,8 +349,7 @@ def measure_sync(rec: dict, max_ranks: int, reps: int) -> dict:
 def calibrate_cluster(args) -> dict:
     """Inter-node fits at each rate: 2 nodes x 1 and 2 x 2 ranks, the links shaped in turn and
     put back to the rate they had."""
-    from dtlab.cluster.netns import Cluster
-    from dtlab.bench.cluster import set_rate
+    from dtlab.bench.cluster import set_rate  # torch: the CLI parser imports this
     before = Cluster.load(args.cluster).rate or "unshaped"  # says how to bring one up if none
     out = {}
     log = Path(tempfile.gettempdir()) / "dtlab-plan-cluster.log"   # dtlab cluster up output

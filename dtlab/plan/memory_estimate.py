@@ -187,12 +187,14 @@ def deepspeed_reference(s: Setup, stage: int, offload: str, buffer_factor: float
     """DeepSpeed's own estimate (cpu_bytes, gpu_bytes) for the same setup, or None where it has
     no estimator (stages 0 and 1)."""
     if stage == 2:
-        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+        from deepspeed.runtime.zero.stage_1_and_2 import (  # deepspeed: an optional extra
+            estimate_zero2_model_states_mem_needs)
         return estimate_zero2_model_states_mem_needs(
             s.params, s.gpus_per_node, s.nodes, cpu_offload=offload != "none",
             additional_buffer_factor=buffer_factor)
     if stage == 3:
-        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+        from deepspeed.runtime.zero.stage3 import (  # deepspeed: an optional extra
+            estimate_zero3_model_states_mem_needs)
         largest = s.largest_layer or s.arch.largest_layer() or 0
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
             s.params, largest, s.gpus_per_node, s.nodes, cpu_offload=offload != "none",
@@ -252,7 +254,7 @@ def setup_from_args(a: argparse.Namespace) -> Setup:
         raise EstimateError("give either --preset or --model-config, not both")
     params = None
     if a.preset or a.model_config:
-        from dtlab.train.model import ModelConfig, ToyGPT, preset
+        from dtlab.train.model import ModelConfig, ToyGPT, preset  # torch: only for a model
         if a.preset:
             try:
                 cfg = preset(a.preset)
@@ -362,7 +364,7 @@ def run(a: argparse.Namespace) -> int:
 
 
 def print_report(result: dict, a) -> None:
-    from rich.table import Table
+    from rich.table import Table  # rich: start-up (the CLI parser imports this)
 
     s = result["setup"]
     arch = s["arch"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from dtlab.costmodel import shapes as cm
 from dtlab.errors import UsageError
 from dtlab.costmodel.step_time import (GiB, ClusterSpec, Compute, Layout, Link, Links, PlanError,
                                  divisors, invalid, load_calibration, predict)
+from dtlab.plan import calibrate as plancal, validate as planval
+from dtlab.report.tables import console
 
 
 def check_cluster(c: ClusterSpec, calib: dict | None) -> None:
@@ -192,7 +195,6 @@ def parse_words(text: str, flag: str, allowed) -> tuple[str, ...]:
 
 
 def parse_bytes(text: str, flag: str) -> float:
-    import re
     mt = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(GiB|MiB|GB|MB|G|M)?\s*", text or "")
     if not mt:
         raise PlanError(f"{flag} {text!r}: give a size such as 80GiB or 512MiB")
@@ -272,9 +274,7 @@ def _ms(x: float) -> str:
 
 
 def print_plan(res: dict, top: int, preset: str | None) -> None:
-    from rich.table import Table
-
-    from dtlab.report.tables import console
+    from rich.table import Table  # rich: start-up (the CLI parser imports this)
     m = res["model"]
     print(f"model: {m['n_layer']} layers, d_model {m['d_model']}, {m['n_head']} heads, ffn "
           f"{m['d_ff']}, vocab {m['vocab']}, seq {m['seq']}; global batch {res['batch']}")
@@ -304,11 +304,9 @@ def print_plan(res: dict, top: int, preset: str | None) -> None:
 
 def run(a) -> int:
     if a.action == "calibrate":
-        from dtlab.plan.calibrate import calibrate
-        return calibrate(a)
+        return plancal.calibrate(a)
     if a.action == "validate":
-        from dtlab.plan.validate import validate
-        return validate(a)
+        return planval.validate(a)
     calib = load_calibration(a.calibration)
     m, batch, preset = model_from_args(a)
     if batch < 1:
@@ -318,7 +316,7 @@ def run(a) -> int:
     best = Layout(**res["ranked"][0]["layout"])
     res["command"] = command_for(best, preset, batch, c, a.seq if preset else None)
     if a.json:
-        from dtlab.measure.run_record import atomic_write_text
+        from dtlab.measure.run_record import atomic_write_text  # torch: the CLI parser imports this
         atomic_write_text(Path(a.json), json.dumps(res, indent=1) + "\n")
     print_plan(res, a.top, preset)
     if a.json:
@@ -376,7 +374,6 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=12, help="rows of the table (default 12)")
     p.add_argument("--json", help="search: write the whole ranking here; validate: the record "
                    "(default runs/plan/validate.json)")
-    from dtlab.plan import calibrate as plancal, validate as planval
     v = p.add_argument_group("calibrate and validate")
     plancal.add_arguments(v)
     planval.add_arguments(v)

@@ -25,7 +25,11 @@ import sys
 import time
 from pathlib import Path
 
+from dtlab.cluster.netns import Cluster
+from dtlab.costmodel.step_time import (ClusterSpec, Compute, Layout, Links, load_calibration,
+                                       predict)
 from dtlab.errors import UsageError
+from dtlab.plan.calibrate import calibrate
 from dtlab.plotting import plt_agg
 
 # (preset, nproc per node, layout fields) on this machine
@@ -116,8 +120,6 @@ def _key(e) -> tuple:
 
 
 def validate(args) -> int:
-    from dtlab.costmodel.step_time import (ClusterSpec, Compute, Layout, Links, load_calibration,
-                                     predict)
     from dtlab.train.model import preset_shape  # torch: only for a preset
     if args.set not in ("full", "ci"):
         raise UsageError(f"--set {args.set!r}: choose full or ci")
@@ -127,7 +129,6 @@ def validate(args) -> int:
     if args.calibration:
         calib = load_calibration(args.calibration)
     else:
-        from dtlab.plan.calibrate import calibrate
         if args.set == "ci":
             args.presets, args.max_ranks, args.reps = "tiny", 2, 3
         calibrate(args)
@@ -147,7 +148,6 @@ def validate(args) -> int:
     rows, t0 = [], time.perf_counter()
     current_rate = None
     if earlier is None and any(e[2] > 1 for e in entries):
-        from dtlab.cluster.netns import Cluster
         before = Cluster.load(args.cluster).rate or "unshaped"  # says how to start one if none
     try:
         for i, (preset, nproc, nnodes, rate, fields) in enumerate(entries, 1):
@@ -162,7 +162,7 @@ def validate(args) -> int:
                 meas = {**old["measured"], "command": old["command"]}
             else:
                 if nnodes > 1 and rate != current_rate:
-                    from dtlab.bench.cluster import set_rate
+                    from dtlab.bench.cluster import set_rate  # torch: the CLI parser imports this
                     set_rate(args.cluster, rate, work / "cluster.log")
                     current_rate = rate
                 name = f"{i:02d}-{preset}-{nnodes}x{nproc}-{rate}-{lay.label().replace(' ', '_')}"
@@ -183,7 +183,7 @@ def validate(args) -> int:
                   f"[{time.perf_counter() - t0:.0f} s]", flush=True)
     finally:
         if current_rate is not None:
-            from dtlab.bench.cluster import set_rate
+            from dtlab.bench.cluster import set_rate  # torch: the CLI parser imports this
             set_rate(args.cluster, before, work / "cluster.log")
     rec = {"date": datetime.date.today().isoformat(), "set": args.set,
            "calibration": calib["name"], "machine": {k: calib.get(k) for k in
@@ -191,7 +191,7 @@ def validate(args) -> int:
            "steps": args.steps, "compute_resource": CPU_HONESTY, "layouts": rows,
            "measured_in": args.measured or "this run",
            "summary": summarise(rows)}
-    from dtlab.measure.run_record import atomic_write_text
+    from dtlab.measure.run_record import atomic_write_text  # torch: the CLI parser imports this
     atomic_write_text(record, json.dumps(rec, indent=1) + "\n")
     png = plot(rows, Path(args.img) if args.img else record.with_suffix(".png"))
     print_summary(rec["summary"])
@@ -393,7 +393,7 @@ def tables(rec: dict, a100: dict) -> dict[str, str]:
 
 
 def make_parser():
-    from dtlab.report.records import record_tool_parser
+    from dtlab.report.records import record_tool_parser  # torch: the CLI parser imports this
     return record_tool_parser("python -m dtlab.plan.validate",
                               "docs/plan.md's tables and picture from a plan validate record")
 

@@ -14,14 +14,15 @@ import shutil
 import sys
 from pathlib import Path
 
+from rich.markup import escape
+from rich.table import Table
+
 from dtlab.measure.run_record import atomic_write_text, read_summary
 from dtlab.report import tables as report
 from dtlab.launch.launcher import get_lab, opt_value, run_one, without_opt
 
 
 def print_summary(summary: dict) -> None:
-    from rich.markup import escape
-    from rich.table import Table
     rows = summary["extra"].get("profile") or []
     t = Table(title=escape(f"dtlab profile: {summary['lab']} [{summary['variant']}], ")
                 + f"{summary['world_size']} rank(s), per step (ms and share of the step)")

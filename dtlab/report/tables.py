@@ -5,7 +5,7 @@ from __future__ import annotations
 def console(width: int = 200):
     """A rich console that keeps wide tables whole: a terminal's own width, or ``width`` when
     the output goes to a log or a pipe (rich would squeeze tables into 80 columns there)."""
-    from rich.console import Console
+    from rich.console import Console  # rich: start-up (the CLI parser imports this)
     c = Console()
     return c if c.is_terminal else Console(width=width)
 
@@ -65,7 +65,7 @@ def row(s: dict) -> list[str]:
 
 
 def print_table(summaries: list[dict], title: str | None = None) -> None:
-    from rich.table import Table
+    from rich.table import Table  # rich: start-up (the CLI parser imports this)
 
     t = Table(title=title)
     for c in COLUMNS:

@@ -15,6 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
 from dtlab import registry
 from dtlab.errors import UsageError
 from dtlab.measure.run_record import atomic_write_text, read_summary
@@ -47,7 +50,6 @@ def _names(text: str | None, flag: str) -> list[str]:
 
 
 def _cuda() -> bool:
-    import torch
     return torch.cuda.is_available()
 
 
@@ -89,7 +91,6 @@ def run(runs: list[TourRun], skipped: list[tuple[str, str]], out: Path,
         json_path: str | None = None) -> int:
     """Launch every run, show each row as it ends, write the report and the record
     (OUT/tour.json, and ``json_path`` when given); 1 if any run failed."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     console = tables.console()
     summaries, failed, dirs = [], [], {}
     t0 = time.perf_counter()

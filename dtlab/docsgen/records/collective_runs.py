@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from dtlab.cluster.netns import Cluster
 from dtlab.measure.run_record import atomic_write_text
 from dtlab.report import records
 
@@ -48,7 +49,6 @@ def dtlab(args: list[str], timeout: float = 1800) -> None:
 
 
 def cluster_rate() -> str:
-    from dtlab.cluster.netns import Cluster
     return Cluster.load("main").rate or "unshaped"
 
 

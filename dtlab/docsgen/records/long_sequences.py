@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,7 +79,6 @@ def recompute_rows(seqs) -> list[dict]:
 def step_time_rows(seq: int, steps: int, rounds: int = 3) -> list[dict]:
     """Step time with each recompute mode: the modes in turn, ``rounds`` times (so a change of
     load on the machine hits all of them), the median of each mode's per-run medians."""
-    import statistics
     modes = ("none", "selective", "full")
     medians = {m: [] for m in modes}
     for _ in range(rounds):
@@ -145,7 +145,7 @@ def cp_rows(seqs, ring_pictures: dict, worlds=(2, 4)) -> list[dict]:
 
 def _seq_axis(ax) -> None:
     """Log axes ticked at the measured lengths only (no minor labels)."""
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import NullFormatter  # matplotlib: only to draw
     ax.set_xticks(SEQS, [str(s) for s in SEQS])
     ax.xaxis.set_minor_formatter(NullFormatter())
 

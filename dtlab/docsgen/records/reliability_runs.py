@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -100,7 +101,6 @@ def main(argv=None) -> int:
     a = make_parser().parse_args(argv)
     work = Path(a.work).resolve()
     if work.exists():
-        import shutil
         shutil.rmtree(work)  # a checkpoint left from an earlier refresh would be resumed
     rows = resharding(work)
     atomic_write_text(Path(a.json), json.dumps(
