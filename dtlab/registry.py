@@ -107,7 +107,8 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
         no_checkpoint="accelerate checkpoints through Accelerator.save_state"),
     Lab("tensor_parallel", "Megatron column/row-parallel layers, heads split, vocab-parallel "
         "loss (own) and DTensor's plan (torch); --sp: sequence parallelism", data_parallel=False,
-        tour_more=(("--impl", "torch"), ("--sp", "--recompute", "full"))),
+        tour_more=(("--impl", "torch"), ("--sp", "--recompute", "full")),
+        library=(("torch", "labs.library.dtensor_tensor_parallel:TorchTensorParallel"),)),
     Lab("pipeline", "stages over ranks; GPipe, 1F1B, interleaved 1F1B and ZB-H1 as action lists; "
         "measured bubble and live micro-batches against each formula; schedule picture",
         data_parallel=False,

@@ -20,22 +20,14 @@ to rounding). The backward sends the blocks around the ring again, and with them
 K and V, which travel back to their owners (one more hop). The message of step s+1 is in flight
 while step s computes: with enough tokens per rank the ring costs no time beyond the attention.
 
-Causal masking makes the naive split unfair: with contiguous chunks, rank W-1's queries see
-every key and rank 0's only its own, so rank W-1 does W times more attention work and everyone
-waits for it. The zig-zag layout cuts the sequence into 2W chunks and gives rank r chunks r and
-2W-1-r (an early and a late one): every rank then does the same work. ``--layout`` picks either;
-the run records each rank's attention work (score entries computed) and the imbalance max/mean,
-and draws ``ring.png`` in its run folder: which rank computes each block of the causal score
-matrix, at which step of the ring.
-
-The parameters are replicated: every rank computes gradients from its own tokens, and those are
-averaged over the ranks after the backward, as data parallelism does for rows.
-
-``--impl torch`` would use ``torch.distributed.tensor.experimental.context_parallel``; on this
-torch it dispatches only the CUDA flash and efficient SDPA kernels, so on a CPU the lab says so
-and stops (docs/context-parallel.md).
-
-Explained in docs/context-parallel.md (questions 13 and 16 of docs/questions.md).
+Causal masking makes the contiguous split unfair (rank W-1's queries see every key, rank 0's only
+its own); the zig-zag layout gives rank r chunks r and 2W-1-r of 2W, an early and a late one, so
+every rank does the same work. ``--layout`` picks either; the run records each rank's attention
+work (score entries computed) and which rank computes each block of the causal score matrix at
+which ring step (``ring_blocks``, drawn as ``ring.png`` by dtlab/report/ring_picture.py). The
+parameters are replicated: their gradients are averaged over the ranks after the backward.
+``--impl torch`` (torch's experimental context_parallel) shards only CUDA attention kernels: the
+lab says so and stops. Explained in docs/context-parallel.md.
 
 Run:
     torchrun --nproc_per_node=2 -m labs.context_parallel --preset long --steps 5
@@ -52,11 +44,12 @@ import torch
 import torch.distributed as dist
 
 from dtlab import registry
-from dtlab.measure.comm_counter import CommCounter, flatten, nbytes, ring_sent_bytes, unflatten_into
+from dtlab.costmodel.ring_attention import ring_attention_bytes
 from dtlab.errors import UsageError
-from dtlab.train.model import ToyGPT
 from dtlab.harness import add_common_args, run_lab
+from dtlab.measure.comm_counter import CommCounter, flatten, nbytes, ring_sent_bytes, unflatten_into
 from dtlab.train.loop import Strategy
+from dtlab.train.model import ToyGPT
 
 KV_TAG, DKV_TAG = 4000, 5000  # message tags, apart from the pipeline's (labs/parallel3d.py)
 
@@ -76,7 +69,7 @@ def positions(chunks: list[tuple[int, int]]) -> torch.Tensor:
     return torch.cat([torch.arange(lo, hi) for lo, hi in chunks])
 
 
-def block_pairs(q_chunks, k_chunks):
+def block_pairs(q_chunks, k_chunks) -> list[tuple[slice, slice, torch.Tensor | None]]:
     """(query slice, key slice, causal mask or None) for every pair of chunks where some query
     sees some key. Local slices index the concatenated chunks of each side."""
     out, qo = [], 0
@@ -91,6 +84,18 @@ def block_pairs(q_chunks, k_chunks):
                 out.append((qs, ks, qp[:, None] >= kp[None, :]))
             ko += khi - klo
         qo += qhi - qlo
+    return out
+
+
+def ring_schedule(chunks: list) -> list[list[int]]:
+    """Every block the ring computes: [rank, step, q_lo, q_hi, k_lo, k_hi] in global positions
+    (for the record; ``block_pairs`` of rank r's chunks against those of rank r - step)."""
+    w, out = len(chunks), []
+    for r in range(w):
+        for step in range(w):
+            qp, kp = positions(chunks[r]).tolist(), positions(chunks[(r - step) % w]).tolist()
+            out += [[r, step, qp[q.start], qp[q.stop - 1] + 1, kp[k.start], kp[k.stop - 1] + 1]
+                    for q, k, _ in block_pairs(chunks[r], chunks[(r - step) % w])]
     return out
 
 
@@ -212,16 +217,6 @@ def ring_attention(ring: Ring):
     return lambda q, k, v: RingAttention.apply(q, k, v, ring)
 
 
-def bytes_theory(cfg, rows: int, world: int, recompute_blocks: int = 0) -> dict:
-    """Bytes one rank sends per step: every layer's forward passes K and V (W-1 times), its
-    backward passes them again (W-1) plus their gradients (W times); a recomputed block repeats
-    its forward. kv = 2 x rows x T/W x d_model x 4 bytes."""
-    kv = 2 * rows * (cfg.seq_len // world) * cfg.d_model * 4
-    L = cfg.n_layer
-    return {"kv_block": kv,
-            "send": (L + recompute_blocks) * (world - 1) * kv + L * (2 * world - 1) * kv}
-
-
 # --------------------------------------------------------------------------- the strategy
 
 def cut_sequence(model: ToyGPT, ring: Ring) -> torch.Tensor:
@@ -248,7 +243,11 @@ class ContextParallel(Strategy):
                          [layout_chunks(seq, w, r, self.layout) for r in range(w)], self.comm)
         self.pos = cut_sequence(self.model, self.ring)
         self.optimizer = self.make_optimizer(self.model.parameters())
-        self.extra.update(cp=w, layout=self.layout, chunks=self.ring.chunks[self.rt.rank])
+        cfg = self.settings.model
+        redo = sum(cfg.recomputes(i) for i in range(cfg.n_layer))  # blocks that send K/V again
+        self.extra.update(cp=w, layout=self.layout, chunks=self.ring.chunks[self.rt.rank],
+                          ring_blocks=ring_schedule(self.ring.chunks), send_bytes_theory=
+                          ring_attention_bytes(cfg, self.settings.batch_size, w, redo)["send"])
 
     def local_batch(self, x, y):
         """Every row of the global batch, this rank's tokens of each."""
@@ -268,53 +267,6 @@ class ContextParallel(Strategy):
         m = super().memory()
         m["attention_entries"] = self.ring.work["entries"]  # one layer's forward, per row/head
         return m
-
-    def close(self) -> None:
-        if self.rt.is_main:
-            w, cfg = self.rt.world_size, self.settings.model
-            self.extra["send_bytes_theory"] = bytes_theory(
-                cfg, self.settings.batch_size,  w,
-                sum(cfg.recomputes(i) for i in range(cfg.n_layer)))["send"]
-            draw_ring(self.settings.out, w, self.layout)
-        super().close()
-
-
-def draw_ring(out: str, world: int, layout: str) -> None:
-    """ring.png: the causal score matrix of a 4W-token sequence (2 tokens a zig-zag chunk),
-    each block coloured by the rank that computes it and numbered with the ring step."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-    except ImportError:
-        return
-    from pathlib import Path
-    seq, colors = 4 * world, plt.get_cmap("tab10")
-    chunks = [layout_chunks(seq, world, r, layout) for r in range(world)]
-    img = np.ones((seq, seq, 3))
-    fig, ax = plt.subplots(figsize=(5.6, 5.6))
-    for r in range(world):
-        qpos = positions(chunks[r]).tolist()
-        for step in range(world):
-            kpos = positions(chunks[(r - step) % world]).tolist()
-            for qs, ks, mask in block_pairs(chunks[r], chunks[(r - step) % world]):
-                for i in range(qs.start, qs.stop):
-                    for j in range(ks.start, ks.stop):
-                        if mask is None or mask[i - qs.start, j - ks.start]:
-                            img[qpos[i], kpos[j]] = colors(r)[:3]
-                ax.text(sum(kpos[ks]) / len(kpos[ks]), sum(qpos[qs]) / len(qpos[qs]), str(step),
-                        ha="center", va="center", fontsize=9, color="white", weight="bold")
-        ax.plot([], [], "s", color=colors(r), label=f"rank {r}: " +
-                ", ".join(f"[{lo},{hi})" for lo, hi in chunks[r]))
-    ax.imshow(img, extent=(-0.5, seq - 0.5, seq - 0.5, -0.5))
-    ax.set(xlabel="key position", ylabel="query position",
-           title=f"{layout}, W={world}: colour = rank computing, number = ring step")
-    ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    Path(out).mkdir(parents=True, exist_ok=True)
-    fig.savefig(Path(out) / "ring.png", dpi=110)
-    plt.close(fig)
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ CP group the zig-zag chunks c and 2C-1-c of every sequence and puts ring attenti
 pipeline messages then carry only those tokens, and the gradient average of step 3 runs over the
 DP x CP ranks holding the same shard.
 
-Explained in docs/3d-parallel.md (questions 7, 14 and 18 of docs/questions.md).
+Explained in docs/3d-parallel.md (and docs/context-parallel.md for ``--cp``).
 
 Run:
     torchrun --nproc_per_node=4 -m labs.parallel3d --dp 1 --pp 2 --tp 2 --preset small
@@ -35,15 +35,15 @@ from functools import partial
 import torch.distributed as dist
 
 from dtlab import registry
-from dtlab.reliability import checkpoint as ckpt
 from dtlab.measure.comm_counter import flatten, nbytes, ring_sent_bytes, unflatten_into
 from dtlab.train.grid import Grid
+from dtlab.train.layout import ParamLayout
 from dtlab.train.model import ToyGPT
 from dtlab.harness import add_common_args, run_lab
 from dtlab.train.loop import Strategy
 from labs.context_parallel import Ring, cut_sequence, layout_chunks
 from labs.pipeline import SCHEDULES, cut_stage, pipeline_loss, run_schedule
-from labs.tensor_parallel import join_shards, shard_layers, take_shard, vocab_parallel_loss
+from labs.tensor_parallel import shard_layers, vocab_parallel_loss
 
 
 class Parallel3D(Strategy):
@@ -108,31 +108,12 @@ class Parallel3D(Strategy):
     def global_loss(self, local_loss):
         return pipeline_loss(local_loss, self.grid)
 
-    def _joined(self, local: dict, name_of=lambda key: key) -> dict:
-        """Replica 0's pieces, joined along TP and put together across stages, on every rank."""
-        layouts = self.gather_object(self.shard_dims)  # which entries are cut, and along what
-        dims = {k: v for lay in layouts for k, v in lay.items()}
-        parts = self.gather_object((self.grid.coords, self.grid.c, local))
-        out = {}
-        for p in range(self.grid.pp):
-            shards = [sd for (d, pp, t), c, sd in sorted(parts, key=lambda x: x[0])
-                      if d == 0 and pp == p and c == 0]
-            cut = {k: dims[name_of(k)] for k in shards[0] if name_of(k) in dims}
-            out.update(join_shards(shards[0], shards, cut))
-        return out
-
-    def full_state(self):
-        full = self._joined(self.stage.params(self.full))
-        return full if self.rt.is_main else None
-
-    def canonical_state(self) -> dict:
-        return self._joined(ckpt.adam_named(self.stage.named(self.full), self.optimizer),
-                            ckpt.param_of)
-
-    def load_canonical_state(self, full: dict) -> None:
-        g, dims = self.grid, self.shard_dims
-        ckpt.load_adam_named(self.stage.named(self.full), self.optimizer, full,
-                             cut=lambda n, t: take_shard(t, dims[n], g.tp, g.t) if n in dims else t)
+    def param_layout(self) -> ParamLayout:
+        """This stage's tensors under the baseline's names, cut over the TP group; the DP x CP
+        copies of a shard are equal, and replica 0's is read."""
+        g = self.grid
+        return ParamLayout(self.stage.named(self.full), split=self.shard_dims, tp=g.tp,
+                           tp_rank=g.t, stages=g.pp, stage=g.p, replica=g.d * g.cp + g.c)
 
     def memory(self) -> dict:
         return self.stage.memory(self.optimizer, self.meter, self.rt.device)

@@ -1,40 +1,19 @@
 """Tensor (intra-layer) parallelism: every weight matrix cut across the ranks, Megatron style.
 
-All TP ranks see the same batch and each holds a slice of every layer; a linear layer Y = X A^T
-becomes
-- column parallel: A cut by output rows, rank r computes Y_r = X A_r^T, its own slice of Y's
-  columns; nothing to communicate in forward, but the gradient of X is a sum over ranks;
-- row parallel: A cut by input columns, rank r computes X_r A_r^T from its slice of X, a partial
-  sum; the full Y is the all-reduce of the partials.
-Pairing them makes a block cost two all-reduces forward and two backward: attention's q/k/v are
-column parallel (each rank owns n_head/TP whole heads, so attention itself needs no
-communication) and its output projection row parallel; the MLP's fc is column parallel (GELU is
-elementwise, so it applies to the slice) and its proj row parallel. The two autograd functions
-that carry this are ``CopyToTP`` (forward identity, backward all-reduce: Megatron's f) and
-``ReduceFromTP`` (forward all-reduce, backward identity: g); both take the TP process group and
-the byte counter as arguments, so several TP groups (labs/parallel3d.py) can coexist.
+All TP ranks see the same batch and each holds a slice of every layer. For Y = X A^T, a column
+parallel layer cuts A by output rows (rank r computes its own columns of Y; X's gradient is a
+sum over the ranks), a row parallel one by input columns (rank r computes a partial sum, which
+is all-reduced into Y). A block pairs them: q/k/v column parallel (n_head/TP whole heads a rank,
+so attention needs no communication) before the attention's row-parallel output projection, the
+MLP's fc (GELU is elementwise) before its proj: two all-reduces forward and two backward, in the
+conjugate functions f and g below. The LM head is cut by vocabulary and the loss never gathers
+the logits (``VocabParallelCrossEntropy``). Explained in docs/tensor-parallel.md.
 
-``--sp`` adds Megatron's sequence parallelism. Between the row-parallel output and the next
-column-parallel input (the residual stream, the LayerNorms) every TP rank holds the same whole
-activation: TP-fold redundant memory and work. With ``--sp`` those regions are cut along the
-sequence instead: rank r holds tokens [r T/TP, (r+1) T/TP) of the residual stream. The all-reduce
-after a row-parallel layer becomes a reduce-scatter (each rank keeps the sum for its tokens
-only), and the copy before a column-parallel layer becomes an all-gather of the LayerNorm's
-output (``GatherFromSP``; backward reduce-scatter). An all-reduce is a reduce-scatter followed
-by an all-gather, so the bytes are the same, in two collectives with work between them (plus
-one all-gather in the backward of the embedding's entry into the SP region). The
-LayerNorm parameters and the row-parallel biases now see only their rank's tokens: their
-gradients are all-reduced over the TP group after the backward.
-
-The LM head is column parallel over the vocabulary and the loss is computed without ever
-gathering the logits: ``VocabParallelCrossEntropy`` all-reduces the row maxima, the sums of
-exponentials and the target logits (3 floats per token), and its backward is softmax - one-hot on
-each rank's own vocabulary slice.
-
-``--impl torch`` applies the same plan with ``torch.distributed.tensor.parallel`` (DTensor):
-``ColwiseParallel`` and ``RowwiseParallel`` on the same layers, the head gathering its logits.
-
-Explained in docs/tensor-parallel.md (questions 5, 6 and 10 of docs/questions.md).
+``--sp`` adds sequence parallelism (docs/sequence-parallel.md): between a row-parallel output and
+the next column-parallel input (the residual stream, the LayerNorms) rank r holds only tokens
+[r T/TP, (r+1) T/TP); g becomes a reduce-scatter along the sequence and f an all-gather, the same
+bytes in two collectives with work between them. ``--impl torch`` applies the same plan with
+DTensor (labs/library/dtensor_tensor_parallel.py).
 
 Run:
     torchrun --nproc_per_node=2 -m labs.tensor_parallel --steps 10
@@ -52,14 +31,14 @@ import torch.nn.functional as F
 
 from dtlab import registry
 from dtlab.collectives.ring import chunk_sizes
-from dtlab.reliability import checkpoint as ckpt
-from dtlab.measure.comm_counter import (CommCounter, flatten, library_collectives, nbytes, ring_sent_bytes,
-                             unflatten_into)
-from dtlab.train.grid import Grid
 from dtlab.errors import UsageError
-from dtlab.train.model import Embedding, ToyGPT, loss_fn
 from dtlab.harness import add_common_args, run_lab
+from dtlab.measure.comm_counter import (CommCounter, flatten, nbytes, ring_sent_bytes,
+                                        unflatten_into)
+from dtlab.train.grid import Grid
+from dtlab.train.layout import ParamLayout
 from dtlab.train.loop import Strategy
+from dtlab.train.model import Embedding, ToyGPT, loss_fn
 
 
 def _all_reduce(t: torch.Tensor, group, counter: CommCounter, op=dist.ReduceOp.SUM):
@@ -69,37 +48,17 @@ def _all_reduce(t: torch.Tensor, group, counter: CommCounter, op=dist.ReduceOp.S
     return t
 
 
-class CopyToTP(torch.autograd.Function):
-    """f: the input of a column-parallel layer. Every rank uses the whole X, so X's gradient is
-    the sum of the ranks' contributions."""
-
-    @staticmethod
-    def forward(ctx, x, group, counter):
-        ctx.group, ctx.counter = group, counter
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad.contiguous().clone(), ctx.group, ctx.counter), None, None
+def _sum(x, group, counter):
+    """The sum over the TP group of every rank's ``x`` (a copy: ``x`` is left as it was)."""
+    return _all_reduce(x.contiguous().clone(), group, counter)
 
 
-class ReduceFromTP(torch.autograd.Function):
-    """g: the output of a row-parallel layer. The partial sums are added; the gradient of each
-    partial is the gradient of the sum."""
-
-    @staticmethod
-    def forward(ctx, partial, group, counter):
-        return _all_reduce(partial.contiguous().clone(), group, counter)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None, None
+def _same(x, group, counter):
+    return x
 
 
-# ---- sequence parallelism: the sequence is dimension 1 of [batch, seq, width]
-
-def _gather_seq(x: torch.Tensor, group, counter: CommCounter) -> torch.Tensor:
-    """[b, t/TP, h] on every rank -> [b, t, h], the ranks' pieces in rank order."""
+def _gather_seq(x, group, counter):
+    """Under SP, [b, t/TP, h] on every rank -> [b, t, h], the ranks' pieces in rank order."""
     tp = dist.get_world_size(group)
     xt = x.transpose(0, 1).contiguous()
     out = torch.empty((xt.shape[0] * tp, *xt.shape[1:]), dtype=x.dtype, device=x.device)
@@ -108,7 +67,7 @@ def _gather_seq(x: torch.Tensor, group, counter: CommCounter) -> torch.Tensor:
     return out.transpose(0, 1).contiguous()  # one copy, read by q, k and v alike
 
 
-def _reduce_scatter_seq(x: torch.Tensor, group, counter: CommCounter) -> torch.Tensor:
+def _reduce_scatter_seq(x, group, counter):
     """[b, t, h] partial sums on every rank -> this rank's [b, t/TP, h] of their sum."""
     tp = dist.get_world_size(group)
     xt = x.transpose(0, 1).contiguous()
@@ -119,58 +78,47 @@ def _reduce_scatter_seq(x: torch.Tensor, group, counter: CommCounter) -> torch.T
     return out.transpose(0, 1).contiguous()
 
 
-class GatherFromSP(torch.autograd.Function):
-    """The input of a column-parallel layer under SP: all-gather the sequence; backward, each
-    rank's gradient of the whole X is a partial sum, reduce-scattered to the tokens' owners."""
+def _my_tokens(x, group, counter):
+    return x.chunk(dist.get_world_size(group), dim=1)[dist.get_rank(group)].contiguous()
 
-    @staticmethod
-    def forward(ctx, x, group, counter):
+
+def conjugate(name: str, forward, backward) -> type[torch.autograd.Function]:
+    """An autograd function doing ``forward(x, group, counter)`` and, to the gradient,
+    ``backward(grad, group, counter)``: each of the pairs below is one row of Megatron's table."""
+
+    def fwd(ctx, x, group, counter):
         ctx.group, ctx.counter = group, counter
-        return _gather_seq(x, group, counter)
+        return forward(x, group, counter)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_seq(grad, ctx.group, ctx.counter), None, None
-
-
-class ReduceScatterToSP(torch.autograd.Function):
-    """The output of a row-parallel layer under SP: the partial sums reduce-scattered along the
-    sequence; backward, each rank needs the gradient of the whole output: all-gather."""
-
-    @staticmethod
-    def forward(ctx, partial, group, counter):
-        ctx.group, ctx.counter = group, counter
-        return _reduce_scatter_seq(partial, group, counter)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_seq(grad.contiguous(), ctx.group, ctx.counter), None, None
+    def bwd(ctx, grad):
+        return backward(grad, ctx.group, ctx.counter), None, None
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-class ScatterToSP(torch.autograd.Function):
-    """Enter the sequence-parallel region: keep this rank's tokens (no communication); backward,
-    gather every rank's piece so the replicated embedding sees the gradient of all tokens."""
+# f, before a column-parallel layer: every rank reads the whole X, so X's gradient is the sum
+# of the ranks' parts. g, after a row-parallel layer: the partial sums are added, and each
+# partial's gradient is the sum's. Under SP, f gathers the sequence (the whole X's gradient is
+# a partial sum, reduce-scattered to the tokens' owners) and g reduce-scatters it; the
+# embedding's output enters the SP region by keeping this rank's tokens.
+CopyToTP = conjugate("CopyToTP", _same, _sum)
+ReduceFromTP = conjugate("ReduceFromTP", _sum, _same)
+GatherFromSP = conjugate("GatherFromSP", _gather_seq, _reduce_scatter_seq)
+ReduceScatterToSP = conjugate("ReduceScatterToSP", _reduce_scatter_seq, _gather_seq)
+ScatterToSP = conjugate("ScatterToSP", _my_tokens, _gather_seq)
 
-    @staticmethod
-    def forward(ctx, x, group, counter):
-        ctx.group, ctx.counter = group, counter
-        tp, r = dist.get_world_size(group), dist.get_rank(group)
-        return x.chunk(tp, dim=1)[r].contiguous()
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_seq(grad.contiguous(), ctx.group, ctx.counter), None, None
+# --------------------------------------------------------------------------- the layers
+
+def _then(module: nn.Module, cls: type, group, counter, sp: bool = False) -> None:
+    """``module`` itself (its parameters, so their baseline names) turned into ``cls``: the same
+    layer followed by f or by the entry into the SP region."""
+    module.__class__ = cls
+    module.group, module.counter, module.sp = group, counter, sp
 
 
 class EmbeddingThenScatter(Embedding):
     """The embedding (replicated) followed by the entry into the sequence-parallel region."""
-
-    @classmethod
-    def from_embedding(cls, emb: Embedding, group, counter) -> "EmbeddingThenScatter":
-        """The same module (its parameters and positions), now entering the SP region."""
-        emb.__class__ = cls
-        emb.group, emb.counter = group, counter
-        return emb
 
     def forward(self, idx):
         return ScatterToSP.apply(super().forward(idx), self.group, self.counter)
@@ -178,16 +126,7 @@ class EmbeddingThenScatter(Embedding):
 
 class LayerNormThenCopy(nn.LayerNorm):
     """A LayerNorm whose output feeds column-parallel layers: f sits here, once, even when
-    several layers (q, k and v) read the same input (under SP: the all-gather of the sequence).
-    Same parameter names as the LayerNorm it replaces, so shards map back to the baseline."""
-
-    @classmethod
-    def from_layernorm(cls, ln: nn.LayerNorm, group, counter,
-                       sp: bool = False) -> "LayerNormThenCopy":
-        new = cls(ln.normalized_shape, eps=ln.eps).to(ln.weight.device)
-        new.load_state_dict(ln.state_dict())
-        new.group, new.counter, new.sp = group, counter, sp
-        return new
+    several layers (q, k and v) read the same input (under SP: the all-gather of the sequence)."""
 
     def forward(self, x):
         enter = GatherFromSP if self.sp else CopyToTP
@@ -253,6 +192,8 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         return g * (grad / g.shape[0]), None, None, None, None
 
 
+# --------------------------------------------------------------------------- the cut
+
 def shard_layers(full: ToyGPT, indices, grid: Grid, counter: CommCounter,
                  sp: bool = False) -> tuple[dict, int]:
     """Replace, in place, the layers ``full.layers[i]`` for i in ``indices`` by TP rank
@@ -272,11 +213,11 @@ def shard_layers(full: ToyGPT, indices, grid: Grid, counter: CommCounter,
     for i in indices:
         layer = full.layers[i]
         if i == 0 and sp:
-            EmbeddingThenScatter.from_embedding(layer, group, counter)
+            _then(layer, EmbeddingThenScatter, group, counter)
         elif 0 < i < last:  # a block
             a, m = layer.attn, layer.mlp
-            layer.ln1 = LayerNormThenCopy.from_layernorm(layer.ln1, group, counter, sp)
-            layer.ln2 = LayerNormThenCopy.from_layernorm(layer.ln2, group, counter, sp)
+            for ln in (layer.ln1, layer.ln2):
+                _then(ln, LayerNormThenCopy, group, counter, sp)
             for name in ("q", "k", "v"):
                 setattr(a, name, ColumnParallelLinear(getattr(a, name), *span(cfg.d_model)))
                 shard_dims[f"layers.{i}.attn.{name}.weight"] = 0
@@ -286,18 +227,11 @@ def shard_layers(full: ToyGPT, indices, grid: Grid, counter: CommCounter,
             shard_dims.update({f"layers.{i}.attn.proj.weight": 1, f"layers.{i}.mlp.fc.weight": 0,
                                f"layers.{i}.mlp.fc.bias": 0, f"layers.{i}.mlp.proj.weight": 1})
         elif i == last:  # the LM head, split by vocabulary
-            layer.ln_f = LayerNormThenCopy.from_layernorm(layer.ln_f, group, counter, sp)
+            _then(layer.ln_f, LayerNormThenCopy, group, counter, sp)
             vocab_lo, hi = span(cfg.vocab_size)
             layer.head = ColumnParallelLinear(layer.head, vocab_lo, hi)
             shard_dims[f"layers.{i}.head.weight"] = 0
     return shard_dims, vocab_lo
-
-
-def sequence_parallel_params(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters that see only this rank's tokens under SP (LayerNorms and row-parallel
-    biases): their gradients are partial sums over the TP group."""
-    return [p for n, p in model.named_parameters()
-            if ".ln" in n or n.endswith("attn.proj.bias") or n.endswith("mlp.proj.bias")]
 
 
 def vocab_parallel_loss(logits: torch.Tensor, y: torch.Tensor, vocab_lo: int, grid: Grid,
@@ -309,20 +243,7 @@ def vocab_parallel_loss(logits: torch.Tensor, y: torch.Tensor, vocab_lo: int, gr
                                            vocab_lo, grid.tp_group, counter)
 
 
-def take_shard(full: torch.Tensor, dim: int, tp: int, t: int) -> torch.Tensor:
-    """TP rank t's slice of a whole tensor cut along ``dim``, as ``shard_layers`` cuts it."""
-    sizes = chunk_sizes(full.shape[dim], tp)
-    return full.narrow(dim, sum(sizes[:t]), sizes[t])
-
-
-def join_shards(local: dict, parts: list[dict], shard_dims: dict) -> dict:
-    """``local`` with every sharded entry replaced by its TP shards (in TP rank order) joined."""
-    out = dict(local)
-    for name, dim in shard_dims.items():
-        if name in out:
-            out[name] = torch.cat([p[name] for p in parts], dim=dim)
-    return out
-
+# --------------------------------------------------------------------------- the strategy
 
 class OwnTensorParallel(Strategy):
     name, variant = "tensor_parallel", "own"
@@ -330,9 +251,7 @@ class OwnTensorParallel(Strategy):
 
     def __init__(self, rt, settings, sp: bool = False):
         super().__init__(rt, settings)
-        self.sp = sp
-        if sp:
-            self.variant = "own-sp"
+        self.sp, self.variant = sp, "own-sp" if sp else "own"
 
     def build(self) -> None:
         self.grid = Grid(tp=self.rt.world_size, rank=self.rt.rank).with_groups(self.rt.timeout_s)
@@ -342,16 +261,6 @@ class OwnTensorParallel(Strategy):
         self.optimizer = self.make_optimizer(self.model.parameters())
         self.extra.update(tp=self.grid.tp, sp=self.sp)
 
-    def after_backward(self) -> None:
-        """Under SP, the LayerNorms and row-parallel biases saw only this rank's tokens: sum
-        their gradients over the TP group."""
-        if not self.sp:
-            return
-        grads = [p.grad for p in sequence_parallel_params(self.model)]
-        flat = flatten(grads)
-        _all_reduce(flat, self.grid.tp_group, self.comm)
-        unflatten_into(flat, grads)
-
     def forward_backward(self, x, y):
         self.optimizer.zero_grad(set_to_none=True)
         with self.meter.measure(self.model.parameters()):
@@ -359,65 +268,20 @@ class OwnTensorParallel(Strategy):
         loss.backward()
         return loss.detach()
 
-    def _joined(self, local: dict, name_of=lambda key: key) -> dict:
-        """Whole tensors on every rank: sharded entries concatenated along their dimension in
-        TP rank order, replicated ones as this rank holds them."""
-        dims = {k: self.shard_dims[name_of(k)] for k in local if name_of(k) in self.shard_dims}
-        return join_shards(local, self.gather_object({k: local[k] for k in dims}), dims)
+    def after_backward(self) -> None:
+        """Under SP, the LayerNorms and row-parallel biases saw only this rank's tokens: sum
+        their gradients over the TP group."""
+        if self.sp:
+            grads = [p.grad for n, p in self.model.named_parameters()
+                     if ".ln" in n or n.endswith(("attn.proj.bias", "mlp.proj.bias"))]
+            flat = flatten(grads)
+            _all_reduce(flat, self.grid.tp_group, self.comm)
+            unflatten_into(flat, grads)
 
-    def full_state(self):
-        full = self._joined({n: p.detach().cpu() for n, p in self.model.named_parameters()})
-        return full if self.rt.is_main else None
-
-    def canonical_state(self) -> dict:
-        local = ckpt.adam_named(dict(self.model.named_parameters()), self.optimizer)
-        return self._joined(local, ckpt.param_of)
-
-    def load_canonical_state(self, full: dict) -> None:
-        g, dims = self.grid, self.shard_dims
-        ckpt.load_adam_named(dict(self.model.named_parameters()), self.optimizer, full,
-                             cut=lambda n, t: take_shard(t, dims[n], g.tp, g.t) if n in dims else t)
-
-
-class TorchTensorParallel(Strategy):
-    """The same plan through DTensor's parallelize_module."""
-
-    name, variant = "tensor_parallel", "torch"
-    whole_batch = True
-
-    def build(self) -> None:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Replicate
-        from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
-                                                       parallelize_module)
-        tp = self.rt.world_size
-        model = ToyGPT(self.settings.model).to(self.rt.device)
-        mesh = init_device_mesh(self.rt.device.type, (tp,))
-        plan = {}
-        for i in range(1, len(model.layers) - 1):
-            for name in ("q", "k", "v"):
-                plan[f"layers.{i}.attn.{name}"] = ColwiseParallel()
-            plan[f"layers.{i}.attn.proj"] = RowwiseParallel()
-            plan[f"layers.{i}.mlp.fc"] = ColwiseParallel()
-            plan[f"layers.{i}.mlp.proj"] = RowwiseParallel()
-        plan[f"layers.{len(model.layers) - 1}.head"] = ColwiseParallel(
-            output_layouts=Replicate())  # gather the logits; the loss is the ordinary one
-        self.model = parallelize_module(model, mesh, plan)
-        self.optimizer = self.make_optimizer(self.model.parameters())
-        self.extra["tp"] = tp
-
-    def forward_backward(self, x, y):
-        from torch.distributed.tensor.debug import CommDebugMode
-        self.optimizer.zero_grad(set_to_none=True)
-        # DTensor issues its collectives itself: CommDebugMode names them, library_collectives
-        # counts their bytes at the dispatcher.
-        with CommDebugMode() as comm_mode, library_collectives(self.comm), \
-                self.meter.measure(self.model.parameters()):
-            loss = loss_fn(self.model(x), y)
-            loss.backward()
-        self.extra["dtensor_comm_counts_per_step"] = {
-            str(op).split(".")[-1]: n for op, n in comm_mode.get_comm_counts().items()}
-        return loss.detach()
+    def param_layout(self) -> ParamLayout:
+        """The baseline's names; the cut tensors are TP rank t's slice along ``shard_dims``."""
+        return ParamLayout(dict(self.model.named_parameters()), split=self.shard_dims,
+                           tp=self.grid.tp, tp_rank=self.grid.t)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -431,19 +295,20 @@ def make_parser() -> argparse.ArgumentParser:
 
 def check_args(args, settings, world: int) -> None:
     Grid(tp=world).validate(world, settings.model, settings.batch_size, preset=settings.preset)
+    seq = settings.model.seq_len
     if args.sp and world == 1:
         raise UsageError("--sp cuts the sequence over the tensor parallel ranks: run with "
                          "--nproc 2 or more")
     if args.sp and args.impl != "own":
         raise UsageError("--sp is written out in --impl own only; drop --impl torch")
-    if args.sp and settings.model.seq_len % world:
-        raise UsageError(f"--sp: the sequence length {settings.model.seq_len} is not divisible "
-                         f"by the tensor parallel size {world}; use a TP size that divides it")
+    if args.sp and seq % world:
+        raise UsageError(f"--sp: the sequence length {seq} is not divisible by the tensor "
+                         f"parallel size {world}; use a TP size that divides it")
 
 
 def make_strategy(rt, settings, args) -> Strategy:
-    if args.impl == "torch":
-        return TorchTensorParallel(rt, settings)
+    if args.impl != "own":
+        return registry.get("tensor_parallel").library_strategy(args.impl)(rt, settings)
     return OwnTensorParallel(rt, settings, sp=args.sp)
 
 

@@ -9,9 +9,10 @@ from functools import lru_cache
 import pytest
 
 from conftest import run_lab
+from dtlab.costmodel.ring_attention import ring_attention_bytes
 from dtlab.measure.memory_meter import activation_formula_for
 from dtlab.train.model import config_from_preset
-from labs.context_parallel import block_pairs, bytes_theory, layout_chunks
+from labs.context_parallel import block_pairs, layout_chunks
 
 VOCAB = 13          # the synthetic task's vocabulary
 STEPS = 3
@@ -107,7 +108,7 @@ def test_ring_attention_equals_baseline(w, layout):
     c = cfg()
     s = lab("context_parallel", w, "--layout", layout)
     rows, L = 16, c.n_layer
-    th = bytes_theory(c, rows, w)
+    th = ring_attention_bytes(c, rows, w)
     assert s["comm"]["by_op"]["send"]["bytes"] == STEPS * th["send"]
     assert s["comm"]["by_op"]["send"]["calls"] == STEPS * L * (w - 1 + w - 1 + w)
     f = activation_formula_for(c, rows, cp=w)

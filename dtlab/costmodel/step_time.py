@@ -339,7 +339,7 @@ def step_time(m: cm.Shape, batch: int, lay: Layout, c: ClusterSpec, comp: Comput
         blocks = max(st[1] for st in per_stage)
         redo = max(st[3] for st in per_stage)
         # K and V go round the ring W-1 times forward (again for a recomputed block), W-1
-        # times backward with their gradients W times (labs/context_parallel.bytes_theory)
+        # times backward with their gradients W times (costmodel/ring_attention.py)
         calls = (3 * lay.cp - 2) * blocks + (lay.cp - 1) * redo
         comm["cp"] = M * calls * links.time("p2p", kv, c.world, where, share, slot / calls)
     n_dp = lay.dp * lay.cp if lay.tp * lay.pp * lay.cp > 1 else lay.dp

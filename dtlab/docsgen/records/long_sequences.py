@@ -14,7 +14,7 @@ saved (the memory meter) beside the formula (``activation_formula`` in dtlab/cos
   contiguous and the zig-zag layout.
 Pictures: activation-recomputation.png, sequence-parallel.png, context-parallel.png (the labs'
 measurements) and ring-attention-{contiguous,zigzag}.png (the ring's steps in each layout, the
-``ring.png`` dtlab/report/pictures.py draws in the run folder from the blocks it recorded).
+``ring.png`` dtlab/report/ring_picture.py draws in the run folder from the blocks it recorded).
 """
 from __future__ import annotations
 
