@@ -37,6 +37,24 @@ def run_lab(lab, nproc, out: Path, *extra, timeout=300):
     return p, (json.loads(f.read_text()) if f.is_file() else None)
 
 
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory):
+    """``shared_run(lab, nproc, *args)``: (completed process, summary, folder) of
+    ``dtlab run LAB --nproc N ARGS``, run once a session for every test that reads the same run
+    (a plain `ddp --nproc 2 --steps 3` is read by three test files). Readers must not change
+    the folder."""
+    runs = {}
+
+    def get(lab, nproc, *args):
+        key = (lab, nproc, *map(str, args))
+        if key not in runs:
+            out = tmp_path_factory.mktemp(f"shared-{lab}")
+            p, s = run_lab(lab, nproc, out, *args)
+            runs[key] = p, s, out
+        return runs[key]
+    return get
+
+
 # What the root tests need is brought up by these session fixtures, once, when a test asks for
 # it: `make test` on a fresh machine as root installs and starts it (Debian packages included)
 # and stops what it started at the end; what .ci/run (or a person) brought up first is reused

@@ -38,8 +38,8 @@ def test_list_shows_every_lab():
     assert "ready" in p.stdout
 
 
-def test_summary_has_every_documented_field(tmp_path):
-    p, s = run_lab("ddp", 2, tmp_path, "--steps", 3)
+def test_summary_has_every_documented_field(shared_run):
+    p, s, tmp_path = shared_run("ddp", 2, "--steps", 3)
     assert p.returncode == 0, p.stderr
     for field in SUMMARY_FIELDS:
         assert field in s, field

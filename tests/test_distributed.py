@@ -37,9 +37,13 @@ def test_same_seed_gives_same_weights_on_every_rank():
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_ddp_equals_baseline_and_sends_ring_bytes(world, tmp_path):
-    steps = 20
-    p, s = run_lab("ddp", world, tmp_path, "--steps", steps)
+def test_ddp_equals_baseline_and_sends_ring_bytes(world, tmp_path, shared_run):
+    if world == 2:  # the plain 2-rank run test_cli.py and test_flops.py read too
+        steps = 3
+        p, s, _ = shared_run("ddp", world, "--steps", steps)
+    else:
+        steps = 5
+        p, s = run_lab("ddp", world, tmp_path, "--steps", steps)
     assert p.returncode == 0, p.stdout + p.stderr
     assert s["world_size"] == world and s["steps"] == steps and len(s["losses"]) == steps
     b = s["baseline"]
@@ -72,8 +76,8 @@ def test_baseline_learns(tmp_path):
     assert s["comm"]["bytes_per_step"] == 0
 
 
-@pytest.mark.parametrize("lab, nproc, flags", [
-    ("ddp", 2, []), ("ddp", 2, ["--impl", "own"]), ("ring_allreduce", 2, []),
+@pytest.mark.parametrize("lab, nproc, flags", [  # each lab module once (ddp --impl own is labs.ddp)
+    ("ddp", 2, []), ("ring_allreduce", 2, []),
     ("dataparallel", 1, ["--replicas", "2"]), ("torch_multiprocessing", 1, ["--workers", "2"]),
 ])
 def test_torchrun_by_hand(lab, nproc, flags, tmp_path):

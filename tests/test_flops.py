@@ -3,7 +3,6 @@ measured on the device, and MFU in every run record."""
 import pytest
 import torch
 
-from conftest import run_lab
 from dtlab.measure.flops import (PUBLISHED_PEAKS, SWEEP_CPU, flops_record, matmul_sweep,
                                  measure_peak_flops, published_peak)
 from dtlab.train.model import config_from_preset, counted_flops_per_step, formula_flops_per_step
@@ -47,8 +46,8 @@ def test_peak_is_the_dtypes_measured_given_or_published(monkeypatch):
     assert bf16 / published_peak(torch.device("cuda"), "fp32")[0] > 14
 
 
-def test_every_run_records_flops_and_mfu(tmp_path):
-    p, s = run_lab("ddp", 2, tmp_path, "--steps", 3)
+def test_every_run_records_flops_and_mfu(shared_run):
+    p, s, _ = shared_run("ddp", 2, "--steps", 3)
     assert p.returncode == 0, p.stderr
     f = s["flops"]
     assert f["model_flops_per_step"] == counted_flops_per_step(
