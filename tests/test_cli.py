@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, chromium_or_skip, dtlab, run_lab
+from conftest import ROOT, chromium_or_skip, dtlab
 from dtlab.measure.run_record import SUMMARY_FIELDS
 
 
