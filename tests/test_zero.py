@@ -1,6 +1,6 @@
 """ZeRO written out (labs/zero.py): every stage and offload choice equals the AdamW baseline at 2
-and 4 ranks, memory per rank counted from live tensors matches the per-stage formula, and the
-bytes communicated match the known volumes."""
+ranks (every stage at 4 too), memory per rank counted from live tensors matches the per-stage
+formula, and the bytes communicated match the known volumes."""
 
 import pytest
 
@@ -24,8 +24,10 @@ def test_formula_matches_the_zero_paper_table():
     assert off["device"]["total"] == 0 and off["cpu"]["total"] == 16 * P / W
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("stage,offload", COMBOS)
+# every combination at 2 ranks; each stage again at 4, where the bytes' (W-1)/W and the 1/W
+# shares differ from 2 ranks' (offloading moves the same shards to the CPU at any world size)
+@pytest.mark.parametrize("stage,offload,world",
+                         [(s, o, w) for s, o in COMBOS for w in (2, 4) if w == 2 or o == "none"])
 def test_zero_equals_baseline_with_memory_and_comm(stage, offload, world, tmp_path):
     steps = 6 if world == 2 else 3
     p, s = run_lab("zero", world, tmp_path, "--steps", steps, "--stage", stage,
@@ -81,8 +83,9 @@ def test_zero_needs_two_ranks(tmp_path):
     assert p.returncode == 2 and "not 1" in p.stderr
 
 
+# (FSDP2 at 4 ranks runs the library's same code; its 3(W-1)/W volume is 1.5, not 1, at 2)
 @pytest.mark.parametrize("impl,world", [("fairscale-oss", 2), ("fairscale-sdp", 2),
-                                        ("fsdp2", 2), ("fsdp2", 4)])
+                                        ("fsdp2", 2)])
 def test_library_zero_equals_baseline(impl, world, tmp_path):
     steps = 4
     p, s = run_lab("zero", world, tmp_path, "--steps", steps, "--impl", impl)
