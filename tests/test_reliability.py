@@ -19,6 +19,34 @@ def _ref(tmp_path, lab, nproc, *flags):
     return s
 
 
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """``written(lab, nproc, *flags)``: one STEPS-step run of that lab, a checkpoint after step
+    3 and after step 6, made once for the tests here that read it: the record is their reference
+    trajectory (checkpointing does not change it: test_resume_is_bitwise), the step-3 folder the
+    checkpoint they resume or reshard from. Tests copy the folder (`_from_step_3`), never change
+    it."""
+    runs = {}
+
+    def get(lab, nproc, *flags):
+        key = (lab, nproc, *flags)
+        if key not in runs:
+            out = tmp_path_factory.mktemp(f"written-{lab}")
+            p, s = run_lab(lab, nproc, out / "a", "--steps", STEPS, "--ckpt-dir", out / "ck",
+                           "--ckpt-every", 3, "--no-baseline", *flags)
+            assert p.returncode == 0, p.stdout + p.stderr
+            runs[key] = out / "ck", s
+        return runs[key]
+    return get
+
+
+def _from_step_3(ck, dest):
+    """A checkpoint folder of its own holding a copy of ``ck``'s step 3 (what a job that ran 3
+    steps and was stopped leaves)."""
+    shutil.copytree(ck / "step-000003", dest / "step-000003")
+    return dest
+
+
 @pytest.mark.parametrize("lab,nproc,flags", [
     ("ddp", 2, ()),
     ("zero", 2, ("--stage", "1")),
@@ -26,19 +54,16 @@ def _ref(tmp_path, lab, nproc, *flags):
     ("tensor_parallel", 2, ()),
     ("pipeline", 2, ()),
 ], ids=["ddp", "zero1", "zero3", "tp", "pp"])  # (ZeRO-2 saves and loads as ZeRO-1 does)
-def test_resume_is_bitwise(tmp_path, lab, nproc, flags):
+def test_resume_is_bitwise(tmp_path, written, lab, nproc, flags):
     """6 steps in one go, with a checkpoint after step 3; then a new job resumes from that
     checkpoint and runs to 6: the same parameters, bit for bit, and the same losses."""
-    d = tmp_path / "ck"
-    p, ref = run_lab(lab, nproc, tmp_path / "a", "--steps", STEPS, "--ckpt-dir", d,
-                     "--ckpt-every", 3, "--no-baseline", *flags)
-    assert p.returncode == 0, p.stdout + p.stderr
-    manifest = json.loads((d / "step-000003" / "manifest.json").read_text())
+    ck, ref = written(lab, nproc, *flags)
+    manifest = json.loads((ck / "step-000003" / "manifest.json").read_text())
     # every rank wrote its chunks of the canonical state in parallel, DCP's metadata beside them
     assert sorted(f["file"] for f in manifest["files"]) == \
         [".metadata"] + [f"__{r}_0.distcp" for r in range(nproc)]
     assert manifest["world_size"] == nproc and manifest["lab"] == lab
-    shutil.rmtree(d / f"step-{STEPS:06d}")  # so the new job starts from step 3
+    d = _from_step_3(ck, tmp_path / "ck")  # so the new job starts from step 3
     p, resumed = run_lab(lab, nproc, tmp_path / "b", "--steps", STEPS, "--ckpt-dir", d,
                          "--ckpt-every", 3, "--no-baseline", *flags)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -50,8 +75,8 @@ def test_resume_is_bitwise(tmp_path, lab, nproc, flags):
     assert manifest["history"]["losses"] == ref["losses"][:3]
 
 
-def test_killed_rank_restarts_and_finishes_equal(tmp_path):
-    ref = _ref(tmp_path, "ddp", 2)
+def test_killed_rank_restarts_and_finishes_equal(tmp_path, written):
+    _, ref = written("ddp", 2)  # the trajectory without a failure
     p, s = run_lab("ddp", 2, tmp_path / "run", "--steps", STEPS, "--ckpt-dir", tmp_path / "ck",
                    "--ckpt-every", 2, "--fail-at-step", 3, "--fail-rank", 1, "--max-restarts", 1,
                    "--no-baseline", timeout=240)
@@ -81,9 +106,8 @@ def test_kill_during_checkpoint_write_is_never_loaded(tmp_path):
 
 @pytest.mark.parametrize("lab,flags,op", [
     ("ddp", ("--impl", "own"), "`"),  # our ring: the blocking wait is named by its source line
-    ("zero", ("--stage", "3"), "all_gather"),
-    ("tensor_parallel", (), "all_reduce"),
-], ids=["ddp-own", "zero3", "tp"])
+    ("zero", ("--stage", "3"), "all_gather"),  # a library collective, named by its op
+], ids=["ddp-own", "zero3"])  # (tensor_parallel's all_reduce is a library collective too)
 def test_stalled_rank_is_named_within_the_timeout(tmp_path, lab, flags, op):
     timeout = 4
     p, s = run_lab(lab, 2, tmp_path / "run", "--steps", STEPS, "--stall-at-step", 2,
@@ -108,34 +132,35 @@ def test_stalled_rank_is_named_within_the_timeout(tmp_path, lab, flags, op):
         assert "rank 1 is behind in group p2p 0<->1" in p.stderr, p.stderr[-3000:]
 
 
-def test_checkpoint_of_another_trajectory_is_refused_before_launch(tmp_path):
-    d = tmp_path / "ck"
-    p, _ = run_lab("ddp", 2, tmp_path / "a", "--steps", 2, "--ckpt-dir", d, "--no-baseline")
-    assert p.returncode == 0, p.stderr
+def test_checkpoint_of_another_trajectory_is_refused_before_launch(tmp_path, written):
+    d = _from_step_3(written("ddp", 2)[0], tmp_path / "ck")
     p = dtlab("run", "ddp", "--nproc", 2, "--lr", "0.01", "--steps", 4, "--ckpt-dir", d,
               "--out", tmp_path / "b")
     assert p.returncode == 2, p.stdout + p.stderr
-    assert p.stderr.startswith(f"dtlab: error: --ckpt-dir: {d}/step-000002 was written by "
+    assert p.stderr.startswith(f"dtlab: error: --ckpt-dir: {d}/step-000003 was written by "
                                "another run: lr 0.003 (this run: 0.01)")
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
-    p = dtlab("run", "ddp", "--nproc", 2, "--steps", 1, "--ckpt-dir", d, "--out", tmp_path / "c")
-    assert p.returncode == 2 and "is at step 2, past --steps 1" in p.stderr
+    p = dtlab("run", "ddp", "--nproc", 2, "--steps", 2, "--ckpt-dir", d, "--out", tmp_path / "c")
+    assert p.returncode == 2 and "is at step 3, past --steps 2" in p.stderr
 
 
-@pytest.mark.parametrize("written,resumed", [
+@pytest.mark.parametrize("writer,resumed", [
     (("zero", 2, ("--stage", "3")), ("zero", 4, ("--stage", "3"))),
     (("ddp", 2, ()), ("ddp", 4, ())),
     (("zero", 4, ("--stage", "1")), ("zero", 2, ("--stage", "1"))),
     (("tensor_parallel", 2, ()), ("ddp", 2, ())),
 ], ids=["zero3-2to4", "ddp-2to4", "zero1-4to2", "tp2-to-ddp2"])
-def test_checkpoint_reshards_to_another_layout(tmp_path, written, resumed):
+def test_checkpoint_reshards_to_another_layout(tmp_path, written, writer, resumed):
     """Written at one layout, resumed at another: the run continues from the saved step and ends
     within the baseline's tolerance (the same arithmetic, summed in another order)."""
-    lab, nproc, flags = written
-    d = tmp_path / "ck"
-    p, _ = run_lab(lab, nproc, tmp_path / "a", "--steps", 3, "--ckpt-dir", d, "--ckpt-every", 3,
-                   "--no-baseline", *flags)
-    assert p.returncode == 0, p.stdout + p.stderr
+    lab, nproc, flags = writer
+    if nproc == 2:  # the layouts the tests above wrote already: their step 3
+        d = _from_step_3(written(lab, nproc, *flags)[0], tmp_path / "ck")
+    else:
+        d = tmp_path / "ck"
+        p, _ = run_lab(lab, nproc, tmp_path / "a", "--steps", 3, "--ckpt-dir", d,
+                       "--ckpt-every", 3, "--no-baseline", *flags)
+        assert p.returncode == 0, p.stdout + p.stderr
     lab, nproc, flags = resumed
     p, s = run_lab(lab, nproc, tmp_path / "b", "--steps", STEPS, "--ckpt-dir", d,
                    "--ckpt-every", 3, *flags)
