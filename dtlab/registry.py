@@ -113,7 +113,8 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
         "measured bubble and live micro-batches against each formula; schedule picture",
         data_parallel=False,
         tour_more=(("--schedule", "gpipe"), ("--impl", "torch"), ("--schedule", "zbh1"),
-                   ("--schedule", "interleaved", "--preset", "small"))),
+                   ("--schedule", "interleaved", "--preset", "small")),
+        library=(("torch", "labs.library.torch_pipeline:TorchPipeline"),)),
     Lab("parallel3d", "data x pipeline x tensor parallel on one grid of ranks (TP inside, PP "
         "across, DP outermost); --cp: context parallel, a 4D grid", min_world=1, tour_nproc=4, data_parallel=False,
         tour_args=("--dp", "1", "--pp", "2", "--tp", "2", "--preset", "small")),

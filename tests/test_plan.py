@@ -43,7 +43,7 @@ def test_cost_model_pieces_equal_the_labs_formulas():
     for op in ("all_reduce", "all_gather", "reduce_scatter"):
         for n in (2, 3, 4, 8):
             assert cm.ring_factor(op, n) == pytest.approx(RING_FACTORS[op](n))
-    # bubble: (P-1)/(M+P-1), interleaved and ZB-H1 forms (the pipeline lab imports this one)
+    # bubble: (P-1)/(M+P-1), interleaved and ZB-H1 forms (the pipeline report reads this one)
     assert cm.bubble(4, 8) == pytest.approx(3 / 11)
     assert cm.bubble(4, 8, "interleaved", 2) == pytest.approx(3 / 19)
     assert cm.bubble(4, 8, "zbh1") == pytest.approx(3 / 27)

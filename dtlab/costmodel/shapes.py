@@ -120,7 +120,8 @@ def bubble(p: int, m: int, schedule: str = "1f1b", v: int = 1) -> float:
         interleaved   (P-1) / (V M + P-1)   the warm-up and cool-down ramps are V times shorter
         ZB-H1         (P-1) / (3M + P-1)    1F1B's bubble of P-1 slots of F+B+W becomes P-1 of
                                             F+B-W: a third (for M >= P)
-    labs/pipeline.py's ``ideal`` replays any action list and gives the same figures."""
+    dtlab/report/pipeline_schedule.py's ``ideal`` replays any action lists (labs/pipeline.py's)
+    and gives the same figures."""
     if schedule == "interleaved":
         return (p - 1) / (v * m + p - 1)
     if schedule == "zbh1":

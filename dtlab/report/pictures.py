@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from dtlab.plotting import plt_agg
+from dtlab.report.pipeline_schedule import draw_schedule
 from dtlab.report.ring_picture import draw_ring
 from dtlab.report.tables import _floats, run_label
 
@@ -169,7 +170,7 @@ def draw_experts(summary: dict, out: Path) -> Path | None:
 
 # a run's own pictures, drawn from its record: each drawer returns the PNG it wrote, or None when
 # the record holds nothing for it
-RUN_PICTURES = (draw_loss_scale, draw_experts, draw_ring)
+RUN_PICTURES = (draw_loss_scale, draw_experts, draw_ring, draw_schedule)
 
 
 def draw_run_pictures(out: str | Path) -> list[Path]:

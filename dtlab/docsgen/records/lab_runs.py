@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from dtlab.measure.run_record import atomic_write_text
-from dtlab.report import records
+from dtlab.report import pipeline_schedule, records
 
 # (name, lab, processes, flags): what the docs quote, and nothing else
 PIPELINE = [(f"pipeline-{s}-p{p}-m{m}", "pipeline", p,
@@ -61,6 +61,9 @@ def run_one(name: str, lab: str, nproc: int, flags: list[str], work: Path) -> di
     s = json.loads((out / "summary.json").read_text())
     s = {k: s[k] for k in KEEP if k in s}
     s["extra"].pop("profile", None)
+    if lab == "pipeline":  # the figures read from its timelines (they stay in the run folder)
+        s["extra"].update(pipeline_schedule.figures(s["extra"]))
+        del s["extra"]["timelines"], s["extra"]["actions"]
     s["command"] = f"dtlab run {lab} --nproc {nproc} {' '.join(flags)}"
     return s
 

@@ -10,7 +10,8 @@ Runs the real labs (one torchrun each):
   live micro-batches against the action lists;
 - expert parallelism, 4 experts top-2, at EP 2 and EP 2 x DP 2: tokens per expert, all-to-all
   bytes, and a capacity-factor run that drops assignments.
-Copies the runs' schedule.png and experts.png into ``--img`` and writes the tables between
+Copies the runs' schedule.png and experts.png (drawn from their records after each run) into
+``--img`` and writes the tables between
 ``<!-- schedexp:NAME -->`` markers in docs/pipeline.md and docs/expert-parallel.md.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 from dtlab.measure.run_record import atomic_write_text
-from dtlab.report import records
+from dtlab.report import pipeline_schedule, records
 
 PIPELINES = [  # (schedule, ranks, micro-batches)
     ("1f1b", 2, 4), ("interleaved", 2, 4), ("1f1b", 2, 8), ("interleaved", 2, 8),
@@ -50,7 +51,7 @@ def pipeline_rows() -> list[dict]:
     for schedule, p, m in PIPELINES:
         s = lab_run("pipeline", p, "--schedule", schedule, "--microbatches", str(m), "--preset",
                     "small", "--steps", "3", "--stage-compute-ms", "20")
-        e = s["extra"]
+        e = {**s["extra"], **pipeline_schedule.figures(s["extra"])}  # read from its timelines
         rows.append({"schedule": schedule, "P": p, "M": m, "V": e.get("virtual_stages", 1),
                      "bubble_measured": e["bubble_measured"], "bubble_theory": e["bubble_theory"],
                      "peak_live": e["peak_live_microbatches"],
