@@ -69,7 +69,8 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
         "parallel_apply, gather, reduce; device 0's extra memory measured",
         min_world=1, max_world=1, tour_nproc=1, data_parallel=False,
         tour_gpu=((("--impl", "torch"), "nn.DataParallel itself needs CUDA devices"),),
-        no_checkpoint="a single process driving several GPUs; nothing to restart"),
+        no_checkpoint="a single process driving several GPUs; nothing to restart",
+        library=(("torch", "labs.library.dataparallel_torch:TorchDataParallel"),)),
     Lab("torch_multiprocessing", "mp.spawn workers averaging gradients in shared memory; "
         "Hogwild reported as not equivalent", min_world=1, max_world=1, tour_nproc=1,
         data_parallel=False,
@@ -80,7 +81,8 @@ LABS: dict[str, Lab] = {lab.name: lab for lab in [
         tour_more=(("--batch-size", "12", "--algo", "tree"),)),
     Lab("ddp", "DistributedDataParallel: replicas, bucketed gradient all-reduce, counted bytes",
         tour_more=(("--impl", "own"),),
-        tour_gpu=((("--backend", "nccl"), "NCCL runs on CUDA devices only"),)),
+        tour_gpu=((("--backend", "nccl"), "NCCL runs on CUDA devices only"),),
+        library=(("torch", "labs.library.ddp_torch:TorchDDP"),)),
     Lab("amp", "autocast fp16/bf16, our dynamic loss scaler beside torch's GradScaler and "
         "DeepSpeed's, fp32 master weights", tolerance="fp16 1e-2, bf16 3e-2 (see docs/amp.md)",
         tour_args=("--inject-overflow-at", "3"), tour_more=(("--dtype", "bf16"),),

@@ -29,7 +29,7 @@ GPU, and launchers/accelerate.sh and configs/accelerate_multi_cpu.yaml do the la
     launchers/accelerate.sh deepspeed --steps 20     # the DeepSpeed plugin (ZeRO-2), GPUs only
     dtlab run accelerate_lab --nproc 2 --accum 2
 
-Explained in docs/launch.md (question 50 of docs/questions.md).
+Explained in docs/launch.md.
 """
 from __future__ import annotations
 

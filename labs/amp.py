@@ -14,12 +14,14 @@ several times the FLOP/s) and keeps what is sensitive in fp32.
   ``--scaler torch`` is ``torch.amp.GradScaler``; ``--rules deepspeed --hysteresis H`` follows
   DeepSpeed's fp16 engine instead, which backs off only once H overflows have been absorbed.
 - ``--master-weights`` keeps the model itself in fp16 (pure half precision) and lets the optimizer
-  step fp32 copies that are cast back after every step; ``extra.master_weights_demo`` measures why
-  the copy matters: updates smaller than half an fp16 ulp vanish when added to fp16 weights.
+  step fp32 copies that are cast back after every step: updates smaller than half an fp16 ulp
+  vanish when added to fp16 weights (``master_weights_demo`` in dtlab/costmodel/fp16.py).
 - ``--inject-overflow-at 3,10`` puts an inf into one gradient at those steps so skipping and
   backing off can be watched on demand.
 
-Explained in docs/amp.md (questions 42-46 and 65 of docs/questions.md).
+The record keeps the scale history, the skipped steps and ``extra.fp16_underflow`` (the last
+step's gradients cast to fp16, with and without the scale). ``--impl deepspeed``: DeepSpeed's
+fp16 engine, in labs/library/amp_deepspeed.py. Explained in docs/amp.md.
 
 Run:
     python -m labs.amp --dtype fp16 --scaler own --inject-overflow-at 3,10 --steps 20
@@ -28,18 +30,16 @@ Run:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import torch
 import torch.distributed as dist
 
 from dtlab import registry
+from dtlab.costmodel import fp16
 from dtlab.train.data import check_divisible
 from dtlab.train.model import loss_fn
-from dtlab.train.precision import (AMP_TOLERANCE, DTYPES, ScaleHistory,
-                                  deepspeed_fp16_unsupported)
-from dtlab.train.runtime import choose_backend_device
+from dtlab.train.precision import AMP_TOLERANCE, DTYPES, ScaleHistory
 from dtlab.train.settings import finite
 from dtlab.errors import UsageError
 from dtlab.harness import add_common_args, run_lab
@@ -213,7 +213,6 @@ class MixedPrecision(Strategy):
         self.equivalent = self.history.report(
             self.extra, self.settings.out if self.rt.is_main else None, self.variant)
         self.drift_reason = self.history.drift_reason()
-        self.extra["master_weights_demo"] = master_weights_demo()
         grads = [p.grad for p in getattr(self, "master", None) or self.model.parameters()
                  if p.grad is not None]
         if grads:
@@ -224,36 +223,17 @@ class MixedPrecision(Strategy):
 
 def fp16_underflow(grads: torch.Tensor, scale: float = 2.0**16) -> dict:
     """What casting the true (unscaled) fp32 gradients to fp16 does to them, with and without
-    loss scaling. fp16's smallest normal number is 2^-14 (6.1e-5) and its smallest subnormal
-    2^-24 (6.0e-8): below 2^-25 a value rounds to zero, and subnormals keep few significant
-    bits."""
+    loss scaling: the shares that round to zero, that land among the subnormals (below
+    2^-14, where precision drops bit by bit) and, scaled, that overflow."""
     g = grads[grads != 0].abs()
-    n = max(1, g.numel())
-
-    def frac(x):
-        return float(x.sum()) / n
-
-    return {"nonzero_gradients": int(g.numel()),
-            "median_abs": float(g.median()) if g.numel() else 0.0,
-            "zero_in_fp16": frac(g.half() == 0),
-            "subnormal_in_fp16": frac((g < 2.0**-14) & (g.half() != 0)),
-            "scale": scale,
-            "zero_in_fp16_scaled": frac((g * scale).half() == 0),
-            "subnormal_in_fp16_scaled": frac(((g * scale) < 2.0**-14) & ((g * scale).half() != 0)),
-            "overflow_in_fp16_scaled": frac(torch.isinf((g * scale).half()))}
-
-
-def master_weights_demo(weight: float = 1.0, update: float = 1e-4, steps: int = 100) -> dict:
-    """Add a small update to a weight of 1.0 many times, in fp16 and via an fp32 copy."""
-    w16 = torch.tensor(weight, dtype=torch.float16)
-    w32 = torch.tensor(weight, dtype=torch.float32)
-    for _ in range(steps):
-        w16 += torch.tensor(update, dtype=torch.float16)
-        w32 += update
-    ulp = torch.finfo(torch.float16).eps * weight
-    return {"weight": weight, "update": update, "steps": steps, "fp16_ulp_at_weight": ulp,
-            "fp16_result": float(w16), "fp32_master_result": float(w32),
-            "expected": weight + update * steps}
+    share = lambda x: float(x.sum()) / max(1, g.numel())  # noqa: E731
+    out = {"nonzero_gradients": int(g.numel()),
+           "median_abs": float(g.median()) if g.numel() else 0.0, "scale": scale}
+    for suffix, v in (("", g), ("_scaled", g * scale)):
+        out[f"zero_in_fp16{suffix}"] = share(v.half() == 0)
+        out[f"subnormal_in_fp16{suffix}"] = share((v < fp16.SMALLEST_NORMAL) & (v.half() != 0))
+    out["overflow_in_fp16_scaled"] = share(torch.isinf((g * scale).half()))
+    return out
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -303,17 +283,8 @@ def check_args(args, settings, world: int) -> None:
                          "in (0, 1)")
     if args.growth_interval < 1 or args.hysteresis < 1:
         raise UsageError("--growth-interval and --hysteresis must be >= 1")
-    if args.impl == "deepspeed":
-        if args.dtype != "fp16" or args.master_weights:
-            raise UsageError("--impl deepspeed runs DeepSpeed's fp16 engine: use --dtype fp16 "
-                             "(it keeps fp32 master weights itself)")
-        if args.init_scale != 2 ** round(math.log2(args.init_scale)):
-            raise UsageError("--impl deepspeed: --init-scale must be a power of 2 "
-                             "(DeepSpeed takes initial_scale_power)")
-        _, device = choose_backend_device(args.backend, args.device, 0)
-        if (why := deepspeed_fp16_unsupported(device.type)):
-            raise UsageError(f"--impl deepspeed: {why}")
-        return
+    if args.impl != "own":  # what the library variant can take: labs/library/amp_deepspeed.py
+        return registry.get("amp").library_strategy(args.impl).check_args(args)
     if (args.hysteresis != 1 or args.consecutive_hysteresis) and \
             (args.scaler != "own" or args.rules != "deepspeed"):
         raise UsageError("--hysteresis and --consecutive-hysteresis follow DeepSpeed's rules; "
@@ -327,10 +298,8 @@ def check_args(args, settings, world: int) -> None:
 
 
 def make_strategy(rt, settings, args) -> Strategy:
-    if args.impl == "deepspeed":  # labs/library/amp_deepspeed.py: DeepSpeed is imported only for it
-        return registry.get("amp").library_strategy("deepspeed")(rt, settings, args.ds_stage, args.init_scale, args.growth_interval,
-                             args.hysteresis, args.consecutive_hysteresis,
-                             args.inject_overflow_at)
+    if args.impl != "own":
+        return registry.get("amp").library_strategy(args.impl)(rt, settings, args)
     return MixedPrecision(rt, settings, args)
 
 

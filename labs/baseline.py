@@ -6,7 +6,7 @@ stages), its losses and final parameters must match these within the lab's toler
 
 What one device does by default is exactly this loop (forward, loss, backward, optimizer step),
 and the run record shows what that costs in memory by category and in time per step.
-Explained in docs/baseline.md (questions 8 and 27 of docs/questions.md).
+Explained in docs/baseline.md.
 
 Run:
     python -m labs.baseline --steps 200

@@ -13,12 +13,13 @@ Device 0 does more than the others (the gathered outputs, the loss, the reduced 
 optimizer state) and that imbalance is measured in ``extra.replica_bytes``.
 
 ``--impl own`` is the written-out version (on CPU the devices are virtual: R replicas on the CPU,
-each counted apart). ``--impl torch`` is nn.DataParallel itself and needs CUDA devices; without
-them the lab says so and runs ``own``. nn.DataParallel does steps 2 and 6 inside autograd: its
-Broadcast function's backward is the reduce-add. Both runs also show saving and loading with and
-without the ``module.`` prefix that the wrapper adds to every key (question 30).
+each counted apart). ``--impl torch`` is nn.DataParallel itself (labs/library/dataparallel_torch.py)
+and needs CUDA devices; without them the lab says so and runs ``own``. nn.DataParallel does steps
+2 and 6 inside autograd: its Broadcast function's backward is the reduce-add. Both runs also show
+saving and loading with and without the ``module.`` prefix that the wrapper adds to every key
+(``save_load_demo``, beside the variant).
 
-Explained in docs/dataparallel.md (questions 27-34 of docs/questions.md).
+Explained in docs/dataparallel.md.
 
 Run:
     python -m labs.dataparallel --replicas 2 --steps 20
@@ -29,14 +30,9 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import tempfile
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
-import torch.nn as nn
-from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from dtlab import registry
 from dtlab.measure import memory_meter as mem
@@ -122,68 +118,13 @@ class OwnDataParallel(Strategy):
         self.extra["replica_bytes"] = per
         if len(per) > 1:
             self.extra["replica0_over_others"] = per[0]["total"] / max(r["total"] for r in per[1:])
-        self.extra["save_load"] = save_load_demo(self.model)
+        # the wrapper's ``module.`` prefix, saved and loaded three ways (a check of the library)
+        self.extra["save_load"] = registry.get("dataparallel").library_strategy(
+            "torch").save_load_demo(self.model)
         self.checks_ok = all(v["ok"] for v in self.extra["save_load"].values())
         self.pool.shutdown()
         self.replicas = None
         super().close()
-
-
-class TorchDataParallel(Strategy):
-    """nn.DataParallel over CUDA devices 0..R-1."""
-
-    name, variant = "dataparallel", "torch"
-
-    def __init__(self, rt, settings, replicas: int):
-        super().__init__(rt, settings)
-        self.n = replicas
-
-    def build(self) -> None:
-        super().build()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            self.model = nn.DataParallel(self.model, device_ids=list(range(self.n)))
-        self.extra["warnings"] = [str(w.message) for w in caught]
-
-    def close(self) -> None:
-        self.extra["replica_bytes"] = [
-            {"replica": i, "device": f"cuda:{i}",
-             "total": int(torch.cuda.max_memory_allocated(i))} for i in range(self.n)]
-        self.extra["save_load"] = save_load_demo(self.model.module)
-        self.checks_ok = all(v["ok"] for v in self.extra["save_load"].values())
-        super().close()
-
-
-def save_load_demo(model: nn.Module) -> dict:
-    """Save through the DataParallel wrapper and load into a plain model, three ways."""
-    wrapped = nn.DataParallel(model, device_ids=[model.layers[0].tok.weight.device.index]
-                              if model.layers[0].tok.weight.is_cuda else [])
-    ref = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    out = {}
-    with tempfile.TemporaryDirectory() as d:
-        f = Path(d) / "ckpt.pt"
-        torch.save(wrapped.state_dict(), f)          # keys: "module.layers.0.tok.weight", ...
-        sd = torch.load(f, map_location="cpu", weights_only=True)
-        plain = ToyGPT(model.cfg)
-        try:
-            plain.load_state_dict(sd)
-            out["load_prefixed_into_plain"] = {"ok": False, "error": "unexpectedly loaded"}
-        except RuntimeError as e:
-            out["load_prefixed_into_plain"] = {
-                "ok": True, "first_key": next(iter(sd)),
-                "error": " ".join(str(e).split())[:160] + " ... (fails, as expected)"}
-        consume_prefix_in_state_dict_if_present(sd, "module.")
-        plain.load_state_dict(sd)
-        out["strip_prefix_then_load"] = {"ok": _equal(plain, ref)}
-        torch.save(wrapped.module.state_dict(), f)   # the better habit: save the inner module
-        plain2 = ToyGPT(model.cfg)
-        plain2.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
-        out["save_inner_module"] = {"ok": _equal(plain2, ref)}
-    return out
-
-
-def _equal(m: nn.Module, ref: dict) -> bool:
-    return all(torch.equal(v.cpu(), ref[k]) for k, v in m.state_dict().items())
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -210,7 +151,8 @@ def make_strategy(rt, settings, args) -> Strategy:
     if args.impl == "torch":
         n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n_gpu >= args.replicas:
-            return TorchDataParallel(rt, settings, args.replicas)
+            return registry.get("dataparallel").library_strategy("torch")(rt, settings,
+                                                                          args.replicas)
         rt.log(f"nn.DataParallel needs {args.replicas} CUDA devices and this machine has "
                f"{n_gpu}; running the written-out version (--impl own) instead")
     return OwnDataParallel(rt, settings, args.replicas)

@@ -9,7 +9,8 @@ run equals one process training on the whole global batch.
 
 Two implementations:
 - ``--impl torch``: torch.nn.parallel.DistributedDataParallel, its all-reduce routed through a
-  communication hook that does what DDP's default does and counts every bucket.
+  communication hook that does what DDP's default does and counts every bucket
+  (labs/library/ddp_torch.py).
 - ``--impl own``: the same machinery written out below: broadcast of rank 0's initial state,
   per-parameter hooks that fill buckets, an asynchronous all-reduce per full bucket (our ring
   from ring_allreduce.py on a communication thread, or the library's with ``--allreduce
@@ -23,7 +24,7 @@ Two implementations:
 
 Per step and rank, with G gradient bytes and W ranks, a ring all-reduce sends 2(W-1)/W * G.
 
-Explained in docs/ddp.md (questions 3, 9 and 35-38 of docs/questions.md).
+Explained in docs/ddp.md.
 
 Run:
     torchrun --nproc_per_node=2 -m labs.ddp --steps 20
@@ -42,10 +43,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dtlab import registry
-from dtlab.measure.comm_counter import counting_allreduce_hook, unflatten_into
+from dtlab.measure.comm_counter import unflatten_into
 from dtlab.train.data import check_divisible
 from dtlab.train.model import loss_fn
 from dtlab.train.settings import finite
@@ -55,22 +55,6 @@ from dtlab.train.loop import Strategy
 from dtlab.collectives.hier import hier_all_reduce, hier_tensor
 from dtlab.collectives.ring import ring_all_reduce
 from dtlab.collectives.shm import shm_all_reduce, shm_tensor
-
-
-class TorchDDP(Strategy):
-    name, variant = "ddp", "torch"
-
-    def __init__(self, rt, settings, bucket_mb: float = 25.0):
-        super().__init__(rt, settings)
-        self.bucket_mb = bucket_mb
-
-    def build(self) -> None:
-        super().build()  # the plain model and its optimizer (DDP shares the parameters)
-        if self.rt.distributed:
-            device_ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
-            self.model = DDP(self.model, device_ids=device_ids, bucket_cap_mb=self.bucket_mb)
-            self.model.register_comm_hook(None, counting_allreduce_hook(self.comm))
-        self.extra["bucket_mb"] = self.bucket_mb
 
 
 class Bucket:
@@ -261,7 +245,7 @@ def check_args(args, settings, world: int) -> None:
 
 def make_strategy(rt, settings, args) -> Strategy:
     if args.impl == "torch":
-        return TorchDDP(rt, settings, args.bucket_mb)
+        return registry.get("ddp").library_strategy("torch")(rt, settings, args.bucket_mb)
     return OwnDDP(rt, settings, args.bucket_mb, args.allreduce, args.accum, not args.no_overlap)
 
 

@@ -24,7 +24,7 @@ Getting full parameters back (what this lab checks against the baseline):
   into one fp32 state dict (the same as the ``zero_to_fp32.py`` script DeepSpeed puts in dir).
 Both routes are checked equal to each other and to the baseline.
 
-Explained in docs/deepspeed.md (questions 47-49 of docs/questions.md).
+Explained in docs/deepspeed.md.
 
 Run (torchrun, or DeepSpeed's own launcher):
     torchrun --nproc_per_node=2 -m labs.deepspeed_zero --config ds_zero3 --steps 20

@@ -28,8 +28,10 @@ tokens; the rest are dropped (their share of the output is zero, the residual ca
 one-process model drops nothing, so a run that drops is reported as not equivalent, with the
 number dropped, rather than judged against it.
 
-The run records the tokens every expert received in every layer and step, and draws
-``experts.png``. Explained in docs/expert-parallel.md (question 13 of docs/questions.md).
+The run records the tokens every expert received in every layer and step
+(``extra.tokens_per_expert``; ``dtlab run`` draws them as ``experts.png``, through
+dtlab/report/pictures.py); dtlab/costmodel/experts.py has the all-to-all bytes the routing
+implies. Explained in docs/expert-parallel.md.
 
 Run:
     torchrun --nproc_per_node=2 -m labs.expert_parallel --moe-experts 4 --moe-top-k 2
@@ -51,6 +53,7 @@ from dtlab.errors import UsageError
 from dtlab.train.model import MoE, ToyGPT
 from dtlab.train.settings import finite
 from dtlab.harness import add_common_args, run_lab
+from dtlab.train.layout import ParamLayout
 from dtlab.train.loop import Strategy
 
 
@@ -194,10 +197,12 @@ class ExpertParallel(Strategy):
                     for q in expert.parameters():
                         q.grad = None
 
-    def full_state(self):
-        mine = {n: q.detach().cpu() for n, q in self.model.named_parameters()}
-        parts = self.gather_object(mine if self.rt.rank < self.ep else {})
-        return {k: v for part in parts for k, v in part.items()} if self.rt.is_main else None
+    def param_layout(self) -> ParamLayout:
+        """EP rank j holds its experts (and the shared part, equal everywhere) under the
+        baseline's names: to the layout, as pipeline stage j holds its layers; the DP replicas
+        of a shard are copies."""
+        return ParamLayout(dict(self.model.named_parameters()), stages=self.ep,
+                           stage=self.rt.rank % self.ep, replica=self.rt.rank // self.ep)
 
     def memory(self) -> dict:
         m = super().memory()
@@ -213,41 +218,7 @@ class ExpertParallel(Strategy):
                 self.equivalent = False
                 self.drift_reason = (f"capacity factor {self.cf:g} dropped {dropped} token "
                                      "assignments: not the one-process maths")
-            draw_experts(self.tokens, self.settings.out, self.variant)
         super().close()
-
-
-def draw_experts(tokens: list, out: str, title: str) -> None:
-    """experts.png: tokens each expert received, per layer, over the steps."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    from pathlib import Path
-    layers = len(tokens[0])
-    fig, axes = plt.subplots(1, layers, figsize=(4.2 * layers, 3.4), sharey=True, squeeze=False)
-    for li, ax in enumerate(axes[0]):
-        per_step = [step[li] for step in tokens]
-        for e in range(len(per_step[0])):
-            ax.plot([s[e] for s in per_step], marker="o", ms=3, label=f"expert {e}")
-        ax.set(title=f"block {li}", xlabel="step")
-    axes[0][0].set_ylabel("token assignments received")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"{title}: tokens per expert (the router's balance)", fontsize=10)
-    fig.tight_layout()
-    Path(out).mkdir(parents=True, exist_ok=True)
-    fig.savefig(Path(out) / "experts.png", dpi=110)
-    plt.close(fig)
-
-
-def bytes_theory(sent: int, received: int, d_model: int, ep: int, per: int) -> float:
-    """Bytes one rank sends in one layer's step: the counts (int64, to the other EP - 1 ranks);
-    its ``sent`` rows to other ranks' experts, then the outputs of the ``received`` rows back, in
-    the forward; in the backward the gradients of both the other way: 2 (sent + received) rows
-    of d_model fp32."""
-    return (ep - 1) * per * 8 + 2 * (sent + received) * d_model * 4
 
 
 def make_parser() -> argparse.ArgumentParser:

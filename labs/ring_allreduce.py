@@ -8,7 +8,7 @@ them too. This lab first checks each one against ``dist.all_reduce`` at lengths 
 1000003 and counts the bytes every rank actually sends (``extra.checks``), then trains the shared
 model with gradients averaged by the chosen algorithm and compares with the baseline.
 
-Explained in docs/ring-allreduce.md (questions 2 and 35 of docs/questions.md).
+Explained in docs/ring-allreduce.md.
 
 Run:
     torchrun --nproc_per_node=3 -m labs.ring_allreduce --steps 10

@@ -17,7 +17,7 @@ how far it drifted instead of pretending.
 ``--sharing-strategy file_descriptor|file_system`` picks how shared storage reaches the other
 process; ``extra.sharing`` records what each leaves behind (open descriptors, /dev/shm files).
 
-Explained in docs/multiprocessing.md (questions 39-41 of docs/questions.md).
+Explained in docs/multiprocessing.md.
 
 Run:
     python -m labs.torch_multiprocessing --workers 2 --steps 20

@@ -5,7 +5,8 @@ import pytest
 
 from conftest import run_lab
 from dtlab.train.precision import AMP_TOLERANCE, deepspeed_fp16_unsupported
-from labs.amp import DynamicLossScaler, master_weights_demo
+from dtlab.costmodel.fp16 import master_weights_demo
+from labs.amp import DynamicLossScaler
 
 
 def history(s):

@@ -8,7 +8,7 @@ import torch
 
 from conftest import run_lab
 from dtlab.train.model import MoE, ToyGPT, config_from_preset, loss_fn
-from labs.expert_parallel import bytes_theory
+from dtlab.costmodel.experts import all_to_all_bytes
 
 MOE = ("--moe-experts", "4", "--moe-top-k", "2")
 STEPS = 3
@@ -50,7 +50,7 @@ def test_expert_parallel_equals_baseline(nproc, grid, tmp_path):
     # rank 0's all-to-all bytes: counts, then its rows to the other rank's experts and back,
     # forward and backward, from the rows the routing sent
     rows = s["memory"]["per_rank"][0]["rows_per_layer_step"]  # rank 0 is EP rank 0
-    want = sum(bytes_theory(sum(sent[1:]), sum(got[1:]), cfg.d_model, ep, 4 // ep)
+    want = sum(all_to_all_bytes(sum(sent[1:]), sum(got[1:]), cfg.d_model, ep, 4 // ep)
                for layer in rows for sent, got in layer)
     assert s["comm"]["by_op"]["all_to_all"]["sent_bytes"] == pytest.approx(want)
     assert (tmp_path / "experts.png").stat().st_size > 10_000

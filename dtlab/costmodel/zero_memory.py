@@ -42,3 +42,17 @@ def zero_state_bytes(params: int, world: int, stage: int, offload: str = "none",
     dev["total"] = sum(dev.values())
     cpu["total"] = sum(cpu.values())
     return {"device": dev, "cpu": cpu}
+
+
+def beside_formula(measured: dict, formula: dict, buffers: dict) -> dict:
+    """Measured bytes by category (``measured``, its CPU side under ``"offload"``) beside the
+    formula of :func:`zero_state_bytes` plus ``buffers``: the bytes it leaves out, keyed
+    ``"device.grads"`` and the like. One row a place and category, with measured/expected."""
+    rows = {}
+    for where, got in (("device", measured), ("cpu", measured.get("offload", {}))):
+        for cat in ("params", "grads", "optimizer"):
+            key, extra = f"{where}.{cat}", buffers.get(f"{where}.{cat}", 0)
+            expect = formula[where][cat] + extra
+            rows[key] = {"measured": got.get(cat, 0), "formula": formula[where][cat],
+                         "buffers": extra, "ratio": got.get(cat, 0) / expect if expect else None}
+    return rows

@@ -8,7 +8,8 @@ import math
 
 from dtlab.errors import UsageError
 from dtlab.train.model import ToyGPT, loss_fn
-from dtlab.train.precision import AMP_TOLERANCE, ScaleHistory
+from dtlab.train.precision import AMP_TOLERANCE, ScaleHistory, deepspeed_fp16_unsupported
+from dtlab.train.runtime import choose_backend_device
 from dtlab.train.settings import ADAMW_BETAS
 from dtlab.train.loop import Strategy
 
@@ -22,12 +23,25 @@ class DeepSpeedFP16(Strategy):
     name, variant, dtype = "amp", "fp16-deepspeed-master", "fp16-master"
     tolerance = AMP_TOLERANCE["fp16-deepspeed"]
 
-    def __init__(self, rt, settings, stage: int, init_scale: float, growth_interval: int,
-                 hysteresis: int, consecutive_hysteresis: bool, inject_at=()):
+    def __init__(self, rt, settings, args):
         super().__init__(rt, settings)
-        self.stage, self.init_scale, self.growth_interval = stage, init_scale, growth_interval
-        self.hysteresis, self.consecutive_hysteresis = hysteresis, consecutive_hysteresis
-        self.history = ScaleHistory(inject_at)
+        self.stage, self.init_scale = args.ds_stage, args.init_scale
+        self.growth_interval, self.hysteresis = args.growth_interval, args.hysteresis
+        self.consecutive_hysteresis = args.consecutive_hysteresis
+        self.history = ScaleHistory(args.inject_overflow_at)
+
+    @staticmethod
+    def check_args(args) -> None:
+        """labs/amp.py's flags this engine can take (checked before anything starts)."""
+        if args.dtype != "fp16" or args.master_weights:
+            raise UsageError("--impl deepspeed runs DeepSpeed's fp16 engine: use --dtype fp16 "
+                             "(it keeps fp32 master weights itself)")
+        if args.init_scale != 2 ** round(math.log2(args.init_scale)):
+            raise UsageError("--impl deepspeed: --init-scale must be a power of 2 "
+                             "(DeepSpeed takes initial_scale_power)")
+        _, device = choose_backend_device(args.backend, args.device, 0)
+        if (why := deepspeed_fp16_unsupported(device.type)):
+            raise UsageError(f"--impl deepspeed: {why}")
 
     def build(self) -> None:
         try:
