@@ -25,7 +25,9 @@ def test_parse_lengths():
     assert parse_lengths("W+2, W", 3) == [5, 3]
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
+# 2 ranks, and 3: uneven chunks for the ring, a tree round with a rank missing its partner
+# (rank 2 of 3) and two tree rounds; 4 ranks run the same lines again
+@pytest.mark.parametrize("world", [2, 3])
 def test_ring_naive_tree_equal_library_with_counted_bytes(world, tmp_path):
     p, s = run_lab("ring_allreduce", world, tmp_path, "--steps", 4, "--batch-size", 12)
     assert p.returncode == 0, p.stderr
@@ -63,12 +65,14 @@ def test_training_with_naive_and_tree_equals_baseline(algo, tmp_path):
     assert s["baseline"]["ok"] is True and s["variant"] == algo
 
 
-# each all-reduce at 2, 3 and 4 ranks or with and without micro-batches; shm is the in-place
-# shared-memory one (gradients are views of the shared buckets)
+# each all-reduce at 2 and 3 ranks, with and without micro-batches; shm is the in-place
+# shared-memory one (gradients are views of the shared buckets). 3 ranks reach what 4 would:
+# uneven ring chunks, and more ranks than this 2-core machine's cores (shm's barrier yields
+# instead of spinning)
 @pytest.mark.parametrize("allreduce,world,accum", [
-    ("ring", 2, 1), ("ring", 3, 2), ("ring", 4, 1), ("ring", 4, 2),
+    ("ring", 2, 1), ("ring", 3, 2),
     ("library", 2, 2), ("library", 3, 1),
-    ("shm", 2, 1), ("shm", 3, 2), ("shm", 4, 2)])
+    ("shm", 2, 1), ("shm", 3, 2)])
 def test_own_ddp_equals_baseline(world, allreduce, accum, tmp_path):
     steps = 5
     p, s = run_lab("ddp", world, tmp_path, "--impl", "own", "--allreduce", allreduce,
@@ -113,7 +117,8 @@ def test_own_ddp_bad_accum_is_one_line(tmp_path):
     assert "not divisible by the world size x --accum (2 x 3)" in p.stderr
 
 
-@pytest.mark.parametrize("replicas", [1, 2, 3, 4])
+# 1 replica (nothing to scatter), 2 (equal slices), 3 (16 rows in slices of 6, 6, 4)
+@pytest.mark.parametrize("replicas", [1, 2, 3])
 def test_dataparallel_own_equals_baseline_and_measures_device0(replicas, tmp_path):
     p, s = run_lab("dataparallel", 1, tmp_path, "--replicas", replicas, "--steps", 5)
     assert p.returncode == 0, p.stderr
@@ -155,8 +160,7 @@ def test_dataparallel_torch_on_cuda(tmp_path):
     assert s["variant"] == "torch" and s["baseline"]["ok"] is True
 
 
-@pytest.mark.parametrize("workers, strategy", [(2, "file_descriptor"), (3, "file_system"),
-                                               (4, "file_descriptor")])
+@pytest.mark.parametrize("workers, strategy", [(2, "file_descriptor"), (3, "file_system")])
 def test_multiprocessing_sync_equals_baseline(workers, strategy, tmp_path):
     p, s = run_lab("torch_multiprocessing", 1, tmp_path, "--workers", workers, "--batch-size",
                    24, "--sharing-strategy", strategy, "--steps", 5)
