@@ -28,15 +28,31 @@ def test_summary_arithmetic():
     assert us["other"] == 50 and us["exposed_communication"] == 15 and us["step"] == 100
 
 
-@pytest.mark.parametrize("lab,args,comm_name", [
-    ("ddp", ("--impl", "own", "--allreduce", "library", "--bucket-mb", "0.02"), "gloo:all_reduce"),
-    ("pipeline", (), "gloo:send"),
-])
-def test_profile_writes_traces_and_counts_every_communication(lab, args, comm_name, tmp_path):
-    p = dtlab("profile", lab, "--nproc", 2, "--steps", 6, "--out", tmp_path, *args, timeout=300)
+PROFILED = {"ddp": ("--impl", "own", "--allreduce", "library", "--bucket-mb", "0.02"),
+            "pipeline": ()}
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+    """``profiled(lab)``: `dtlab profile LAB --nproc 2 --steps 6` made once, (process, folder),
+    for the tests here that read it (the ddp one is also what TensorBoard is pointed at)."""
+    runs = {}
+
+    def get(lab):
+        if lab not in runs:
+            out = tmp_path_factory.mktemp(f"profile-{lab}")
+            runs[lab] = dtlab("profile", lab, "--nproc", 2, "--steps", 6, "--out", out,
+                              *PROFILED[lab], timeout=300), out
+        return runs[lab]
+    return get
+
+
+@pytest.mark.parametrize("lab,comm_name", [("ddp", "gloo:all_reduce"), ("pipeline", "gloo:send")])
+def test_profile_writes_traces_and_counts_every_communication(lab, comm_name, profiled):
+    p, out = profiled(lab)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "computation" in p.stdout and "exposed comm" in p.stdout
-    s = json.loads((tmp_path / "summary.json").read_text())
+    s = json.loads((out / "summary.json").read_text())
     rows = s["extra"]["profile"]
     assert len(rows) == 2
     for r in rows:
@@ -47,14 +63,14 @@ def test_profile_writes_traces_and_counts_every_communication(lab, args, comm_na
         # computation + communication - overlap + other = the whole step
         assert sh["computation"] + sh["communication"] - sh["overlap"] + sh["other"] == \
             pytest.approx(1.0, abs=1e-3)
-    traces = sorted((tmp_path / "tb").glob("*.pt.trace.json"))
+    traces = sorted((out / "tb").glob("*.pt.trace.json"))
     assert [t.name.split(".")[0] for t in traces] == ["rank0", "rank1"]  # no baseline trace
     names = {e.get("name") for e in json.loads(traces[0].read_text())["traceEvents"]}
     assert comm_name in names and any(n and n.startswith("ProfilerStep") for n in names)
 
 
-def test_tensorboard_plugin_and_browser_show_the_run(tmp_path):
-    """TensorBoard with torch-tb-profiler over a profile made here: its HTTP API lists the run
+def test_tensorboard_plugin_and_browser_show_the_run(tmp_path, profiled):
+    """TensorBoard with torch-tb-profiler over the ddp profile above: its HTTP API lists the run
     and both workers, and headless Chromium renders the plugin page (screenshot not blank)."""
     import shutil
     import subprocess
@@ -64,11 +80,11 @@ def test_tensorboard_plugin_and_browser_show_the_run(tmp_path):
     from conftest import free_port
     pytest.importorskip("torch_tb_profiler")
     chromium = chromium_or_skip("the TensorBoard page screenshot")
-    p = dtlab("profile", "ddp", "--nproc", 2, "--steps", 5, "--out", tmp_path, timeout=300)
+    p, run = profiled("ddp")
     assert p.returncode == 0, p.stderr[-2000:]
     port = free_port()
     tb = subprocess.Popen([str(__import__("pathlib").Path(__import__("sys").executable)
-                               .with_name("tensorboard")), "--logdir", str(tmp_path / "tb"),
+                               .with_name("tensorboard")), "--logdir", str(run / "tb"),
                            "--host", "127.0.0.1", "--port", str(port)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}/data/plugin/pytorch_profiler"
