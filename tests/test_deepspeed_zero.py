@@ -1,16 +1,11 @@
 """DeepSpeed's engine on the shared model (labs/deepspeed_zero.py) with every config in
 launchers/configs/: equal to the baseline, the stage-3 parameters gathered and a merged fp32
-checkpoint equal to them, the collectives DeepSpeed issued counted, under torchrun and under the
-deepspeed launcher. The first offload run builds DeepSpeed's cpu_adam op (about 40 s)."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
+checkpoint equal to them, the collectives DeepSpeed issued counted, under torchrun (under the
+deepspeed launcher: tests/test_launchers.py). The first offload run builds DeepSpeed's cpu_adam op
+(about 40 s)."""
 import pytest
 
-from conftest import ROOT, free_port, run_lab
+from conftest import run_lab
 from dtlab.train.model import ToyGPT, config_from_preset
 
 pytestmark = pytest.mark.deepspeed
@@ -19,8 +14,10 @@ pytest.importorskip("deepspeed")
 P = ToyGPT.count_params(config_from_preset("tiny", vocab_size=13))
 
 
+# every config at 2 ranks (stage 3 at 4 ranks partitions by the same code; the per-rank shares
+# below are checked against the world size at 2 already)
 @pytest.mark.parametrize("config,world", [
-    ("ds_zero0", 2), ("ds_zero1", 2), ("ds_zero2", 2), ("ds_zero3", 2), ("ds_zero3", 4),
+    ("ds_zero0", 2), ("ds_zero1", 2), ("ds_zero2", 2), ("ds_zero3", 2),
     ("ds_zero2_offload", 2), ("ds_zero3_offload", 2)])
 def test_deepspeed_config_equals_baseline(config, world, tmp_path):
     steps = 4
@@ -48,16 +45,8 @@ def test_deepspeed_config_equals_baseline(config, world, tmp_path):
             assert m["fp32_partitions"] == pytest.approx(4 * P / world, rel=0.01)
 
 
-def test_deepspeed_launcher_runs_the_lab(tmp_path):
-    launcher = Path(sys.executable).with_name("deepspeed")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(free_port()),
-                        "--module", "labs.deepspeed_zero", "--config", "ds_zero1", "--steps", "3",
-                        "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    s = json.loads((tmp_path / "summary.json").read_text())
-    assert s["world_size"] == 2 and s["ok"] is True
+# DeepSpeed's launcher starting this lab (`deepspeed --num_gpus 2 --module labs.deepspeed_zero`,
+# what launchers/deepspeed.sh runs): tests/test_launchers.py::test_deepspeed_launcher_on_this_machine
 
 
 @pytest.mark.parametrize("content,message", [
