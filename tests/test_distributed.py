@@ -76,8 +76,9 @@ def test_baseline_learns(tmp_path):
     assert s["comm"]["bytes_per_step"] == 0
 
 
-@pytest.mark.parametrize("lab, nproc, flags", [  # each lab module once (ddp --impl own is labs.ddp)
-    ("ddp", 2, []), ("ring_allreduce", 2, []),
+# each lab module once; labs.ddp under plain torchrun is launchers/multi_gpu.sh's run below
+@pytest.mark.parametrize("lab, nproc, flags", [
+    ("ring_allreduce", 2, []),
     ("dataparallel", 1, ["--replicas", "2"]), ("torch_multiprocessing", 1, ["--workers", "2"]),
 ])
 def test_torchrun_by_hand(lab, nproc, flags, tmp_path):
@@ -93,12 +94,15 @@ def test_torchrun_by_hand(lab, nproc, flags, tmp_path):
 
 
 def test_multi_gpu_launcher_runs_on_cpu(tmp_path):
+    """launchers/multi_gpu.sh is `python -m torch.distributed.run --standalone
+    --nproc_per_node=2 -m labs.ddp`: the ddp lab as a plain torchrun module, as above."""
     env = dict(os.environ, NPROC="2")
     p = subprocess.run(["bash", "launchers/multi_gpu.sh", "ddp", "--steps", "3", "--out",
                         str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=180)
     assert p.returncode == 0, p.stderr
     assert "-> OK" in p.stdout
+    assert (tmp_path / "summary.json").is_file() and (tmp_path / "steps.jsonl").is_file()
 
 
 def test_single_gpu_launcher_runs_on_cpu(tmp_path):
