@@ -70,7 +70,7 @@ def test_small_buckets_split_the_same_bytes_into_more_calls(tmp_path):
 
 
 def test_baseline_learns(tmp_path):
-    p, s = run_lab("baseline", 1, tmp_path, "--steps", 200)
+    p, s = run_lab("baseline", 1, tmp_path, "--steps", 100)  # 2.56 -> 1.17 (0.46 x)
     assert p.returncode == 0, p.stderr
     assert s["losses"][-1] <= 0.5 * s["losses"][0], (s["losses"][0], s["losses"][-1])
     assert s["comm"]["bytes_per_step"] == 0
