@@ -37,13 +37,13 @@ def test_same_seed_gives_same_weights_on_every_rank():
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_ddp_equals_baseline_and_sends_ring_bytes(world, tmp_path, shared_run):
+def test_ddp_equals_baseline_and_sends_ring_bytes(world, shared_run):
     if world == 2:  # the plain 2-rank run test_cli.py and test_flops.py read too
         steps = 3
         p, s, _ = shared_run("ddp", world, "--steps", steps)
-    else:
+    else:  # in small buckets, which the next test reads
         steps = 5
-        p, s = run_lab("ddp", world, tmp_path, "--steps", steps)
+        p, s, _ = shared_run("ddp", world, "--steps", steps, "--bucket-mb", 0.02)
     assert p.returncode == 0, p.stdout + p.stderr
     assert s["world_size"] == world and s["steps"] == steps and len(s["losses"]) == steps
     b = s["baseline"]
@@ -61,12 +61,14 @@ def test_ddp_equals_baseline_and_sends_ring_bytes(world, tmp_path, shared_run):
     assert s["comm"]["per_rank"] == [s["comm"]["bytes_per_step"]] * world
 
 
-def test_small_buckets_split_the_same_bytes_into_more_calls(tmp_path):
-    p, s = run_lab("ddp", 2, tmp_path, "--steps", 3, "--bucket-mb", 0.02)
+def test_small_buckets_split_the_same_bytes_into_more_calls(shared_run):
+    """The 4-rank run above, in 0.02 MiB buckets: every gradient byte once a step, in several
+    calls (the ring's bytes above hold for it too)."""
+    p, s, _ = shared_run("ddp", 4, "--steps", 5, "--bucket-mb", 0.02)
     assert p.returncode == 0, p.stderr
     assert s["baseline"]["ok"] is True
     assert s["comm"]["calls_per_step"] > 1
-    assert s["comm"]["by_op"]["all_reduce"]["bytes"] == 3 * 4 * TINY_PARAMS
+    assert s["comm"]["by_op"]["all_reduce"]["bytes"] == 5 * 4 * TINY_PARAMS
 
 
 def test_baseline_learns(tmp_path):
