@@ -238,12 +238,15 @@ def test_every_schedule_runs_and_meets_its_formula(schedule, v):
 
 @pytest.mark.parametrize("impl", ["own", "torch"])
 @pytest.mark.parametrize("schedule", ["interleaved", "zbh1"])
-def test_interleaved_and_zero_bubble_equal_baseline(impl, schedule, tmp_path):
+def test_interleaved_and_zero_bubble_equal_baseline(impl, schedule, tmp_path, shared_run):
     """Interleaved 1F1B (2 ranks x 2 chunks of the small preset's 4 blocks) and ZB-H1 equal the
     baseline; every virtual-stage boundary carries each micro-batch's activation forward and its
     gradient back."""
-    p, s = run_lab("pipeline", 2, tmp_path, "--impl", impl, "--schedule", schedule,
-                   "--microbatches", 4, "--preset", "small", "--steps", 3)
+    if (impl, schedule) == ("own", "interleaved"):  # the next test's run (a sleep added)
+        p, s, tmp_path = shared_run("pipeline", 2, *INTERLEAVED_TIMED)
+    else:
+        p, s = run_lab("pipeline", 2, tmp_path, "--impl", impl, "--schedule", schedule,
+                       "--microbatches", 4, "--preset", "small", "--steps", 3)
     assert p.returncode == 0, p.stderr[-3000:]
     b = s["baseline"]
     assert b["ok"] is True and b["max_rel_loss_diff"] <= 1e-5 and b["max_abs_param_diff"] <= 1e-4
@@ -255,17 +258,25 @@ def test_interleaved_and_zero_bubble_equal_baseline(impl, schedule, tmp_path):
         assert s["extra"]["peak_live_microbatches"] == f["peak_live_theory"]
 
 
+INTERLEAVED_TIMED = ("--schedule", "interleaved", "--microbatches", 4, "--preset", "small",
+                     "--steps", 3, "--stage-compute-ms", 20)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule, stages, m", [("interleaved", 2, 4), ("zbh1", 4, 8)])
-def test_new_schedules_bubble_and_memory_match_theory(schedule, stages, m, tmp_path):
+def test_new_schedules_bubble_and_memory_match_theory(schedule, stages, m, tmp_path, shared_run):
     """With a known busy time per forward (and per B and W, or twice per whole backward), the
     replay of the recorded action lists has the formula's bubble exactly and the live
     micro-batches per rank are the action list's. The measured bubble is left to the benchmark
     records (python -m dtlab.docsgen.records.schedule_runs): on a loaded machine it drifts from
     the formula by more than any margin a test could hold (0.168 against 0.111 for ZB-H1 at
     P = 4, M = 8 on 2 shared cores)."""
-    p, s = run_lab("pipeline", stages, tmp_path, "--schedule", schedule, "--microbatches", m,
-                   "--preset", "small", "--steps", 3, "--stage-compute-ms", 20)
+    args = ("--schedule", schedule, "--microbatches", m, "--preset", "small", "--steps", 3,
+            "--stage-compute-ms", 20)
+    if args == INTERLEAVED_TIMED:  # shared with the baseline test above
+        p, s, tmp_path = shared_run("pipeline", stages, *args)
+    else:
+        p, s = run_lab("pipeline", stages, tmp_path, *args)
     assert p.returncode == 0, p.stderr[-3000:]
     f = _recorded_schedule(s, tmp_path, 3)
     assert f["bubble_theory"] == pytest.approx(bubble_theory(stages, m, schedule,
