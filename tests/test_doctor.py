@@ -343,3 +343,86 @@ def test_master_address_on_a_docker_bridge(hosts, tmp_path):
     rc, r, errors = doctor(tmp_path, "dthost1 slots=1\ndthost2 slots=1\n", "--master-addr",
                            "172.17.0.2", "--no-ports")
     assert rc == 1 and any("Docker's default bridge" in e["message"] for e in errors), errors
+
+
+# ---- what --collective launches, without ssh hosts: every host answers as if probed, the
+# master check is skipped, and no ssh can start (the launch itself is watched or faked)
+def _offline_doctor(monkeypatch, tmp_path, hostfile_text, *argv, summary_hosts=None):
+    """``dtlab doctor --json --collective ...`` in this process. ``summary_hosts``: the host
+    names the ranks report (None: nothing is launched, and a launch fails the test). Returns
+    (exit status, the JSON report, the DeepSpeed command lines with their hostfile's text)."""
+    import types
+    from dtlab.doctor import connectivity, diagnose
+
+    def probe(self, host):
+        self.probes[host] = {"hostname": f"{host}-box", "python": "3.11.0", "cwd_exists": True,
+                             "interfaces": {}, "ipv4": [], "env": {}, "gloo": None, "shm": None,
+                             "torch": "2.0.0", "cuda": None, "gpus": 0, "deepspeed": "0.19.8"}
+        return True, []
+
+    def no_ssh(self, host, remote):
+        raise AssertionError(f"ssh to {host} in a test without hosts")
+
+    launched = []
+
+    def fake_run(argv, **kw):
+        hf = argv[argv.index("--hostfile") + 1]
+        launched.append((list(argv), Path(hf).read_text(), hf))
+        if summary_hosts is None:
+            raise AssertionError("the collective was launched")
+        ranks = [{"rank": r, "host": h, "phase": "bandwidth", "error": None, "busbw_GBps": 0.5}
+                 for r, h in enumerate(summary_hosts)]
+        out = "DTLAB-COLLECTIVE " + json.dumps({"world": len(ranks), "ranks": ranks}) + "\n"
+        return subprocess.CompletedProcess(argv, 0, out, "")
+
+    monkeypatch.setattr(diagnose.Doctor, "check_resolve", lambda self, h: True)
+    monkeypatch.setattr(diagnose.Doctor, "probe", probe)
+    monkeypatch.setattr(diagnose.Doctor, "ssh_argv", no_ssh)
+    monkeypatch.setattr(diagnose.Doctor, "check_master", lambda self, first: "127.0.0.1")
+    monkeypatch.setattr(connectivity, "subprocess", types.SimpleNamespace(
+        run=fake_run, TimeoutExpired=subprocess.TimeoutExpired, Popen=None))
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.deepspeed_env of this machine
+    hf = tmp_path / "hostfile"
+    hf.write_text(hostfile_text)
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = diagnose.main(["--hostfile", str(hf), "--json", "--no-ports", "--collective",
+                            "--cwd", str(tmp_path), *argv])
+    return rc, json.loads(out.getvalue()), launched
+
+
+HOSTILE_LINE = "-oProxyCommand=touch${IFS}%s slots=1\n"
+
+
+@pytest.mark.parametrize("case", ["hostfile", "deepspeed_env"])
+def test_collective_is_not_launched_while_an_input_error_stands(monkeypatch, tmp_path, case):
+    """A refused hostfile line, or a .deepspeed_env value the remote shell would expand: the
+    doctor reports it and launches nothing."""
+    marker = tmp_path / "touched"
+    text = "n1 slots=1\nn2 slots=1\n"
+    if case == "hostfile":
+        text += HOSTILE_LINE % marker
+    else:
+        (tmp_path / ".deepspeed_env").write_text(f"NCCL_DEBUG=$(touch {marker})\n")
+    rc, r, launched = _offline_doctor(monkeypatch, tmp_path, text)
+    assert rc == 1 and launched == [] and not marker.exists()
+    msgs = [f["message"] for f in r["findings"] if f["check"] == "collective"]
+    assert msgs == ["not launching the collective: 1 error(s) above (hostfile, include/exclude, "
+                    "exports, flags)"], msgs
+    assert r["collective"] == {"ok": False, "not_run": True}
+
+
+def test_collective_gets_a_hostfile_the_doctor_wrote(monkeypatch, tmp_path):
+    """DeepSpeed reads the validated hosts from a file of the doctor's own (comments, the
+    trailing text the check warns about and all else of the user's file left out), removed
+    after the run; the ranks ran where the hosts say they are."""
+    rc, r, launched = _offline_doctor(monkeypatch, tmp_path, "# two\nn1 slots=1 # box\n"
+                                      "n2 slots=1\n", summary_hosts=["n1-box", "n2-box"])
+    assert rc == 0 and r["collective"]["ok"] is True, r["findings"]
+    (argv, text, path), = launched
+    assert text == "n1 slots=1\nn2 slots=1\n"
+    assert path != str(tmp_path / "hostfile") and not Path(path).exists()
+    assert not Path(path).parent.exists()

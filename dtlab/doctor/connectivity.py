@@ -21,6 +21,7 @@ import ipaddress
 import json
 import selectors
 import subprocess
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -344,20 +345,25 @@ def _parse(lines: list[str]) -> tuple[dict | None, list[dict]]:
     return summary, solo
 
 
-def run_collective(doc, active: dict, addr: str, port: int) -> dict:
-    """Start the tiny job on every active host; returns what each rank reported."""
+def run_collective(doc, active: dict, addr: str, port: int, pool: dict) -> dict:
+    """Start the tiny job on every active host; returns what each rank reported. ``pool`` is
+    the validated hostfile (host -> slots): DeepSpeed reads a copy the doctor writes of it,
+    never the user's file, so no line the checks refused or skipped can reach it."""
     timeout = float(doc.a.collective_timeout)
     hosts = list(active)
     rank_host = [h for h in hosts for _ in active[h]]
     t0 = time.monotonic()
     if doc.a.collective_launcher == "deepspeed":
-        argv = collective_argv_deepspeed(doc, doc.a.hostfile, addr, port, timeout)
-        try:
-            p = subprocess.run(argv, cwd=doc.cwd, capture_output=True, text=True,
-                               timeout=3 * timeout + 90)
-            text, rc = p.stdout + p.stderr, p.returncode
-        except subprocess.TimeoutExpired as e:
-            text, rc = f"{e.stdout or ''}{e.stderr or ''}", None
+        with tempfile.TemporaryDirectory(prefix="dtlab-doctor-") as folder:
+            hostfile = Path(folder) / "hostfile"
+            hostfile.write_text("".join(f"{h} slots={n}\n" for h, n in pool.items()))
+            argv = collective_argv_deepspeed(doc, str(hostfile), addr, port, timeout)
+            try:
+                p = subprocess.run(argv, cwd=doc.cwd, capture_output=True, text=True,
+                                   timeout=3 * timeout + 90)
+                text, rc = p.stdout + p.stderr, p.returncode
+            except subprocess.TimeoutExpired as e:
+                text, rc = f"{e.stdout or ''}{e.stderr or ''}", None
         per_host_rc = {}
     else:
         procs = {h: subprocess.Popen(doc.ssh_argv(h, _torchrun_remote(

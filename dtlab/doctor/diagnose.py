@@ -72,6 +72,8 @@ KNOWN_BUGS = [
 ]
 NOT_EXPORTED = ("GLOO_SOCKET_IFNAME", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "OMP_NUM_THREADS",
                 "TP_SOCKET_IFNAME")
+# What the launch is made of: while one of these has an error, --collective launches nothing
+INPUT_CHECKS = ("hostfile", "include/exclude", "exports", "flags")
 LAUNCHER_PROGRAMS = {"pdsh": "pdsh", "openmpi": "mpirun", "mpich": "mpirun", "impi": "mpirun",
                      "mvapich": "mpirun_rsh", "slurm": "srun"}
 
@@ -252,22 +254,33 @@ class Doctor:
         if not self.a.no_ports:
             connectivity.check_ports(self)
         if self.a.collective:
-            down = [h for h in (active or hf.hosts) if h not in self.reachable]
-            if addr is None:
-                self.add("collective", "error", "not run: no master address to meet at (see the "
-                         "master findings)", "fix them and run again")
-            elif down:  # the launch would fail there, and the others wait out the timeout
-                for h in down:
-                    self.add("collective", "error", f"{h}: not run: the job cannot start there, "
-                             "the launcher reaches hosts over ssh and the ssh check failed for "
-                             "it (a real launch would hang the other hosts until the timeout)",
-                             "fix that host's ssh finding above and run the doctor again", h)
-                self.collective = {"ok": False, "failed_hosts": down, "not_run": True}
-            else:
-                result = connectivity.run_collective(self, active or hf.hosts, addr,
-                                                     self.a.master_port)
-                connectivity.report_collective(self, result, f"{addr}:{self.a.master_port}")
+            self.check_collective(hf, active, addr)
         return self.findings
+
+    def check_collective(self, hf: Hostfile, active, addr: str | None) -> None:
+        """Launch the tiny job only when nothing it would be launched with was refused."""
+        refused = [f for f in self.findings if f.severity == "error" and f.check in INPUT_CHECKS]
+        if refused:  # a refused line or value must never reach DeepSpeed, pdsh or a shell
+            self.add("collective", "error", f"not launching the collective: {len(refused)} "
+                     f"error(s) above ({', '.join(INPUT_CHECKS)})",
+                     "fix them and run the doctor again")
+            self.collective = {"ok": False, "not_run": True}
+            return
+        down = [h for h in active if h not in self.reachable]
+        if addr is None:
+            self.add("collective", "error", "not run: no master address to meet at (see the "
+                     "master findings)", "fix them and run again")
+        elif down:  # the launch would fail there, and the others wait out the timeout
+            for h in down:
+                self.add("collective", "error", f"{h}: not run: the job cannot start there, "
+                         "the launcher reaches hosts over ssh and the ssh check failed for "
+                         "it (a real launch would hang the other hosts until the timeout)",
+                         "fix that host's ssh finding above and run the doctor again", h)
+            self.collective = {"ok": False, "failed_hosts": down, "not_run": True}
+        else:
+            result = connectivity.run_collective(self, active, addr, self.a.master_port,
+                                                 pool=hf.hosts)
+            connectivity.report_collective(self, result, f"{addr}:{self.a.master_port}")
 
     def check_hostfile(self) -> Hostfile | None:
         a = self.a
@@ -328,7 +341,8 @@ class Doctor:
 
     def env_files(self) -> list[Path]:
         name = os.environ.get("DS_ENV_FILE", ".deepspeed_env")
-        return [p for p in (Path.home() / name, Path(self.cwd) / name) if p.is_file()]
+        found = [p for p in (Path.home() / name, Path(self.cwd) / name) if p.is_file()]
+        return list({p.resolve(): p for p in found}.values())  # ~ may be the cwd: one report
 
     def env_lines(self, f: Path) -> list[str] | None:
         """The lines of a .deepspeed_env as DeepSpeed reads them (text mode, universal
