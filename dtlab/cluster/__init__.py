@@ -15,7 +15,8 @@ import argparse
 
 def cmd_cluster(args, rest) -> int:
     from dtlab.cluster import manage, netns  # the machinery: only when the command runs
-    from dtlab.cluster.netns import Cluster, parse_rate
+    from dtlab.cluster.netns import Cluster, check_name, parse_rate
+    check_name(args.name)  # before anything reads or makes /run/dtlab-cluster/<name>
     if args.action == "up":
         ifnames = tuple(t.strip() for t in args.ifnames.split(",") if t.strip()) or ("eth0",)
         shm = dict(manage.parse_assignment(a, "--shm") for a in args.shm)

@@ -30,6 +30,7 @@ def up(c: Cluster, log=print) -> Cluster:
 
 
 def down(name: str = "main", log=print) -> None:
+    netns.check_name(name)
     try:
         c = Cluster.load(name)
         slurm.stop(c)
@@ -43,7 +44,7 @@ def exec_in(name: str, node: str, argv: list[str]) -> int:
     """Run a command inside a node, as `ip netns exec` would, with the node's host name."""
     if not argv:
         raise ClusterError("dtlab cluster exec NODE -- COMMAND: give the command after --")
-    c = Cluster.load(name)
+    c = Cluster.load(name, "--name")
     return subprocess.call(netns.node_argv(c, c.find(node), argv))
 
 

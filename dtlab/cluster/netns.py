@@ -24,10 +24,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
+import stat
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,6 +38,7 @@ from pathlib import Path
 from dtlab.errors import UsageError
 
 STATE_ROOT = Path("/run/dtlab-cluster")
+HOSTS = Path("/etc/hosts")
 DEFAULT_SUBNET = "10.77.0.0/24"
 NAME = re.compile(r"[a-z][a-z0-9]{0,5}")        # short: interface names hold 15 characters
 IFNAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,14}")
@@ -47,6 +51,16 @@ SSH_WAIT_S = 20.0
 
 class ClusterError(UsageError):
     """Bad input or a machine that cannot host the cluster; one line, exit status 2."""
+
+
+def check_name(name: str, flag: str = "--name") -> str:
+    """A cluster name, from whichever flag gave it: it becomes a folder under STATE_ROOT and
+    part of interface and namespace names, so nothing but the short form is let through (no
+    ``/``, no ``..``)."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ClusterError(f"{flag} {name!r}: 1-6 lowercase letters and digits, starting with a "
+                           "letter (it goes into interface names of 15 characters)")
+    return name
 
 
 def _run(argv: list[str], check: bool = True, timeout: float = 60,
@@ -159,9 +173,7 @@ class Cluster:
 
     # ---- validation (before anything is created)
     def validate(self) -> None:
-        if not NAME.fullmatch(self.name):
-            raise ClusterError(f"--name {self.name!r}: 1-6 lowercase letters and digits, starting "
-                               "with a letter (it goes into interface names of 15 characters)")
+        check_name(self.name)
         if not 1 <= self.nodes <= MAX_NODES:
             raise ClusterError(f"--nodes must be in 1..{MAX_NODES}, got {self.nodes}")
         for ifn in self.ifnames:
@@ -193,8 +205,10 @@ class Cluster:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
-    def load(cls, name: str = "main") -> "Cluster":
-        f = STATE_ROOT / name / "cluster.json"
+    def load(cls, name: str = "main", flag: str = "--cluster") -> "Cluster":
+        """The cluster that is up under ``name`` (``flag``: the option it came from, for the
+        error; the commands of other families take it as --cluster)."""
+        f = STATE_ROOT / check_name(name, flag) / "cluster.json"
         if not f.is_file():
             raise ClusterError(f"no cluster {name!r} is up; start one with `dtlab cluster up` "
                                "(as root)")
@@ -260,14 +274,51 @@ def _check_subnet_free(c: Cluster) -> None:
                                f"{r.get('dev')} here; give the cluster another one with --subnet")
 
 
-def _hosts_lines() -> list[str]:
-    return Path("/etc/hosts").read_text().splitlines()
+def hosts_lines(path: Path = HOSTS) -> list[str]:
+    return Path(path).read_text().splitlines()
 
 
-def _write_hosts(lines: list[str]) -> None:
-    # in place (not a rename): /etc/hosts is often a bind mount in a container
-    with open("/etc/hosts", "w") as f:
-        f.write("\n".join(lines) + "\n")
+def _is_mount_point(path: Path) -> bool:
+    """A file mounted over its place (Docker and Podman bind-mount /etc/hosts): on another
+    device than its folder, or listed as a mount point."""
+    if os.path.ismount(path) or os.stat(path).st_dev != os.stat(Path(path).parent).st_dev:
+        return True
+    try:
+        mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return False
+    # the fifth field is the mount point, with spaces and the like written as \NNN octal
+    return any(len(f := ln.split()) > 4 and f[4].encode().decode("unicode_escape") == str(path)
+               for ln in mounts)
+
+
+def write_hosts(lines: list[str], path: Path = HOSTS) -> None:
+    """Replace the hosts file whole, so no reader (a resolver, another node's start) sees half
+    of it: a new file renamed over it, with the old one's mode and owner."""
+    path = Path(path)
+    text = "\n".join(lines) + "\n"
+    st = os.stat(path)
+    if _is_mount_point(path):
+        # a rename over a mount point fails (EBUSY), and would not reach the file the mount
+        # shows: write the same inode, whole, and flush it to the disk before going on
+        with open(path, "r+") as f:
+            f.write(text)
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.dtlab-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
+            os.fchown(f.fileno(), st.st_uid, st.st_gid)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _check_names_free(c: Cluster) -> None:
@@ -340,8 +391,8 @@ def _start_node(c: Cluster, node: Node, journal: Journal, key: Path) -> None:
         _run(["unshare", f"--mount={node.mnt}", "--propagation", "private", "mount", "-t",
               "tmpfs", "-o", f"size={c.shm[node.name]},mode=1777", "dtlab-shm", "/dev/shm"])
     journal.add("hosts", name=node.name)
-    lines = [ln for ln in _hosts_lines() if not ln.endswith(f" {node.name}   {c.hosts_mark}")]
-    _write_hosts(lines + [f"{node.address} {node.name}   {c.hosts_mark}"])
+    lines = [ln for ln in hosts_lines() if not ln.endswith(f" {node.name}   {c.hosts_mark}")]
+    write_hosts(lines + [f"{node.address} {node.name}   {c.hosts_mark}"])
     _crash_point(f"node{node.index}")
     cfg = c.state_dir / f"sshd-{node.name}.conf"
     pidfile = c.state_dir / f"sshd-{node.name}.pid"
@@ -353,28 +404,57 @@ def _start_node(c: Cluster, node: Node, journal: Journal, key: Path) -> None:
     _run(node_argv(c, node, ["/usr/sbin/sshd", "-f", str(cfg)]))
 
 
+def _refuse_link(path: Path) -> Path:
+    if path.is_symlink():
+        raise ClusterError(f"{path} is a symbolic link (to {os.readlink(path)}); the cluster "
+                           "writes root's ssh files only where they are, never through a link: "
+                           "put the real folder or file there")
+    return path
+
+
+def ssh_dir() -> Path:
+    """Root's ~/.ssh, from the password database as ssh itself finds it: under ``sudo -E`` HOME
+    is the invoking user's, whose files root must not write. Made (0700) if missing; a symbolic
+    link there is refused, not followed."""
+    d = _refuse_link(Path(pwd.getpwuid(os.getuid()).pw_dir) / ".ssh")
+    try:
+        d.mkdir(mode=0o700)
+    except FileExistsError:
+        if not d.is_dir():
+            raise ClusterError(f"{d} is not a folder; root's ssh keys go there") from None
+    return d
+
+
+def append_line(path: Path, line: str) -> None:
+    """``line`` appended to ``path`` (made 0600 if missing), never through a symbolic link."""
+    _refuse_link(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except OSError as e:  # ELOOP: a link put there since the check
+        raise ClusterError(f"{path}: {e.strerror}; not written") from None
+    with os.fdopen(fd, "a") as f:
+        f.write(line + "\n")
+
+
 def _ssh_ready(c: Cluster, key: Path, journal: Journal) -> None:
     """Every node's sshd answers with the cluster's host key, which root's known_hosts learns
     (so DeepSpeed's and pdsh's BatchMode ssh works), and root's key is authorized."""
-    home = Path.home() / ".ssh"
-    home.mkdir(mode=0o700, exist_ok=True)
-    ident = home / "id_ed25519"
+    home = ssh_dir()
+    ident, pub_file, auth, known = (_refuse_link(home / f) for f in (
+        "id_ed25519", "id_ed25519.pub", "authorized_keys", "known_hosts"))
     if not ident.is_file():
         _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(ident)])
-    auth = home / "authorized_keys"
-    pub = (home / "id_ed25519.pub").read_text().strip()
+    pub = pub_file.read_text().strip()
     if not auth.is_file() or pub not in auth.read_text():
-        with open(auth, "a") as f:
-            f.write(pub + "\n")
+        append_line(auth, pub)
         auth.chmod(0o600)
     host_pub = Path(f"{key}.pub").read_text().split()[:2]
-    known = home / "known_hosts"
     for n in c.all_nodes():
         journal.add("known_host", name=n.name)
         for name in (n.name, n.address):
             _run(["ssh-keygen", "-R", name, "-f", str(known)], check=False)
-        with open(known, "a") as f:
-            f.write(f"{n.name},{n.address} {' '.join(host_pub)}\n")
+        append_line(known, f"{n.name},{n.address} {' '.join(host_pub)}")
     deadline = time.time() + SSH_WAIT_S
     for n in c.all_nodes():
         while True:
@@ -469,9 +549,8 @@ def _kill(pidfile: Path) -> None:
 def down(name: str = "main", log=print) -> list[str]:
     """Remove everything cluster ``name`` created, from its journal and by name; returns what
     was removed. Safe to run when nothing is up."""
+    check_name(name)
     _require_root()
-    if not NAME.fullmatch(name):
-        raise ClusterError(f"--name {name!r}: 1-6 lowercase letters and digits")
     state = STATE_ROOT / name
     removed = []
     entries = Journal(state).entries()
@@ -495,12 +574,13 @@ def down(name: str = "main", log=print) -> list[str]:
             if f.is_file() and f.read_text().startswith("# written by dtlab"):
                 f.unlink()
         elif k == "known_host":
-            _run(["ssh-keygen", "-R", e["name"], "-f", str(Path.home() / ".ssh/known_hosts")],
-                 check=False)
+            known = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".ssh" / "known_hosts"
+            if not known.is_symlink() and not known.parent.is_symlink():  # up never wrote one
+                _run(["ssh-keygen", "-R", e["name"], "-f", str(known)], check=False)
     mark = f"# dtlab cluster {name}"
-    lines = _hosts_lines()
+    lines = hosts_lines()
     if any(ln.endswith(mark) for ln in lines):
-        _write_hosts([ln for ln in lines if not ln.endswith(mark)])
+        write_hosts([ln for ln in lines if not ln.endswith(mark)])
         removed.append("/etc/hosts lines")
     # what a lost or cut journal would miss: anything named like this cluster's
     for ns in _run(["ip", "netns", "list"], check=False).stdout.split("\n"):
@@ -529,10 +609,11 @@ def link_state(node: Node) -> str:
 
 def set_link(name: str, node_name: str, state: str) -> str:
     """Pull (``down``) or plug (``up``) a node's cable: its link's end on the bridge."""
+    check_name(name)
     _require_root()
     if state not in ("up", "down"):
         raise ClusterError(f"link state {state!r}: give up or down")
-    c = Cluster.load(name)
+    c = Cluster.load(name, "--name")
     node = c.find(node_name)
     _run(["ip", "link", "set", node.host_veth, state])
     return f"{node.name}: link {state}"
@@ -554,8 +635,9 @@ def parse_ports(spec: str) -> list[str]:
 def firewall(name: str, node_name: str, block: str | None) -> str:
     """Drop TCP connections to ``block`` ports on a node (its own nftables table, inside its
     namespace), or remove that table (``block`` None)."""
+    check_name(name)
     _require_root()
-    c = Cluster.load(name)
+    c = Cluster.load(name, "--name")
     node = c.find(node_name)
     if shutil.which("nft") is None:
         raise ClusterError("`nft` is not installed (Debian: apt-get install nftables)")
@@ -579,7 +661,7 @@ def firewall(name: str, node_name: str, block: str | None) -> str:
 
 
 def status(name: str = "main") -> dict:
-    c = Cluster.load(name)
+    c = Cluster.load(name, "--name")
     nodes = []
     for n in c.all_nodes():
         nodes.append({"node": n.name, "address": n.address, "ifname": n.ifname,
