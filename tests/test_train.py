@@ -1,4 +1,5 @@
 """Model, data and record building blocks, in one process."""
+import dataclasses
 import pytest
 import torch
 
@@ -81,6 +82,9 @@ def test_model_shapes_stages_and_loss():
     with pytest.raises(ValueError, match="pipeline stages"):
         m.stages(3)
     assert ToyGPT.count_params(cfg) == m.num_params()
+    for variant in (dict(fused_qkv=True), dict(moe_experts=3, moe_top_k=2), dict(d_ff=40)):
+        c = dataclasses.replace(cfg, **variant)
+        assert ToyGPT.count_params(c) == ToyGPT(c).num_params(), variant
 
 
 def test_gpt2_preset_parameter_count():

@@ -306,9 +306,15 @@ class ToyGPT(nn.Module):
 
     @staticmethod
     def count_params(cfg: ModelConfig) -> int:
-        """Parameter count from the shapes alone (no weights are made)."""
-        with torch.device("meta"):
-            return ToyGPT(cfg).num_params()
+        """Parameter count from the shapes alone, by arithmetic: the same tensors as the modules
+        above (tests/test_train.py holds it equal to a built model), without building one (a
+        meta-device model costs about 2 s the first time, on every ``dtlab run``)."""
+        d, f = cfg.d_model, cfg.d_ff
+        mlp = d * f + f + f * d + d
+        block = 2 * d + 3 * d * d + d * d + d + 2 * d          # ln1, q k v (or qkv), proj, ln2
+        block += cfg.moe_experts * mlp + d * cfg.moe_experts if cfg.moe_experts else mlp
+        return (cfg.vocab_size * d + cfg.seq_len * d + cfg.n_layer * block
+                + 2 * d + d * cfg.vocab_size)                # ln_f, head
 
     def stages(self, n: int) -> list[nn.Sequential]:
         """Split ``layers`` into ``n`` contiguous pipeline stages with blocks spread as evenly as
