@@ -252,17 +252,32 @@ def head_ideal(a: Arch, tp: int, mbs: int, g: Gpu) -> dict:
 
 
 # ------------------------------------------------------------------------------ the groups
-def _crosses(span: int, c: GpuCluster) -> bool:
-    return span > c.per_node
+# Ranks are numbered TP fastest, then DP, then PP (Megatron's and nanotron's order): a TP group
+# is tp neighbours, a DP group has stride tp, a pipeline's neighbours stride tp x dp.
+@dataclass(frozen=True)
+class Group:
+    size: int
+    cross: bool        # spans more than one node
+    per_node: int      # of its members on one node: the NICs its rings can use at once
 
 
-def ring_seconds(kind: str, nbytes: float, w: int, cross: bool, c: GpuCluster) -> float:
-    """alpha-beta of a ring collective over ``w`` GPUs on ``nbytes`` (the whole buffer)."""
-    if w <= 1 or nbytes <= 0:
+def group(size: int, stride: int, c: GpuCluster) -> Group:
+    return Group(size, size * stride > c.per_node,
+                 max(1, min(size, c.per_node // stride)) if stride <= c.per_node else 1)
+
+
+def ring_seconds(kind: str, nbytes: float, g: Group, c: GpuCluster) -> float:
+    """alpha-beta of a ring collective over group ``g`` on ``nbytes`` (the whole buffer). A group
+    that crosses nodes runs one ring per member a node, each through that member's NIC (NCCL's
+    channels on a rail-optimised network), up to the NVLink's bandwidth."""
+    if g.size <= 1 or nbytes <= 0:
         return 0.0
-    bw, alpha = (c.inter_bw, ALPHA_NET) if cross else (c.intra_bw, ALPHA_NVLINK)
-    steps = 2 * (w - 1) if kind == "all_reduce" else (w - 1)
-    return steps * alpha + steps / w * nbytes / bw
+    if g.cross:
+        bw, alpha = min(c.intra_bw, g.per_node * c.inter_bw), ALPHA_NET
+    else:
+        bw, alpha = c.intra_bw, ALPHA_NVLINK
+    steps = 2 * (g.size - 1) if kind == "all_reduce" else (g.size - 1)
+    return steps * alpha + steps / g.size * nbytes / bw
 
 
 # ------------------------------------------------------------------------------ the step
@@ -292,20 +307,23 @@ def features(a: Arch, lay: GpuLayout, c: GpuCluster, overlap_s: float | None = N
     layers = stage_layers(a, lay)
     li = layer_ideal(a, lay.tp, lay.mbs, lay.sp, lay.recompute, g)
     hi = head_ideal(a, lay.tp, lay.mbs, g)
-    head_on = 1                      # the head sits on the last stage, the busiest one
-    # one micro-batch on the busiest stage
-    mb_compute = layers * li["compute"] + head_on * hi["compute"]
-    mb_hbm = layers * li["hbm_bytes"] + head_on * hi["hbm_bytes"]
-    tp_cross = _crosses(lay.tp, c)
-    mb_tp = layers * ring_seconds("all_gather", li["tp_bytes"] / 8, lay.tp, tp_cross, c) * 8
+    # one micro-batch on the busiest stage: the stages are balanced by compute with the head
+    # counted as blocks (nanotron's partition), never below one block or the head itself
+    share = max(1.0 / lay.pp, hi["compute"] / (a.layers * li["compute"] + hi["compute"]),
+                li["compute"] / (a.layers * li["compute"] + hi["compute"]))
+    blocks = share * (a.layers + hi["compute"] / li["compute"])   # in blocks' worth of work
+    mb_compute = blocks * li["compute"]
+    mb_hbm = (a.layers * li["hbm_bytes"] + hi["hbm_bytes"]) * share
+    tpg = group(lay.tp, 1, c)
+    mb_tp = layers * ring_seconds("all_gather", li["tp_bytes"] / 8, tpg, c) * 8
     # 1F1B: M + (P-1)/v micro-batch slots on every stage
     slots = m + (lay.pp - 1) / lay.interleave
     # pipeline sends: activations (scattered over TP ranks with SP) forward, gradients back
-    pp_cross = _crosses(lay.tp * lay.dp, c) if lay.pp > 1 else False
     act_bytes = lay.mbs * a.seq * a.hidden * BF16 / (lay.tp if lay.sp else 1)
     send = 0.0
     if lay.pp > 1:
-        bw, alpha = (c.inter_bw, ALPHA_NET) if pp_cross else (c.intra_bw, ALPHA_NVLINK)
+        ppg = group(2, lay.tp * lay.dp, c)
+        bw, alpha = ((c.inter_bw, ALPHA_NET) if ppg.cross else (c.intra_bw, ALPHA_NVLINK))
         send = 2 * slots * lay.interleave * (alpha + act_bytes / bw)
     # gradient accumulation and the optimizer, on the busiest stage's parameters
     p = max(stage_params(a, lay).values())
@@ -313,30 +331,32 @@ def features(a: Arch, lay: GpuLayout, c: GpuCluster, overlap_s: float | None = N
     acc_bytes = m * p * ((BF16 + 2 * FP32) if lay.grad_fp32 else 3 * BF16)
     opt_bytes = p_opt * (2 * FP32 + 4 * FP32 + FP32 + BF16)    # master, m, v r/w; grad; param
     # data parallel: fp32 (or bf16) gradients all-reduced, or reduce-scattered under ZeRO
-    dp_cross = _crosses(lay.tp * lay.dp, c)
+    dpg = group(lay.dp, lay.tp, c)
     gbytes = p * (FP32 if lay.grad_fp32 else BF16)
     if lay.zero == 0:
-        dp_reduce = ring_seconds("all_reduce", gbytes, lay.dp, dp_cross, c)
+        dp_reduce = ring_seconds("all_reduce", gbytes, dpg, c)
         dp_gather = 0.0
     else:
-        dp_reduce = ring_seconds("reduce_scatter", gbytes, lay.dp, dp_cross, c)
-        dp_gather = ring_seconds("all_gather", p * BF16, lay.dp, dp_cross, c)
+        dp_reduce = ring_seconds("reduce_scatter", gbytes, dpg, c)
+        dp_gather = ring_seconds("all_gather", p * BF16, dpg, c)
         if lay.zero == 3:             # parameters gathered forward and backward a micro-batch
             dp_gather = 2 * m * dp_gather
-    backward = overlap_s if overlap_s is not None else layers * li["backward"] + hi["backward"]
-    tail = ring_seconds("all_reduce", min(gbytes, BUCKET), lay.dp, dp_cross, c)
+    backward = (overlap_s if overlap_s is not None
+                else share * (a.layers * li["backward"] + hi["backward"]))
+    tail = ring_seconds("all_reduce", min(gbytes, BUCKET), dpg, c)
     dp_exposed = (max(tail, dp_reduce - backward) if lay.dp > 1 else 0.0) + dp_gather
     return {
         "compute": slots * mb_compute,
         "memory_bound": slots * mb_hbm / g.hbm_bytes_per_s
         + (acc_bytes + opt_bytes) / g.hbm_bytes_per_s,
-        "per_layer": slots * (layers + head_on),
+        "per_layer": slots * blocks,
         "tp_comm": slots * mb_tp,
         "net_comm": dp_exposed + send,
         # for the breakdown
         "bubble_share": (lay.pp - 1) / lay.interleave / slots,
         "recompute": slots * layers * li["recompute"],
-        "dp": dp_exposed, "pp": send, "backward_mb": layers * li["backward"] + hi["backward"],
+        "dp": dp_exposed, "pp": send,
+        "backward_mb": share * (a.layers * li["backward"] + hi["backward"]),
     }
 
 
