@@ -49,7 +49,13 @@ def traces() -> dict:
         "sshd": [ln for ln in out("ps", "-eo", "args").splitlines()
                  if "dtlab-cluster/tst" in ln],
         "state": os.path.exists("/run/dtlab-cluster/tst"),
+        "strays": [ln for ln in out("ps", "-eo", "args").splitlines() if STRAY in ln],
     }
+
+
+# A process started inside a node that outlives its command (as a rank or an agent a launcher
+# left behind): `down` must end it, or it keeps the node's namespace alive
+STRAY = "sleep 86399"
 
 
 def cluster(*args, env=None):
@@ -70,6 +76,12 @@ def test_up_down_leave_nothing_also_after_a_crash_half_way():
     s = json.loads(cluster("status", "--name", "tst", "--json").stdout)
     assert [n["node"] for n in s["nodes"]] == ["tst1", "tst2"] and s["rate"] == "1gbit"
     assert all(n["sshd"] and n["namespace"] for n in s["nodes"])
+    # strays in both nodes, the one in tst2 deaf to SIGTERM (it takes the SIGKILL after the
+    # grace)
+    for node, cmd in (("tst1", STRAY), ("tst2", f"trap '' TERM; {STRAY}")):
+        assert cluster("exec", "--name", "tst", node, "--", "setsid", "-f", "sh", "-c",
+                       f"exec </dev/null >/dev/null 2>&1; {cmd}").returncode == 0
+    assert len(traces()["strays"]) >= 2
     p = cluster("down", "--name", "tst")
     assert p.returncode == 0, p.stderr
     assert traces() == before

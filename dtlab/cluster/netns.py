@@ -47,6 +47,7 @@ SHM_SIZE = re.compile(r"[1-9]\d{0,6}[kmg]")
 PORTS = re.compile(r"(\d{1,5})(?:-(\d{1,5}))?")
 MAX_NODES = 64
 SSH_WAIT_S = 20.0
+END_GRACE_S = 2.0     # from SIGTERM to SIGKILL for what is left inside a node at `down`
 
 
 class ClusterError(UsageError):
@@ -546,6 +547,38 @@ def _kill(pidfile: Path) -> None:
         pass
 
 
+def _netns_pids(names: list[str]) -> set[int]:
+    pids = set()
+    for ns in names:
+        p = _run(["ip", "netns", "pids", ns], check=False, timeout=10)
+        pids |= {int(t) for t in p.stdout.split() if t.isdigit()}
+    return pids - {os.getpid()}
+
+
+def end_processes(names: list[str], grace: float = END_GRACE_S) -> list[int]:
+    """End every process inside the namespaces ``names``: what the daemons spawned (a session's
+    shell, a job step, a rank) outlives its daemon and keeps a deleted namespace alive. SIGTERM,
+    ``grace`` seconds, then SIGKILL; returns the pids that had to be ended. A process started
+    meanwhile is found on the next look."""
+    ended, termed = set(), set()
+    kill_at = time.monotonic() + grace
+    while True:
+        pids = _netns_pids(names)  # a zombie has left its namespace and is not listed
+        if not pids:
+            return sorted(ended)
+        late = time.monotonic() > kill_at
+        for pid in pids if late else pids - termed:
+            try:
+                os.kill(pid, signal.SIGKILL if late else signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        ended |= pids
+        termed |= pids
+        if time.monotonic() > kill_at + 5:  # SIGKILL not taken (a task stuck in the kernel)
+            return sorted(ended)
+        time.sleep(0.05)
+
+
 def down(name: str = "main", log=print) -> list[str]:
     """Remove everything cluster ``name`` created, from its journal and by name; returns what
     was removed. Safe to run when nothing is up."""
@@ -554,10 +587,17 @@ def down(name: str = "main", log=print) -> list[str]:
     state = STATE_ROOT / name
     removed = []
     entries = Journal(state).entries()
-    # daemons first (they hold the namespaces), then the rest in reverse order of creation
+    # daemons first (by their pid files: slurmctld and munged live outside the nodes), then
+    # whatever is still inside a node, then the rest in reverse order of creation
     for e in entries:
         if e["kind"] == "pidfile":
             _kill(Path(e["path"]))
+    listed = [ns.split(" ")[0] for ns in _run(["ip", "netns", "list"], check=False).stdout
+              .splitlines()]
+    namespaces = [e["name"] for e in entries if e["kind"] == "netns"]
+    namespaces += [ns for ns in listed if ns.startswith(f"dtlab-{name}-") and ns not in namespaces]
+    if end_processes([ns for ns in namespaces if ns in listed]):
+        removed.append("the processes left in its nodes")
     for e in reversed(entries):
         k = e["kind"]
         if k == "netns" and _run(["ip", "netns", "del", e["name"]], check=False).returncode == 0:
@@ -583,7 +623,7 @@ def down(name: str = "main", log=print) -> list[str]:
         write_hosts([ln for ln in lines if not ln.endswith(mark)])
         removed.append("/etc/hosts lines")
     # what a lost or cut journal would miss: anything named like this cluster's
-    for ns in _run(["ip", "netns", "list"], check=False).stdout.split("\n"):
+    for ns in _run(["ip", "netns", "list"], check=False).stdout.splitlines():
         ns = ns.split(" ")[0]
         if ns.startswith(f"dtlab-{name}-"):
             _run(["ip", "netns", "del", ns], check=False)
