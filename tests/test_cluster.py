@@ -26,9 +26,9 @@ def root_or_skip():
 
 @pytest.fixture(scope="module", autouse=True)
 def _services(request):
-    """Run as root, every test here needs what the main cluster's bring-up installs (sshd, nft;
-    and its subnet taken, for the bad-input check) and pdsh (DeepSpeed's launcher in the
-    doctor's collective job): the session fixtures bring both up, or reuse .ci/run's."""
+    """Run as root, every test here needs what the main cluster's bring-up installs (sshd, nft)
+    and pdsh (DeepSpeed's launcher in the doctor's collective job): the session fixtures bring
+    both up, or reuse .ci/run's."""
     if os.geteuid() == 0:
         request.getfixturevalue("main_cluster")
         request.getfixturevalue("ssh_hosts")
@@ -62,8 +62,20 @@ def cluster(*args, env=None):
     return dtlab("cluster", *args, env=env, timeout=120)
 
 
-def test_up_down_leave_nothing_also_after_a_crash_half_way():
+@pytest.fixture
+def taken_down():
+    """``taken_down(name)``: cluster ``name`` goes down after the test however it ends (a failed
+    assertion between an `up` and its `down`, or a refusal that did not happen), so no test
+    leaves a cluster behind."""
+    names = []
+    yield names.append
+    for name in names:
+        cluster("down", "--name", name)
+
+
+def test_up_down_leave_nothing_also_after_a_crash_half_way(taken_down):
     root_or_skip()
+    taken_down("tst")
     before = traces()
     assert not before["state"], "a tst cluster is up already"
     p = cluster("up", *TST, "--nodes", 2, "--inter-node", "1gbit")
@@ -315,12 +327,15 @@ def test_torchrun_across_two_nodes_equals_baseline(main_cluster, tmp_path):
     assert s["comm"]["per_rank"] == [halves, grads - halves, halves, grads - halves]
 
 
-def test_bad_input_is_one_line():
+def test_bad_input_is_one_line(taken_down):
     root_or_skip()
+    taken_down("x")
+    # lo's 127.0.0.1/8 takes 127.0.0.0/24 on every machine, whether the main cluster is up or not
     for args, says in [(("--inter-node", "fast"), "--inter-node 'fast'"),
                        (("--nodes", 0), "--nodes must be in 1..64"),
                        (("--nodes", 65), "--nodes must be in 1..64"),
-                       (("--name", "x", "--subnet", "10.77.0.0/24"), "already used here"),
+                       (("--name", "x", "--subnet", "127.0.0.0/24"),
+                        "already used here (lo has 127.0.0.1/8)"),
                        (("--name", "Bad!"), "--name 'Bad!'"),
                        (("--ifnames", "eth0,a b"), "--ifnames: 'a b'")]:
         p = cluster("up", *args)
@@ -329,14 +344,14 @@ def test_bad_input_is_one_line():
         assert len(lines) == 1 and lines[0].startswith("dtlab: error: ") and says in lines[0]
 
 
-
-def test_not_root_and_a_taken_name_are_refused(monkeypatch):
+def test_not_root_and_a_taken_name_are_refused(monkeypatch, taken_down):
     from dtlab.cluster import netns
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(netns.ClusterError, match="needs root"):
         netns.up(netns.Cluster(name="tsx", subnet="10.80.0.0/24"))
     monkeypatch.undo()
     root_or_skip()
+    taken_down("tsx")
     with open("/etc/hosts", "a") as f:  # a real host that happens to be called tsx1
         f.write("192.0.2.99 tsx1   # dtlab test: a real host\n")
     try:
