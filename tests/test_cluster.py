@@ -6,6 +6,8 @@ brings the main cluster up (slurm/local/up.sh) and the tests bring their own `ts
 and down."""
 import json
 import os
+import pwd
+import signal
 import subprocess
 import sys
 import threading
@@ -34,21 +36,26 @@ def _services(request):
         request.getfixturevalue("ssh_hosts")
 
 
-def traces() -> dict:
-    """Everything of the `tst` cluster the machine could keep: namespaces, links, qdiscs,
-    /etc/hosts lines, mounts, daemons, state."""
+def traces(name: str = "tst") -> dict:
+    """Everything of cluster ``name`` the machine could keep: namespaces, links, qdiscs,
+    /etc/hosts and known_hosts lines, mounts, daemons, state."""
     def out(*argv):
         return subprocess.run(argv, capture_output=True, text=True).stdout
+    known = os.path.join(pwd.getpwuid(os.getuid()).pw_dir, ".ssh", "known_hosts")
     return {
-        "netns": [ln for ln in out("ip", "netns", "list").splitlines() if "-tst-" in ln],
-        "links": [ln for ln in out("ip", "-o", "link").splitlines() if "tst" in ln],
-        "qdiscs": [ln for ln in out("tc", "qdisc").splitlines() if "tst" in ln],
-        "hosts": [ln for ln in open("/etc/hosts").read().splitlines() if "cluster tst" in ln],
+        "netns": [ln for ln in out("ip", "netns", "list").splitlines() if f"-{name}-" in ln],
+        "links": [ln for ln in out("ip", "-o", "link").splitlines() if name in ln],
+        "qdiscs": [ln for ln in out("tc", "qdisc").splitlines() if name in ln],
+        "hosts": [ln for ln in open("/etc/hosts").read().splitlines()
+                  if f"cluster {name}" in ln],
+        "known_hosts": [ln for ln in (open(known).read().splitlines()
+                                      if os.path.isfile(known) else [])
+                        if ln.startswith(f"{name}1,")],
         "mounts": [ln for ln in open("/proc/mounts").read().splitlines()
-                   if "dtlab-cluster/tst" in ln],
+                   if f"dtlab-cluster/{name}" in ln],
         "sshd": [ln for ln in out("ps", "-eo", "args").splitlines()
-                 if "dtlab-cluster/tst" in ln],
-        "state": os.path.exists("/run/dtlab-cluster/tst"),
+                 if f"dtlab-cluster/{name}" in ln],
+        "state": os.path.exists(f"/run/dtlab-cluster/{name}"),
         "strays": [ln for ln in out("ps", "-eo", "args").splitlines() if STRAY in ln],
     }
 
@@ -102,6 +109,65 @@ def test_up_down_leave_nothing_also_after_a_crash_half_way(taken_down):
     assert p.returncode != 0 and traces()["netns"]
     p = cluster("down", "--name", "tst")
     assert p.returncode == 0 and traces() == before, p.stdout
+
+
+# ---- a failed or interrupted `up` removes what it made (its own cluster, tsr)
+TSR = dict(name="tsr", nodes=2, subnet="10.81.0.0/24")
+
+
+def _late_failure(monkeypatch, netns, slurm, exc):
+    """The cluster to bring up, with ``exc`` raised by its last step, after every node, daemon
+    and /etc/hosts line is made: Slurm's start (with --slurm), or the nodes' ssh check."""
+    if not isinstance(exc, KeyboardInterrupt):
+        def slurm_up(*a, **k):
+            raise exc
+        monkeypatch.setattr(slurm, "up", slurm_up)
+        return netns.Cluster(**TSR, slurm=True)
+    real = netns._ssh_ready
+
+    def ssh_ready(*a):
+        real(*a)  # every sshd answered
+        raise exc
+    monkeypatch.setattr(netns, "_ssh_ready", ssh_ready)
+    return netns.Cluster(**TSR)
+
+
+@pytest.mark.parametrize("exc", [subprocess.TimeoutExpired(["sinfo"], 10), KeyboardInterrupt()],
+                         ids=["timeout-in-slurm", "ctrl-c-in-ssh-check"])
+def test_a_failed_up_removes_what_it_made(monkeypatch, taken_down, exc):
+    root_or_skip()
+    taken_down("tsr")
+    from dtlab.cluster import manage, netns, slurm
+    before = traces("tsr")
+    assert not before["state"], "a tsr cluster is up already"
+    c = _late_failure(monkeypatch, netns, slurm, exc)
+    with pytest.raises(type(exc)):
+        manage.up(c, log=lambda *a: None)
+    assert traces("tsr") == before
+
+
+def test_ctrl_c_half_way_through_up_removes_what_it_made(taken_down):
+    """Ctrl-C as a terminal sends it, to the whole process group, while `up` builds the second
+    node: one line on stderr, exit status 130, and nothing of the cluster left."""
+    root_or_skip()
+    taken_down("tsr")
+    before = traces("tsr")
+    journal = "/run/dtlab-cluster/tsr/journal"
+    p = subprocess.Popen([sys.executable, "-m", "dtlab", "cluster", "up", "--name", "tsr",
+                          "--subnet", TSR["subnet"]], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and p.poll() is None:
+        if os.path.isfile(journal) and "dtlab-tsr-tsr2" in open(journal).read():
+            break
+        time.sleep(0.01)
+    assert p.poll() is None, "up ended before its second node"
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, (out, err)
+    assert err.strip().splitlines() == ["dtlab: error: cluster up --name tsr interrupted; what "
+                                        "it had made is removed"], err
+    assert traces("tsr") == before
 
 
 def _throughput(a: str, b: str, address: str) -> float:

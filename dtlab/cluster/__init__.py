@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from dtlab.errors import fail
+
 
 def cmd_cluster(args, rest) -> int:
     from dtlab.cluster import manage, netns  # the machinery: only when the command runs
@@ -20,10 +22,14 @@ def cmd_cluster(args, rest) -> int:
     if args.action == "up":
         ifnames = tuple(t.strip() for t in args.ifnames.split(",") if t.strip()) or ("eth0",)
         shm = dict(manage.parse_assignment(a, "--shm") for a in args.shm)
-        manage.up(Cluster(name=args.name, nodes=args.nodes, rate=parse_rate(args.inter_node),
-                          ifnames=ifnames, subnet=args.subnet,
-                          cores_per_node=args.cores_per_node,
-                          ranks_per_node=args.ranks_per_node, slurm=args.slurm, shm=shm))
+        c = Cluster(name=args.name, nodes=args.nodes, rate=parse_rate(args.inter_node),
+                    ifnames=ifnames, subnet=args.subnet, cores_per_node=args.cores_per_node,
+                    ranks_per_node=args.ranks_per_node, slurm=args.slurm, shm=shm)
+        try:
+            manage.up(c)  # removes what it made when it fails or is interrupted
+        except KeyboardInterrupt:
+            fail(f"cluster up --name {args.name} interrupted; what it had made is removed",
+                 code=130)
         return 0
     if args.action == "link":
         print(netns.set_link(args.name, args.node, args.state))

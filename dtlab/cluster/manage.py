@@ -19,12 +19,17 @@ def parse_assignment(text: str, flag: str) -> tuple[str, str]:
 
 
 def up(c: Cluster, log=print) -> Cluster:
+    """The nodes, then Slurm on them if asked. Whatever fails or is interrupted (Ctrl-C, a
+    command's timeout) takes down what this call made: netns.up and slurm.up each remove their
+    own, and the nodes go too when this call brought them up."""
+    was_up = netns.is_up(c.name)
     c = netns.up(c, log)
     if c.slurm:
         try:
             slurm.up(c, c.ranks_per_node, log)
-        except ClusterError:
-            slurm.stop(c)
+        except BaseException:
+            if not was_up:
+                netns.rollback(c.name, log)
             raise
     return c
 

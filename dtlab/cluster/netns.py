@@ -21,6 +21,7 @@ they send can leave the cluster. Everything ``up`` creates is written to a journ
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -31,6 +32,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -503,6 +505,15 @@ def up(c: Cluster, log=print) -> Cluster:
         down(c.name, log=lambda *a: None)
     _check_subnet_free(c)
     _check_names_free(c)
+    try:
+        _build(c, log)
+    except BaseException:  # a refusal half-way, a command's timeout, Ctrl-C: none stays half-up
+        rollback(c.name, log)
+        raise
+    return c
+
+
+def _build(c: Cluster, log) -> None:
     c.state_dir.mkdir(parents=True, exist_ok=True)
     journal = Journal(c.state_dir)
     journal.add("link", name=c.bridge)
@@ -524,7 +535,39 @@ def up(c: Cluster, log=print) -> Cluster:
     log(f"cluster {c.name} up: " + ", ".join(f"{n.name} {n.address} ({n.ifname})"
                                                for n in c.all_nodes())
         + f"; inter-node links {c.rate or 'unshaped'}; bridge {c.bridge} {c.bridge_address}")
-    return c
+
+
+@contextlib.contextmanager
+def _uninterrupted():
+    """SIGINT ignored for a while (in the main thread): a second Ctrl-C must not cut a rollback
+    short and leave half a cluster. Every command run meanwhile has its own timeout."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def rollback(name: str, log=print) -> None:
+    """Remove what an ``up`` that did not finish made: the journal names every resource and
+    daemon before it exists, and ``down`` ends whatever else runs in the nodes."""
+    with _uninterrupted():
+        try:
+            down(name, log=lambda *a: None)
+        except Exception as e:  # the error that stopped `up` is the one to report
+            log(f"cluster {name}: removing what the unfinished up made failed too ({e}); run "
+                f"`dtlab cluster down --name {name}`")
+            return
+    log(f"cluster {name}: up did not finish; what it had made is removed")
+
+
+def is_up(name: str) -> bool:
+    """Cluster ``name`` is up and whole (``up`` would leave it as it is)."""
+    check_name(name)
+    return (STATE_ROOT / name / "cluster.json").is_file() and healthy(Cluster.load(name, "--name"))
 
 
 def healthy(c: Cluster) -> bool:

@@ -61,30 +61,38 @@ def up(c: Cluster, cpus: int, log=print) -> None:
             raise ClusterError(f"{tool} is not installed (Debian: apt-get install slurmctld "
                                "slurmd slurm-client munge; slurm/local/up.sh does it)")
     journal = Journal(c.state_dir)
-    write_conf(c, cpus)
-    journal.add("file", path=str(CONF))
-    LOG.mkdir(parents=True, exist_ok=True)
-    (c.state_dir / "slurmctld").mkdir(exist_ok=True)
-    Path("/run/munge").mkdir(exist_ok=True)
-    subprocess.run(["chown", "munge:munge", "/run/munge"], check=False)
-    if not _alive(Path("/run/munge/munged.pid")):
-        journal.add("pidfile", path="/run/munge/munged.pid")
-        _run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"])
-    ctld = c.state_dir / "slurmctld.pid"
-    if not _alive(ctld):
-        journal.add("pidfile", path=str(ctld))
-        _run(["/usr/sbin/slurmctld", "-f", str(CONF)])
-    for n in c.all_nodes():
-        pid = c.state_dir / f"slurmd-{n.name}.pid"
-        if not _alive(pid):
+    started = []
+    wrote = not (CONF.is_file() and CONF.read_text().startswith(f"{MARK} {c.name}\n"))
+    try:
+        write_conf(c, cpus)
+        journal.add("file", path=str(CONF))
+        LOG.mkdir(parents=True, exist_ok=True)
+        (c.state_dir / "slurmctld").mkdir(exist_ok=True)
+        Path("/run/munge").mkdir(exist_ok=True)
+        subprocess.run(["chown", "munge:munge", "/run/munge"], check=False, timeout=10)
+        daemons = [(Path("/run/munge/munged.pid"), ["runuser", "-u", "munge", "--",
+                                                     "/usr/sbin/munged"]),
+                   (c.state_dir / "slurmctld.pid", ["/usr/sbin/slurmctld", "-f", str(CONF)])]
+        for n in c.all_nodes():
             (c.state_dir / f"slurmd.{n.name}").mkdir(exist_ok=True)
-            journal.add("pidfile", path=str(pid))
-            _run(node_argv(c, n, ["/usr/sbin/slurmd", "-f", str(CONF), "-N", n.name]))
-    deadline = time.time() + WAIT_S
-    while not _idle(c):
-        if time.time() > deadline:
-            raise ClusterError(f"Slurm nodes not idle after {WAIT_S} s; logs in {LOG}")
-        time.sleep(0.5)
+            daemons.append((c.state_dir / f"slurmd-{n.name}.pid",
+                            node_argv(c, n, ["/usr/sbin/slurmd", "-f", str(CONF), "-N", n.name])))
+        for pidfile, argv in daemons:
+            if not _alive(pidfile):
+                journal.add("pidfile", path=str(pidfile))
+                started.append(pidfile)
+                _run(argv)
+        deadline = time.time() + WAIT_S
+        while not _idle(c):
+            if time.time() > deadline:
+                raise ClusterError(f"Slurm nodes not idle after {WAIT_S} s; logs in {LOG}")
+            time.sleep(0.5)
+    except BaseException:  # what this call started goes; daemons that ran before stay
+        for pidfile in reversed(started):
+            _kill(pidfile)
+        if wrote:
+            remove_conf(c.name)
+        raise
     log(f"slurm up on cluster {c.name}: nodes {', '.join(n.name for n in c.all_nodes())} idle "
         f"(controller {c.bridge_address}:{CTLD_PORT}, config {CONF}, logs {LOG})")
 

@@ -83,12 +83,14 @@ def main(argv=None) -> int:
     if os.geteuid() != 0:
         print("doctorcases: needs root (it brings up a namespace cluster)", file=sys.stderr)
         return 2
-    up = _dtlab("cluster", "up", "--name", NAME, "--subnet", SUBNET, "--nodes", 3, "--ifnames",
-                "eth0,ens5", "--shm", "doc3=64m", "--inter-node", "200mbit")
-    if up.returncode:
-        print(up.stdout + up.stderr, file=sys.stderr)
-        return 1
+    # down in any case: `cluster up` removes what it made when it fails, but a Ctrl-C or the
+    # timeout here kills it (subprocess.run sends SIGKILL) before it can
     try:
+        up = _dtlab("cluster", "up", "--name", NAME, "--subnet", SUBNET, "--nodes", 3,
+                    "--ifnames", "eth0,ens5", "--shm", "doc3=64m", "--inter-node", "200mbit")
+        if up.returncode:
+            print(up.stdout + up.stderr, file=sys.stderr)
+            return 1
         cases = record()
     finally:
         _dtlab("cluster", "down", "--name", NAME)
