@@ -46,12 +46,16 @@ from dtlab.harness import add_common_args, run_lab
 from dtlab.train.loop import Strategy
 
 
+FP32_MAX = torch.finfo(torch.float32).max
+
+
 class DynamicLossScaler:
     """Scale the loss, unscale the gradients, skip steps that overflowed, adapt the scale.
 
     ``rules="torch"`` follows torch.amp.GradScaler: back off on every overflow, grow after
-    ``growth_interval`` clean steps in a row. ``rules="deepspeed"`` follows DeepSpeed's fp16
-    engine: an overflow only uses up one unit of ``hysteresis`` until a single one is left, then
+    ``growth_interval`` clean steps in a row, unless the grown scale is not finite in fp32 (then
+    it stays). ``rules="deepspeed"`` follows DeepSpeed's fp16 engine (which grows unchecked):
+    an overflow only uses up one unit of ``hysteresis`` until a single one is left, then
     backs off (not below ``min_scale``); the scale grows once ``growth_interval`` clean steps have
     passed *after* the step that follows the last overflow, and every ``growth_interval`` steps
     after that; hysteresis is refilled when the scale grows, or after every clean step with
@@ -92,7 +96,10 @@ class DynamicLossScaler:
             else:
                 self.clean_steps += 1
                 if self.clean_steps == self.growth_interval:
-                    self.scale *= self.growth_factor
+                    grown = self.scale * self.growth_factor
+                    # as GradScaler: past fp32's largest value every scaled loss is inf
+                    if grown <= FP32_MAX:
+                        self.scale = grown
                     self.clean_steps = 0
             return
         if overflow:  # DeepSpeed's rules

@@ -147,3 +147,26 @@ def test_deepspeed_fp16_is_refused_where_the_cpu_lacks_it(monkeypatch):
         launch.validate(registry.get("amp"), 1, argv)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: True)
     launch.validate(registry.get("amp"), 1, argv)
+
+
+def test_scaler_does_not_grow_past_fp32_as_gradscaler():
+    """From 1e38, a growth by 16 would be 1.6e39, inf in fp32: GradScaler keeps the scale (and
+    starts counting clean steps again), and so does ours; the scaled loss stays finite."""
+    import torch
+    gs = torch.amp.GradScaler("cpu", init_scale=1e38, growth_factor=16.0, growth_interval=1)
+    p = torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([p], lr=0.0)
+    ours = DynamicLossScaler(init_scale=1e38, growth_factor=16.0, growth_interval=1)
+    for _ in range(3):
+        opt.zero_grad()
+        gs.scale((p * 1e-38).sum()).backward()  # a clean step: the gradient is 1
+        gs.step(opt)
+        gs.update()
+        ours.update(overflow=False)
+        assert ours.scale == pytest.approx(gs.get_scale(), rel=1e-6)
+    assert gs.get_scale() == pytest.approx(1e38, rel=1e-6) and ours.scale == 1e38
+    assert torch.isfinite(ours.scale_loss(torch.tensor(1.0)))
+    # below the limit it still grows
+    small = DynamicLossScaler(init_scale=1e36, growth_factor=16.0, growth_interval=1)
+    small.update(overflow=False)
+    assert small.scale == 1.6e37
