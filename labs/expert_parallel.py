@@ -74,7 +74,7 @@ class AllToAll(torch.autograd.Function):
 def _all_to_all(x, send, recv, group, counter):
     out = x.new_empty((sum(recv), *x.shape[1:]))
     me = dist.get_rank(group)
-    row = x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
+    row = math.prod(x.shape[1:]) * x.element_size()  # from the shape: a rank may send no rows
     counter.record("all_to_all", nbytes(x),
                    sent_bytes=row * sum(n for j, n in enumerate(send) if j != me))
     dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)

@@ -93,3 +93,16 @@ def test_moe_loss_is_the_lm_loss():
     x = torch.randint(0, 13, (2, cfg.seq_len))
     logits = ToyGPT(cfg)(x)
     assert torch.isfinite(loss_fn(logits, x))
+
+
+def test_a_rank_that_sends_no_rows_trains_and_equals_the_baseline(tmp_path):
+    """3 experts over 3 ranks with top-1 routing: at seed 36 no token of step 2 chooses expert 1
+    in the second MoE layer, so rank 1 receives no rows and sends none back (an empty
+    all-to-all), as routing may."""
+    p, s = run_lab("expert_parallel", 3, tmp_path, "--moe-experts", "3", "--moe-top-k", "1",
+                   "--batch-size", "12", "--steps", "3", "--seed", "36")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert s["extra"]["tokens_per_expert"][2][1][1] == 0
+    assert s["memory"]["per_rank"][1]["rows_per_layer_step"][1][2][1] == [0, 0, 0]
+    b = s["baseline"]
+    assert b["ok"] is True and b["max_rel_loss_diff"] <= 1e-5 and b["max_abs_param_diff"] <= 1e-4
