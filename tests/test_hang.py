@@ -76,6 +76,71 @@ def test_point_to_point_pairs_a_send_with_its_receive():
     assert rep["mismatches"] and rep["mismatches"][0]["seq"] == 2
 
 
+def _ring(ops, capacity=flight.CAPACITY):
+    """The entries a rank's ring still holds after issuing ``ops`` ((group, op, bytes), oldest
+    first): per-group sequence numbers, only the newest ``capacity`` kept."""
+    seq, out = {}, []
+    for n, (group, op, nbytes) in enumerate(ops, 1):
+        key = json.dumps(group)
+        seq[key] = seq.get(key, 0) + 1
+        out.append(_entry(n, seq[key], op, nbytes, group))
+    return out[-capacity:]
+
+
+def test_a_wrapped_ring_is_compared_only_inside_every_ranks_window():
+    """Ranks 1 and 2 issued the same 5 world ops as rank 0, then 70 between themselves: their
+    rings hold none of the world ops any more. That is no rank behind: the report compares only
+    what every ring still holds, and says which ops it could not compare."""
+    world5 = [("world", "all_reduce", 400)] * 5
+    pair = [(["p2p", 1, 2], "send", 64)] * 70
+    dumps = {0: _dump(0, _ring(world5)), 1: _dump(1, _ring(world5 + pair)),
+             2: _dump(2, _ring(world5 + pair))}
+    rep = flight.desync_report(dumps, 3)
+    assert not rep["behind"] and not rep["mismatches"]
+    text = "\n".join(flight.describe_report(rep))
+    assert "the rings of ranks 1 and 2 hold only ops 7-70 of group p2p 1<->2" in text, text
+    assert "the rings of ranks 1 and 2 hold no op of group world" in text, text
+    assert "older ops are not compared" in text and "rank 1 is behind" not in text
+
+
+def test_a_desync_inside_the_windows_of_wrapped_rings_is_named():
+    """All three rings wrapped, at different places: rank 2 is one world op behind, and rank 1
+    issued another size at world op #120, both inside every rank's window."""
+    ops = [("world", "all_reduce", 400)] * 130
+    r1 = list(ops)
+    r1[119] = ("world", "all_reduce", 28)
+    r2 = [x for o in ops[:129] for x in (o, ([2], "all_reduce", 64))]  # and its own group's
+    pending = _ring(ops)
+    pending[-1]["returned"] = None  # ranks 0 and 1 wait in op #130
+    rep = flight.desync_report({0: _dump(0, pending), 1: _dump(1, _ring(r1)),
+                                2: _dump(2, _ring(r2))}, 3)
+    assert [(b["rank"], b["issued"], b["others_issued"]) for b in rep["behind"]] == [(2, 129, 130)]
+    assert rep["behind"][0]["waited_for"]["seq"] == 130
+    assert rep["mismatches"][0]["seq"] == 120
+    assert {r: o["bytes"] for r, o in rep["mismatches"][0]["ops"].items()} == {0: 400, 1: 28, 2: 400}
+    text = "\n".join(flight.describe_report(rep))
+    assert "rank 2's ring holds only ops 98-129 of group world" in text, text
+
+
+def test_no_exception_when_the_op_a_rank_waits_for_left_every_ring():
+    """Ranks 1 and 2 hold no world op; ranks 0's ring no longer holds world op #1 either (the
+    old report looked it up and raised StopIteration). A rank that really is behind, whose next
+    op has left the others' rings, is still named."""
+    world = [("world", "all_reduce", 400)] * 130
+    pair = [(["p2p", 1, 2], "send", 64)] * 64
+    rep = flight.desync_report({0: _dump(0, _ring(world)), 1: _dump(1, _ring(world + pair)),
+                                2: _dump(2, _ring(world + pair))}, 3)
+    assert not rep["behind"] and not rep["mismatches"]
+    flight.describe_report(rep)
+    late = [("world", "all_reduce", 400)] * 100 + [(["p2p", 0, 1], "send", 8)] * 20
+    rep = flight.desync_report({0: _dump(0, _ring(late)), 1: _dump(1, _ring(world * 2))}, 2)
+    assert [(b["rank"], b["issued"], b["others_issued"], b["waited_for"]) for b in rep["behind"]] \
+        == [(0, 100, 260, None)]
+    text = "\n".join(flight.describe_report(rep))
+    assert "rank 0 is behind in group world: it issued 100 op(s), the others 260" in text, text
+    assert "the op after it, #101, has left the others' rings" in text, text
+
+
 def test_ring_file_keeps_the_newest_entries_and_survives_a_torn_slot(tmp_path):
     rec = flight.FlightRecorder(0, 2, tmp_path)
     for i in range(flight.CAPACITY + 5):

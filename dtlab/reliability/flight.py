@@ -26,7 +26,8 @@ answer, another can. Fatal signals (SIGABRT, SIGSEGV) also leave their stacks in
 
 ``desync_report`` compares what the ranks left: which rank is behind (issued fewer ops in a
 group), what op every rank is blocked in, and which ranks issued a different op or size at the
-same sequence number of a group (a collective mismatch).
+same sequence number of a group (a collective mismatch); only where every rank's ring still holds
+the ops, and it says which older ops had left a ring.
 """
 from __future__ import annotations
 
@@ -449,40 +450,59 @@ def _members(group, ranks: dict) -> list[int]:
     return [m for m in group if isinstance(m, int)] if isinstance(group, list) else list(ranks)
 
 
+def _holds_all(entries: list[dict]) -> bool:
+    """Whether a rank's record still holds every op it issued (its ring never wrapped)."""
+    return {e["n"] for e in entries} == set(range(1, len(entries) + 1))
+
+
 def desync_report(dumps: dict[int, dict], world: int) -> dict:
-    """Who is behind, what each rank is blocked in, who issued a different op at the same place."""
+    """Who is behind, what each rank is blocked in, who issued a different op at the same place.
+
+    A ring keeps a rank's newest ops only, so a group's older ops may have left some ranks'
+    rings: ops are compared where every rank still holds them, and ``wrapped`` says what was
+    not. A rank that holds any op of a group holds its last one, so who is behind stays exact;
+    a rank whose ring wrapped past every op of a group is not compared in it (``unknown``)."""
     missing = [r for r in range(world) if r not in dumps]
     per_group: dict = collections.defaultdict(dict)  # group -> rank -> {seq: entry}
     for r, d in dumps.items():
         for e in d["entries"]:
             per_group[json.dumps(e["group"])].setdefault(r, {})[e["seq"]] = e
-    behind, mismatches, pending = [], [], {}
+    behind, mismatches, pending, wrapped, unknown = [], [], {}, [], []
     for group, ranks in per_group.items():
         members = json.loads(group)
         expected = [m for m in _members(members, dumps) if m in dumps]
+        for r in expected:
+            if r in ranks and min(ranks[r]) > 1:
+                wrapped.append({"rank": r, "group": members, "first": min(ranks[r]),
+                                "last": max(ranks[r])})
+            elif r not in ranks and not _holds_all(dumps[r]["entries"]):
+                unknown.append({"rank": r, "group": members})
+        # a rank that holds no op of the group issued none, unless its ring wrapped
+        expected = [r for r in expected if r in ranks or _holds_all(dumps[r]["entries"])]
         last = {r: max(ranks[r]) if r in ranks else 0 for r in expected}
         top = max(last.values(), default=0)
         for r in expected:
             if last[r] < top:
                 e = ranks.get(r, {}).get(last[r])
-                ahead = next(ranks[o][last[r] + 1] for o in expected
-                             if o in ranks and last[r] + 1 in ranks[o])
+                ahead = next((ranks[o][last[r] + 1] for o in expected
+                              if o in ranks and last[r] + 1 in ranks[o]), None)
                 behind.append({"rank": r, "group": members, "issued": last[r],
                                "others_issued": top, "last_op": e and e["op"],
                                "step": e and e["step"], "site": e and e["site"],
-                               "waited_for": {"op": ahead["op"], "seq": ahead["seq"],
-                                              "step": ahead["step"]}})
-        seqs = [set(ranks[r]) for r in expected if r in ranks]
-        common = set.intersection(*seqs) if len(seqs) == len(expected) and seqs else set()
+                               "waited_for": ahead and {"op": ahead["op"], "seq": ahead["seq"],
+                                                        "step": ahead["step"]}})
+        holders = [r for r in expected if r in ranks]
+        common = set.intersection(*(set(ranks[r]) for r in holders)) if len(holders) > 1 \
+            else set()
         p2p = isinstance(members, list) and members[:1] == ["p2p"]
         for seq in sorted(common):
             key = {r: (ranks[r][seq]["bytes"],) if p2p else (ranks[r][seq]["op"],
                                                            ranks[r][seq]["bytes"])
-                   for r in expected}
+                   for r in holders}
             if len(set(key.values())) > 1:
                 mismatches.append({"group": members, "seq": seq, "ops": {
                     r: {k: ranks[r][seq][k] for k in ("op", "bytes", "dtype", "step", "site")}
-                    for r in expected}})
+                    for r in holders}})
                 break  # the first divergence explains the rest
         for r in expected:  # ops issued and not returned: where each rank waits
             for e in ranks.get(r, {}).values():
@@ -515,7 +535,7 @@ def desync_report(dumps: dict[int, dict], world: int) -> dict:
                                       and all(b["in_op"] for b in behind))
     return {"missing": missing, "behind": behind, "mismatches": mismatches,
             "pending": pending, "last": last, "same_op": same_op,
-            "transport_failed": transport,
+            "transport_failed": transport, "wrapped": wrapped, "unknown": unknown,
             "ranks": {r: {k: d.get(k) for k in ("host", "pid", "answered", "alive", "fatal",
                                                  "blocked_in", "step")}
                       for r, d in sorted(dumps.items())}}
@@ -538,8 +558,9 @@ def describe_report(rep: dict) -> list[str]:
             continue
         lines.append(f"rank {b['rank']} is behind in group {_g(b['group'])}: it issued "
                      f"{b['issued']} op(s), the others {b['others_issued']}; its last was "
-                     f"{b['last_op']} at step {b['step']} ({b['site']}); they wait in "
-                     f"{w['op']} #{w['seq']} of step {w['step']}")
+                     f"{b['last_op']} at step {b['step']} ({b['site']}); "
+                     + (f"they wait in {w['op']} #{w['seq']} of step {w['step']}" if w else
+                        f"the op after it, #{b['issued'] + 1}, has left the others' rings"))
     for r in rep["missing"]:
         lines.append(f"rank {r} left no record: it never reached the training loop")
     for r, info in rep["ranks"].items():
@@ -576,6 +597,29 @@ def describe_report(rep: dict) -> list[str]:
                      "not the program")
     if not lines:
         lines.append("no rank is behind and no collective differs: the ranks agree")
+    return lines + _ring_notes(rep)
+
+
+def _ranks_hold(ranks: list[int]) -> str:
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}'s ring holds"
+    return f"the rings of ranks {', '.join(map(str, ranks[:-1]))} and {ranks[-1]} hold"
+
+
+def _ring_notes(rep: dict) -> list[str]:
+    """What the comparison left out: the ops that had left some rings (one line per group and
+    window)."""
+    spans: dict = collections.defaultdict(list)
+    for w in rep.get("wrapped", []):
+        spans[(_g(w["group"]), w["first"], w["last"])].append(w["rank"])
+    lines = [f"{_ranks_hold(rs)} only ops {a}-{b} of group {g}; older ops are not compared"
+             for (g, a, b), rs in spans.items()]
+    none: dict = collections.defaultdict(list)
+    for u in rep.get("unknown", []):
+        none[_g(u["group"])].append(u["rank"])
+    lines += [f"{_ranks_hold(rs)} no op of group {g} and wrapped: what "
+              f"{'it' if len(rs) == 1 else 'they'} issued in that group is not known and not "
+              "compared" for g, rs in none.items()]
     return lines
 
 
