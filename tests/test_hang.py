@@ -232,6 +232,33 @@ def test_debug_hang_bad_input(tmp_path):
     assert p.returncode == 2 and "--wait" in p.stderr
 
 
+def test_debug_hang_fails_on_every_hang_it_finds():
+    """Every rank waiting in one op is a hang, and so is a rank that does not answer; exit 0
+    only when the ranks agree and all answered."""
+    from dtlab.report.hang_report import verdict
+    ok = [_entry(1, 1, "all_reduce", 400)]
+    waiting = ok + [_entry(2, 2, "all_reduce", 400, returned=False)]
+    status, says = verdict(flight.desync_report({r: _dump(r, waiting) for r in (0, 1)}, 2))
+    assert status == 1 and says.startswith("a hang: every rank waits in all_reduce #2"), says
+    silent = dict(_dump(1, ok), answered=False, alive=True)
+    status, says = verdict(flight.desync_report({0: _dump(0, ok), 1: silent}, 2))
+    assert status == 1 and "rank 1 did not answer (alive)" in says, says
+    assert verdict(flight.desync_report({r: _dump(r, ok) for r in (0, 1)}, 2)) == \
+        (0, "no hang found: every rank answered and the ranks agree")
+
+
+def test_debug_hang_exits_1_on_ranks_that_are_alive_and_silent(tmp_path):
+    """Two rings whose writer (this process) is alive and runs no watchdog: nobody answers."""
+    for r in (0, 1):
+        rec = flight.FlightRecorder(r, 2, tmp_path)
+        rec.record("all_reduce", None, [])
+        rec.ring.close()
+    p = dtlab("debug", "hang", tmp_path, "--wait", "0.5", timeout=60)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "a hang: every rank waits in all_reduce #1 of group world" in p.stdout, p.stdout
+    assert "rank 0 did not answer (alive)" in p.stdout
+
+
 def test_recorder_restores_torch_distributed():
     import torch.distributed as dist
     before = dist.all_reduce

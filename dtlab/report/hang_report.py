@@ -1,7 +1,9 @@
 """``dtlab debug hang RUN_DIR``: ask every rank of a run for its flight record and stacks, and say
 which rank is behind, what each one is blocked in, and where the ranks' collectives differ
 (dtlab/reliability/flight.py; docs/debugging.md). On a run that has ended it reads what the ranks left
-in their ring files.
+in their ring files. It exits 1 when it finds a hang or a failed rank (one behind, a collective
+mismatch, every rank waiting in the same op, a rank that did not answer or died) and 0 only when
+it finds none.
 
     dtlab debug hang runs/ddp-n2            # the --out folder of the run
 """
@@ -45,4 +47,32 @@ def hang(run_dir: str, wait_s: float = 10.0) -> int:
     out = flight.flight_dir(run_dir) / "report.json"
     atomic_write_text(out, json.dumps(rep, indent=1, default=str) + "\n")
     print(f"records and stacks: {flight.flight_dir(run_dir)}  report: {out}")
-    return 1 if rep["missing"] or rep["behind"] or rep["mismatches"] else 0
+    status, says = verdict(rep)
+    print(says)
+    return status
+
+
+def verdict(rep: dict) -> tuple[int, str]:
+    """The exit status of ``dtlab debug hang`` and the sentence that says why: 1 for every hang
+    or failed rank the report shows, 0 only when there is none."""
+    why = [f"rank {r} left no record" for r in rep["missing"]]
+    why += [f"rank {b['rank']} is behind in group {flight._g(b['group'])}" for b in rep["behind"]]
+    why += [f"collective mismatch at op #{m['seq']} of group {flight._g(m['group'])}"
+            for m in rep["mismatches"]]
+    same = rep.get("same_op")
+    if same:
+        why.append(f"every rank waits in {same['op']} #{same['seq']} of group "
+                   f"{flight._g(same['group'])}")
+    for r, info in rep["ranks"].items():
+        failed = (info.get("blocked_in") or {}).get("failed")
+        if info.get("fatal") or failed:
+            why.append(f"rank {r} died" if info.get("fatal") else f"rank {r} failed: {failed}")
+        elif info.get("answered") is False:  # alive or not, a rank that cannot answer is stuck
+            state = {True: "alive", False: "its process is gone",
+                     None: "on another machine"}[info.get("alive")]
+            why.append(f"rank {r} did not answer ({state})")
+    if why:
+        return 1, "a hang: " + "; ".join(why)
+    if all(info.get("answered") for info in rep["ranks"].values()):
+        return 0, "no hang found: every rank answered and the ranks agree"
+    return 0, "no hang found: the ranks' records agree"
