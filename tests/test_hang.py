@@ -141,6 +141,18 @@ def test_no_exception_when_the_op_a_rank_waits_for_left_every_ring():
     assert "the op after it, #101, has left the others' rings" in text, text
 
 
+def test_uneven_all_to_all_is_no_mismatch():
+    """An all-to-all's input is as long as what its rank sends, which routing decides (expert
+    parallelism): sizes may differ, the op may not."""
+    ok = [_entry(1, 1, "all_reduce", 400)]
+    rep = flight.desync_report({0: _dump(0, ok + [_entry(2, 2, "all_to_all", 13696)]),
+                                1: _dump(1, ok + [_entry(2, 2, "all_to_all", 11776)])}, 2)
+    assert not rep["mismatches"]
+    rep = flight.desync_report({0: _dump(0, ok + [_entry(2, 2, "all_to_all", 13696)]),
+                                1: _dump(1, ok + [_entry(2, 2, "all_reduce", 13696)])}, 2)
+    assert rep["mismatches"][0]["seq"] == 2
+
+
 def test_ring_file_keeps_the_newest_entries_and_survives_a_torn_slot(tmp_path):
     rec = flight.FlightRecorder(0, 2, tmp_path)
     for i in range(flight.CAPACITY + 5):

@@ -450,6 +450,14 @@ def _members(group, ranks: dict) -> list[int]:
     return [m for m in group if isinstance(m, int)] if isinstance(group, list) else list(ranks)
 
 
+def _signature(e: dict, p2p: bool) -> tuple:
+    """What the members must agree on at one sequence number: a send's size is its receive's;
+    an all-to-all's input is what its rank sends (uneven: the routing decides), so only its op."""
+    if p2p:
+        return (e["bytes"],)
+    return (e["op"],) if e["op"] == "all_to_all" else (e["op"], e["bytes"])
+
+
 def _holds_all(entries: list[dict]) -> bool:
     """Whether a rank's record still holds every op it issued (its ring never wrapped)."""
     return {e["n"] for e in entries} == set(range(1, len(entries) + 1))
@@ -496,9 +504,7 @@ def desync_report(dumps: dict[int, dict], world: int) -> dict:
             else set()
         p2p = isinstance(members, list) and members[:1] == ["p2p"]
         for seq in sorted(common):
-            key = {r: (ranks[r][seq]["bytes"],) if p2p else (ranks[r][seq]["op"],
-                                                           ranks[r][seq]["bytes"])
-                   for r in holders}
+            key = {r: _signature(ranks[r][seq], p2p) for r in holders}
             if len(set(key.values())) > 1:
                 mismatches.append({"group": members, "seq": seq, "ops": {
                     r: {k: ranks[r][seq][k] for k in ("op", "bytes", "dtype", "step", "site")}
