@@ -10,7 +10,9 @@
 # Variables:
 #   LAB          lab to run when not given as the first argument (default: deepspeed_zero)
 #   NUM_GPUS     processes on this machine when there is no hostfile (default: 2)
-#   HOSTFILE     `host slots=N` lines (check it first: dtlab doctor --hostfile F)
+#   HOSTFILE     `host slots=N` lines (check it first: dtlab doctor --hostfile F); with it the lab
+#                flags must be plain words (letters, digits, _ @ % + = : , . / -): DeepSpeed
+#                writes them unquoted into the command pdsh runs on every node
 #   INCLUDE      hosts/slots to use, NAME[:SLOT[,SLOT]][@NAME...]  (not with EXCLUDE)
 #   EXCLUDE      hosts/slots to leave out, same syntax
 #   NO_SSH=1     per-node mode: run this script on every node yourself (or through srun) with
@@ -51,6 +53,11 @@ fi
 # host like `-oProxyCommand=...` would otherwise run a command through DeepSpeed's own ssh test.
 check=(--include "${INCLUDE:-}" --exclude "${EXCLUDE:-}" --master-addr "${MASTER_ADDR:-}")
 [[ -n "${HOSTFILE:-}" ]] && check+=(--hostfile "$HOSTFILE")
+# With a hostfile (and ssh) DeepSpeed writes `cd <folder>; <python> ... <lab flags>` into the
+# one command string pdsh hands every node's shell, unquoted: `--out 'x;id'` would run `id`.
+if [[ -n "${HOSTFILE:-}" && "${NO_SSH:-0}" != 1 ]]; then
+  check+=(--cwd "$here" --python "$PYTHON" -- "$@")
+fi
 (cd "$here" && "$PYTHON" -m dtlab.doctor.hostfile "${check[@]}") || exit 2
 # Without it DeepSpeed asks the first host for its address over ssh (`ssh HOST hostname -I`).
 [[ -n "${MASTER_ADDR:-}" ]] && args+=(--master_addr "$MASTER_ADDR")

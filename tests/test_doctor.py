@@ -397,16 +397,18 @@ def _offline_doctor(monkeypatch, tmp_path, hostfile_text, *argv, summary_hosts=N
 HOSTILE_LINE = "-oProxyCommand=touch${IFS}%s slots=1\n"
 
 
-@pytest.mark.parametrize("case", ["hostfile", "deepspeed_env"])
+@pytest.mark.parametrize("case", ["hostfile", "deepspeed_env", "shell_env"])
 def test_collective_is_not_launched_while_an_input_error_stands(monkeypatch, tmp_path, case):
-    """A refused hostfile line, or a .deepspeed_env value the remote shell would expand: the
-    doctor reports it and launches nothing."""
+    """A refused hostfile line, or a value DeepSpeed would export for the remote shell to expand
+    (from .deepspeed_env or this shell): the doctor reports it and launches nothing."""
     marker = tmp_path / "touched"
     text = "n1 slots=1\nn2 slots=1\n"
     if case == "hostfile":
         text += HOSTILE_LINE % marker
-    else:
+    elif case == "deepspeed_env":
         (tmp_path / ".deepspeed_env").write_text(f"NCCL_DEBUG=$(touch {marker})\n")
+    else:
+        monkeypatch.setenv("PYTHONDTLABTEST", f"`touch {marker}`")
     rc, r, launched = _offline_doctor(monkeypatch, tmp_path, text)
     assert rc == 1 and launched == [] and not marker.exists()
     msgs = [f["message"] for f in r["findings"] if f["check"] == "collective"]
@@ -426,3 +428,18 @@ def test_collective_gets_a_hostfile_the_doctor_wrote(monkeypatch, tmp_path):
     assert text == "n1 slots=1\nn2 slots=1\n"
     assert path != str(tmp_path / "hostfile") and not Path(path).exists()
     assert not Path(path).parent.exists()
+
+
+@pytest.mark.parametrize("flag,good", [("--cwd", "/srv/run"), ("--python", "/opt/py/bin/python"),
+                                       ("--master-addr", "10.0.0.1")])
+@pytest.mark.parametrize("bad", [";", "$", "`", " "])
+def test_values_deepspeed_writes_into_the_remote_command_are_refused(capsys, flag, good, bad):
+    """DeepSpeed writes `cd <cwd>; <python> ... --master_addr=<addr>` into the command pdsh runs
+    on every node, unquoted: a value with a shell character is refused, naming the flag and
+    the character, before anything runs."""
+    from dtlab.doctor import diagnose
+    value = f"{good}{bad}id"
+    assert diagnose.main([flag, value, "--hostfile", "/nonexistent/hosts"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dtlab: error: {flag} {value!r} refused") and repr(bad) in err, err
+    assert len(err.splitlines()) == 1

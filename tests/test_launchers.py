@@ -188,3 +188,34 @@ def test_bare_python_is_resolved_to_its_path(tmp_path):
                        env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "no deepspeed launcher" not in p.stderr, p.stderr
     assert "refused" in p.stderr
+
+
+def test_deepspeed_launcher_refuses_lab_flags_a_remote_shell_would_run(tmp_path):
+    """With a hostfile, DeepSpeed writes the lab's flags into the command pdsh runs on every
+    node, quoting only those with a space (and a shell expands $ and ` inside the quotes): the
+    launcher refuses such a flag before it runs DeepSpeed. A fake `deepspeed` beside PYTHON
+    writes a marker if it is ever started."""
+    import sys
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    marker = tmp_path / "deepspeed-was-run"
+    (bindir / "deepspeed").write_text(f"#!/bin/sh\ntouch {marker}\n")
+    for f in ("python", "deepspeed"):
+        (bindir / f).chmod(0o755)
+    hf = tmp_path / "hosts"
+    hf.write_text("worker-1 slots=1\nworker-2 slots=1\n")
+    env = {"PYTHON": str(bindir / "python"), "HOSTFILE": str(hf)}
+    for flags, says in [
+            (["--out", "runs/x;id"], "lab flag --out 'runs/x;id' refused: character 7 is ';'"),
+            (["--out=runs/$(id)"], "lab flag --out 'runs/$(id)' refused: character 6 is '$'"),
+            (["--out", "runs/`id`"], "lab flag --out 'runs/`id`' refused: character 6 is '`'"),
+            (["--steps", "3", "--out", "a b"], "lab flag --out 'a b' refused: character 2 is ' '")]:
+        p = launch("deepspeed.sh", "deepspeed_zero", *flags, env=env, timeout=120)
+        assert p.returncode == 2 and p.stderr.startswith("dtlab: error: ") and \
+            says in p.stderr, p.stdout + p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and not marker.exists()
+    # without a hostfile DeepSpeed starts the ranks from an argument list: the flag is launched
+    p = launch("deepspeed.sh", "deepspeed_zero", "--out", "runs/x;id",
+               env={"PYTHON": str(bindir / "python")}, timeout=120)
+    assert p.returncode == 0 and marker.exists(), p.stderr

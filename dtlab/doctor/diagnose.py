@@ -58,7 +58,8 @@ from pathlib import Path
 from dtlab.doctor import connectivity
 from dtlab.report import tables as report
 from dtlab.doctor.connectivity import readline as _readline
-from dtlab.doctor.hostfile import Finding, Hostfile, load, parse_filter, resolve, safe_name
+from dtlab.doctor.hostfile import (REMOTE_FIX, Finding, Hostfile, load, parse_filter, resolve,
+                                   safe_name, why_unsafe, why_unsafe_path)
 
 EXPORT_PREFIXES = ("PYTHON", "MV2", "UCX", "MLFLOW")  # DeepSpeed 0.19.8; NCCL too with CUDA
 SHM_PER_RANK_DS_CPU = 2 * 2**20 + 2 * 32 * 2**20    # DeepSpeed's shm_comm workspace per rank
@@ -72,6 +73,9 @@ KNOWN_BUGS = [
 ]
 NOT_EXPORTED = ("GLOO_SOCKET_IFNAME", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "OMP_NUM_THREADS",
                 "TP_SOCKET_IFNAME")
+REMOTE_WHY = ("DeepSpeed writes `cd <cwd>; <python> -u -m deepspeed.launcher.launch ... "
+              "--master_addr=<addr>` unquoted into the command pdsh runs on every node, where a "
+              "shell would run or split it")
 # What the launch is made of: while one of these has an error, --collective launches nothing
 INPUT_CHECKS = ("hostfile", "include/exclude", "exports", "flags")
 LAUNCHER_PROGRAMS = {"pdsh": "pdsh", "openmpi": "mpirun", "mpich": "mpirun", "impi": "mpirun",
@@ -224,6 +228,7 @@ class Doctor:
         if hf is None or not hf.hosts:
             self.check_local_only()
             return self.findings
+        self.check_flags()
         active = resolve(hf, a.include or "", a.exclude or "")
         self.findings += [f for f in hf.findings if f.check == "include/exclude"]
         self.active = active
@@ -319,6 +324,16 @@ class Doctor:
         elif not errors:
             self.add("include/exclude", "ok", f"{flag} {spec!r} on this machine's devices "
                      "(no hostfile: DeepSpeed's pool is localhost)")
+
+    def check_flags(self) -> None:
+        """The defaults of --cwd and --python (given ones are checked with the command line):
+        DeepSpeed writes them into the command every node's shell runs."""
+        for flag, value, given in (("--cwd", self.cwd, self.a.cwd),
+                                   ("--python", self.python, self.a.python)):
+            if given is None and (why := why_unsafe_path(value)):
+                self.add("flags", "error", f"{flag} defaults to {value!r}, which a multi-node "
+                         f"launch cannot use: {why}; {REMOTE_WHY}", f"run from (or install "
+                         f"into) a path that passes: {REMOTE_FIX}")
 
     def check_known_bugs(self) -> None:
         """Launcher bugs of the installed DeepSpeed that this command would hit."""
@@ -420,6 +435,13 @@ class Doctor:
         if exported:
             self.add("exports", "info", "exported to the other nodes from this shell: "
                      + ", ".join(exported))
+        prefixes = EXPORT_PREFIXES + (("NCCL",) if _cuda_here() else ())
+        for k in sorted(k for k in os.environ if k.startswith(prefixes) and self.a.hostfile):
+            if (hit := next((c for c in '"$`\\' if c in os.environ[k]), None)):
+                self.add("exports", "error", f"{k}, set in this shell, holds {hit!r}: DeepSpeed "
+                         "exports it to every node in double quotes inside the command it runs "
+                         "there, where the remote shell still expands $, backticks, \\ and \"",
+                         f"unset {k} or keep its value to letters, digits and @%+=:,./-")
         from_file = self.deepspeed_env()
         for k in NOT_EXPORTED:
             if k in os.environ and k not in from_file:
@@ -803,8 +825,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(a: argparse.Namespace) -> int:
     for flag in ("master_addr", "python", "cwd"):
         v = getattr(a, flag)
-        if v is not None and (v.startswith("-") or any(c in v for c in "\n\r\0")):
-            print(f"dtlab: error: --{flag.replace('_', '-')} {v!r} refused", file=sys.stderr)
+        why = None if v is None else why_unsafe(v) if flag == "master_addr" else \
+            why_unsafe_path(v)
+        if why:
+            print(f"dtlab: error: --{flag.replace('_', '-')} {v!r} refused: {why}; {REMOTE_WHY}; "
+                  f"{REMOTE_FIX}", file=sys.stderr)
             return 2
     if not (1 <= a.master_port <= 65535) or (a.ssh_port is not None and not 1 <= a.ssh_port <= 65535):
         print("dtlab: error: ports must be within 1..65535", file=sys.stderr)

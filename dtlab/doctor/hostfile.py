@@ -88,6 +88,49 @@ def why_unsafe(name: str) -> str | None:
     return f"character {col} is U+{ord(ch):04X} {label} {ch!r}{how}"
 
 
+# DeepSpeed's pdsh runner writes the working folder, its python, --master_addr and (quoted only
+# when they hold a space) the script's flags into the one command string every node's shell
+# runs; these characters are the ones its own exports leave unquoted (add_export)
+REMOTE_WORD = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")  # always used with fullmatch
+REMOTE_FIX = "use only letters, digits and _ @ % + = : , . / -"
+
+
+def why_unsafe_word(value: str) -> str | None:
+    """None for a value a remote shell reads as one word, as written; else what is wrong."""
+    if not value:
+        return "it is empty, and an empty word vanishes from the remote command"
+    col, ch = next(((i, c) for i, c in enumerate(value, 1) if not REMOTE_WORD.fullmatch(c)),
+                   (0, ""))
+    return f"character {col} is {ch!r}" if col else None
+
+
+def why_unsafe_path(value: str) -> str | None:
+    """As ``why_unsafe_word``, and no leading '-' (it would be read as an option)."""
+    if value.startswith("-"):
+        return "it starts with '-', so it would be read as an option"
+    return why_unsafe_word(value)
+
+
+def lab_flags_problem(args: list[str]) -> str | None:
+    """The first of a script's flags that DeepSpeed's pdsh command would hand a shell to run or
+    split, as one line naming the flag and the character; None when all are plain words."""
+    for i, arg in enumerate(args):
+        if arg.startswith("-") and "=" in arg:
+            name, value = arg.split("=", 1)
+        elif arg.startswith("-"):
+            name, value = arg, arg
+        else:
+            name = args[i - 1] if i and args[i - 1].startswith("-") else f"argument {i + 1}"
+            value = arg
+        why = why_unsafe_word(value) or (why_unsafe_word(name) if name != value else None)
+        if why:
+            return (f"lab flag {name} {value!r} refused: {why}: with a hostfile DeepSpeed writes "
+                    "the lab's flags into the command pdsh runs on every node and quotes only "
+                    "those holding a space (a shell still expands $ and ` inside its quotes); "
+                    + REMOTE_FIX)
+    return None
+
+
 @dataclass
 class Finding:
     check: str
@@ -284,11 +327,21 @@ def first_error(hf: Hostfile) -> Finding | None:
 
 
 def check(hostfile: str | None, include: str = "", exclude: str = "",
-          master_addr: str = "") -> str | None:
+          master_addr: str = "", cwd: str = "", python: str = "",
+          lab_args: list[str] | None = None) -> str | None:
     """The first problem that would make a launch with these settings unsafe or wrong, as one
-    line, or None. What the launchers run before they hand anything to DeepSpeed or ssh."""
+    line, or None. What the launchers run before they hand anything to DeepSpeed or ssh.
+    ``cwd``, ``python`` and ``lab_args``: what DeepSpeed's pdsh command will hold (give them
+    where the launch goes through pdsh)."""
     if master_addr and (why := why_unsafe(master_addr)):
         return f"MASTER_ADDR {master_addr!r} refused: {why}"
+    for what, value in (("the working folder", cwd), ("the python", python)):
+        if value and (why := why_unsafe_path(value)):
+            return (f"{what} {value!r} refused: {why}: DeepSpeed runs `cd <folder>; <python> "
+                    "-u -m deepspeed.launcher.launch ...` unquoted on every node; move it to a "
+                    "path that holds only letters, digits and _ @ % + = : , . / -")
+    if lab_args and (problem := lab_flags_problem(lab_args)):
+        return problem
     if hostfile is None:
         if include or exclude:
             return "INCLUDE/EXCLUDE need a HOSTFILE"
@@ -302,7 +355,12 @@ def check(hostfile: str | None, include: str = "", exclude: str = "",
 
 def main(argv=None) -> int:
     """``python -m dtlab.doctor.hostfile [--hostfile F] [--include S] [--exclude S]
-    [--master-addr A]``: exit 2 with one line when the launch settings are refused, else 0."""
+    [--master-addr A] [--cwd DIR] [--python PATH] [-- LAB FLAGS...]``: exit 2 with one line
+    when the launch settings are refused, else 0. What follows ``--`` is checked as the flags
+    DeepSpeed's pdsh command will carry."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    lab_args = argv[argv.index("--") + 1:] if "--" in argv else None
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(prog="python -m dtlab.doctor.hostfile",
                                 description="check a DeepSpeed hostfile and host selection "
                                             "before a launcher uses them")
@@ -310,8 +368,10 @@ def main(argv=None) -> int:
     p.add_argument("--include", default="")
     p.add_argument("--exclude", default="")
     p.add_argument("--master-addr", default="")
+    p.add_argument("--cwd", default="", help="the folder DeepSpeed will cd to on every node")
+    p.add_argument("--python", default="", help="the python DeepSpeed will start there")
     a = p.parse_args(argv)
-    problem = check(a.hostfile, a.include, a.exclude, a.master_addr)
+    problem = check(a.hostfile, a.include, a.exclude, a.master_addr, a.cwd, a.python, lab_args)
     if problem:
         print(f"dtlab: error: {problem}", file=sys.stderr)
         return 2
