@@ -80,7 +80,8 @@ specs = st.lists(st.builds(lambda h, s, colon: h + (":" + ",".join(map(str, s))
 @given(specs, st.booleans())
 def test_include_exclude_resolve_like_deepspeed(parts, include):
     """Every filter DeepSpeed refuses (or crashes on: 'w1:' gives ValueError: invalid literal
-    for int() with base 10: '') we refuse; every one it takes resolves to the same slots."""
+    for int() with base 10: '', and one that leaves no slot an IndexError after the filter) we
+    refuse; every one it takes resolves to the same slots."""
     pytest.importorskip("deepspeed")
     from deepspeed.launcher.runner import parse_inclusion_exclusion
     pool = {"w1": 2, "w2": 4}
@@ -92,6 +93,7 @@ def test_include_exclude_resolve_like_deepspeed(parts, include):
         theirs = parse_inclusion_exclusion(pool, spec if include else "", "" if include else spec)
     except ValueError:
         theirs = None
+    theirs = theirs or None  # no slot left: its runner's list(active_resources.keys())[0] fails
     assert ours_failed == (theirs is None), (spec, include, [f.message for f in hf.findings])
     if theirs is not None:
         assert {h: list(s) for h, s in ours.items()} == {h: list(s) for h, s in theirs.items()}
@@ -428,6 +430,38 @@ def test_collective_gets_a_hostfile_the_doctor_wrote(monkeypatch, tmp_path):
     assert text == "n1 slots=1\nn2 slots=1\n"
     assert path != str(tmp_path / "hostfile") and not Path(path).exists()
     assert not Path(path).parent.exists()
+    ok = [f["message"] for f in r["findings"] if f["check"] == "collective"]
+    assert "ran on n1-box, n2-box" in ok[0], ok
+
+
+def test_collective_reports_where_the_ranks_really_ran(monkeypatch, tmp_path):
+    """One active host: DeepSpeed runs the job on this machine without pdsh. Each rank reports
+    its host name, and a rank that ran elsewhere than its host is an error, not a pass."""
+    here = socket.gethostname()
+    rc, r, launched = _offline_doctor(monkeypatch, tmp_path, "n1 slots=1\n",
+                                      summary_hosts=[here])
+    bad = [f for f in r["findings"] if f["check"] == "collective" and f["severity"] == "error"]
+    assert rc == 1 and len(launched) == 1 and r["collective"]["ok"] is False, r["findings"]
+    assert bad[0]["host"] == "n1" and f"rank(s) 0 ran on {here}, not on n1 (n1-box)" in \
+        bad[0]["message"] and "--force-multi" in bad[0]["fix"], bad
+    assert r["collective"]["ran_on"] == [here]
+
+
+def test_excluding_every_host_or_slot_is_an_error_naming_the_flag(monkeypatch, tmp_path):
+    """DeepSpeed would stop with an IndexError on an empty host list; the doctor and the
+    launchers' check say which flag left nothing, and --collective launches nothing."""
+    from dtlab.doctor.hostfile import check
+    hf = tmp_path / "hosts"
+    hf.write_text("n1 slots=2\nn2 slots=1\n")
+    for spec in ("n1@n2", "n1:0,1@n2:0", "n1@n2:0"):
+        problem = check(str(hf), exclude=spec)
+        assert problem and problem.startswith(f"--exclude {spec!r} leaves no host"), problem
+    assert check(str(hf), exclude="n1:0@n2") is None
+    rc, r, launched = _offline_doctor(monkeypatch, tmp_path, "n1 slots=1\nn2 slots=1\n",
+                                      "--exclude", "n1@n2")
+    errors = [f for f in r["findings"] if f["severity"] == "error"]
+    assert rc == 1 and launched == [] and [f["check"] for f in errors] == \
+        ["include/exclude", "collective"], errors
 
 
 @pytest.mark.parametrize("flag,good", [("--cwd", "/srv/run"), ("--python", "/opt/py/bin/python"),

@@ -429,6 +429,24 @@ def report_collective(doc, result: dict, master: str) -> None:
         ranks.update({r["rank"]: r for r in s["ranks"] if r.get("phase") is not None or
                       r["rank"] not in ranks})
     world = len(result["rank_host"])
+    # where each rank really ran (its own host name) against where it should have: DeepSpeed
+    # runs a job of one active host on this machine, without pdsh
+    ran_on = [ranks.get(r, {}).get("host") for r in range(world)]
+    elsewhere: dict[str, list] = {}
+    for r, (host, actual) in enumerate(zip(result["rank_host"], ran_on)):
+        expected = (doc.probes.get(host) or {}).get("hostname")
+        if actual and expected and actual != expected:
+            elsewhere.setdefault(host, []).append((r, actual, expected))
+    for host, items in elsewhere.items():
+        single = len(set(result["rank_host"])) == 1 and not getattr(doc.a, "force_multi", False)
+        doc.add("collective", "error", f"{host}: rank(s) {', '.join(str(r) for r, _, _ in items)} "
+                f"ran on {', '.join(sorted({a for _, a, _ in items}))}, not on {host} "
+                f"({items[0][2]}): " + ("with one active host DeepSpeed starts the job on this "
+                                        "machine, without ssh or pdsh, so this result says "
+                                        "nothing about that host" if single else
+                                        "the launcher placed the rank elsewhere"),
+                "pass --force_multi to deepspeed (and --force-multi to the doctor) to run it "
+                "there" if single else "check the hostfile's names and the launcher", host)
     bad = []
     for r in range(world):
         info = ranks.get(r, {"rank": r, "phase": None, "error": "no report at all"})
@@ -438,12 +456,17 @@ def report_collective(doc, result: dict, master: str) -> None:
         bad.append((r, host, info))
     if not bad and s:
         bw = s["ranks"][0].get("busbw_GBps")
+        where = ", ".join(dict.fromkeys(h for h in ran_on if h))
+        if elsewhere:
+            doc.collective = {"ok": False, "seconds": result["seconds"], "ranks": s["ranks"],
+                              "ran_on": ran_on, "failed_hosts": list(elsewhere)}
+            return
         doc.add("collective", "ok", f"{world} rank(s) on {len(set(result['rank_host']))} host(s) "
-                f"formed the group, all-reduced and broadcast the right values in "
-                f"{result['seconds']:g} s" + (f"; 8 MiB all-reduce bus bandwidth {bw:.3f} GB/s "
-                                              f"({bw * 8:.2f} Gbit/s)" if bw else ""))
+                f"(ran on {where}) formed the group, all-reduced and broadcast the right values "
+                f"in {result['seconds']:g} s" + (f"; 8 MiB all-reduce bus bandwidth {bw:.3f} "
+                                                 f"GB/s ({bw * 8:.2f} Gbit/s)" if bw else ""))
         doc.collective = {"ok": True, "busbw_GBps": bw, "seconds": result["seconds"],
-                          "ranks": s["ranks"]}
+                          "ranks": s["ranks"], "ran_on": ran_on}
         return
     if not bad:  # every rank fine by its own word, but rank 0 never summed up
         bad = [(0, result["rank_host"][0], {"rank": 0, "phase": None,
@@ -502,6 +525,6 @@ def report_collective(doc, result: dict, master: str) -> None:
                 f"{_cause(doc, host, info, master)}", "fix that host's finding above and run "
                 "the doctor again", host)
     doc.collective = {"ok": False, "seconds": result["seconds"], "failed_hosts": culprits,
-                      "ranks": [ranks.get(r) for r in range(world)],
+                      "ranks": [ranks.get(r) for r in range(world)], "ran_on": ran_on,
                       "launcher_tail": result["tail"]}
 

@@ -319,7 +319,14 @@ def resolve(hf: Hostfile, include: str = "", exclude: str = "") -> "OrderedDict[
             chosen[name] = slots or list(pool[name])
         else:
             chosen[name] = [] if not slots else [s for s in chosen[name] if s not in slots]
-    return OrderedDict((h, chosen[h]) for h in pool if chosen.get(h))
+    active = OrderedDict((h, chosen[h]) for h in pool if chosen.get(h))
+    if not active and not errors and not any(f.check == "include/exclude" and
+                                             f.severity == "error" for f in hf.findings):
+        hf.findings.append(Finding(
+            "include/exclude", "error", f"{flag} {spec!r} leaves no host and no slot to run on: "
+            "DeepSpeed's runner stops with IndexError: list index out of range (at "
+            "list(active_resources.keys())[0])", f"leave at least one slot out of {flag}"))
+    return active
 
 
 def first_error(hf: Hostfile) -> Finding | None:
