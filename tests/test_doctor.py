@@ -477,3 +477,34 @@ def test_values_deepspeed_writes_into_the_remote_command_are_refused(capsys, fla
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"dtlab: error: {flag} {value!r} refused") and repr(bad) in err, err
     assert len(err.splitlines()) == 1
+
+
+def test_master_listener_that_never_exits_does_not_hang_the_doctor(monkeypatch, tmp_path):
+    """The listener answers something else than the listener's line and then never exits (a
+    login banner, then a stuck shell): its error output is read with a deadline, and the whole
+    process group is killed, its children too."""
+    import argparse
+    import time
+    from dtlab.doctor import diagnose
+    pids = tmp_path / "pids"
+    script = f'echo $$ > {pids}; echo "Welcome"; sleep 600 & echo $! >> {pids}; wait'
+    monkeypatch.setattr(diagnose.Doctor, "ssh_argv", lambda self, h, remote: ["sh", "-c", script])
+    monkeypatch.setattr(diagnose, "LISTENER_EXIT_S", 0.5)
+    a = diagnose.add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--master-addr", "127.0.0.1", "--connect-timeout", "1"])
+    d = diagnose.Doctor(a)
+    t0 = time.monotonic()
+    d.check_master("n1")
+    assert time.monotonic() - t0 < 15
+    errors = [f.message for f in d.findings if f.severity == "error"]
+    assert len(errors) == 1 and "could not test port 29500 on n1" in errors[0], errors
+
+    def alive(pid):
+        try:
+            return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+        except (FileNotFoundError, IndexError):
+            return False
+    deadline = time.monotonic() + 5
+    while any(alive(int(p)) for p in pids.read_text().split()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(int(p)) for p in pids.read_text().split())

@@ -48,6 +48,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -76,6 +77,7 @@ NOT_EXPORTED = ("GLOO_SOCKET_IFNAME", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH",
 REMOTE_WHY = ("DeepSpeed writes `cd <cwd>; <python> -u -m deepspeed.launcher.launch ... "
               "--master_addr=<addr>` unquoted into the command pdsh runs on every node, where a "
               "shell would run or split it")
+LISTENER_EXIT_S = 10.0  # seconds the master-port listener may take to end once told to
 # What the launch is made of: while one of these has an error, --collective launches nothing
 INPUT_CHECKS = ("hostfile", "include/exclude", "exports", "flags")
 LAUNCHER_PROGRAMS = {"pdsh": "pdsh", "openmpi": "mpirun", "mpich": "mpirun", "impi": "mpirun",
@@ -699,8 +701,9 @@ class Doctor:
             return None
         wait = self.a.connect_timeout * 2 + 10
         argv = self.ssh_argv(first, [self.python, "-c", LISTEN, addr, str(port), str(wait)])
+        # a session of its own: on a deadline the ssh and whatever it started die together
         listener = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
+                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             line = _readline(listener.stdout, self.a.connect_timeout + 30)
             if line is None:
@@ -710,7 +713,8 @@ class Doctor:
                 return
             if not line.startswith("DTLAB-LISTEN"):
                 self.add("master", "error", f"could not test port {port} on {first}: "
-                         f"{listener.stderr.read().strip()[-200:]}", "check ssh to the host", first)
+                         f"{_ended_output(listener, LISTENER_EXIT_S) or line}"[:300],
+                         "check ssh to the host", first)
                 return
             if line != "DTLAB-LISTEN ok":
                 errno_text = line.split(" ", 2)[2]
@@ -740,13 +744,36 @@ class Doctor:
                              "'client socket has timed out'", "open the port in the firewall or "
                              "pass a --master_addr every host can route to", host)
         finally:
-            listener.stdin.close()  # the remote listener exits and frees the port
-            try:
-                listener.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                listener.kill()
-                listener.wait()
+            if listener.returncode is None:
+                listener.stdin.close()  # the remote listener exits and frees the port
+                try:
+                    listener.wait(timeout=LISTENER_EXIT_S)
+                except subprocess.TimeoutExpired:
+                    _kill_group(listener)
         return addr
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` (started with start_new_session) and everything in its process group."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _ended_output(proc: subprocess.Popen, timeout: float) -> str:
+    """The last of what ``proc`` wrote to stderr once it ends, its stdin closed; after
+    ``timeout`` seconds its process group is killed and what it wrote until then is used."""
+    try:
+        _, err = proc.communicate(timeout=timeout)  # closes stdin
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        try:  # a child that left the group may still hold the pipe: not waited for long
+            _, err = proc.communicate(timeout=2)
+        except subprocess.TimeoutExpired:
+            err = ""
+    return (err or "").strip()[-200:]
 
 
 def _cuda_here() -> bool:
