@@ -271,6 +271,55 @@ def test_checkpoint_loading_runs_no_code(tmp_path):
         ckpt._reader(tmp_path).read_metadata()
 
 
+def _call_pickle(module, name, *args):
+    """Pickle bytes that call ``module``'s ``name`` (which may be a dotted route through the
+    module's attributes, as protocol 4 resolves it) with ``args``: how a hostile .metadata
+    would reach a class the allowlist did not mean to allow."""
+    head = pickle.dumps(args, protocol=2)
+    assert head[:2] == pickle.PROTO + b"\x02" and head[-1:] == pickle.STOP
+    text = lambda s: pickle.BINUNICODE + len(s.encode()).to_bytes(4, "little") + s.encode()
+    return (pickle.PROTO + b"\x04" + text(module) + text(name) + pickle.STACK_GLOBAL
+            + head[2:-1] + pickle.REDUCE + pickle.STOP)
+
+
+def test_metadata_cannot_reach_a_file_through_a_dotted_name(tmp_path):
+    """``io`` is an attribute of DCP's filesystem module: the name ``io.FileIO`` would open (and
+    empty) any file the user can write. Refused before anything is called."""
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    (tmp_path / ".metadata").write_bytes(_call_pickle(
+        "torch.distributed.checkpoint.filesystem", "io.FileIO", str(victim), "w"))
+    with pytest.raises(pickle.UnpicklingError, match=r"refers to torch\.distributed\.checkpoint"
+                       r"\.filesystem\.io\.FileIO, which DCP's metadata never holds"):
+        ckpt._reader(tmp_path).read_metadata()
+    assert victim.read_text() == "keep me\n"
+
+
+def test_metadata_cannot_start_a_command(tmp_path):
+    """A route from an allowed module to ``subprocess.Popen`` (a class, as the old rule asked):
+    refused, and the command never runs."""
+    marker = tmp_path / "ran"
+    (tmp_path / ".metadata").write_bytes(_call_pickle(
+        "torch.distributed.checkpoint.filesystem",
+        "torch._strobelight.cli_function_profiler.subprocess.Popen", ["touch", str(marker)]))
+    with pytest.raises(pickle.UnpicklingError, match="Popen, which DCP's metadata never holds"):
+        leaked = ckpt._reader(tmp_path).read_metadata()
+        leaked.wait(timeout=30)  # reached only where the pickle was obeyed: let the command end
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("module,name", [
+    ("torch.distributed.checkpoint.metadata", "Metadata.__init__"),  # a dotted name, even here
+    ("torch.distributed.checkpoint.metadata", "dataclass"),  # imported there, not DCP's own
+    ("torch.distributed.checkpoint.filesystem", "Path"),  # a class imported there, not DCP's
+    ("torch", "load"),  # a module on the list for its dtypes, not for its functions
+])
+def test_metadata_allows_only_the_exact_classes_dcp_writes(tmp_path, module, name):
+    (tmp_path / ".metadata").write_bytes(_call_pickle(module, name))
+    with pytest.raises(pickle.UnpicklingError, match="never holds; refusing to load it"):
+        ckpt._reader(tmp_path).read_metadata()
+
+
 class _FakeSharding:
     """Two ranks seen from rank 0: rank 1 reports that the folder rank 0 chose is not whole."""
     rank, world, group = 0, 2, None

@@ -328,22 +328,36 @@ def layout_load_canonical_state(strategy, full: dict[str, torch.Tensor]) -> None
 # --------------------------------------------------------------------------- DCP plumbing
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """DCP pickles its ``.metadata``; only the classes that file holds may be rebuilt."""
-    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"),
-               ("pathlib", "PosixPath"), ("collections", "OrderedDict")}
+    """DCP pickles its ``.metadata``; only the classes DCP writes there may be rebuilt. The list
+    is what torch 2.13's metadata of our checkpoints refers to (flat 1-D tensors, plain or
+    DTensor-sharded), listed from saved folders; each entry is checked against the object the
+    name resolves to, and a dotted name (protocol 4's route through a module's attributes, e.g.
+    ``io.FileIO`` from a module that imports ``io``) is never followed."""
+    ALLOWED = {
+        ("torch.distributed.checkpoint.metadata", "Metadata"),
+        ("torch.distributed.checkpoint.metadata", "MetadataIndex"),
+        ("torch.distributed.checkpoint.metadata", "StorageMeta"),
+        ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"),
+        ("torch.distributed.checkpoint.metadata", "TensorProperties"),
+        ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"),
+        ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),  # an Enum
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),  # a layout from its name, e.g. "torch.strided"
+        ("torch", "Size"),
+        ("pathlib", "PosixPath"),
+    }
 
     def find_class(self, module, name):
-        obj = super().find_class(module, name) if (
-            (module, name) in self.ALLOWED
-            or module in ("torch.distributed.checkpoint.metadata",
-                          "torch.distributed.checkpoint.filesystem")
-            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
-        ) else None
-        if obj is None or (module.startswith("torch.distributed") and not isinstance(obj, type)
-                           and name != "_MEM_FORMAT_ENCODING"):
-            raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, "
-                                         "which a checkpoint never holds; refusing to load it")
-        return obj
+        if "." not in name:
+            if (module, name) in self.ALLOWED:
+                obj = super().find_class(module, name)
+                if (getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)) == \
+                        (module, name):
+                    return obj
+            elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                return getattr(torch, name)  # a dtype is a value, it calls nothing
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which "
+                                     "DCP's metadata never holds; refusing to load it")
 
 
 def _reader(folder: Path):
