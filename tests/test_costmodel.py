@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtlab.costmodel import gpu_step, gpus
+from dtlab.costmodel import fitting, gpu_step, gpus
 from dtlab.errors import UsageError
 from dtlab.costmodel.shapes import Shape, model_states, stage_layers, total_params
 from dtlab.train.model import ModelConfig, build_model, stage_bounds
@@ -81,11 +81,11 @@ def test_nnls_recovers_known_constants_and_keeps_them_non_negative():
     rows = [[rng.uniform(0.1, 2) for _ in range(4)] for _ in range(40)]
     true = [1.3, 0.0, 0.7, 2.0]
     ys = [sum(a * b for a, b in zip(r, true)) for r in rows]
-    got = gpu_step.nnls_relative(rows, ys)
+    got = fitting.nnls_relative(rows, ys)
     assert got == pytest.approx(true, abs=1e-9)
     # a target that wants a negative weight on column 1 gets zero there instead
     ys2 = [y - 0.5 * r[1] for y, r in zip(ys, rows)]
-    assert min(gpu_step.nnls_relative(rows, ys2)) >= 0 and gpu_step.nnls_relative(rows, ys2)[1] == 0
+    assert min(fitting.nnls_relative(rows, ys2)) >= 0 and fitting.nnls_relative(rows, ys2)[1] == 0
 
 
 def test_unknown_gpu_names_the_known_ones():

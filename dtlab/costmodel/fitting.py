@@ -1,6 +1,7 @@
-"""The one least-squares fit the calibrations use: ``y ~ a + c x`` on relative error, so the
-microsecond calls count as much as the long ones (the planner's per-piece compute times, the
-collectives' alpha-beta)."""
+"""The least-squares fits on relative error the planner uses, standard library only: ``y ~ a + c x``
+(the CPU calibration's per-piece compute times, the collectives' alpha-beta), so the microsecond
+calls count as much as the long ones, and non-negative constants of a linear model (the GPU
+model's, :mod:`dtlab.costmodel.gpu_step`)."""
 from __future__ import annotations
 
 
@@ -17,3 +18,54 @@ def fit_line_relative(xs: list[float], ys: list[float]) -> tuple[float, float]:
         raise ValueError("the points do not determine a line (every x the same)")
     su, sv = sum(u), sum(v)
     return (svv * su - suv * sv) / det, (suu * sv - suv * su) / det
+
+
+def _solve(mat: list[list[float]], rhs: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting (small dense systems)."""
+    n = len(rhs)
+    a = [row[:] + [r] for row, r in zip(mat, rhs)]
+    for i in range(n):
+        piv = max(range(i, n), key=lambda r: abs(a[r][i]))
+        a[i], a[piv] = a[piv], a[i]
+        if abs(a[i][i]) < 1e-300:
+            raise ValueError("the features do not determine the constants (a column is zero)")
+        for r in range(i + 1, n):
+            f = a[r][i] / a[i][i]
+            for j in range(i, n + 1):
+                a[r][j] -= f * a[i][j]
+    x = [0.0] * n
+    for i in reversed(range(n)):
+        x[i] = (a[i][n] - sum(a[i][j] * x[j] for j in range(i + 1, n))) / a[i][i]
+    return x
+
+
+def nnls_relative(rows: list[list[float]], ys: list[float]) -> list[float]:
+    """c >= 0 minimising sum((rows[i] . c / ys[i] - 1)^2): Lawson and Hanson's active set on the
+    rows divided by y, with the normal equations solved directly (a handful of columns)."""
+    a = [[v / y for v in r] for r, y in zip(rows, ys)]
+    n = len(a[0])
+    ata = [[sum(r[i] * r[j] for r in a) for j in range(n)] for i in range(n)]
+    atb = [sum(r[i] for r in a) for i in range(n)]
+    free: list[int] = []
+    x = [0.0] * n
+    for _ in range(10 * n):
+        grad = [atb[i] - sum(ata[i][j] * x[j] for j in range(n)) for i in range(n)]
+        cand = [i for i in range(n) if i not in free and grad[i] > 1e-12]
+        if not cand:
+            break
+        free.append(max(cand, key=lambda i: grad[i]))
+        while True:
+            sub = _solve([[ata[i][j] for j in free] for i in free], [atb[i] for i in free])
+            if all(v > 0 for v in sub):
+                x = [0.0] * n
+                for i, v in zip(free, sub):
+                    x[i] = v
+                break
+            # step back toward the last feasible x until a coefficient reaches zero
+            alpha = min(x[i] / (x[i] - v) for i, v in zip(free, sub) if v <= 0)
+            z = [0.0] * n
+            for i, v in zip(free, sub):
+                z[i] = v
+            x = [x[i] + alpha * (z[i] - x[i]) for i in range(n)]
+            free = [i for i in free if x[i] > 1e-15]
+    return x

@@ -39,6 +39,7 @@ import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
+from dtlab.costmodel.fitting import nnls_relative
 from dtlab.costmodel.gpus import Gpu
 
 FLASH_SHARE = 0.35      # flash attention (fwd + bwd, causal) reaches about a third of the dense
@@ -368,7 +369,7 @@ def step_seconds(a: Arch, lay: GpuLayout, c: GpuCluster, k: Constants) -> dict:
     x = features(a, lay, c, overlap_s=x["backward_mb"] * k.compute)
     parts = {n: getattr(k, n) * x[n] for n in Constants.TIME}
     stage = parts["compute"] + parts["memory_bound"] + parts["per_layer"] + parts["tp_comm"]
-    bubble = x["bubble_share"] * (stage - 0)  # the idle slots' share of the stage's time
+    bubble = x["bubble_share"] * stage          # the idle slots' share of the stage's time
     total = sum(parts.values())
     net = parts["net_comm"]
     dp_share = x["dp"] / (x["dp"] + x["pp"]) if x["dp"] + x["pp"] else 0.0
@@ -425,57 +426,6 @@ def mfu(a: Arch, tokens_per_s_per_gpu: float, g: Gpu, pp: int = 1) -> float:
 
 
 # ------------------------------------------------------------------------------ the fit
-def _solve(mat: list[list[float]], rhs: list[float]) -> list[float]:
-    """Gaussian elimination with partial pivoting (small dense systems)."""
-    n = len(rhs)
-    a = [row[:] + [r] for row, r in zip(mat, rhs)]
-    for i in range(n):
-        piv = max(range(i, n), key=lambda r: abs(a[r][i]))
-        a[i], a[piv] = a[piv], a[i]
-        if abs(a[i][i]) < 1e-300:
-            raise ValueError("the features do not determine the constants (a column is zero)")
-        for r in range(i + 1, n):
-            f = a[r][i] / a[i][i]
-            for j in range(i, n + 1):
-                a[r][j] -= f * a[i][j]
-    x = [0.0] * n
-    for i in reversed(range(n)):
-        x[i] = (a[i][n] - sum(a[i][j] * x[j] for j in range(i + 1, n))) / a[i][i]
-    return x
-
-
-def nnls_relative(rows: list[list[float]], ys: list[float]) -> list[float]:
-    """c >= 0 minimising sum((rows[i] . c / ys[i] - 1)^2): Lawson and Hanson's active set on the
-    rows divided by y, with the normal equations solved directly (a handful of columns)."""
-    a = [[v / y for v in r] for r, y in zip(rows, ys)]
-    n = len(a[0])
-    ata = [[sum(r[i] * r[j] for r in a) for j in range(n)] for i in range(n)]
-    atb = [sum(r[i] for r in a) for i in range(n)]
-    free: list[int] = []
-    x = [0.0] * n
-    for _ in range(10 * n):
-        grad = [atb[i] - sum(ata[i][j] * x[j] for j in range(n)) for i in range(n)]
-        cand = [i for i in range(n) if i not in free and grad[i] > 1e-12]
-        if not cand:
-            break
-        free.append(max(cand, key=lambda i: grad[i]))
-        while True:
-            sub = _solve([[ata[i][j] for j in free] for i in free], [atb[i] for i in free])
-            if all(v > 0 for v in sub):
-                x = [0.0] * n
-                for i, v in zip(free, sub):
-                    x[i] = v
-                break
-            # step back toward the last feasible x until a coefficient reaches zero
-            alpha = min(x[i] / (x[i] - v) for i, v in zip(free, sub) if v <= 0)
-            z = [0.0] * n
-            for i, v in zip(free, sub):
-                z[i] = v
-            x = [x[i] + alpha * (z[i] - x[i]) for i in range(n)]
-            free = [i for i in free if x[i] > 1e-15]
-    return x
-
-
 def fit_time(runs: list[tuple[Arch, GpuLayout, GpuCluster, float]],
              start: Constants = Constants(), rounds: int = 3) -> Constants:
     """The five time constants fitted on (arch, layout, cluster, measured seconds) runs; the

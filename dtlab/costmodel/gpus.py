@@ -12,7 +12,7 @@ here, each carries its source.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dtlab.errors import UsageError
 
@@ -41,13 +41,6 @@ GPUS = {
                        "3.35 TB/s HBM3, NVLink 900 GB/s both directions); MAMF 794.5 TFLOP/s "
                        "BF16 from ML Engineering's accelerator table; 400 Gb/s a GPU between "
                        "nodes (ConnectX-7 NDR, or AWS p5's 3200 Gb/s EFA for 8 GPUs)"),
-    "H200": Gpu("H200 SXM 141GB", {"bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1978.9e12,
-                                   "tf32": 494.7e12},
-                mamf=794.5e12, hbm_bytes_per_s=4.8e12, memory=141 * GB, nvlink=450 * GB,
-                sms=132, nic=50 * GB,
-                source="NVIDIA H200 Tensor Core GPU datasheet (SXM: 989 TFLOP/s dense BF16, "
-                       "4.8 TB/s HBM3e, 141 GB, NVLink 900 GB/s both directions); MAMF taken "
-                       "as the H100's (the same GH100 compute; not measured for the H200)"),
     "A100": Gpu("A100 SXM 80GB", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12},
                 mamf=271e12, hbm_bytes_per_s=2.039e12, memory=80 * GB, nvlink=300 * GB,
                 sms=108, nic=25 * GB,
@@ -56,6 +49,13 @@ GPUS = {
                        "TFLOP/s BF16 from ML Engineering's accelerator table; 200 Gb/s HDR "
                        "InfiniBand a GPU (DGX A100 datasheet)"),
 }
+
+# The H200 is the H100's compute with more and faster memory
+GPUS["H200"] = replace(
+    GPUS["H100"], name="H200 SXM 141GB", hbm_bytes_per_s=4.8e12, memory=141 * GB,
+    source="NVIDIA H200 Tensor Core GPU datasheet (SXM: 989 TFLOP/s dense BF16, 4.8 TB/s "
+           "HBM3e, 141 GB, NVLink 900 GB/s both directions); MAMF taken as the H100's (the same "
+           "GH100 compute; not measured for the H200)")
 
 
 def gpu(name: str) -> Gpu:
