@@ -89,5 +89,5 @@ def test_nnls_recovers_known_constants_and_keeps_them_non_negative():
 
 
 def test_unknown_gpu_names_the_known_ones():
-    with pytest.raises(UsageError, match="--gpu 'B300'.*H100, H200, A100"):
+    with pytest.raises(UsageError, match="--gpu 'B300'.*H100, A100, H200"):
         gpus.gpu("B300")
