@@ -226,6 +226,59 @@ def test_latest_skips_incomplete_and_corrupt_folders(tmp_path):
                     f"checkpoint {no_manifest}: skipped, no manifest.json (an interrupted write)"]
 
 
+class _Crash(Exception):
+    pass
+
+
+COMMIT_POINTS = ["old moved aside", "new in place", "folder synced", "old deleted"]
+
+
+@pytest.mark.parametrize("replacing", [True, False], ids=["replacing", "first"])
+@pytest.mark.parametrize("point", [None, *COMMIT_POINTS])
+def test_a_crash_at_each_commit_step_leaves_a_complete_checkpoint(tmp_path, point, replacing):
+    """The commit of step 4 dies between two of its steps (the fault hook raises there), with
+    or without an older step 4 already in place; the next start's recovery leaves exactly one
+    complete step-000004, the new one (it was whole before the commit began), and no hidden
+    folder."""
+    if replacing:
+        _write(tmp_path, 4, payload=b"old")
+    new = _write(tmp_path / "w", 4, payload=b"new")
+    tmp = tmp_path / ".step-000004.tmp-abc123"
+    new.rename(tmp)
+
+    def fault(at):
+        if at == point:
+            raise _Crash(at)
+    try:
+        ckpt.commit(tmp_path, tmp, 4, "abc123", fault=fault)
+    except _Crash:
+        pass
+    if point == "old moved aside" and replacing:  # the moment with no step-000004 at all
+        assert not ckpt.step_dir(tmp_path, 4).exists()
+    notes = ckpt.remove_interrupted(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000004", "w"]
+    folder, manifest = ckpt.latest(tmp_path)
+    assert folder.name == "step-000004" and manifest["step"] == 4
+    payload = (folder / "__0_0.distcp").read_bytes()
+    assert payload == b"new"
+    assert len(notes) == (1 if point == "old moved aside" and replacing else 0), notes
+
+
+def test_recovery_restores_the_old_folder_when_the_new_one_is_incomplete(tmp_path):
+    """Moved aside, but the new write is not whole (a file lost with the crash): the old step-4
+    is put back, and the broken write removed."""
+    old = _write(tmp_path, 4, payload=b"old")
+    old.rename(tmp_path / ".trash-step-000004-abc123")
+    new = _write(tmp_path / "w", 4, payload=b"new")
+    (new / "__0_0.distcp").unlink()
+    new.rename(tmp_path / ".step-000004.tmp-abc123")
+    notes = ckpt.remove_interrupted(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000004", "w"]
+    assert (tmp_path / "step-000004" / "__0_0.distcp").read_bytes() == b"old"
+    assert notes == [f"checkpoint {tmp_path / 'step-000004'}: restored from "
+                     ".trash-step-000004-abc123, left by a commit that did not finish"]
+
+
 def test_prune_never_keeps_a_corrupt_folder_over_the_good_one(tmp_path):
     """Resumed from step 2 because step 6 is corrupt, step 4 saved, --ckpt-keep 1: step 4 stays
     (it is the one just committed, and verified); the corrupt step 6 goes, and so does the older

@@ -18,8 +18,10 @@ on 4, a ZeRO-3 checkpoint resumes as DDP, a TP one as DDP. The same layout gets 
 what it saved, so its resume is bitwise.
 
 Writing is atomic: the ranks write into a hidden folder ``.step-000004.tmp-<token>``; rank 0
-writes the manifest into it last, fsyncs, renames the folder to ``step-000004`` and fsyncs ``D``.
-A folder without a manifest or whose files do not match it is an interrupted write and is never
+writes the manifest into it last, fsyncs, renames the folder to ``step-000004`` and fsyncs ``D``
+(``commit``: a ``step-000004`` already there is first moved aside to ``.trash-step-000004-<token>``
+and deleted only after the new one is in place, so a crash at any point leaves one complete
+``step-000004``, which the next start puts back: ``remove_interrupted``). A folder without a manifest or whose files do not match it is an interrupted write and is never
 loaded; nothing is read from a folder before its files match their SHA-256, and DCP's metadata
 is unpickled with an allowlist (its tensors load with ``weights_only=True``), so no code runs from
 a checkpoint. Rank 0 chooses the folder to resume from and every rank verifies it before reading;
@@ -49,6 +51,7 @@ from dtlab.train.layout import cpu_copy, take_part, whole_params
 FORMAT = 2
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 TMP_DIR = re.compile(r"^\.step-(\d{6,})\.tmp-[0-9a-f]+$")
+TRASH_DIR = re.compile(r"^\.trash-step-(\d{6,})-[0-9a-f]+$")
 FILE_NAME = re.compile(r"^(\.metadata|__\d+_\d+\.distcp)$")  # what a manifest may name
 LOCK_NAME = ".dtlab.lock"
 
@@ -185,13 +188,59 @@ def prune(root: Path, keep: int, committed: int) -> list[Path]:
     return removed
 
 
-def remove_interrupted(root: Path) -> None:
-    """Hidden ``.step-*.tmp-*`` folders are writes that never committed (the run holding the
-    lock is the only writer, so any present at its start are from dead attempts)."""
-    if Path(root).is_dir():
-        for p in Path(root).iterdir():
-            if TMP_DIR.match(p.name) and p.is_dir() and not p.is_symlink():
+def commit(root: Path, tmp: Path, step: int, token: str, fault=None) -> Path:
+    """Put the finished folder ``tmp`` in place as ``step-N``. A ``step-N`` already there (left by
+    an attempt that died after committing it) is moved aside first and deleted only once the new
+    one is in place and the folder synced: at every point a complete ``step-N`` exists under
+    one of the three names, and ``remove_interrupted`` puts it back. ``fault(point)`` is called
+    between the steps (tests crash it there)."""
+    fault = fault or (lambda point: None)
+    final = step_dir(root, step)
+    trash = None
+    if final.exists():
+        trash = root / f".trash-{final.name}-{token}"
+        os.replace(final, trash)
+        fault("old moved aside")
+    os.replace(tmp, final)  # the commit point
+    fault("new in place")
+    _fsync_dir(root)
+    fault("folder synced")
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+        fault("old deleted")
+    return final
+
+
+def remove_interrupted(root: Path, log=None) -> list[str]:
+    """Clear what dead attempts left: hidden ``.step-*.tmp-*`` folders are writes that never
+    committed, ``.trash-step-*`` folders old checkpoints a commit replaced (the run holding the
+    lock is the only writer, so any present at its start are from dead attempts). A commit that
+    died half-way is finished first: where ``step-N`` is missing, a complete temporary folder of
+    step N is promoted to it, or else a complete ``.trash`` folder of step N is restored.
+    Returns a line per folder kept (each also given to ``log``)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    spare: dict[int, list[Path]] = {}
+    for kind in (TMP_DIR, TRASH_DIR):  # a step's newest write first, then the folder it replaced
+        for p in sorted(root.iterdir()):
+            if (m := kind.match(p.name)) and p.is_dir() and not p.is_symlink():
+                spare.setdefault(int(m.group(1)), []).append(p)
+    notes = []
+    for step, folders in spare.items():
+        final = step_dir(root, step)
+        for p in folders:
+            if not final.exists() and check_folder(p)[0] is not None:
+                os.replace(p, final)
+                _fsync_dir(root)
+                notes.append(f"checkpoint {final}: restored from {p.name}, left by a commit "
+                             "that did not finish")
+            else:
                 shutil.rmtree(p, ignore_errors=True)
+    for line in notes:
+        if log is not None:
+            log(line)
+    return notes
 
 
 def check_compatible(manifest: dict, folder: Path, expect: dict, steps: int) -> str | None:
@@ -499,13 +548,7 @@ def save(strategy, finished: int, losses, steps) -> float:
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        final = step_dir(root, finished)
-        if final.exists():  # left by an attempt that died after committing it: replace it
-            trash = root / f".trash-{token}"
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, final)  # the commit point
-        _fsync_dir(root)
+        commit(root, tmp, finished, token)
         prune(root, plan.ckpt_keep, finished)
     strategy.extra.setdefault("checkpoint", {}).setdefault("saved_steps", []).append(finished)
     return time.perf_counter() - t0
@@ -523,7 +566,7 @@ def resume(strategy, losses, steps) -> int:
     root = Path(plan.ckpt_dir)
     sh = _sharding(strategy)
     if sh.rank == 0:
-        remove_interrupted(root)
+        remove_interrupted(root, log=rt.log)
         found = latest(root, log=rt.log)
         choice = None if found is None else found[0].name
     chosen = sh.broadcast(choice if sh.rank == 0 else None)
