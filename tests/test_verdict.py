@@ -74,3 +74,20 @@ def test_the_ok_column_says_what_happened():
     assert verdict_word(_summary(False, False)) == "NO"
     assert verdict_word(_summary(False, True)) == "checks FAILED"
     assert verdict_word(_summary(False, False, nonfinite={"first_step": 4})) == "NO (diverged)"
+
+
+def test_atomic_write_keeps_the_mode_and_makes_new_files_readable(tmp_path):
+    """A rewritten file keeps its mode (a private one stays private); a new one is 0644 (the
+    temporary file mkstemp makes is 0600, and a rename would have kept that); nothing is left
+    beside it."""
+    import os
+    import stat
+    new = tmp_path / "page.md"
+    record.atomic_write_text(new, "one\n")
+    assert stat.S_IMODE(os.stat(new).st_mode) == 0o644 and new.read_text() == "one\n"
+    private = tmp_path / "key.json"
+    private.write_text("{}")
+    private.chmod(0o600)
+    record.atomic_write_text(private, "{\"a\": 1}")
+    assert stat.S_IMODE(os.stat(private).st_mode) == 0o600 and private.read_text() == "{\"a\": 1}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key.json", "page.md"]

@@ -64,16 +64,34 @@ def params_digest(params: dict[str, torch.Tensor] | None) -> str | None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half."""
+    """Write to a temporary file in the same folder, fsync it, rename it over ``path`` and fsync
+    the folder: readers never see half a file, and a crash leaves the old one or the new one.
+    The file keeps the mode (and, written by root, the owner) of the one it replaces; a new
+    file is 0644, whoever writes it (a page ``sudo dtlab docs refresh`` rewrote stays readable)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        before = os.stat(path)
+    except FileNotFoundError:
+        before = None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            f.flush()
+            os.fchmod(f.fileno(), 0o644 if before is None else before.st_mode & 0o7777)
+            if before is not None and os.geteuid() == 0:
+                os.fchown(f.fileno(), before.st_uid, before.st_gid)
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def _strict(x):
