@@ -245,3 +245,36 @@ def test_concept_pictures_come_from_the_code(tmp_path):
         assert all(c == set(range(world)) for row in end for c in row)
     pics = concepts.draw_all(tmp_path)
     assert len(pics) == 4 and all(p.stat().st_size > 10_000 for p in pics)
+
+
+def test_refresh_counts_a_record_only_when_its_command_rewrote_it(tmp_path, monkeypatch):
+    """A reference command that exits 0 without writing its record fails, one that rewrites it
+    counts, and one past its limit is stopped with everything it started, a process in a
+    session of its own included."""
+    import json
+    import os
+    import time
+
+    from dtlab.docsgen import refresh as docsref
+    (tmp_path / "stale.json").write_text("{}")
+    pidfile = tmp_path / "orphan.pid"
+    spawn = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
+             "'import time; time.sleep(600)'], start_new_session=True); "
+             f"open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(600)")
+    refs = [docsref.Reference("stale", "stale.json", ("python", "-c", "pass"), 0),
+            docsref.Reference("fresh", "fresh.json", ("python", "-c", "import pathlib; pathlib."
+                              f"Path({str(tmp_path / 'fresh.json')!r}).write_text('{{}}')"), 0),
+            docsref.Reference("slow", "slow.json", ("python", "-c", spawn), 0)]
+    monkeypatch.setattr(docsref, "BY_NAME", {r.name: r for r in refs})
+    monkeypatch.setattr(docsref, "MIN_LIMIT_S", 3)
+    assert docsref._run(["stale", "fresh", "slow"], tmp_path, tmp_path) == 1
+    meta = json.loads((tmp_path / "machine.json").read_text())
+    assert sorted(meta["records"]) == ["fresh.json"]
+    orphan = int(pidfile.read_text())
+    time.sleep(0.2)
+    try:
+        os.kill(orphan, 0)
+        state = open(f"/proc/{orphan}/stat").read().rsplit(")", 1)[1].split()[0]
+    except ProcessLookupError:
+        state = "gone"
+    assert state in ("gone", "Z"), f"the slow command's own-session child {orphan} survived"

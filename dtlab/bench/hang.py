@@ -29,6 +29,7 @@ from pathlib import Path
 
 from dtlab.cluster.netns import Cluster, set_link
 from dtlab.errors import UsageError
+from dtlab.launch.sessions import Job
 from dtlab.measure.run_record import atomic_write_text
 from dtlab.report import tables as report
 from dtlab.report import records
@@ -54,7 +55,9 @@ def one_run(fault: str, out: Path, timeout_s: float, cluster: str) -> dict:
     else:
         args += ["--nproc", "2", f"--{fault}-at-step", "2", f"--{fault}-rank", "1"]
     lines: list = []
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job = Job()  # the run, its node agents and its ranks (each in a session of its own)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=job.env(), start_new_session=True)
     reader = threading.Thread(target=_lines, args=(proc, lines), daemon=True)
     reader.start()
     t_fault, pulled = None, False
@@ -66,11 +69,10 @@ def one_run(fault: str, out: Path, timeout_s: float, cluster: str) -> dict:
                 set_link(cluster, _node_name(cluster, 2), "down")
                 pulled = True
             time.sleep(0.05)
-        if proc.poll() is None:
-            proc.kill()
+    finally:  # past the deadline, or stopped: nothing of the run is left behind
+        job.stop()
         proc.wait()
         reader.join(timeout=10)
-    finally:
         if pulled:
             set_link(cluster, _node_name(cluster, 2), "up")
     if fault != "link":

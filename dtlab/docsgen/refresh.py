@@ -26,6 +26,7 @@ from dtlab.cluster.netns import Cluster, ClusterError
 from dtlab.docsgen import import_graph as importgraph
 from dtlab.docsgen import lab_figures as docsfig, ops_figures as docsops
 from dtlab.docsgen.lab_figures import load, machine_line
+from dtlab.launch import sessions
 from dtlab.plan import validate as planval
 from dtlab.report import pictures
 
@@ -90,6 +91,7 @@ REFERENCES = (
                "--inter", "10,200", "--json", "docs/reference/plan-a100.json"), 0.1),
 )
 BY_NAME = {r.name: r for r in REFERENCES}
+MIN_LIMIT_S = 600  # a reference command is stopped after 4x its minutes, and never sooner
 
 
 class DocsError(Exception):
@@ -150,6 +152,23 @@ def run_references(names: list[str], ref_dir: Path, logs: Path) -> int:
                            capture_output=True, timeout=600)
 
 
+def _made_by(ref, ref_dir: Path) -> list[Path]:
+    """The files a reference command must write: its record (or the file it produces, which
+    becomes its record) and the records it makes besides."""
+    return [ROOT / ref.produces if ref.produces else ref_dir / ref.record,
+            *(ref_dir / m for m in ref.more)]
+
+
+def _signature(path: Path) -> tuple | None:
+    """What changes when a file is rewritten (a rename gives a new inode, a write a new mtime);
+    None when there is no file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_ino, st.st_size
+
+
 def _run(names: list[str], ref_dir: Path, logs: Path) -> int:
     from dtlab.report import records  # torch: the CLI parser imports this
     meta_path = ref_dir / "machine.json"
@@ -167,12 +186,21 @@ def _run(names: list[str], ref_dir: Path, logs: Path) -> int:
         print(f"[{i}/{len(names)}] {name} (about {ref.minutes:g} min): {' '.join(ref.argv)}",
               flush=True)
         t0 = time.perf_counter()
+        made = _made_by(ref, ref_dir)
+        before = {path: _signature(path) for path in made}
         with open(log, "w") as f:
-            rc = subprocess.run(_argv(ref), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                timeout=max(600, ref.minutes * 60 * 4)).returncode
+            try:  # a timeout ends the command and every process it started
+                rc = sessions.run(_argv(ref), timeout=max(MIN_LIMIT_S, ref.minutes * 60 * 4), cwd=ROOT,
+                                  stdout=f, stderr=subprocess.STDOUT).returncode
+                why = f"exit {rc}"
+            except subprocess.TimeoutExpired as e:
+                rc, why = 124, f"stopped after its limit of {e.timeout:.0f} s"
         took = time.perf_counter() - t0
+        stale = [path for path in made if rc == 0 and _signature(path) in (None, before[path])]
+        if stale:
+            rc, why = 1, (f"exit 0, but it did not write {', '.join(map(str, stale))}")
         if rc != 0:  # the others still run: one broken record should not cost the hour
-            print(f"  FAILED (exit {rc}) after {took:.0f} s; its record is unchanged; log: {log}",
+            print(f"  FAILED ({why}) after {took:.0f} s; its record is unchanged; log: {log}",
                   file=sys.stderr, flush=True)
             failed.append(name)
             continue

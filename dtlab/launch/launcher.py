@@ -22,6 +22,7 @@ import torch
 
 from dtlab import registry
 from dtlab.cluster.netns import Cluster, node_argv
+from dtlab.launch import sessions
 from dtlab.plan.memory_estimate import Arch, Setup, activation_bytes
 from dtlab.reliability import flight
 from dtlab.reliability import checkpoint as ckpt
@@ -158,11 +159,17 @@ class Placement:
 
 
 def torchrun(module: str, module_args: list[str], where: Placement, log: Path | None = None,
-             max_restarts: int = 0, env: dict | None = None) -> int:
+             max_restarts: int = 0, env: dict | None = None,
+             run_timeout: float | None = None) -> int:
     """torchrun for ``python -m module``: one agent on a free local port (``--standalone``),
     or one agent inside each cluster node meeting at a c10d rendezvous on the first node.
-    Returns the exit status (the first failing node's)."""
-    env = dict(os.environ, **(env or {}))
+    Returns the exit status (the first failing node's; 124 past ``run_timeout`` seconds).
+
+    Whatever ends the wait (the job, its deadline, Ctrl-C, SIGTERM, an error here) ends every
+    process the job started: the agents and their ranks, each in a session of its own, are
+    found by the job's token (``sessions.Job``) and stopped."""
+    job = sessions.Job()
+    env = job.env(dict(os.environ, **(env or {})))
     # Oversubscribing a small machine with torch's default thread pools makes every rank slower
     # (and stalls whole steps for a second when a spinning thread holds a core another rank's
     # collective waits on): the ranks share this machine's cores, or their node's when pinned.
@@ -183,19 +190,38 @@ def torchrun(module: str, module_args: list[str], where: Placement, log: Path | 
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
     out = open(log, "w") if log is not None else None
+    deadline = None if run_timeout is None else time.monotonic() + run_timeout
+    procs: list[subprocess.Popen] = []
     try:
-        if not nodes:
-            return subprocess.call([*base, "--standalone", *tail], env=env, stdout=out,
-                                   stderr=subprocess.STDOUT if out else None)
-        port = 20000 + secrets.randbelow(20000)  # inside the first node's namespace: free
-        rdzv = [f"--nnodes={len(nodes)}", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={nodes[0].name}:{port}", f"--rdzv-id={secrets.token_hex(4)}"]
-        procs = [subprocess.Popen(node_argv(c, n, [*base, *rdzv, *tail]), env=env, stdout=out,
-                                  stderr=subprocess.STDOUT if out else None,
-                                  start_new_session=True) for n in nodes]
-        codes = wait_nodes(procs, [n.name for n in nodes])
+        with sessions.terminate_raises():
+            if not nodes:  # in this terminal's process group: Ctrl-C reaches the agent too
+                procs.append(subprocess.Popen([*base, "--standalone", *tail], env=env,
+                                              stdout=out, stderr=subprocess.STDOUT if out else None))
+                codes = wait_nodes(procs, ["this machine"], deadline=deadline)
+            else:
+                port = 20000 + secrets.randbelow(20000)  # inside the first node's namespace: free
+                rdzv = [f"--nnodes={len(nodes)}", "--rdzv-backend=c10d",
+                        f"--rdzv-endpoint={nodes[0].name}:{port}",
+                        f"--rdzv-id={secrets.token_hex(4)}"]
+                for n in nodes:
+                    procs.append(subprocess.Popen(node_argv(c, n, [*base, *rdzv, *tail]),
+                                                  env=env, stdout=out, start_new_session=True,
+                                                  stderr=subprocess.STDOUT if out else None))
+                codes = wait_nodes(procs, [n.name for n in nodes], deadline=deadline)
+        if codes is None:
+            print(f"dtlab: the run did not end within --run-timeout {run_timeout:g} s; stopped it",
+                  file=sys.stderr, flush=True)
+            return 124
         return next((rc for rc in codes if rc), 0)
     finally:
+        job.stop()  # nothing of the job outlives this call, however it ended
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
         if out is not None:
             out.close()
 
@@ -203,15 +229,17 @@ def torchrun(module: str, module_args: list[str], where: Placement, log: Path | 
 NODE_GRACE_S = 20.0  # after one node's agent ended, how long the others get to end by themselves
 
 
-def wait_nodes(procs: list[subprocess.Popen], names: list[str],
-               grace: float = NODE_GRACE_S) -> list[int]:
+def wait_nodes(procs: list[subprocess.Popen], names: list[str], grace: float = NODE_GRACE_S,
+               deadline: float | None = None) -> list[int] | None:
     """Wait for every node's agent. Once one has ended, the others get ``grace`` seconds (their
     ranks finish, or time out and report); an agent still alive then is cut off from the first
     node (a pulled link, a dead peer: torchrun's agent waits on the rendezvous store for many
     minutes, even after its ranks succeeded), so its whole session is stopped: SIGTERM, then
-    SIGKILL 10 s later."""
+    SIGKILL 10 s later. None when ``deadline`` (time.monotonic) passes first."""
     ended_at = None
     while any(p.poll() is None for p in procs):
+        if deadline is not None and time.monotonic() > deadline:
+            return None
         if ended_at is None and any(p.returncode is not None for p in procs):
             ended_at = time.monotonic()
         if ended_at is not None and time.monotonic() - ended_at > grace:
@@ -235,16 +263,16 @@ def wait_nodes(procs: list[subprocess.Popen], names: list[str],
                     continue
             break
         time.sleep(0.2)
-    return [p.wait() if p.returncode is None else p.returncode for p in procs]
+    return [p.returncode if p.poll() is not None else -signal.SIGKILL for p in procs]
 
 
 def launch(lab: registry.Lab, nproc: int, lab_args: list[str], log: Path | None = None,
            max_restarts: int = 0, env: dict | None = None, nnodes: int = 1,
-           cluster: str = "main") -> int:
+           cluster: str = "main", run_timeout: float | None = None) -> int:
     """A lab under torchrun (see ``torchrun``). With ``max_restarts`` torchrun restarts every
     rank when one dies (the lab resumes from its newest checkpoint when given --ckpt-dir)."""
     return torchrun(lab.module, lab_args, Placement(nproc, nnodes, cluster), log, max_restarts,
-                    env)
+                    env, run_timeout)
 
 
 def flight_postmortem(out: Path, world: int) -> None:
@@ -262,7 +290,7 @@ def flight_postmortem(out: Path, world: int) -> None:
 
 
 def run_one(name: str, nproc: int | None, lab_args: list[str], max_restarts: int = 0,
-            nnodes: int = 1, cluster: str = "main") -> int:
+            nnodes: int = 1, cluster: str = "main", run_timeout: float | None = None) -> int:
     """``dtlab run``: validate, launch, print the result; the exit status says the verdict
     (0 within tolerance, 1 outside or failing its checks, 2 bad input, 3 a failed collective).
     With ``nnodes`` > 1, ``nproc`` processes on each of that many cluster nodes."""
@@ -276,12 +304,15 @@ def run_one(name: str, nproc: int | None, lab_args: list[str], max_restarts: int
                     (f"-{nnodes}nodes" if nnodes > 1 else "")]
     if max_restarts < 0:
         raise UsageError(f"--max-restarts must be >= 0, got {max_restarts}")
+    if run_timeout is not None and not run_timeout > 0:
+        raise UsageError(f"--run-timeout must be a number of seconds > 0, got {run_timeout:g}")
     validate(lab, world, lab_args)
     out = Path(opt_value(lab_args, "--out"))
     ckpt.FolderLock(out, "--out").acquire().release()  # refused now if another run holds it
     (out / "summary.json").unlink(missing_ok=True)
     shutil.rmtree(out / "flight", ignore_errors=True)  # the flight records are this run's
-    rc = launch(lab, nproc, lab_args, max_restarts=max_restarts, nnodes=nnodes, cluster=cluster)
+    rc = launch(lab, nproc, lab_args, max_restarts=max_restarts, nnodes=nnodes, cluster=cluster,
+                run_timeout=run_timeout)
     if not (out / "summary.json").is_file():
         print(f"dtlab: {lab.name} ended with exit status {rc} and wrote no run record "
               f"(see the output above)", file=sys.stderr)
