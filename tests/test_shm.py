@@ -9,6 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
+
 from conftest import ROOT, run_lab
 
 
@@ -54,3 +57,27 @@ def test_the_docs_record_holds_only_exact_results():
     for part in ("host", "cross"):
         assert record[part]["rows"], f"{part}: the record holds no rows"
         assert all(r["ok"] for r in record[part]["rows"]), part
+
+
+@pytest.mark.parametrize("dies_in", ["broadcast_object_list", "all_gather_object", "barrier"])
+def test_a_peer_dying_during_set_up_leaves_no_folder(tmp_path, monkeypatch, dies_in):
+    """Rank 0 of two has made the private folder when the other rank dies: the collective it
+    waits in raises, and the folder (with rank 0's files) is gone all the same."""
+    import types
+
+    from dtlab.collectives import shm
+
+    def died(*a, **k):
+        raise RuntimeError("Connection closed by peer")
+
+    fake = types.SimpleNamespace(get_rank=lambda g=None: 0, get_world_size=lambda g=None: 2,
+                                 broadcast_object_list=lambda *a, **k: None,
+                                 all_gather_object=lambda out, obj, group=None:
+                                 out.__setitem__(slice(None), [obj] * len(out)),
+                                 barrier=lambda group=None: None)
+    setattr(fake, dies_in, died)
+    monkeypatch.setattr(shm, "dist", fake)
+    monkeypatch.setattr(shm.torch, "from_file", lambda *a, **k: torch.zeros(1))
+    with pytest.raises(RuntimeError, match="closed by peer"):
+        shm.SharedBuffers(16, shm_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -82,6 +82,22 @@ class SharedBuffers:
                 os.mkdir(folder, 0o700)
             except OSError as e:
                 folder = f"error: cannot create a folder in {root} ({e.strerror})"
+        try:
+            self._map(folder, rank, world, numel, nbytes, dtype, root, group)
+        finally:  # also when a peer died half-way and a collective here raised
+            if rank == 0 and isinstance(folder, Path):
+                shutil.rmtree(folder, ignore_errors=True)
+        self.numel, self.rank, self.world = numel, rank, world
+        self.global_ranks = [dist.get_global_rank(group, r) if group is not None else r
+                             for r in range(world)]
+        self.seq = 0
+        self.timeout_s = timeout_s
+        bounds = [numel * r // world for r in range(world + 1)]
+        self.slices = [slice(bounds[r], bounds[r + 1]) for r in range(world)]
+
+    def _map(self, folder, rank, world, numel, nbytes, dtype, root, group) -> None:
+        """Every rank learns the folder, makes its two files, and maps everyone's; its own names
+        are unlinked on the way out, whatever happened (rank 0 removes the folder)."""
         box = [str(folder)]
         dist.broadcast_object_list(box, group=group, group_src=0)  # a private folder a group
         if box[0].startswith("error: "):
@@ -118,16 +134,6 @@ class SharedBuffers:
         finally:
             names[rank].unlink(missing_ok=True)
             flag_names[rank].unlink(missing_ok=True)
-            dist.barrier(group=group)
-            if rank == 0:
-                shutil.rmtree(folder, ignore_errors=True)
-        self.numel, self.rank, self.world = numel, rank, world
-        self.global_ranks = [dist.get_global_rank(group, r) if group is not None else r
-                             for r in range(world)]
-        self.seq = 0
-        self.timeout_s = timeout_s
-        bounds = [numel * r // world for r in range(world + 1)]
-        self.slices = [slice(bounds[r], bounds[r + 1]) for r in range(world)]
 
     def barrier(self) -> None:
         """Wait until every rank has reached this point, through the flags in shared memory:
