@@ -296,3 +296,17 @@ def test_data_with_more_characters_than_the_vocabulary(tmp_path):
                                                        "gpt2-124m"]))
     assert kind == "exit2" and "vocab_size 50257 < data vocabulary 51000" in err, err
     _assert_one_line_error(err)
+
+
+def test_gpu_check_refuses_a_runs_folder_with_old_runs_in_it(tmp_path):
+    """The GPU check's record lists every log in its runs folder: one left by an earlier check
+    would be reported as this one's, so a folder that is not empty is refused before anything
+    runs (and without RUNS it makes a new one with mktemp -d)."""
+    (tmp_path / "ddp-nccl.log").write_text("an old run\n")
+    p = subprocess.run(["bash", str(ROOT / "tests/gpu/check.sh")], capture_output=True,
+                       text=True, timeout=60, cwd=tmp_path,
+                       env={"PATH": "/usr/bin:/bin", "RUNS": str(tmp_path),
+                            "OUT": str(tmp_path / "out")})
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"RUNS={tmp_path} is not empty; give an empty or new folder" in p.stderr
+    assert not (tmp_path / "out").exists()
