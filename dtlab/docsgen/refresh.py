@@ -128,10 +128,21 @@ def _cluster_up(log: Path) -> bool:
         pass
     print("  bringing the namespace cluster up (2 nodes, Slurm)", flush=True)
     with open(log, "w") as f:
-        subprocess.run([sys.executable, "-m", "dtlab", "cluster", "up", "--nodes", "2",
-                        "--slurm"], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True,
-                       timeout=900)
+        try:  # a failed up rolls itself back; one killed at its limit or by Ctrl-C cannot
+            p = sessions.run([sys.executable, "-m", "dtlab", "cluster", "up", "--nodes", "2",
+                              "--slurm"], timeout=900, cwd=ROOT, stdout=f,
+                             stderr=subprocess.STDOUT)
+        except BaseException:
+            _cluster_down()
+            raise
+    if p.returncode != 0:
+        raise DocsError(f"dtlab cluster up failed (exit {p.returncode}); log: {log}")
     return True
+
+
+def _cluster_down() -> None:
+    subprocess.run([sys.executable, "-m", "dtlab", "cluster", "down"], cwd=ROOT,
+                   capture_output=True, timeout=600)
 
 
 def run_references(names: list[str], ref_dir: Path, logs: Path) -> int:
@@ -148,8 +159,7 @@ def run_references(names: list[str], ref_dir: Path, logs: Path) -> int:
         return _run(names, ref_dir, logs)
     finally:
         if started:
-            subprocess.run([sys.executable, "-m", "dtlab", "cluster", "down"], cwd=ROOT,
-                           capture_output=True, timeout=600)
+            _cluster_down()
 
 
 def _made_by(ref, ref_dir: Path) -> list[Path]:
