@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from dtlab.launch import sessions
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,8 +28,9 @@ def free_port() -> int:
 def dtlab(*args, timeout=300, env=None, cwd=None) -> subprocess.CompletedProcess:
     """Run the real console entry point as a user would."""
     e = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "dtlab", *map(str, args)], cwd=cwd or ROOT,
-                          env=e, capture_output=True, text=True, timeout=timeout)
+    # past the timeout the whole job goes (torchrun's ranks run in sessions of their own)
+    return sessions.run([sys.executable, "-m", "dtlab", *map(str, args)], cwd=cwd or ROOT,
+                        env=e, capture_output=True, text=True, timeout=timeout)
 
 
 def run_lab(lab, nproc, out: Path, *extra, timeout=300):

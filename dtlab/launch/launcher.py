@@ -160,14 +160,17 @@ class Placement:
 
 def torchrun(module: str, module_args: list[str], where: Placement, log: Path | None = None,
              max_restarts: int = 0, env: dict | None = None,
-             run_timeout: float | None = None) -> int:
+             run_timeout: float | None = None, in_process: bool = False) -> int:
     """torchrun for ``python -m module``: one agent on a free local port (``--standalone``),
     or one agent inside each cluster node meeting at a c10d rendezvous on the first node.
     Returns the exit status (the first failing node's; 124 past ``run_timeout`` seconds).
 
     Whatever ends the wait (the job, its deadline, Ctrl-C, SIGTERM, an error here) ends every
     process the job started: the agents and their ranks, each in a session of its own, are
-    found by the job's token (``sessions.Job``) and stopped."""
+    found by the job's token (``sessions.Job``) and stopped.
+
+    ``in_process`` (one node, no log, no deadline: ``dtlab run``) runs the agent in this process
+    instead of a new Python, which would import torch again (about 2 s of every run here)."""
     job = sessions.Job()
     env = job.env(dict(os.environ, **(env or {})))
     # Oversubscribing a small machine with torch's default thread pools makes every rank slower
@@ -194,6 +197,8 @@ def torchrun(module: str, module_args: list[str], where: Placement, log: Path | 
     procs: list[subprocess.Popen] = []
     try:
         with sessions.terminate_raises():
+            if not nodes and in_process and log is None and deadline is None:
+                return _agent_here([*base[3:], "--standalone", *tail], env)
             if not nodes:  # in this terminal's process group: Ctrl-C reaches the agent too
                 procs.append(subprocess.Popen([*base, "--standalone", *tail], env=env,
                                               stdout=out, stderr=subprocess.STDOUT if out else None))
@@ -224,6 +229,19 @@ def torchrun(module: str, module_args: list[str], where: Placement, log: Path | 
                 pass
         if out is not None:
             out.close()
+
+
+def _agent_here(argv: list[str], env: dict) -> int:
+    """torchrun's agent in this process, with ``env`` as the environment its workers inherit."""
+    from dtlab.launch import torchrun as agent
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        return agent.main(argv)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 NODE_GRACE_S = 20.0  # after one node's agent ended, how long the others get to end by themselves
@@ -272,7 +290,7 @@ def launch(lab: registry.Lab, nproc: int, lab_args: list[str], log: Path | None 
     """A lab under torchrun (see ``torchrun``). With ``max_restarts`` torchrun restarts every
     rank when one dies (the lab resumes from its newest checkpoint when given --ckpt-dir)."""
     return torchrun(lab.module, lab_args, Placement(nproc, nnodes, cluster), log, max_restarts,
-                    env, run_timeout)
+                    env, run_timeout, in_process=log is None and nnodes == 1)
 
 
 def flight_postmortem(out: Path, world: int) -> None:

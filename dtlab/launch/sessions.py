@@ -82,12 +82,20 @@ def _zombie(pid: int) -> bool:
 
 def run(argv: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
     """``subprocess.run`` whose timeout, Ctrl-C or error ends the whole job (every process it
-    started, in whatever session), not only the direct child; raises TimeoutExpired after."""
+    started, in whatever session), not only the direct child; raises TimeoutExpired after
+    (with the output so far). Takes Popen's arguments and ``capture_output``."""
     job = Job()
+    if kw.pop("capture_output", False):
+        kw.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc = subprocess.Popen(argv, env=job.env(kw.pop("env", None)), start_new_session=True,
                             **kw)
     try:
         out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        job.stop()
+        proc.kill()
+        e.output, e.stderr = proc.communicate()
+        raise
     except BaseException:
         job.stop()
         proc.kill()
