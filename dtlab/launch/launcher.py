@@ -169,8 +169,9 @@ def torchrun(module: str, module_args: list[str], where: Placement, log: Path | 
     process the job started: the agents and their ranks, each in a session of its own, are
     found by the job's token (``sessions.Job``) and stopped.
 
-    ``in_process`` (one node, no log, no deadline: ``dtlab run``) runs the agent in this process
-    instead of a new Python, which would import torch again (about 2 s of every run here)."""
+    ``in_process`` (one node, no deadline: ``dtlab run``, the tour) runs the agent in this
+    process instead of a new Python, which would import torch again (about 2 s of every run
+    here)."""
     job = sessions.Job()
     env = job.env(dict(os.environ, **(env or {})))
     # Oversubscribing a small machine with torch's default thread pools makes every rank slower
@@ -197,8 +198,8 @@ def torchrun(module: str, module_args: list[str], where: Placement, log: Path | 
     procs: list[subprocess.Popen] = []
     try:
         with sessions.terminate_raises():
-            if not nodes and in_process and log is None and deadline is None:
-                return _agent_here([*base[3:], "--standalone", *tail], env)
+            if not nodes and in_process and deadline is None:
+                return _agent_here([*base[3:], "--standalone", *tail], env, out)
             if not nodes:  # in this terminal's process group: Ctrl-C reaches the agent too
                 procs.append(subprocess.Popen([*base, "--standalone", *tail], env=env,
                                               stdout=out, stderr=subprocess.STDOUT if out else None))
@@ -231,10 +232,18 @@ def torchrun(module: str, module_args: list[str], where: Placement, log: Path | 
             out.close()
 
 
-def _agent_here(argv: list[str], env: dict) -> int:
-    """torchrun's agent in this process, with ``env`` as the environment its workers inherit."""
+def _agent_here(argv: list[str], env: dict, out) -> int:
+    """torchrun's agent in this process, with ``env`` as the environment its workers inherit;
+    with ``out`` (a file) the agent's and the workers' output go there (file descriptors 1 and
+    2 point to it meanwhile)."""
     from dtlab.launch import torchrun as agent
-    saved = dict(os.environ)
+    saved, fds = dict(os.environ), None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if out is not None:
+        fds = os.dup(1), os.dup(2)
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
     os.environ.clear()
     os.environ.update(env)
     try:
@@ -242,6 +251,12 @@ def _agent_here(argv: list[str], env: dict) -> int:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+        if fds is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, target in zip(fds, (1, 2)):
+                os.dup2(fd, target)
+                os.close(fd)
 
 
 NODE_GRACE_S = 20.0  # after one node's agent ended, how long the others get to end by themselves
@@ -290,7 +305,7 @@ def launch(lab: registry.Lab, nproc: int, lab_args: list[str], log: Path | None 
     """A lab under torchrun (see ``torchrun``). With ``max_restarts`` torchrun restarts every
     rank when one dies (the lab resumes from its newest checkpoint when given --ckpt-dir)."""
     return torchrun(lab.module, lab_args, Placement(nproc, nnodes, cluster), log, max_restarts,
-                    env, run_timeout, in_process=log is None and nnodes == 1)
+                    env, run_timeout, in_process=nnodes == 1)
 
 
 def flight_postmortem(out: Path, world: int) -> None:
