@@ -91,3 +91,39 @@ def test_nnls_recovers_known_constants_and_keeps_them_non_negative():
 def test_unknown_gpu_names_the_known_ones():
     with pytest.raises(UsageError, match="--gpu 'B300'.*H100, A100, H200"):
         gpus.gpu("B300")
+
+
+def test_a_micro_batch_lasts_at_least_its_launches():
+    """A thin micro-batch (1B, tp8, one sequence) is host-bound: its time is the launches (and
+    TP latency), so doubling the GEMMs' constant leaves it unchanged; a fat one is GPU-bound."""
+    a, c = SWEEP_ARCH["1B"], gpu_step.GpuCluster(gpus.gpu("H100"))
+    k = gpu_step.Constants(compute=1.0, memory_bound=3.0, per_layer=4e-3, comm=2.0)
+    thin = gpu_step.GpuLayout(dp=1, tp=8, mbs=1, grad_acc=256, sp=True)
+    fat = gpu_step.GpuLayout(dp=1, tp=8, mbs=16, grad_acc=16, sp=True)
+    slow = gpu_step.Constants(**{**k.as_dict(), "compute": 2.0})
+    t = gpu_step.step_seconds(a, thin, c, k)
+    assert t["host_bound"] and t["compute"] == 0.0
+    assert gpu_step.step_seconds(a, thin, c, slow)["total"] == pytest.approx(t["total"], rel=1e-3)
+    assert not gpu_step.step_seconds(a, fat, c, k)["host_bound"]
+    assert gpu_step.step_seconds(a, fat, c, slow)["total"] > 1.3 * \
+        gpu_step.step_seconds(a, fat, c, k)["total"]
+
+
+def test_cross_node_pipeline_sync_only_when_stages_sit_on_different_nodes():
+    a = SWEEP_ARCH["1B"].untied()
+    one = gpu_step.GpuCluster(gpus.gpu("H100"), nodes=1)
+    two = gpu_step.GpuCluster(gpus.gpu("H100"), nodes=2)
+    inside = gpu_step.features(a, gpu_step.GpuLayout(dp=1, tp=4, pp=2, grad_acc=8, sp=True), one)
+    across = gpu_step.features(a, gpu_step.GpuLayout(dp=1, tp=8, pp=2, grad_acc=8, sp=True), two)
+    assert inside["mb_cross"] == 0 and across["mb_cross"] == 8 * 8    # 8 blocks x 8 TP ranks
+
+
+def test_zero1_shards_the_optimizer_states_not_the_gradients():
+    a, c = SWEEP_ARCH["1B"], gpu_step.GpuCluster(gpus.gpu("H100"))
+    k = gpu_step.Constants()
+    z0 = gpu_step.memory_bytes(a, gpu_step.GpuLayout(dp=8, grad_acc=32), c, k)
+    z1 = gpu_step.memory_bytes(a, gpu_step.GpuLayout(dp=8, grad_acc=32, zero=1), c, k)
+    p = a.params()
+    assert z0["gradients"] == z1["gradients"] == pytest.approx(4 * p)
+    assert z0["optimizer"] - z1["optimizer"] == pytest.approx(12 * p * 7 / 8)
+    assert z0["weights"] == pytest.approx(2 * p)

@@ -1,6 +1,7 @@
 """A modern transformer's training step on GPUs, from its shapes: time by part and memory by
-part. Work in progress: no command reaches it yet; its constants are being fitted and checked
-on the measured H100 sweep in docs/reference/measured/ before ``dtlab plan`` uses it.
+part. ``dtlab plan validate --measured-set playbook-h100`` (dtlab/plan/measured.py) fits and
+checks it on the measured H100 sweep in docs/reference/measured/ (the record:
+docs/reference/plan-measured-h100.json); the layout search does not use it yet.
 
 This is the planner's second model. The first (:mod:`dtlab.costmodel.step_time`) is exact about
 the labs' fp32 toy on this machine's CPU; this one describes what Megatron-LM, nanotron or
@@ -26,10 +27,19 @@ Tensor-parallel collectives sit on the critical path; the data-parallel reduce o
 micro-batch's backward except what outlasts it; ZeRO's parameter gather after the step is
 exposed; pipeline sends go with each micro-batch.
 
-Six named constants (:class:`Constants`) turn these ideal times into a prediction; they are
-fitted on measured runs (``dtlab plan validate``) and stated with the record. The time is linear
-in five of them, so the fit is a least squares with non-negative coefficients
-(:func:`fit_time`); the sixth is memory's fixed overhead.
+A micro-batch lasts the longer of two paths: the GPU's (GEMMs, attention, HBM work, TP rings)
+and the host's (the framework launching each block's kernels, ``per_layer`` seconds a block,
+plus the TP rings' latency, plus ``cross_sync`` a block a TP rank when the pipeline's stages
+sit on different nodes). nanotron at one sequence a micro-batch is host-bound on an H100: a
+block takes about 4 ms whatever its size, which is why tp 2-8 at mbs 1 all run at about the
+same speed in the Ultra-Scale Playbook's sweep. The ``cross_sync`` effect is measured there
+(about 2.7 ms a block a TP rank, the same in every leave-one-model-out fold), not derived.
+
+Six named constants (:class:`Constants`) turn these ideal times into a prediction: five for
+time, fitted on measured runs (``dtlab plan validate --measured-set``) and stated with the
+record, and memory's fixed overhead. For a given choice of which path bounds each run, the time
+is linear in the five, so the fit alternates (:func:`fit_time`): decide the paths with the last
+constants, solve the least squares with non-negative coefficients, repeat.
 
 Standard library only.
 """
@@ -163,12 +173,14 @@ class Constants:
     """What turns the ideal times into a prediction (fitted; see the record for the values)."""
     compute: float = 1.0          # x the GEMMs' and flash attention's ideal time
     memory_bound: float = 1.0     # x the HBM time of norms, activations, loss, optimizer
-    per_layer: float = 0.0        # seconds a layer a micro-batch (forward + backward): launches
-    tp_comm: float = 1.0          # x the tensor-parallel collectives' alpha-beta time
-    net_comm: float = 1.0         # x the data-parallel and pipeline communication's
+    per_layer: float = 0.0        # host seconds to launch a block's forward + backward, a
+    #                               micro-batch (a micro-batch lasts at least its launches)
+    comm: float = 1.0             # x every collective's and send's alpha-beta time (TP, DP, PP)
+    cross_sync: float = 0.0       # host seconds a block a micro-batch a TP rank when the
+    #                               pipeline's stages sit on different nodes (measured effect)
     overhead: float = 0.0         # bytes a GPU holds beyond the model's: context, buffers
 
-    TIME = ("compute", "memory_bound", "per_layer", "tp_comm", "net_comm")
+    TIME = ("compute", "memory_bound", "per_layer", "comm", "cross_sync")
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in (*self.TIME, "overhead")}
@@ -317,6 +329,10 @@ def features(a: Arch, lay: GpuLayout, c: GpuCluster, overlap_s: float | None = N
     mb_hbm = (a.layers * li["hbm_bytes"] + hi["hbm_bytes"]) * share
     tpg = group(lay.tp, 1, c)
     mb_tp = layers * ring_seconds("all_gather", li["tp_bytes"] / 8, tpg, c) * 8
+    # the rings' latency alone: the host waits for it too (nanotron's TP collectives are
+    # launched one after the other, so a micro-batch cannot take less than launches + latency)
+    mb_tp_alpha = (layers * 8 * (lay.tp - 1) * (ALPHA_NET if tpg.cross else ALPHA_NVLINK)
+                   if lay.tp > 1 else 0.0)
     # 1F1B: M + (P-1)/v micro-batch slots on every stage
     slots = m + (lay.pp - 1) / lay.interleave
     # pipeline sends: activations (scattered over TP ranks with SP) forward, gradients back
@@ -347,11 +363,13 @@ def features(a: Arch, lay: GpuLayout, c: GpuCluster, overlap_s: float | None = N
     tail = ring_seconds("all_reduce", min(gbytes, BUCKET), dpg, c)
     dp_exposed = (max(tail, dp_reduce - backward) if lay.dp > 1 else 0.0) + dp_gather
     return {
-        "compute": slots * mb_compute,
-        "memory_bound": slots * mb_hbm / g.hbm_bytes_per_s
-        + (acc_bytes + opt_bytes) / g.hbm_bytes_per_s,
-        "per_layer": slots * blocks,
-        "tp_comm": slots * mb_tp,
+        # a micro-batch on the busiest stage: the GPU's work, and the host's launches
+        "mb_compute": mb_compute, "mb_memory": mb_hbm / g.hbm_bytes_per_s, "mb_tp": mb_tp,
+        "mb_blocks": blocks, "mb_tp_alpha": mb_tp_alpha,
+        "mb_cross": (layers * lay.tp if lay.pp > 1 and lay.tp > 1
+                     and group(lay.pp, lay.tp * lay.dp, c).cross else 0.0), "slots": slots,
+        # once a step
+        "step_memory": (acc_bytes + opt_bytes) / g.hbm_bytes_per_s,
         "net_comm": dp_exposed + send,
         # for the breakdown
         "bubble_share": (lay.pp - 1) / lay.interleave / slots,
@@ -361,27 +379,80 @@ def features(a: Arch, lay: GpuLayout, c: GpuCluster, overlap_s: float | None = N
     }
 
 
+def host_bound(x: dict, k: Constants) -> bool:
+    """Whether the host's kernel launches outlast the GPU's work on a micro-batch."""
+    gpu = k.compute * x["mb_compute"] + k.memory_bound * x["mb_memory"] + k.comm * x["mb_tp"]
+    return host_seconds(x, k) > gpu
+
+
+def host_seconds(x: dict, k: Constants) -> float:
+    return (k.per_layer * x["mb_blocks"] + k.comm * x["mb_tp_alpha"]
+            + k.cross_sync * x["mb_cross"])
+
+
+def linear_row(x: dict, k: Constants) -> list[float]:
+    """The step time as a row of coefficients of the five time constants: a micro-batch costs
+    the GPU's work or the host's launches, whichever is longer (decided with ``k``)."""
+    n = x["slots"]
+    if host_bound(x, k):
+        return [0.0, x["step_memory"], n * x["mb_blocks"], n * x["mb_tp_alpha"] + x["net_comm"],
+                n * x["mb_cross"]]
+    return [n * x["mb_compute"], n * x["mb_memory"] + x["step_memory"], 0.0,
+            n * x["mb_tp"] + x["net_comm"], 0.0]
+
+
 def step_seconds(a: Arch, lay: GpuLayout, c: GpuCluster, k: Constants) -> dict:
-    """Predicted seconds of one step by part: compute, memory-bound, per-layer, TP, DP, PP and
-    the bubble (the idle share of the stage's work)."""
+    """Predicted seconds of one step by part: compute, memory-bound, per-layer (the host's
+    launches, when they outlast the GPU's work), TP, DP, PP and the bubble (the idle share of
+    the stage's work)."""
     x = features(a, lay, c)
     # the DP reduce hides behind the last micro-batch's backward as fast as the fit says it runs
     x = features(a, lay, c, overlap_s=x["backward_mb"] * k.compute)
-    parts = {n: getattr(k, n) * x[n] for n in Constants.TIME}
-    stage = parts["compute"] + parts["memory_bound"] + parts["per_layer"] + parts["tp_comm"]
+    n = x["slots"]
+    host = host_bound(x, k)
+    parts = {"compute": 0.0 if host else k.compute * n * x["mb_compute"],
+             "memory_bound": k.memory_bound * ((0.0 if host else n * x["mb_memory"])
+                                               + x["step_memory"]),
+             "per_layer": k.per_layer * n * x["mb_blocks"] if host else 0.0,
+             "tp_comm": k.comm * n * (x["mb_tp_alpha"] if host else x["mb_tp"]),
+             "net_comm": k.comm * x["net_comm"],
+             "cross_sync": k.cross_sync * n * x["mb_cross"] if host else 0.0}
+    stage = parts["compute"] + parts["per_layer"] + parts["tp_comm"] + parts["cross_sync"] + (
+        parts["memory_bound"] - k.memory_bound * x["step_memory"])
     bubble = x["bubble_share"] * stage          # the idle slots' share of the stage's time
     total = sum(parts.values())
     net = parts["net_comm"]
     dp_share = x["dp"] / (x["dp"] + x["pp"]) if x["dp"] + x["pp"] else 0.0
     return {"total": total, "compute": parts["compute"], "memory_bound": parts["memory_bound"],
             "per_layer": parts["per_layer"], "tp": parts["tp_comm"], "dp": net * dp_share,
-            "pp": net * (1 - dp_share), "bubble": bubble,
-            "recompute": k.compute * x["recompute"]}
+            "pp": net * (1 - dp_share), "cross_sync": parts["cross_sync"], "bubble": bubble,
+            "host_bound": host,
+            "recompute": 0.0 if host else k.compute * x["recompute"]}
+
+
+# Tensors autograd keeps a block, in bf16 elements a token (no recomputation, flash attention):
+# h wide: the two norms' inputs and outputs, q k v before and after rotary, the attention's
+# output and the projections' gathered inputs (12; with SP all split tp ways, the norms' by
+# the sequence and the attention's by the heads; without SP kept whole, an overestimate for
+# q k v); ffn wide: gate and up (merged), SiLU of the gate, the product (6 with the cast
+# copies). The counts are estimates: whole tensors, chosen against the measured sweep's peaks
+# (docs/reference/plan-measured-h100.json), not read from nanotron's autograd graph.
+ACT_H, ACT_F = 12, 6
+LOGIT_BYTES = BF16 + FP32      # the logits in bf16 and their fp32 copy for the softmax
+HEAD_BUFFERS = 8               # h-wide bf16 tensors a token the last stage holds beside them
 
 
 def memory_bytes(a: Arch, lay: GpuLayout, c: GpuCluster, k: Constants) -> dict:
     """Peak bytes on the busiest GPU by part (the first stage holds the most activations, the
-    last the logits; the larger of the two)."""
+    last the logits; the larger of the two).
+
+    Model states: bf16 weights, fp32 gradients (accumulated in fp32; bf16 with ``grad_fp32``
+    False), the fp32 master copy and Adam's two moments (12 bytes a parameter). ZeRO-1 shards
+    only the last 12 bytes over DP (nanotron's ZeRO-1 shards the optimizer's fp32 states, not the
+    accumulated gradients), ZeRO-2 the gradients too, ZeRO-3 the weights. Activations: the
+    tensors of :data:`ACT_H` and :data:`ACT_F` a layer, times the micro-batches 1F1B keeps in
+    flight on the first stage (min(grad_acc, pp)). The last stage holds the logits. ``k.overhead``:
+    the framework's fixed bytes (CUDA context, NCCL buffers, the allocator's slack)."""
     ps = stage_params(a, lay)
     t = lay.mbs * a.seq
     h, f = a.hidden, a.ffn
@@ -389,19 +460,15 @@ def memory_bytes(a: Arch, lay: GpuLayout, c: GpuCluster, k: Constants) -> dict:
     if lay.recompute == "full":
         per_layer = t * h * BF16 / sp_div                       # the block's input only
     else:
-        shardable = 4 * h                                      # norms' in/outs: SP cuts them
-        if a.style == "llama":
-            cut = (h + 2 * a.kv_width) + h + 3 * f             # q k v, attention out, MLP
-        else:
-            cut = 3 * h + h + 2 * f
-        per_layer = t * BF16 * (shardable / sp_div + cut / lay.tp)
+        wide = f if a.style == "llama" else f / 2
+        per_layer = t * BF16 * (ACT_H * h / sp_div + ACT_F * wide / lay.tp)
     layers = stage_layers(a, lay)
     if lay.pp == 1:
         in_flight = 1.0
     else:
         in_flight = min(lay.grad_acc, lay.pp) * (1 + (lay.pp - 1) / (lay.pp * lay.interleave)
                                                  if lay.interleave > 1 else 1)
-    logits = t * a.vocab / lay.tp * (BF16 + FP32)
+    logits = t * a.vocab / lay.tp * LOGIT_BYTES + HEAD_BUFFERS * t * h * BF16
     out = {}
     for stage, p in ps.items():
         zero_div = lay.dp if lay.zero else 1
@@ -427,19 +494,23 @@ def mfu(a: Arch, tokens_per_s_per_gpu: float, g: Gpu, pp: int = 1) -> float:
 
 # ------------------------------------------------------------------------------ the fit
 def fit_time(runs: list[tuple[Arch, GpuLayout, GpuCluster, float]],
-             start: Constants = Constants(), rounds: int = 3) -> Constants:
-    """The five time constants fitted on (arch, layout, cluster, measured seconds) runs; the
-    overlap of DP's reduce depends on the compute constant, so the fit is repeated a few times
-    with the previous round's constant."""
+             start: Constants = Constants(), rounds: int = 12) -> Constants:
+    """The five time constants fitted on (arch, layout, cluster, measured seconds) runs. Which
+    runs are host-bound, and how much of DP's reduce the backward hides, depend on the
+    constants, so the fit alternates: decide both with the last round's constants, solve the
+    linear least squares, again until nothing changes."""
     k = start
     for _ in range(rounds):
         rows = []
         for a, lay, c, _y in runs:
             x0 = features(a, lay, c)
             x = features(a, lay, c, overlap_s=x0["backward_mb"] * k.compute)
-            rows.append([x[n] for n in Constants.TIME])
+            rows.append(linear_row(x, k))
         coef = nnls_relative(rows, [y for *_, y in runs])
-        k = replace(k, **dict(zip(Constants.TIME, coef)))
+        new = replace(k, **dict(zip(Constants.TIME, coef)))
+        if new == k:
+            break
+        k = new
     return k
 
 

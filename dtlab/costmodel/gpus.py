@@ -40,7 +40,10 @@ GPUS = {
                 source="NVIDIA H100 Tensor Core GPU datasheet (SXM: 989.4 TFLOP/s dense BF16, "
                        "3.35 TB/s HBM3, NVLink 900 GB/s both directions); MAMF 794.5 TFLOP/s "
                        "BF16 from ML Engineering's accelerator table; 400 Gb/s a GPU between "
-                       "nodes (ConnectX-7 NDR, or AWS p5's 3200 Gb/s EFA for 8 GPUs)"),
+                       "nodes (ConnectX-7 NDR, or AWS p5's 3200 Gb/s EFA for 8 GPUs). The "
+                       "Ultra-Scale Playbook's cluster (the measured sweep) is taken to be such "
+                       "nodes: NVLink/NVSwitch inside, 3200 Gb/s a node between nodes, an "
+                       "assumption (its figures were not found in a citable source here)"),
     "A100": Gpu("A100 SXM 80GB", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12},
                 mamf=271e12, hbm_bytes_per_s=2.039e12, memory=80 * GB, nvlink=300 * GB,
                 sms=108, nic=25 * GB,
