@@ -1,8 +1,11 @@
 """The least-squares fits on relative error the planner uses, standard library only: ``y ~ a + c x``
 (the CPU calibration's per-piece compute times, the collectives' alpha-beta), so the microsecond
 calls count as much as the long ones, and non-negative constants of a linear model (the GPU
-model's, :mod:`dtlab.costmodel.gpu_step`)."""
+model's, :mod:`dtlab.costmodel.gpu_step`); and Spearman's rank correlation, which both of the
+planner's validations report."""
 from __future__ import annotations
+
+import statistics
 
 
 def fit_line_relative(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -69,3 +72,27 @@ def nnls_relative(rows: list[list[float]], ys: list[float]) -> list[float]:
             x = [x[i] + alpha * (z[i] - x[i]) for i in range(n)]
             free = [i for i in free if x[i] > 1e-15]
     return x
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Rank correlation (ties get their mean rank); None for fewer than 3 points."""
+    if len(xs) < 3:
+        return None
+
+    def ranks(v):
+        order = sorted(range(len(v)), key=v.__getitem__)
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    den = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return num / den if den else None

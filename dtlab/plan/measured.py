@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import statistics
 from pathlib import Path
 
 from dtlab.costmodel import gpu_step as gs
+from dtlab.costmodel.fitting import spearman
 from dtlab.costmodel.gpus import gpu as gpu_named
 from dtlab.errors import UsageError
 
@@ -136,27 +136,6 @@ def fit(rows: list[dict], rounds: int = 8) -> tuple[gs.Constants, set[int]]:
         stalls = new
     k = gs.fit_overhead([(*_run(r), r["memory"]) for r in rows], k)
     return k, stalls
-
-
-def spearman(xs: list[float], ys: list[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties)."""
-    def ranks(v):
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        out = [0.0] * len(v)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for m in range(i, j + 1):
-                out[order[m]] = (i + j) / 2
-            i = j + 1
-        return out
-    rx, ry = ranks(xs), ranks(ys)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    den = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
-    return num / den if den else 0.0
 
 
 def _errors(rows: list[dict], pred: dict) -> dict:

@@ -28,6 +28,7 @@ from pathlib import Path
 from dtlab.cluster.netns import Cluster
 from dtlab.costmodel.step_time import (ClusterSpec, Compute, Layout, Links, load_calibration,
                                        predict)
+from dtlab.costmodel.fitting import spearman
 from dtlab.errors import UsageError
 from dtlab.plan.calibrate import calibrate
 from dtlab.plotting import plt_agg
@@ -54,30 +55,6 @@ CLUSTER_ONE = [("small", 1, {"dp": 2}), ("small", 1, {"tp": 2}),
                ("small", 1, {"pp": 2, "microbatches": 2})]
 CLUSTER_TWO = [("small", 2, {"dp": 4}), ("small", 2, {"dp": 2, "tp": 2})]
 CI_SET = [("tiny", 1, {}), ("tiny", 2, {"dp": 2}), ("tiny", 2, {"pp": 2, "microbatches": 2})]
-
-
-def spearman(xs: list[float], ys: list[float]) -> float | None:
-    """Rank correlation (ties get their mean rank); None for fewer than 3 points."""
-    if len(xs) < 3:
-        return None
-
-    def ranks(v):
-        order = sorted(range(len(v)), key=v.__getitem__)
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(v):
-            j = i
-            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-    rx, ry = ranks(xs), ranks(ys)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    den = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
-    return num / den if den else None
 
 
 def _run_layout(preset: str, nproc: int, nnodes: int, lay, steps: int, out: Path,
