@@ -1,6 +1,7 @@
-"""``dtlab bench comm | ddp | cluster | hang``: collectives (collectives.py), our DDP against
-torch's (ddp.py), the namespace cluster's links and strategies (cluster.py), the hang detector
-(hang.py). This package's ``add_commands`` holds the flags and imports nothing heavy."""
+"""``dtlab bench comm | ddp | cluster | hang | plan``: collectives (collectives.py), our DDP
+against torch's (ddp.py), the namespace cluster's links and strategies (cluster.py), the hang
+detector (hang.py), the GPU layout search's speed (plan.py). This package's ``add_commands``
+holds the flags and imports nothing heavy."""
 from __future__ import annotations
 
 from dtlab.launch import add_placement
@@ -27,9 +28,14 @@ def cmd_hang(args, rest) -> int:
     return run(args.json, args.runs, args.faults, args.timeout, args.cluster, args.work)
 
 
+def cmd_plan(args, rest) -> int:
+    from dtlab.bench.plan import run
+    return run(args.json, args.repeats, args.top)
+
+
 def add_commands(sub) -> None:
     b = sub.add_parser("bench", help="benchmarks: comm (collectives), ddp (ours vs torch's), "
-                       "cluster, hang")
+                       "cluster, hang, plan")
     bsub = b.add_subparsers(dest="bench", required=True)
     bc = bsub.add_parser("comm", help="time collectives, library vs ours, over message sizes",
                          description="Other flags go to dtlab.bench.collectives: --ops, --impl, "
@@ -71,3 +77,9 @@ def add_commands(sub) -> None:
     bh.add_argument("--work", default="runs/bench/hang", help="where the runs write")
     bh.add_argument("--json", default="runs/bench/hang.json", help="the record")
     bh.set_defaults(func=cmd_hang)
+    bp = bsub.add_parser("plan", help="time dtlab plan --gpu's search on the Megatron-LM "
+                         "paper's 1T model on 384 x 8 A100")
+    bp.add_argument("--repeats", type=int, default=3, help="searches to time (default 3)")
+    bp.add_argument("--top", type=int, default=5, help="layouts to keep (default 5)")
+    bp.add_argument("--json", default="runs/bench/plan-search-1t.json", help="the record")
+    bp.set_defaults(func=cmd_plan)

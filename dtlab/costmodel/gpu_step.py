@@ -1,7 +1,8 @@
 """A modern transformer's training step on GPUs, from its shapes: time by part and memory by
 part. ``dtlab plan validate --measured-set playbook-h100`` (dtlab/plan/measured.py) fits and
 checks it on the measured H100 sweep in docs/reference/measured/ (the record:
-docs/reference/plan-measured-h100.json); the layout search does not use it yet.
+docs/reference/plan-measured-h100.json); ``dtlab plan --gpu`` ranks layouts with it
+(dtlab/plan/gpu_search.py).
 
 This is the planner's second model. The first (:mod:`dtlab.costmodel.step_time`) is exact about
 the labs' fp32 toy on this machine's CPU; this one describes what Megatron-LM, nanotron or
@@ -361,7 +362,14 @@ def features(a: Arch, lay: GpuLayout, c: GpuCluster, overlap_s: float | None = N
     backward = (overlap_s if overlap_s is not None
                 else share * (a.layers * li["backward"] + hi["backward"]))
     tail = ring_seconds("all_reduce", min(gbytes, BUCKET), dpg, c)
-    dp_exposed = (max(tail, dp_reduce - backward) if lay.dp > 1 else 0.0) + dp_gather
+    if lay.zero >= 2 and m > 1:
+        # (addition for the layout search; the measured sweep has ZeRO 0 and 1 only) ZeRO-2/3
+        # keep only their shard of the gradients, so every micro-batch's backward
+        # reduce-scatters its gradients (DeepSpeed's stage 2): m reduce-scatters a step, each
+        # hiding behind its own micro-batch's backward, what outlasts it exposed
+        dp_exposed = (m * max(tail, dp_reduce - backward) if lay.dp > 1 else 0.0) + dp_gather
+    else:
+        dp_exposed = (max(tail, dp_reduce - backward) if lay.dp > 1 else 0.0) + dp_gather
     return {
         # a micro-batch on the busiest stage: the GPU's work, and the host's launches
         "mb_compute": mb_compute, "mb_memory": mb_hbm / g.hbm_bytes_per_s, "mb_tp": mb_tp,
@@ -427,7 +435,12 @@ def step_seconds(a: Arch, lay: GpuLayout, c: GpuCluster, k: Constants) -> dict:
             "per_layer": parts["per_layer"], "tp": parts["tp_comm"], "dp": net * dp_share,
             "pp": net * (1 - dp_share), "cross_sync": parts["cross_sync"], "bubble": bubble,
             "host_bound": host,
-            "recompute": 0.0 if host else k.compute * x["recompute"]}
+            "recompute": 0.0 if host else k.compute * x["recompute"],
+            # (additions for the layout search) the idle share of the stage's time that
+            # "bubble" is, and the once-a-step HBM work (accumulation, optimizer) inside
+            # "memory_bound": the search splits the step into parts that sum to "total"
+            "bubble_share": x["bubble_share"],
+            "step_memory": k.memory_bound * x["step_memory"]}
 
 
 # Tensors autograd keeps a block, in bf16 elements a token (no recomputation, flash attention):
@@ -483,6 +496,15 @@ def memory_bytes(a: Arch, lay: GpuLayout, c: GpuCluster, k: Constants) -> dict:
         part["total"] = sum(part.values())
         out[stage] = part
     return max(out.values(), key=lambda d: d["total"])
+
+
+def hardware_flops_per_token(a: Arch, recompute: str = "none") -> float:
+    """(Addition for the layout search) the FLOPs a GPU computes a token, recomputation
+    included: the model's 6 N + 12 L h s, plus the forward again of what is recomputed (full:
+    the blocks' 2 N_blocks + 4 L h s; selective: the attention core's 4 L h s)."""
+    extra = {"none": 0.0, "selective": 4 * a.layers * a.hidden * a.seq,
+             "full": 2 * a.layers * a.layer_params() + 4 * a.layers * a.hidden * a.seq}
+    return a.model_flops_per_token() + extra[recompute]
 
 
 def mfu(a: Arch, tokens_per_s_per_gpu: float, g: Gpu, pp: int = 1) -> float:

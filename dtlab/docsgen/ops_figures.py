@@ -1,8 +1,8 @@
 """The figures and tables of docs/ that come from the records of the multi-node and
 operational tools: the namespace cluster's links and strategies (cluster.json), the hang
 detector (hang.json), the doctor's cases (doctor-collective.json), the checkpoints
-(resharding.json, reliability-restart.json) and the planner's validation (plan-validate.json,
-plan-calibration.json). Rendered by ``dtlab docs refresh`` as docsfig.py renders the lab runs'."""
+(resharding.json, reliability-restart.json) and the planner's validations (plan-validate.json,
+plan-calibration.json; the GPU model's: plan-measured-h100.json, plan-search-1t.json). Rendered by ``dtlab docs refresh`` as docsfig.py renders the lab runs'."""
 from __future__ import annotations
 
 import textwrap
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dtlab.docsgen.lab_figures import _pct, load
 
-PAGES = ("cluster.md", "debugging.md", "doctor.md", "reliability.md")
+PAGES = ("cluster.md", "debugging.md", "doctor.md", "reliability.md", "plan.md")
 
 
 def plan_figures(rec: dict, cal: dict) -> dict[str, str]:
@@ -40,6 +40,48 @@ def plan_figures(rec: dict, cal: dict) -> dict[str, str]:
             "plan.err.two.over": f"{sum(e > 0 for e in two)} of {len(two)}",
             "plan.err.tiny1": f"{err(tiny1):+.0%}",
             "plan.repeat": pct([b / a - 1 for a, b in runs])}
+
+
+def measured_table(rec: dict) -> str:
+    """The GPU model against the measured sweep, one row a held-out model and one for all."""
+    lines = ["| held out | runs | step-time MAPE (stalls out) | over every run | Spearman | "
+             "stalls | memory within 15% | best layout within 5% |", "|---|---|---|---|---|---|---|---|"]
+    every = dict(rec["leave_one_model_out"], held_out="all three folds")
+    for f in [*rec["folds"], every]:
+        t, a = f["time"], f["time_all_rows"]
+        lines.append(f"| {f['held_out']} | {a['rows']} | {t['mape']:.1%} | {a['mape']:.1%} | "
+                     f"{t['spearman']:.3f} | {f['stalls']} | {f['memory_within_15pct']:.1%} | "
+                     f"{f['cells_within_5pct']} of {f['cells']} cells |")
+    return "\n".join(lines)
+
+
+def constants_table(rec: dict) -> str:
+    """The six fitted constants (fit on every row) and what each one is."""
+    lines = ["| constant | value (fit on every run) | what it is |", "|---|---|---|"]
+    for name, c in rec["fit_all_rows"]["constants"].items():
+        v = c["value"]
+        shown = (f"{v / 1e9:.2f} GB" if name == "overhead" else
+                 f"{v * 1e3:.2f} ms" if v < 0.1 else f"{v:.3f}")
+        lines.append(f"| `{name}` | {shown} | {c['meaning']} |")
+    return "\n".join(lines)
+
+
+def search_table(rec: dict, top: int = 5) -> str:
+    """The 1T search's best layouts: step time by part, MFU, memory of the busiest GPU."""
+    lines = ["| layout | step (s) | compute | DP | TP | PP | bubble | other | MFU | GB a GPU |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rec["ranked"][:top]:
+        t = r["time"]
+        lines.append(f"| {r['label']} | {t['total']:.1f} | " + " | ".join(
+            f"{t[k]:.1f}" for k in ("compute", "dp", "tp", "pp", "bubble", "other"))
+            + f" | {r['mfu']:.1%} | {r['memory']['total'] / 1e9:.1f} |")
+    return "\n".join(lines)
+
+
+def gpu_plan_figures(search: dict) -> dict[str, str]:
+    return {"plan.gpu.1t.wall": f"{search['wall_s_median'] * 1e3:.0f} ms",
+            "plan.gpu.1t.named": f"{search['layouts_named']:,}",
+            "plan.gpu.1t.costed": f"{search['layouts_costed']:,}"}
 
 
 def _slug(text: str) -> str:
@@ -193,7 +235,8 @@ def figures(ref_dir: Path) -> dict[str, str]:
     return {**cluster_figures(load(ref_dir, "cluster.json")),
             **restart_figures(load(ref_dir, "reliability-restart.json")),
             **plan_figures(load(ref_dir, "plan-validate.json"),
-                           load(ref_dir, "plan-calibration.json"))}
+                           load(ref_dir, "plan-calibration.json")),
+            **gpu_plan_figures(load(ref_dir, "plan-search-1t.json"))}
 
 
 def tables(ref_dir: Path) -> dict[str, str]:
@@ -201,4 +244,7 @@ def tables(ref_dir: Path) -> dict[str, str]:
     return {"links": cluster_links_table(cluster), "strategies": cluster_strategies_table(cluster),
             "grid": cluster_3d_table(cluster), "hang": hang_table(load(ref_dir, "hang.json")),
             "doctor": doctor_cases(load(ref_dir, "doctor-collective.json")),
-            "resharding": resharding_table(load(ref_dir, "resharding.json"))}
+            "resharding": resharding_table(load(ref_dir, "resharding.json")),
+            "gpumeasured": measured_table(measured := load(ref_dir, "plan-measured-h100.json")),
+            "gpuconstants": constants_table(measured),
+            "gpusearch": search_table(load(ref_dir, "plan-search-1t.json"))}

@@ -87,6 +87,8 @@ REFERENCES = (
     Reference("plan-measured", "plan-measured-h100.json",
               ("dtlab", "plan", "validate", "--measured-set", "playbook-h100", "--json",
                "docs/reference/plan-measured-h100.json", "--img", "docs/img"), 0.2),
+    Reference("plan-search-1t", "plan-search-1t.json",
+              ("dtlab", "bench", "plan", "--json", "docs/reference/plan-search-1t.json"), 0.1),
     Reference("plan-a100", "plan-a100.json",
               ("dtlab", "plan", "--layers", "32", "--d-model", "4096", "--heads", "32", "--seq",
                "2048", "--batch", "512", "--nodes", "4", "--devices-per-node", "8",

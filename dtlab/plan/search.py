@@ -234,7 +234,7 @@ def model_from_args(a) -> tuple[cm.Shape, int, str | None]:
 def spec_from_args(a, calib: dict | None) -> ClusterSpec:
     cores = a.cores if a.cores is not None else (calib["cores"] if calib else 0)
     return ClusterSpec(nodes=a.nodes, per_node=a.devices_per_node,
-                       memory=parse_bytes(a.device_memory, "--device-memory"),
+                       memory=parse_bytes(a.device_memory or "24GiB", "--device-memory"),
                        peak_flops=a.peak_flops, efficiency=a.efficiency,
                        intra=parse_link(a.intra, "--intra"), inter=parse_link(a.inter, "--inter"),
                        cores=cores, shared_cores=a.shared_cores, rate=a.rate,
@@ -303,6 +303,11 @@ def print_plan(res: dict, top: int, preset: str | None) -> None:
 
 
 def run(a) -> int:
+    if getattr(a, "gpu", None):
+        if a.action != "search":
+            raise PlanError(f"--gpu goes with the search ('dtlab plan --gpu NAME ...'), not "
+                            f"{a.action!r}")
+        return run_gpu(a)
     if a.action == "calibrate":
         return plancal.calibrate(a)
     if a.action == "validate":
@@ -318,7 +323,7 @@ def run(a) -> int:
     if a.json:
         from dtlab.measure.run_record import atomic_write_text  # torch: the CLI parser imports this
         atomic_write_text(Path(a.json), json.dumps(res, indent=1) + "\n")
-    print_plan(res, a.top, preset)
+    print_plan(res, a.top or 12, preset)
     if a.json:
         print(f"record: {a.json}")
     return 0
@@ -339,10 +344,17 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--seq", type=int, help="sequence length (default: preset's, or 2048)")
     g.add_argument("--params", type=float, help="or only a parameter count: a GPT-like shape")
     g.add_argument("--batch", type=int, help="global batch in sequences (default: preset's or 8)")
+    g.add_argument("--kv-heads", type=int, help="--gpu: key/value heads (grouped-query "
+                   "attention; default --heads)")
+    g.add_argument("--arch", choices=("gpt", "llama"), default="gpt",
+                   help="--gpu: block style, gpt (LayerNorm, GELU MLP, learned positions; "
+                        "default) or llama (RMSNorm, SwiGLU, rotary)")
+    g.add_argument("--tied", action="store_true", help="--gpu: embeddings tied to the head")
     k = p.add_argument_group("the cluster (search)")
     k.add_argument("--nodes", type=int, default=1)
     k.add_argument("--devices-per-node", type=int, default=2, help="ranks a node (default 2)")
-    k.add_argument("--device-memory", default="24GiB", help="per device (default 24GiB)")
+    k.add_argument("--device-memory", default=None,
+                   help="per device (default 24GiB; with --gpu the GPU's)")
     k.add_argument("--peak-flops", type=float, help="a device's peak FLOP/s (datasheet) when "
                    "there is no calibration of the model's shape")
     k.add_argument("--efficiency", type=float, default=0.4,
@@ -371,7 +383,16 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s.add_argument("--recompute", default="none,selective,full")
     s.add_argument("--microbatches", default="1,2,4,8")
     s.add_argument("--schedules", default="1f1b,gpipe")
-    p.add_argument("--top", type=int, default=12, help="rows of the table (default 12)")
+    s.add_argument("--mbs", help="--gpu: micro-batch sizes (default: every divisor of a DP "
+                   "rank's share of the batch)")
+    s.add_argument("--interleave", default="1,2,4",
+                   help="--gpu: model chunks a pipeline rank, interleaved 1F1B (default 1,2,4)")
+    s.add_argument("--sp", default="off,on", help="--gpu: sequence parallelism (default off,on)")
+    k.add_argument("--gpu", metavar="NAME", help="plan on the GPU step model for this GPU "
+                   "(H100, H200, A100): its datasheet fills --device-memory, --peak-flops, "
+                   "--intra and --inter unless given")
+    p.add_argument("--top", type=int, default=None,
+                   help="rows of the table (default 12; with --gpu 5)")
     p.add_argument("--json", help="search: write the whole ranking here; validate: the record "
                    "(default runs/plan/validate.json)")
     v = p.add_argument_group("calibrate and validate")
@@ -388,6 +409,70 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"dtlab plan: {e}", file=sys.stderr)
         return 2
+
+
+# ---------------------------------------------------------------------------- --gpu
+def gpu_cluster_from_args(a):
+    """The GPU (the datasheet's figures, the user's where given) and the cluster."""
+    from dtlab.costmodel import gpu_step as gs
+    from dtlab.costmodel.gpus import gpu as gpu_named
+    from dtlab.plan import gpu_search
+    g = gpu_named(a.gpu)
+    intra, inter = parse_link(a.intra, "--intra"), parse_link(a.inter, "--inter")
+    if a.peak_flops is not None and not a.peak_flops > 0:
+        raise PlanError(f"--peak-flops must be > 0, got {a.peak_flops}")
+    g = gpu_search.cluster_gpu(
+        g, memory=parse_bytes(a.device_memory, "--device-memory") if a.device_memory else None,
+        peak=a.peak_flops, nvlink=intra.bytes_per_s if intra else None,
+        nic=inter.bytes_per_s / a.devices_per_node if inter else None)
+    if a.nodes < 1 or a.devices_per_node < 1:
+        raise PlanError("--nodes and --devices-per-node must be >= 1")
+    return gs.GpuCluster(g, nodes=a.nodes, per_node=a.devices_per_node)
+
+
+def gpu_arch_from_args(a):
+    from dtlab.costmodel import gpu_step as gs
+    m, batch, _preset = model_from_args(a)
+    kv = a.kv_heads
+    if kv is not None and (kv < 1 or m.n_head % kv):
+        raise PlanError(f"--kv-heads {kv} must divide --heads {m.n_head}")
+    arch = gs.Arch(layers=m.n_layer, hidden=m.d_model, heads=m.n_head, ffn=m.d_ff,
+                   vocab=m.vocab, seq=m.seq, kv_heads=kv, style=a.arch, tied=a.tied)
+    return arch, batch
+
+
+def gpu_search_from_args(a):
+    from dtlab.plan import gpu_search
+    sp = parse_words(a.sp, "--sp", ("off", "on"))
+    return gpu_search.GpuSearch(
+        dp=parse_ints(a.dp, "--dp"), tp=parse_ints(a.tp, "--tp"), pp=parse_ints(a.pp, "--pp"),
+        mbs=parse_ints(a.mbs, "--mbs"), zero=parse_ints(a.zero, "--zero", 0, 3) or (0,),
+        recompute=parse_words(a.recompute, "--recompute", ("none", "selective", "full")),
+        sp=tuple(x == "on" for x in sp),
+        interleave=parse_ints(a.interleave, "--interleave") or (1,))
+
+
+def run_gpu(a) -> int:
+    """``dtlab plan --gpu NAME``: the search on the GPU step model (dtlab/plan/gpu_search.py)."""
+    from dtlab.plan import gpu_search
+    c = gpu_cluster_from_args(a)          # an unknown GPU is refused before anything else
+    if a.calibration:
+        raise PlanError("--calibration times this machine's CPU for the CPU model; --gpu uses "
+                        "the GPU model's fitted constants: give one or the other")
+    arch, batch = gpu_arch_from_args(a)
+    top = a.top or 5
+    res = gpu_search.plan_gpu(arch, batch, c, gpu_search_from_args(a), keep=max(top, 1))
+    if a.json:     # written in place of any old one at once, without torch's import
+        import os
+        out = Path(a.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(res, indent=1) + "\n")
+        os.replace(tmp, out)
+    gpu_search.print_plan(res, top)
+    if a.json:
+        print(f"record: {a.json}")
+    return 0
 
 
 if __name__ == "__main__":
