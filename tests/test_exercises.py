@@ -55,6 +55,24 @@ MUTATIONS = {  # a subtle bug in the reference solution, and what the checker mu
     "ring_attention": ("out = torch.exp(lse_a - shift)[..., None] * out_a + ", "out = out_a + ",
                        "the running output was not rescaled when the running maximum changed: "
                        "out_a must be multiplied by exp(lse_a - lse)"),
+    "rank_grid": ("return rank // (pp * tp), (rank // tp) % pp, rank % tp",
+                  "return rank % dp, (rank // dp) % pp, rank // (dp * pp)",
+                  "dp=1, pp=2, tp=2: coords of rank 1 should be (d, p, t) = (0, 0, 1), got "
+                  "(0, 1, 0)\n  tp must vary fastest: ranks 0..tp-1 share a tp group"),
+    "gpipe": ('[("B", i) for i in range(microbatches)]',
+              '[("B", i) for i in reversed(range(microbatches))]',
+              "P=1, M=2, stage 0: the backwards run last-first (B1 ... B0); this lab runs them in "
+              "micro-batch order"),
+    "expert_dispatch": ("dist.all_to_all_single(received, x[order].contiguous(), recv, send)",
+                        "dist.all_to_all_single(received, x[order].contiguous(), send, recv)",
+                        "rank 0, world 2: ValueError: in dispatch: splits are swapped: "
+                        "all_to_all_single(output, input, output_split_sizes, "
+                        "input_split_sizes) takes what this rank receives"),
+    "ddp_buckets": ("            flat /= self.world\n", "",
+                    "rank 0, world 2, one step: 0.weight.grad differs from the all-reduced "
+                    "average: 128 element(s) differ, first at index 0: expected 0.00273432, got "
+                    "0.00546863\n  the gradients are 2 times too large: all_reduce sums, divide "
+                    "by the world size (2) to average"),
 }
 
 
@@ -88,3 +106,77 @@ def test_exercise_bad_input():
                         "--impl /nonexistent.py: no such file")]:
         p = dtlab(*args)
         assert p.returncode == 2 and says in p.stderr, p.stderr
+
+
+GRID = ("def coords(rank, dp, pp, tp):\n"
+        "    return rank // (pp * tp), (rank // tp) % pp, rank % tp\n\n\n")
+NAMED_MISTAKES = {  # exercise, a learner's file with a classic mistake, what the checker says
+    "grid groups miss a rank": (
+        "rank_grid", GRID + "def groups(dp, pp, tp):\n"
+        "    n = dp * pp * tp\n"
+        "    return {k: [list(range(i, min(i + s, n - 1))) for i in range(0, n - 1, s)]\n"
+        "            for k, s in (('tp', tp), ('pp', pp), ('dp', dp))}\n",
+        "dp=1, pp=1, tp=1: the tp groups miss rank(s) [0]; every rank is in exactly one tp group"),
+    "grid groups overlap": (
+        "rank_grid", GRID + "def groups(dp, pp, tp):\n"
+        "    n = dp * pp * tp\n"
+        "    return {k: [list(range(i, i + s)) for i in range(0, n, s)] + [[0]]\n"
+        "            for k, s in (('tp', tp), ('pp', pp), ('dp', dp))}\n",
+        "dp=1, pp=1, tp=1: the tp groups overlap: rank(s) [0] are in more than one tp group"),
+    "grid tp groups strided": (
+        "rank_grid", GRID + "def groups(dp, pp, tp):\n"
+        "    n = dp * pp * tp\n"
+        "    return {k: [list(range(i, n, n // s)) for i in range(n // s)]\n"
+        "            for k, s in (('tp', tp), ('pp', pp), ('dp', dp))}\n",
+        "dp=1, pp=2, tp=2: [0, 2] is not a tp group; expected [[0, 1], [2, 3]]\n"
+        "  tp must vary fastest: ranks 0..tp-1 share a tp group"),
+    "gpipe bubble over M": (
+        "gpipe", "def gpipe(p, m, s):\n"
+        "    return [('F', i) for i in range(m)] + [('B', i) for i in range(m)]\n\n\n"
+        "def bubble_fraction(p, m):\n    return (p - 1) / m\n",
+        "bubble_fraction(P=2, M=1): expected 0.5 = (P-1)/(M+P-1), got 1; (P-1)/M divides by the "
+        "busy slots only"),
+    "dispatch's way back not in the original order": (
+        "expert_dispatch", ("    out[order] = back\n", "    out = back\n"),
+        "rank 0, world 2, uneven splits: the return trip did not restore the original order"),
+    "dispatch reads the row width from x[0]": (
+        "expert_dispatch", ("x.new_empty((sum(recv), *x.shape[1:]))",
+                            "x.new_empty((sum(recv), len(x[0])))"),
+        "rank 1, world 2, rank 1 has no rows: IndexError: index 0 is out of bounds for dimension "
+        "0 with size 0 (your file, line 13: received = x.new_empty((sum(recv), len(x[0]))))\n"
+        "  rank 1 has no rows (x has shape (0, 3)): there is no x[0]; take the row shape from "
+        "x.shape[1:]"),
+    "ddp waits on each bucket in the hook": (
+        "ddp_buckets", ("self.pending.append((dist.all_reduce(flat, async_op=True), flat, "
+                        "self.buckets[i]))",
+                        "self.pending.append((dist.all_reduce(flat, async_op=True), flat, "
+                        "self.buckets[i]))\n            self.pending[-1][0].wait()"),
+        "rank 0, world 2, one step: bucket 0 was waited on before backward ended; waiting on "
+        "each bucket right after launching it blocks backward until its all-reduce is done, so "
+        "nothing overlaps"),
+    "ddp buckets in forward order": (
+        "ddp_buckets", ("for p in reversed(self.params):", "for p in self.params:"),
+        "rank 0, world 2, one step: launched buckets of [4, 60, 208, 272, 128] elements, "
+        "expected [64, 192, 272, 144] (parameters from the last to the first, a bucket closed "
+        "at >= 60 elements); the buckets were filled in forward parameter order"),
+    "ddp communicates under no_sync": (
+        "ddp_buckets", ("        if not self.syncing:\n            return\n", ""),
+        "rank 0, world 2, 3 micro-batches, the first 2 under no_sync(): 4 all-reduce(s) during "
+        "backward 0 under no_sync()"),
+}
+
+
+@pytest.mark.parametrize("case", list(NAMED_MISTAKES))
+def test_classic_mistake_is_named(tmp_path, case):
+    name, source, says = NAMED_MISTAKES[case]
+    f = tmp_path / exercises.get(name).file
+    if isinstance(source, tuple):  # (old, new): the reference solution with one change
+        old, new = source
+        source = (SOLUTIONS / f.name).read_text()
+        assert old in source
+        source = source.replace(old, new)
+    f.write_text(source)
+    passed, lines = exercises.check(name, f)
+    text = "\n".join(lines)
+    assert not passed, text
+    assert says in text, text

@@ -26,8 +26,8 @@ def cmd_check(args, rest) -> int:
 
 def add_commands(sub) -> None:
     ex = sub.add_parser("exercise", help="write an exercise skeleton (TODOs and hints) to fill in")
-    ex.add_argument("name", help="ring_allreduce, loss_scaler, tensor_parallel, 1f1b, zero1 or "
-                    "ring_attention")
+    ex.add_argument("name", help="ring_allreduce, loss_scaler, tensor_parallel, 1f1b, zero1, "
+                    "ring_attention, rank_grid, gpipe, expert_dispatch or ddp_buckets")
     ex.add_argument("--dest", default=".", help="folder to write it into (default: here)")
     ex.add_argument("--force", action="store_true", help="overwrite an existing file")
     ex.set_defaults(func=cmd_exercise)

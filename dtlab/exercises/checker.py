@@ -11,6 +11,7 @@ every untouched skeleton fails with its TODO message, and that a subtly wrong on
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -47,6 +48,12 @@ EXERCISES = {e.name: e for e in [
     Exercise("1f1b", "one_f_one_b.py", "the 1F1B pipeline schedule of one stage"),
     Exercise("zero1", "zero1.py", "a ZeRO-1 AdamW: optimizer state sharded", worlds=(2, 3)),
     Exercise("ring_attention", "ring_attention.py", "the online-softmax merge of ring attention"),
+    Exercise("rank_grid", "rank_grid.py", "the coordinates and groups of a 3D grid of ranks"),
+    Exercise("gpipe", "gpipe.py", "the GPipe pipeline schedule and its bubble"),
+    Exercise("expert_dispatch", "expert_dispatch.py",
+             "tokens to their expert's rank and back with uneven all-to-alls", worlds=(2, 3)),
+    Exercise("ddp_buckets", "ddp_buckets.py",
+             "DDP's gradient buckets, all-reduced while backward runs", worlds=(2,)),
 ]}
 
 
@@ -410,10 +417,369 @@ def check_ring_attention(mod, rank: int, world: int, note=_quiet) -> list[str]:
     return []
 
 
+TP_FASTEST = "tp must vary fastest: ranks 0..tp-1 share a tp group (rank = (d * pp + p) * tp + t)"
+
+
+def reference_grid(dp: int, pp: int, tp: int) -> tuple[list, dict]:
+    """Every rank's (d, p, t) and the tp, pp and dp groups, from dtlab's own Grid."""
+    from dtlab.train.grid import Grid
+    g = Grid(dp=dp, pp=pp, tp=tp)
+    coords = [g.at(r).coords for r in range(g.world)]
+    return coords, {"tp": [g.tp_ranks(d, p) for d in range(dp) for p in range(pp)],
+                    "pp": [[g.rank_of(d, p, t) for p in range(pp)] for d in range(dp)
+                           for t in range(tp)],
+                    "dp": [g.dp_ranks(p, t) for p in range(pp) for t in range(tp)]}
+
+
+def _grid_hint(dp: int, pp: int, tp: int, got_coords) -> str:
+    """What ordering the learner's coordinates follow, if a known wrong one."""
+    if tp > 1 and any(got_coords[r][2] != r for r in range(tp)):
+        return TP_FASTEST
+    if pp > 1 and dp > 1 and all(c == (r // tp % dp, r // (tp * dp), r % tp)
+                                 for r, c in enumerate(got_coords)):
+        return "pp is the outermost dimension here; in dtlab's grid dp is: the ranks of one " \
+               "pipeline (d fixed) are neighbours, rank = (d * pp + p) * tp + t"
+    return ""
+
+
+def check_rank_grid(mod, rank: int, world: int, note=_quiet) -> list[str]:
+    import itertools
+    for dp, pp, tp in itertools.product(range(1, 5), repeat=3):
+        shape = f"dp={dp}, pp={pp}, tp={tp}"
+        w = dp * pp * tp
+        want_coords, want_groups = reference_grid(dp, pp, tp)
+        got_coords = [tuple(mod.coords(r, dp=dp, pp=pp, tp=tp)) for r in range(w)]
+        for r in range(w):
+            if got_coords[r] != tuple(want_coords[r]):
+                hint = _grid_hint(dp, pp, tp, got_coords)
+                return [f"{shape}: coords of rank {r} should be (d, p, t) = "
+                        f"{tuple(want_coords[r])}, got {got_coords[r]}"] + ([hint] if hint else [])
+        got = mod.groups(dp=dp, pp=pp, tp=tp)
+        for kind, size in (("tp", tp), ("pp", pp), ("dp", dp)):
+            if kind not in got:
+                return [f"{shape}: groups returned no {kind!r} entry (keys {sorted(got)})"]
+            mine = [sorted(int(x) for x in grp) for grp in got[kind]]
+            seen = [x for grp in mine for x in grp]
+            missing = sorted(set(range(w)) - set(seen))
+            twice = sorted({x for x in seen if seen.count(x) > 1})
+            if missing:
+                return [f"{shape}: the {kind} groups miss rank(s) {missing}; every rank is in "
+                        f"exactly one {kind} group (got {mine})"]
+            if twice:
+                return [f"{shape}: the {kind} groups overlap: rank(s) {twice} are in more than "
+                        f"one {kind} group; every rank is in exactly one (got {mine})"]
+            if set(seen) - set(range(w)):
+                return [f"{shape}: the {kind} groups hold rank(s) "
+                        f"{sorted(set(seen) - set(range(w)))}, outside 0..{w - 1}"]
+            if any(len(grp) != size for grp in mine):
+                return [f"{shape}: a {kind} group holds {kind}={size} ranks; got sizes "
+                        f"{[len(grp) for grp in mine]}"]
+            want = sorted(sorted(grp) for grp in want_groups[kind])
+            if sorted(mine) != want:
+                wrong = next(grp for grp in sorted(mine) if grp not in want)
+                hint = [TP_FASTEST] if kind == "tp" and tp > 1 and list(range(tp)) not in mine \
+                    else []
+                return [f"{shape}: {wrong} is not a {kind} group; expected {want}"] + hint
+    return []
+
+
+def reference_gpipe(p: int, m: int, s: int) -> list[tuple[str, int]]:
+    from labs.pipeline import gpipe_schedule
+    return gpipe_schedule(p, m, s)
+
+
+def check_gpipe(mod, rank: int, world: int, note=_quiet) -> list[str]:
+    from dtlab.costmodel.shapes import bubble
+    for p in range(1, 7):
+        for m in range(1, 9):
+            for s in range(p):
+                got = [tuple(a) for a in mod.gpipe(p, m, s)]
+                want = reference_gpipe(p, m, s)
+                if got == want:
+                    continue
+                fs = [i for k, i in got if k == "F"]
+                bs = [i for k, i in got if k == "B"]
+                where = f"P={p}, M={m}, stage {s}"
+                if sorted(fs) != list(range(m)) or sorted(bs) != list(range(m)):
+                    return [f"{where}: every micro-batch needs exactly one F and one B; got {got}"]
+                if got == want[:m] + want[m:][::-1]:
+                    return [f"{where}: the backwards run last-first (B{m - 1} ... B0); this lab "
+                            f"runs them in micro-batch order B0 ... B{m - 1} on every stage "
+                            "(labs/pipeline.py's run_schedule, docs/pipeline.md)"]
+                if got == reference_1f1b(p, m, s):
+                    return [f"{where}: that is the 1F1B schedule (backwards start before the "
+                            "last forward); GPipe runs every forward first"]
+                i = next(i for i, (a, b) in enumerate(zip(got + [None] * len(want), want))
+                         if a != b)
+                return [f"{where}: action {i} should be {want[i]}, got "
+                        f"{got[i] if i < len(got) else 'nothing'}; expected {want}"]
+    for p in range(1, 9):
+        for m in range(1, 17):
+            want = bubble(p, m, "gpipe")
+            got = float(mod.bubble_fraction(p, m))
+            if abs(got - want) > 1e-12:
+                hint = ""
+                if p > 1 and abs(got - (p - 1) / m) < 1e-12:
+                    hint = ("; (P-1)/M divides by the busy slots only: a stage's step is M + P - 1 "
+                            "slots (M busy, P - 1 idle), so the bubble is (P-1)/(M+P-1)")
+                return [f"bubble_fraction(P={p}, M={m}): expected {want:.6g} = (P-1)/(M+P-1), "
+                        f"got {got:.6g}{hint}"]
+    return []
+
+
+# rows each source rank sends each destination, [source][destination]; every rank's sends
+# differ from its receives, so swapped splits never happen to be right
+DISPATCH_CASES = {
+    2: [("uneven splits", [[1, 3], [4, 0]]), ("rank 1 has no rows", [[2, 3], [0, 0]])],
+    3: [("uneven splits", [[2, 0, 3], [1, 1, 0], [4, 2, 1]]),
+        ("rank 1 has no rows", [[1, 2, 2], [0, 0, 0], [3, 1, 0]])],
+}
+SPLITS_SWAPPED = ("splits are swapped: all_to_all_single(output, input, output_split_sizes, "
+                  "input_split_sizes) takes what this rank receives from each rank first, then "
+                  "what it sends")
+
+
+def _dispatch_rows(counts, src: int, case: int):
+    """(x, dest) of rank ``src``: rows [src, i, noise], destinations shuffled."""
+    import torch
+    g = torch.Generator().manual_seed(1000 * case + src)
+    dest = torch.tensor([j for j, c in enumerate(counts[src]) for _ in range(c)],
+                        dtype=torch.int64)
+    dest = dest[torch.randperm(len(dest), generator=g)]
+    if len(set(dest.tolist())) > 1 and bool((dest[1:] >= dest[:-1]).all()):
+        dest = dest.flip(0)  # never already sorted: the order of the way back must matter
+    n = len(dest)
+    x = torch.stack([torch.full((n,), float(src), dtype=torch.float64),
+                     torch.arange(n, dtype=torch.float64),
+                     torch.rand(n, generator=g, dtype=torch.float64)], dim=1) if n else \
+        torch.empty(0, 3, dtype=torch.float64)
+    return x, dest
+
+
+def check_expert_dispatch(mod, rank: int, world: int, note=_quiet) -> list[str]:
+    import torch
+    import torch.distributed as dist
+    real = dist.all_to_all_single
+    phase = {"now": "", "splits": None}
+
+    def checked(output, input, output_split_sizes=None, input_split_sizes=None, *a, **k):
+        """Refuse swapped splits on every rank at once (the ranks agree first), instead of a
+        size error on some ranks and a hang on the others."""
+        said = ""
+        if output_split_sizes is not None and phase["splits"] is not None:
+            right = phase["splits"]
+            given = (list(map(int, output_split_sizes)), list(map(int, input_split_sizes or [])))
+            if given == right[::-1] and right[0] != right[1]:
+                said = f"in {phase['now']}: {SPLITS_SWAPPED} (this rank receives " \
+                       f"{right[0]} and sends {right[1]}; you passed output_split_sizes=" \
+                       f"{given[0]}, input_split_sizes={given[1]})"
+        verdicts = [None] * world
+        dist.all_gather_object(verdicts, said)
+        if any(verdicts):
+            raise ValueError(said or next(v for v in verdicts if v))
+        return real(output, input, output_split_sizes, input_split_sizes, *a, **k)
+
+    dist.all_to_all_single = checked
+    try:
+        for k_case, (what, counts) in enumerate(DISPATCH_CASES[world]):
+            note(what)
+            where = f"rank {rank}, world {world}, {what}"
+            x, dest = _dispatch_rows(counts, rank, k_case)
+            send = counts[rank]
+            recv = [counts[s][rank] for s in range(world)]
+            sources = [_dispatch_rows(counts, s, k_case) for s in range(world)]
+            want = torch.cat([xs[ds == rank] for xs, ds in sources])
+            phase.update(now="dispatch", splits=(recv, send))
+            try:
+                res = mod.dispatch(x.clone(), dest.clone())
+            except Exception as e:
+                if len(x) == 0 and isinstance(e, IndexError):
+                    return [f"{where}: {_describe(e, mod.__file__)}",
+                            f"rank {rank} has no rows (x has shape {tuple(x.shape)}): there is "
+                            "no x[0]; take the row shape from x.shape[1:]"]
+                raise
+            if not (isinstance(res, (tuple, list)) and len(res) == 2):
+                return [f"{where}: dispatch returned {type(res).__name__}; it must return "
+                        "(received, plan)"]
+            received, plan = res
+            if tuple(received.shape) != tuple(want.shape):
+                return [f"{where}: received has shape {tuple(received.shape)}, expected "
+                        f"{tuple(want.shape)} ({sum(recv)} rows arrive here: {recv} from ranks "
+                        f"{list(range(world))})"]
+            if not torch.equal(received, want):
+                same_rows = sorted(map(tuple, received.tolist())) == \
+                    sorted(map(tuple, want.tolist()))
+                hint = " (the right rows, in another order: group them by source rank, each " \
+                       "source's in its own order; sort by destination with stable=True)" \
+                    if same_rows else ""
+                return [f"{where}: received differs from the rows sent here (columns: source "
+                        f"rank, row index there, value): {_first_diff(received, want)}{hint}"]
+            phase.update(now="combine", splits=(send, recv))
+            y = received * 10 + rank  # the "experts" of this rank
+            out = mod.combine(y, plan)
+            expect = x * 10 + dest[:, None].to(x.dtype)
+            if tuple(out.shape) != tuple(expect.shape):
+                return [f"{where}: combine returned shape {tuple(out.shape)}, expected "
+                        f"{tuple(expect.shape)} (one row per row of x)"]
+            if not torch.equal(out, expect):
+                order = torch.argsort(dest, stable=True)
+                if torch.equal(out, expect[order]):
+                    return [f"{where}: the return trip did not restore the original order: the "
+                            "rows came back grouped by destination rank; put each where it was "
+                            "(out[order] = what came back, order the sort of dispatch)"]
+                return [f"{where}: combine's row i is not the output for row i of x: "
+                        f"{_first_diff(out, expect)}"]
+    finally:
+        dist.all_to_all_single = real
+    return []
+
+
+DDP_BUCKET_NUMEL = 60
+NO_OVERLAP = ("waiting on each bucket right after launching it blocks backward until its "
+              "all-reduce is done, so nothing overlaps: keep the Work and wait for every bucket "
+              "in finish()")
+
+
+def _ddp_model():
+    import torch
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16),
+                               torch.nn.Tanh(), torch.nn.Linear(16, 12), torch.nn.Tanh(),
+                               torch.nn.Linear(12, 4))
+
+
+def _bucket_numels(params, limit: int, reverse: bool = True) -> list[int]:
+    out, size = [], 0
+    for p in (reversed(params) if reverse else params):
+        size += p.numel()
+        if size >= limit:
+            out.append(size)
+            size = 0
+    return out + ([size] if size else [])
+
+
+class _Work:
+    """A Work that says when it is waited on."""
+
+    def __init__(self, work, log, k):
+        self._work, self._log, self._k = work, log, k
+
+    def wait(self, *a, **k):
+        self._log.append(("wait", self._k))
+        return self._work.wait(*a, **k)
+
+    def __getattr__(self, name):
+        return getattr(self._work, name)
+
+
+def check_ddp_buckets(mod, rank: int, world: int, note=_quiet) -> list[str]:
+    import copy
+
+    import torch
+    import torch.distributed as dist
+    model = _ddp_model()
+    ref = copy.deepcopy(model)
+    names = [n for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+    log: list[tuple] = []
+    real = dist.all_reduce
+
+    def recording(t, *a, async_op=False, **k):
+        k_launch = sum(1 for e in log if e[0] == "launch")
+        log.append(("launch", t.numel(), bool(async_op)))
+        work = real(t, *a, async_op=async_op, **k)
+        return _Work(work, log, k_launch) if async_op else work
+
+    def batch(step, micro):
+        g = torch.Generator().manual_seed(100 * step + 10 * micro + rank)
+        return torch.randn(6, 8, generator=g), torch.randn(6, 4, generator=g)
+
+    dist.all_reduce = recording
+    try:
+        ddp = mod.BucketedDDP(model, DDP_BUCKET_NUMEL)
+        for i, p in enumerate(params):  # after the learner's hooks: fires once theirs returned
+            p.register_post_accumulate_grad_hook(lambda p, i=i: log.append(("grad", i)))
+        for step, micro in ((0, 1), (1, 3)):
+            what = "one step" if micro == 1 else \
+                f"{micro} micro-batches, the first {micro - 1} under no_sync()"
+            note(what)
+            where = f"rank {rank}, world {world}, {what}"
+            model.zero_grad(set_to_none=True)
+            ref.zero_grad(set_to_none=True)
+            log.clear()
+            for k in range(micro):
+                x, y = batch(step, k)
+                last = k == micro - 1
+                with contextlib.nullcontext() if last else ddp.no_sync():
+                    torch.nn.functional.mse_loss(model(x), y).backward()
+                log.append(("backward done", k))
+                torch.nn.functional.mse_loss(ref(x), y).backward()
+                if not last and any(e[0] == "launch" for e in log):
+                    n = sum(1 for e in log if e[0] == "launch")
+                    return [f"{where}: {n} all-reduce(s) during backward {k} under no_sync(); "
+                            "there gradients only accumulate in .grad, the last micro-batch's "
+                            "backward communicates their sum"]
+            ddp.finish()
+            for p in ref.parameters():
+                real(p.grad)
+                p.grad /= world
+            for n, p, q in zip(names, params, ref.parameters()):
+                if p.grad is None:
+                    return [f"{where}: {n}.grad is None after finish()"]
+                if not torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-5):
+                    hint = []
+                    if torch.allclose(p.grad, q.grad * world, atol=1e-6, rtol=1e-5):
+                        hint = [f"the gradients are {world} times too large: all_reduce sums, "
+                                f"divide by the world size ({world}) to average"]
+                    return [f"{where}: {n}.grad differs from the all-reduced average: "
+                            f"{_first_diff(p.grad.reshape(-1), q.grad.reshape(-1))}"] + hint
+            launches = [e for e in log if e[0] == "launch"]
+            done = log.index(("backward done", micro - 1))
+            if not launches:
+                return [f"{where}: no dist.all_reduce was called; launch one per bucket"]
+            if not all(e[2] for e in launches):
+                return [f"{where}: dist.all_reduce was called without async_op=True: it blocks "
+                        "until the bucket is summed; " + NO_OVERLAP]
+            early = [e for e in log[:done] if e[0] == "wait"]
+            if early:
+                return [f"{where}: bucket {early[0][1]} was waited on before backward ended; "
+                        + NO_OVERLAP]
+            got = [e[1] for e in launches]
+            want = _bucket_numels(params, DDP_BUCKET_NUMEL)
+            if got != want:
+                hint = ""
+                if sorted(got) == sorted(_bucket_numels(params, DDP_BUCKET_NUMEL, reverse=False)):
+                    hint = ("; the buckets were filled in forward parameter order: launched "
+                            "in bucket order, the first (the first layer, whose gradients come "
+                            "last in backward) holds back every other until backward ends; walk "
+                            "the parameters from the last to the first, the order backward "
+                            "produces their gradients")
+                return [f"{where}: launched buckets of {got} elements, expected {want} "
+                        f"(parameters from the last to the first, a bucket closed at >= "
+                        f"{DDP_BUCKET_NUMEL} elements){hint}"]
+            last_grad = max(i for i, e in enumerate(log) if e[0] == "grad")
+            first_launch = log.index(launches[0])
+            if first_launch > last_grad:
+                return [f"{where}: no bucket left before backward ended (first launch after "
+                        "the last gradient); launch each bucket from the hook as soon as its "
+                        "last gradient is ready"]
+            if not all(e[0] == "wait" for e in log[done + 1:]) or \
+                    len([e for e in log if e[0] == "wait"]) != len(launches):
+                return [f"{where}: finish() must wait on every launched bucket once (waited "
+                        f"{len([e for e in log if e[0] == 'wait'])} times for "
+                        f"{len(launches)} launches)"]
+    finally:
+        dist.all_reduce = real
+    return []
+
+
 CHECKS: dict[str, Callable] = {"ring_allreduce": check_ring_allreduce,
                                "loss_scaler": check_loss_scaler,
                                "tensor_parallel": check_tensor_parallel, "1f1b": check_1f1b,
-                               "zero1": check_zero1, "ring_attention": check_ring_attention}
+                               "zero1": check_zero1, "ring_attention": check_ring_attention,
+                               "rank_grid": check_rank_grid, "gpipe": check_gpipe,
+                               "expert_dispatch": check_expert_dispatch,
+                               "ddp_buckets": check_ddp_buckets}
 
 LIBRARY_COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor",
                        "all_gather", "reduce", "reduce_scatter", "broadcast")
@@ -462,7 +828,10 @@ def _free_port() -> int:
 
 def run_distributed(name: str, path: str, world: int) -> list[str]:
     import multiprocessing as mp
-    ctx = mp.get_context("spawn")
+    # Ranks forked from one server that imported torch once (per checking process), not each
+    # importing it afresh: a check of two worlds starts five ranks.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "dtlab.exercises.checker"])
     with tempfile.TemporaryDirectory() as outdir:
         port = _free_port()
         procs = [ctx.Process(target=_worker, args=(r, world, port, name, path, outdir))
