@@ -26,6 +26,7 @@ from dtlab.cluster.netns import Cluster, rate_bits
 from dtlab.errors import UsageError
 from dtlab.measure.run_record import atomic_write_text
 from dtlab.plotting import plt_agg
+from dtlab.launch import sessions
 
 RATES = "100mbit,1gbit,10gbit,unshaped"
 TRAIN_RATES = "1gbit,100mbit"
@@ -41,8 +42,8 @@ STRATEGIES = [  # (name, lab, flags): a selection of profile compare's
 def _dtlab(*args, log: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
-        rc = subprocess.call([sys.executable, "-m", "dtlab", *map(str, args)], stdout=f,
-                             stderr=subprocess.STDOUT)
+        rc = sessions.run([sys.executable, "-m", "dtlab", *map(str, args)], stdout=f,
+                          stderr=subprocess.STDOUT).returncode
     if rc != 0:
         raise UsageError(f"`dtlab {' '.join(map(str, args))}` failed (exit {rc}); see {log}")
 

@@ -26,6 +26,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from dtlab.launch import sessions
+
 SAMPLE_PORTS = 4       # ephemeral ports opened on every host for the reachability sample
 MAX_PAIRS = 64         # beyond this many host pairs, each host is tested against its neighbours
 
@@ -359,8 +361,8 @@ def run_collective(doc, active: dict, addr: str, port: int, pool: dict) -> dict:
             hostfile.write_text("".join(f"{h} slots={n}\n" for h, n in pool.items()))
             argv = collective_argv_deepspeed(doc, str(hostfile), addr, port, timeout)
             try:
-                p = subprocess.run(argv, cwd=doc.cwd, capture_output=True, text=True,
-                                   timeout=3 * timeout + 90)
+                p = sessions.run(argv, cwd=doc.cwd, capture_output=True, text=True,
+                                 timeout=3 * timeout + 90)
                 text, rc = p.stdout + p.stderr, p.returncode
             except subprocess.TimeoutExpired as e:
                 text, rc = f"{e.stdout or ''}{e.stderr or ''}", None

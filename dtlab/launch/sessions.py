@@ -80,7 +80,7 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-def run(argv: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
+def run(argv: list[str], timeout: float | None = None, **kw) -> subprocess.CompletedProcess:
     """``subprocess.run`` whose timeout, Ctrl-C or error ends the whole job (every process it
     started, in whatever session), not only the direct child; raises TimeoutExpired after
     (with the output so far). Takes Popen's arguments and ``capture_output``."""
@@ -101,8 +101,8 @@ def run(argv: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
         proc.kill()
         proc.communicate()
         raise
-    finally:
-        job.stop(grace=1.0)  # what the command left running in the background
+    # A command that ended by itself keeps what it started on purpose (``dtlab cluster up``
+    # leaves the nodes' daemons running): only a timeout or an interruption ends the job.
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 

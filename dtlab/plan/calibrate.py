@@ -27,7 +27,6 @@ import platform
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ from dtlab.errors import UsageError
 from dtlab.costmodel.fitting import fit_line_relative
 from dtlab.costmodel.shapes import Shape, share
 from dtlab.costmodel.step_time import ClusterSpec, Compute, Layout, Links, shape_key, step_time
+from dtlab.launch import sessions
 
 PIECES = ("block_fb", "block_f", "embed_fb", "head_fb")
 COMM_SIZES = "4KiB,64KiB,512KiB,2MiB,4MiB"
@@ -327,7 +327,7 @@ def measure_sync(rec: dict, max_ranks: int, reps: int) -> dict:
                        str(w), "--preset", "tiny", "--seq-len", str(SYNC_SEQ), "--batch-size",
                        "12", "--steps", str(30 if reps >= 5 else 12), "--no-baseline",
                        "--out", str(run)]
-                p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+                p = sessions.run(cmd, capture_output=True, text=True, timeout=300)
                 if p.returncode != 0:
                     raise UsageError(f"calibration reference run failed: {' '.join(cmd[2:])}: "
                                      f"{(p.stderr or p.stdout)[-400:]}")

@@ -32,6 +32,7 @@ from dtlab.costmodel.fitting import spearman
 from dtlab.errors import UsageError
 from dtlab.plan.calibrate import calibrate
 from dtlab.plotting import plt_agg
+from dtlab.launch import sessions
 
 # (preset, nproc per node, layout fields) on this machine
 HOST_SET = [
@@ -64,7 +65,7 @@ def _run_layout(preset: str, nproc: int, nnodes: int, lay, steps: int, out: Path
            *(["--nnodes", str(nnodes)] if nnodes > 1 else []), "--preset", preset,
            "--steps", str(steps), "--no-baseline", "--out", str(out), *flags]
     with open(log, "w") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=600)
+        rc = sessions.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=600).returncode
     summary = out / "summary.json"
     if rc != 0 or not summary.is_file():
         raise UsageError(f"validation run failed (exit {rc}): {' '.join(cmd[2:])}; see {log}")

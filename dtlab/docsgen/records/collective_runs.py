@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from dtlab.launch import sessions
 from dtlab.cluster.netns import Cluster
 from dtlab.measure.run_record import atomic_write_text
 from dtlab.report import records
@@ -43,7 +43,7 @@ PAGES = ("communication.md", "ddp.md", "questions.md")
 
 def dtlab(args: list[str], timeout: float = 1800) -> None:
     print("$ dtlab " + " ".join(args), flush=True)
-    p = subprocess.run([sys.executable, "-m", "dtlab", *args], timeout=timeout)
+    p = sessions.run([sys.executable, "-m", "dtlab", *args], timeout=timeout)
     if p.returncode != 0:
         raise SystemExit(f"dtlab {' '.join(args)} failed (exit {p.returncode})")
 

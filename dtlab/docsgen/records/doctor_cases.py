@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from dtlab.launch import sessions
 from dtlab.report import records
 
 NAME, SUBNET, MASTER = "doc", "10.84.0.0/24", "10.84.0.11"
@@ -25,8 +26,8 @@ PORT = "29611"  # below the ephemeral range, so the `ports` case blocks gloo's p
 
 
 def _dtlab(*argv, cwd=None, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dtlab", *map(str, argv)], capture_output=True,
-                          text=True, cwd=cwd, env=dict(os.environ, **(env or {})), timeout=600)
+    return sessions.run([sys.executable, "-m", "dtlab", *map(str, argv)], capture_output=True,
+                        text=True, cwd=cwd, env=dict(os.environ, **(env or {})), timeout=600)
 
 
 def _doctor(work: Path, hosts: list[str], *extra, env=None, slots=1) -> dict:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from dtlab.launch import sessions
 from dtlab.measure.run_record import atomic_write_text
 from dtlab.report import pipeline_schedule, records
 
@@ -55,7 +55,7 @@ def run_one(name: str, lab: str, nproc: int, flags: list[str], work: Path) -> di
     out = work / name
     cmd = [sys.executable, "-m", "dtlab", "run", lab, "--nproc", str(nproc), "--out", str(out),
            *flags]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    p = sessions.run(cmd, capture_output=True, text=True, timeout=900)
     if p.returncode != 0 or not (out / "summary.json").is_file():
         raise SystemExit(f"labruns: {name} failed (exit {p.returncode}):\n{p.stderr[-2000:]}")
     s = json.loads((out / "summary.json").read_text())

@@ -22,13 +22,13 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
+from dtlab.launch import sessions
 from dtlab.measure.run_record import atomic_write_text
 from dtlab.errors import UsageError
 from dtlab.costmodel.activations import activation_formula_for
@@ -46,7 +46,7 @@ def lab_run(lab: str, nproc: int, *args: str, steps: int = 2) -> dict:
     out = tempfile.mkdtemp(prefix=f"dtlab-longseq-{lab}-")
     cmd = [sys.executable, "-m", "dtlab", "run", lab, "--nproc", str(nproc), "--preset", PRESET,
            "--steps", str(steps), "--no-baseline", "--out", out, *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    p = sessions.run(cmd, capture_output=True, text=True, timeout=900)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[2:])} failed:\n{p.stderr[-2000:]}")
     s = json.loads((Path(out) / "summary.json").read_text())

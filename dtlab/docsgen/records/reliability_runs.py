@@ -13,11 +13,11 @@ import argparse
 import json
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from dtlab.launch import sessions
 from dtlab.measure.run_record import atomic_write_text
 from dtlab.report import records
 
@@ -36,8 +36,8 @@ def _run(flags: str, work: Path) -> tuple[int, float]:
     """``dtlab run FLAGS`` in the folder ``work`` (the flags' folders are relative to it): exit
     status and wall seconds."""
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "dtlab", "run", *shlex.split(flags)], cwd=work,
-                       capture_output=True, text=True, timeout=900)
+    p = sessions.run([sys.executable, "-m", "dtlab", "run", *shlex.split(flags)], cwd=work,
+                     capture_output=True, text=True, timeout=900)
     if p.returncode != 0:
         print(p.stdout[-2000:] + p.stderr[-2000:], file=sys.stderr)
     return p.returncode, time.perf_counter() - t0

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from dtlab.launch import sessions
 from dtlab.measure.run_record import atomic_write_text
 from dtlab.report import pipeline_schedule, records
 
@@ -37,7 +37,7 @@ MOE = ("--moe-experts", "4", "--moe-top-k", "2")
 def lab_run(lab: str, nproc: int, *args: str) -> dict:
     out = tempfile.mkdtemp(prefix=f"dtlab-schedexp-{lab}-")
     cmd = [sys.executable, "-m", "dtlab", "run", lab, "--nproc", str(nproc), "--out", out, *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    p = sessions.run(cmd, capture_output=True, text=True, timeout=900)
     if p.returncode != 0:
         raise RuntimeError(f"dtlab run {lab} {' '.join(args)} failed:\n{p.stderr[-2000:]}")
     s = json.loads((Path(out) / "summary.json").read_text())
