@@ -383,6 +383,7 @@ def _offline_doctor(monkeypatch, tmp_path, hostfile_text, *argv, summary_hosts=N
     monkeypatch.setattr(diagnose.Doctor, "check_master", lambda self, first: "127.0.0.1")
     monkeypatch.setattr(connectivity, "subprocess", types.SimpleNamespace(
         run=fake_run, TimeoutExpired=subprocess.TimeoutExpired, Popen=None))
+    monkeypatch.setattr(connectivity, "sessions", types.SimpleNamespace(run=fake_run))
     (tmp_path / "home").mkdir()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.deepspeed_env of this machine
     hf = tmp_path / "hostfile"
