@@ -73,6 +73,29 @@ MUTATIONS = {  # a subtle bug in the reference solution, and what the checker mu
                     "average: 128 element(s) differ, first at index 0: expected 0.00273432, got "
                     "0.00546863\n  the gradients are 2 times too large: all_reduce sums, divide "
                     "by the world size (2) to average"),
+    "interleaved_1f1b": ("return (stages - 1) / (chunks * microbatches + stages - 1)",
+                         "return (stages - 1) / (microbatches + stages - 1)",
+                         "bubble_fraction(P=2, M=2, V=2): expected 0.2 = (P-1)/(V M + P-1), got "
+                         "0.333333; the bubble was not divided by V"),
+    "zero_bubble": ('        actions.append(("B", i))\n        if i >= stage:  # the weight '
+                    'gradient runs `stage` micro-batches behind\n'
+                    '            actions.append(("W", i - stage))',
+                    '        if i >= stage:\n            actions.append(("W", i - stage))\n'
+                    '        actions.append(("B", i))',
+                    "P=1, M=1, stage 0: W0 runs before B0: the weights' gradient x^T dL/dy "
+                    "needs dL/dy"),
+    "checkpoint_reshard": ("    size = -(-numel // new_world)", "    size = numel // new_world",
+                           "numel 1 saved by W=1 (chunks of [1]), resharded to W'=2, rank 0: "
+                           "expected elements [0, 1) (1 of them), got no elements; the chunk "
+                           "size rounds up: ceil(numel / W') = 1"),
+    "sequence_parallel": ("    def backward(ctx, grad):\n        return reduce_scatter_sequence("
+                          "grad)",
+                          "    def backward(ctx, grad):\n        grad = grad.clone()\n"
+                          "        dist.all_reduce(grad)\n        return grad",
+                          "rank 0, world 2, GatherFromSP, x of shape (2, 3, 4): the backward "
+                          "returned a gradient of shape (2, 6, 4) for an input of shape "
+                          "(2, 3, 4); dist.all_reduce sums the gradient but leaves every rank "
+                          "all the tokens"),
 }
 
 
@@ -163,6 +186,77 @@ NAMED_MISTAKES = {  # exercise, a learner's file with a classic mistake, what th
         "ddp_buckets", ("        if not self.syncing:\n            return\n", ""),
         "rank 0, world 2, 3 micro-batches, the first 2 under no_sync(): 4 all-reduce(s) during "
         "backward 0 under no_sync()"),
+    "interleaved: the chunk does not wrap around": (
+        "interleaved_1f1b", ("return group * stages + within % stages, within // stages",
+                             "return group * stages + within % stages, min(k // stages, "
+                             "chunks - 1)"),
+        "P=2, V=2, M=4, stage 0: action 4 should be ('F', 2, 0), got ('F', 2, 1): the wrong "
+        "chunk after a wrap-around: this is forward 4 of the stage (from 0), past the P V = 4"),
+    "interleaved: a chunk past the last": (
+        "interleaved_1f1b", ("return group * stages + within % stages, within // stages",
+                             "return group * stages + within % stages, k // stages"),
+        "P=2, V=2, M=4, stage 0: action 4 is ('F', 2, 2), but a stage holds chunks 0..1: the "
+        "wrong chunk after a wrap-around"),
+    "interleaved: backwards on the forwards' chunks": (
+        "interleaved_1f1b", ("backwards = [(i, chunks - 1 - c) for i, c in forwards]",
+                             "backwards = list(forwards)"),
+        "P=2, V=2, M=2, stage 0: action 4 should be ('B', 0, 1), got ('B', 0, 0): the "
+        "backwards walk the chunks the other way"),
+    "interleaved: M not a multiple of P accepted": (
+        "interleaved_1f1b", ('    if microbatches % stages:\n        raise ValueError(f"'
+                             '{microbatches} micro-batches do not make groups of {stages} '
+                             'stages")\n', ""),
+        "P=2, V=2, M=3: interleaved_1f1b returned a schedule; the lab runs micro-batches in "
+        "groups of P"),
+    "zbh1: W right after its B on every stage": (
+        "zero_bubble", "def zbh1(p, m, s):\n"
+        "    w = min(p - 1 - s, m)\n"
+        "    acts = [('F', i) for i in range(w)]\n"
+        "    for i in range(w, m):\n"
+        "        acts += [('F', i), ('B', i - w), ('W', i - w)]\n"
+        "    for i in range(m - w, m):\n"
+        "        acts += [('B', i), ('W', i)]\n"
+        "    return acts\n\n\n"
+        "def bubble_fraction(p, m):\n    return (p - 1) / (3 * m + p - 1)\n",
+        "P=2, M=2, stage 1: action 2 should be ('F', 1), got ('W', 0): W on the critical path"),
+    "zbh1: B and W fused": (
+        "zero_bubble", "def zbh1(p, m, s):\n"
+        "    w = min(p - 1 - s, m)\n"
+        "    acts = [('F', i) for i in range(w)]\n"
+        "    for i in range(w, m):\n"
+        "        acts += [('F', i), ('B', i - w)]\n"
+        "    return acts + [('B', i) for i in range(m - w, m)]\n\n\n"
+        "def bubble_fraction(p, m):\n    return (p - 1) / (3 * m + p - 1)\n",
+        "P=1, M=1, stage 0: no W in the list: B and W fused"),
+    "zbh1: 1F1B's bubble": (
+        "zero_bubble", ("return (stages - 1) / (3 * microbatches + stages - 1)",
+                        "return (stages - 1) / (microbatches + stages - 1)"),
+        "bubble_fraction(P=2, M=2): expected 0.142857 = (P-1)/(3M+P-1), got 0.333333; that is "
+        "1F1B's bubble"),
+    "reshard: chunk size from the old world": (
+        "checkpoint_reshard", ("    size = -(-numel // new_world)",
+                               "    size = -(-numel // len(chunks))"),
+        "numel 2 saved by W=1 (chunks of [2]), resharded to W'=2, rank 0: expected elements "
+        "[0, 1) (1 of them), got elements [0, 2); the chunk size came from the old world, "
+        "ceil(numel / W) = 2"),
+    "reshard: off by one at the boundary": (
+        "checkpoint_reshard", ("    hi = min((rank + 1) * size, numel)",
+                               "    hi = min((rank + 1) * size - 1, numel)"),
+        "numel 1 saved by W=1 (chunks of [1]), resharded to W'=1, rank 0: expected elements "
+        "[0, 1) (1 of them), got no elements; off by one at a boundary: rank 0's chunk is "
+        "[0, 1)"),
+    "reshard: the padding left in the last chunk": (
+        "checkpoint_reshard", ("    return torch.cat(pieces) if pieces else chunks[0].new_empty(0)",
+                               "    out = torch.cat(pieces) if pieces else chunks[0].new_empty(0)\n"
+                               "    return torch.cat([out, out.new_zeros(size - len(out))])"),
+        "numel 1 saved by W=1 (chunks of [1]), resharded to W'=2, rank 1: expected elements "
+        "[1, 1) (0 of them), got no elements then 1 padding zero(s); the padding was left in"),
+    "sequence parallel: gathered along the batch": (
+        "sequence_parallel", ("    return torch.cat(parts, dim=1)",
+                              "    return torch.cat(parts, dim=0)"),
+        "rank 0, world 2, GatherFromSP, x of shape (2, 3, 4): the output has shape (4, 3, 4), "
+        "expected (2, 6, 4): gathered along dimension 0 (the batch) instead of 1 (the "
+        "sequence)"),
 }
 
 

@@ -8,9 +8,25 @@ from __future__ import annotations
 
 
 def cmd_exercise(args, rest) -> int:
-    from dtlab.exercises import checker
+    from dtlab.exercises import checker, progress
+    if args.name == "list":
+        return list_exercises(checker, progress)
     path = checker.write_skeleton(args.name, args.dest, args.force)
+    progress.note_written(args.name, path)
     print(f"wrote {path}: fill in the TODOs, then run\n  dtlab check {args.name} --impl {path}")
+    return 0
+
+
+def list_exercises(checker, progress) -> int:
+    """``dtlab exercise list``: the course in order, and where the learner's files stand."""
+    rows = progress.rows(list(checker.EXERCISES))
+    print(f"{'#':>2}  {'exercise':<16} {'lab':<16} {'page':<26} {'min':>3}  your file")
+    for r in rows:
+        where = f"{r['file']}: {r['status']}" if r["file"] else r["status"]
+        print(f"{r['n']:>2}  {r['exercise']:<16} {r['lab']:<16} {r['page']:<26} "
+              f"{r['minutes'] or '-':>3}  {where}")
+    print(f"(what dtlab exercise and dtlab check noted, in {progress.state_file()}; "
+          "docs/exercises.md is the course)")
     return 0
 
 
@@ -21,13 +37,17 @@ def cmd_check(args, rest) -> int:
     passed, lines = checker.check(args.name, impl)
     print("\n".join(lines))
     print("PASS" if passed else "FAIL: see above for what differed")
+    from dtlab.exercises import progress
+    progress.note_checked(args.name, impl, passed)
     return 0 if passed else 1
 
 
 def add_commands(sub) -> None:
-    ex = sub.add_parser("exercise", help="write an exercise skeleton (TODOs and hints) to fill in")
+    ex = sub.add_parser("exercise", help="write an exercise skeleton (TODOs and hints) to fill "
+                        "in; `dtlab exercise list` shows the course and where your files stand")
     ex.add_argument("name", help="ring_allreduce, loss_scaler, tensor_parallel, 1f1b, zero1, "
-                    "ring_attention, rank_grid, gpipe, expert_dispatch or ddp_buckets")
+                    "ring_attention, rank_grid, gpipe, expert_dispatch, ddp_buckets, "
+                    "interleaved_1f1b, zero_bubble, checkpoint_reshard or sequence_parallel")
     ex.add_argument("--dest", default=".", help="folder to write it into (default: here)")
     ex.add_argument("--force", action="store_true", help="overwrite an existing file")
     ex.set_defaults(func=cmd_exercise)

@@ -54,6 +54,15 @@ EXERCISES = {e.name: e for e in [
              "tokens to their expert's rank and back with uneven all-to-alls", worlds=(2, 3)),
     Exercise("ddp_buckets", "ddp_buckets.py",
              "DDP's gradient buckets, all-reduced while backward runs", worlds=(2,)),
+    Exercise("interleaved_1f1b", "interleaved_1f1b.py",
+             "the interleaved 1F1B schedule (V model chunks a stage) and its bubble"),
+    Exercise("zero_bubble", "zero_bubble.py",
+             "the ZB-H1 schedule, backward split into B and W, and its bubble"),
+    Exercise("checkpoint_reshard", "checkpoint_reshard.py",
+             "a checkpoint saved as W even chunks, read back for W' ranks"),
+    Exercise("sequence_parallel", "sequence_parallel.py",
+             "sequence parallelism's all-gather / reduce-scatter autograd pair",
+             worlds=(2,)),
 ]}
 
 
@@ -773,13 +782,435 @@ def check_ddp_buckets(mod, rank: int, world: int, note=_quiet) -> list[str]:
     return []
 
 
+def _first_difference(got: list, want: list) -> int:
+    """Index of the first action where two lists differ (one may be longer)."""
+    n = max(len(got), len(want))
+    return next(i for i in range(n) if (got[i] if i < len(got) else None) !=
+                (want[i] if i < len(want) else None))
+
+
+def _action_diff(where: str, got: list, want: list, hint: str = "") -> str:
+    i = _first_difference(got, want)
+    line = f"{where}: action {i} should be {want[i] if i < len(want) else 'nothing'}, got " \
+           f"{got[i] if i < len(got) else 'nothing'}"
+    if hint:
+        return f"{line}: {hint}"
+    return line + (f"; expected {want}" if len(want) <= 24 else "")
+
+
+def reference_interleaved(p: int, m: int, s: int, v: int) -> list[tuple[str, int, int]]:
+    from labs.pipeline import interleaved_schedule
+    return interleaved_schedule(p, m, s, v)
+
+
+INTERLEAVED_RULE = ("the k-th forward of a stage is micro-batch (k // (P V)) P + k % P on chunk "
+                    "(k // P) % V, the k-th backward the same micro-batch on chunk "
+                    "V - 1 - (k // P) % V")
+
+
+def _interleaved_chunk_hint(p: int, v: int, want: list, i: int, got_chunk: int) -> str:
+    """Why action i ran the right micro-batch on the wrong chunk."""
+    op = want[i][0]
+    k = sum(1 for a in want[:i] if a[0] == op)  # action i is the stage's k-th F (or B)
+    c = (k // p) % v
+    if op == "B" and got_chunk == c != v - 1 - c:
+        return ("the backwards walk the chunks the other way (the last chunk's gradient comes "
+                f"first): {INTERLEAVED_RULE}")
+    what = "forward" if op == "F" else "backward"
+    if k >= p * v:
+        return (f"the wrong chunk after a wrap-around: this is {what} {k} of the stage (from 0), "
+                f"past the P V = {p * v} of the first group of P micro-batches, so the chunks "
+                f"have come round again; {INTERLEAVED_RULE}")
+    return f"the wrong chunk for {what} {k} of the stage (from 0): {INTERLEAVED_RULE}"
+
+
+def check_interleaved_1f1b(mod, rank: int, world: int, note=_quiet) -> list[str]:
+    from dtlab.costmodel.shapes import bubble
+    for p in (2, 3, 4):
+        for v in (2, 3):
+            for m in (p, 2 * p, 3 * p):
+                for s in range(p):
+                    where = f"P={p}, V={v}, M={m}, stage {s}"
+                    got = [tuple(a) for a in mod.interleaved_1f1b(p, m, s, v)]
+                    want = reference_interleaved(p, m, s, v)
+                    if got == want:
+                        continue
+                    short = [i for i, a in enumerate(got) if len(a) != 3]
+                    if short:
+                        return [f"{where}: action {short[0]} is {got[short[0]]}; each action is "
+                                "(op, micro-batch, chunk)"]
+                    outside = [i for i, a in enumerate(got) if a[2] not in range(v)]
+                    if outside:
+                        i = outside[0]
+                        return [f"{where}: action {i} is {got[i]}, but a stage holds chunks "
+                                f"0..{v - 1}: the wrong chunk after a wrap-around (after P V = "
+                                f"{p * v} forwards the next P micro-batches start again on "
+                                "chunk 0: the k-th forward runs chunk (k // P) % V)"]
+                    i = _first_difference(got, want)
+                    if i < min(len(got), len(want)) and got[i][:2] == want[i][:2]:
+                        return [_action_diff(where, got, want, _interleaved_chunk_hint(
+                            p, v, want, i, got[i][2]))]
+                    pairs = sorted((j, c) for j in range(m) for c in range(v))
+                    if sorted(a[1:] for a in got if a[0] == "F") != pairs or \
+                            sorted(a[1:] for a in got if a[0] == "B") != pairs:
+                        return [f"{where}: every micro-batch needs exactly one F and one B on "
+                                f"each of the {v} chunks; got {got}"]
+                    return [_action_diff(where, got, want)]
+    for p, m, v in ((2, 3, 2), (4, 6, 2), (3, 4, 3)):
+        try:
+            got = mod.interleaved_1f1b(p, m, 0, v)
+        except ValueError:
+            continue
+        return [f"P={p}, V={v}, M={m}: interleaved_1f1b returned a schedule; the lab runs "
+                "micro-batches in groups of P (each group through chunk 0, then chunk 1, ...), "
+                f"so it refuses an M that is not a multiple of P (labs/pipeline.py: "
+                f"--microbatches {m} must be a multiple of {p}): raise ValueError"]
+    for p in range(2, 9):
+        for v in (2, 3, 4):
+            for m in range(p, 4 * p + 1, p):
+                want = bubble(p, m, "interleaved", v)
+                got = float(mod.bubble_fraction(p, m, v))
+                if abs(got - want) <= 1e-12:
+                    continue
+                hint = ""
+                if abs(got - (p - 1) / (m + p - 1)) < 1e-12:
+                    hint = ("; the bubble was not divided by V: that is 1F1B's (P-1)/(M+P-1); "
+                            "with V chunks a stage's ramps are made of chunk slots, 1/V of a "
+                            "stage's work, so the P - 1 idle slots weigh (P-1)/V against M busy")
+                elif abs(got - (p - 1) / (v * m)) < 1e-12:
+                    hint = ("; (P-1)/(V M) divides by the busy time only (Megatron's paper "
+                            "states it so); this lab's bubble is over the whole step, idle and "
+                            "busy, as for GPipe and 1F1B (dtlab/costmodel/shapes.py)")
+                return [f"bubble_fraction(P={p}, M={m}, V={v}): expected {want:.6g} = "
+                        f"(P-1)/(V M + P-1), got {got:.6g}{hint}"]
+    return []
+
+
+def reference_zbh1(p: int, m: int, s: int) -> list[tuple[str, int]]:
+    from labs.pipeline import zbh1_schedule
+    return zbh1_schedule(p, m, s)
+
+
+B_W_FUSED = ("no W in the list: B and W fused (one whole backward, as 1F1B runs it); ZB-H1 "
+             "splits each backward into B, the input's gradient that the stage before waits "
+             "for, and W, the weights' gradient that nobody waits for, so that W can be put off")
+W_ON_CRITICAL_PATH = ("W on the critical path: the stage before waits for this stage's B's (and "
+                      "the next for its F's) while it runs a W; ZB-H1 defers stage s's W's by s "
+                      "micro-batches (W of micro-batch i - s right after B of i, the last s W's "
+                      "at the end), so they fill the cool-down where 1F1B idles")
+
+
+def check_zero_bubble(mod, rank: int, world: int, note=_quiet) -> list[str]:
+    from dtlab.costmodel.shapes import bubble
+    for p in range(1, 7):
+        for m in range(1, 9):
+            for s in range(p):
+                where = f"P={p}, M={m}, stage {s}"
+                got = [tuple(a) for a in mod.zbh1(p, m, s)]
+                want = reference_zbh1(p, m, s)
+                if got == want:
+                    continue
+                if not any(a[0] == "W" for a in got):
+                    return [f"{where}: {B_W_FUSED}; got {got}"]
+                for op in "FBW":
+                    if sorted(a[1] for a in got if a[0] == op) != list(range(m)) or \
+                            any(len(a) != 2 for a in got):
+                        return [f"{where}: every micro-batch needs exactly one F, one B and one "
+                                f"W, each an (op, micro-batch) pair; got {got}"]
+                at = {a: n for n, a in enumerate(got)}
+                for i in range(m):
+                    if at[("W", i)] < at[("B", i)]:
+                        return [f"{where}: W{i} runs before B{i}: the weights' gradient "
+                                f"x^T dL/dy needs dL/dy, which this stage has only once B{i} "
+                                f"ran (it arrives from the next stage); W{i} goes after B{i}; "
+                                f"got {got}"]
+                    if at[("B", i)] < at[("F", i)]:
+                        return [f"{where}: B{i} runs before F{i}; got {got}"]
+                i = _first_difference(got, want)
+                if i < min(len(got), len(want)) and got[i][0] == "W" and want[i][0] != "W":
+                    return [_action_diff(where, got, want, W_ON_CRITICAL_PATH)]
+                return [_action_diff(where, got, want)]
+    for p in range(1, 9):
+        for m in range(p, 17):
+            want = bubble(p, m, "zbh1")
+            got = float(mod.bubble_fraction(p, m))
+            if abs(got - want) <= 1e-12:
+                continue
+            hint = ""
+            if abs(got - (p - 1) / (m + p - 1)) < 1e-12:
+                hint = ("; that is 1F1B's bubble (P-1)/(M+P-1): with F, B and W one slot each a "
+                        "stage's step is 3M busy slots and P - 1 idle")
+            elif abs(got - (p - 1) / (3 * m)) < 1e-12:
+                hint = "; (P-1)/(3M) divides by the busy slots only: divide by all 3M + P - 1"
+            return [f"bubble_fraction(P={p}, M={m}): expected {want:.6g} = (P-1)/(3M+P-1), got "
+                    f"{got:.6g}{hint}"]
+    return []
+
+
+RESHARD_NUMELS = (1, 2, 3, 4, 5, 7, 10, 13, 64, 101)
+RESHARD_WORLDS = range(1, 7)
+
+
+def reference_chunk(numel: int, world: int, rank: int) -> tuple[int, int]:
+    """[lo, hi) of rank's chunk in dtlab's checkpoint layout."""
+    from dtlab.reliability.checkpoint import _chunk
+    return _chunk(numel, world, rank)
+
+
+def _elements(t) -> str:
+    """What a tensor of the checker's values holds (element i holds i + 1, padding 0)."""
+    vals = [int(x) for x in t.reshape(-1).tolist()]
+    pad = 0
+    while vals and vals[-1] == 0:
+        vals.pop()
+        pad += 1
+    if not vals:
+        text = "no elements"
+    elif vals[0] > 0 and vals == list(range(vals[0], vals[0] + len(vals))):
+        text = f"elements [{vals[0] - 1}, {vals[-1]})"
+    else:
+        text = f"elements {[x - 1 for x in vals[:8]]}{' ...' if len(vals) > 8 else ''}"
+    return text + (f" then {pad} padding zero(s)" if pad else "")
+
+
+def _reshard_hint(flat, n: int, w: int, w2: int, r: int, got) -> str:
+    """Which classic mistake gives ``got`` for rank r of w2 (a tensor saved by w ranks)."""
+    import torch
+    size, floor, old = -(-n // w2), n // w2, -(-n // w)
+    lo, hi = reference_chunk(n, w2, r)
+
+    def same(t):
+        return tuple(got.shape) == tuple(t.shape) and torch.equal(got, t)
+    if hi - lo < size and same(torch.cat([flat[lo:hi], flat.new_zeros(size - (hi - lo))])):
+        return (f"the padding was left in: a chunk is ceil(numel / W') = {size} elements long "
+                f"but the last one(s) hold only what is left ({hi - lo} here); the zeros that "
+                "would fill it up are not part of the tensor")
+    for a, b in ((min(r * floor, n), min((r + 1) * floor, n)),
+                 (r * floor, n if r == w2 - 1 else (r + 1) * floor)):
+        if same(flat[a:b]):
+            return (f"the chunk size rounds up: ceil(numel / W') = {size}, the last chunk the "
+                    "short one (the padding fills it up when the ranks all-gather); "
+                    f"numel // W' = {floor} rounds down and moves every boundary")
+    if w != w2 and same(flat[min(r * old, n):min((r + 1) * old, n)]):
+        return (f"the chunk size came from the old world, ceil(numel / W) = {old}; the new "
+                f"chunks are ceil(numel / W') = {size} long (W' = {w2} ranks)")
+    for a, b in ((lo, hi + 1), (lo, hi - 1), (lo + 1, hi + 1), (lo - 1, hi - 1), (lo + 1, hi),
+                 (lo - 1, hi)):
+        a, b = max(a, 0), min(b, n)
+        if a <= b and (a, b) != (lo, hi) and same(flat[a:b]):
+            return (f"off by one at a boundary: rank {r}'s chunk is [{lo}, {hi}) = "
+                    f"[{r} * {size}, {r + 1} * {size}) clipped to numel, lo included and hi "
+                    "excluded (hi is the next rank's first element)")
+    return ""
+
+
+def check_checkpoint_reshard(mod, rank: int, world: int, note=_quiet) -> list[str]:
+    import torch
+    for n in RESHARD_NUMELS:
+        flat = torch.arange(1, n + 1, dtype=torch.float32)
+        for w in RESHARD_WORLDS:
+            chunks = [flat[slice(*reference_chunk(n, w, r))].clone() for r in range(w)]
+            saved = f"numel {n} saved by W={w} (chunks of {[len(c) for c in chunks]})"
+            got = mod.merge([c.clone() for c in chunks], n)
+            if not isinstance(got, torch.Tensor):
+                return [f"{saved}: merge returned a {type(got).__name__}; return a 1-D tensor"]
+            if not (tuple(got.shape) == (n,) and torch.equal(got, flat)):
+                hint = ""
+                if got.numel() > n and torch.equal(got.reshape(-1)[:n], flat):
+                    hint = f"; the padding was not cut off: keep the first numel = {n}"
+                return [f"{saved}: merge returned {_elements(got)} (shape {tuple(got.shape)}), "
+                        f"expected elements [0, {n}){hint}"]
+            for w2 in RESHARD_WORLDS:
+                for r in range(w2):
+                    lo, hi = reference_chunk(n, w2, r)
+                    want = flat[lo:hi]
+                    got = mod.reshard([c.clone() for c in chunks], n, w2, r)
+                    where = f"{saved}, resharded to W'={w2}, rank {r}"
+                    if not isinstance(got, torch.Tensor):
+                        return [f"{where}: reshard returned a {type(got).__name__}; return a "
+                                "1-D tensor"]
+                    if got.dtype != want.dtype:
+                        return [f"{where}: reshard returned {got.dtype}; keep the chunks' dtype "
+                                f"({want.dtype})"]
+                    if tuple(got.shape) == tuple(want.shape) and torch.equal(got, want):
+                        continue
+                    hint = _reshard_hint(flat, n, w, w2, r, got)
+                    return [f"{where}: expected elements [{lo}, {hi}) ({hi - lo} of them), got "
+                            f"{_elements(got)}" + (f"; {hint}" if hint else "")]
+    return []
+
+
+SP_TOL = 1e-12    # float64; the sum of two ranks' values is the same whichever adds first
+SP_CASES = ((2, 3, 4), (3, 1, 5))   # (batch, tokens a rank holds, hidden)
+SP_DIMS = ("batch", "sequence", "hidden")
+SP_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+                  "reduce_scatter_tensor", "broadcast", "all_to_all_single")
+SP_ALL_REDUCE = ("dist.all_reduce sums the gradient but leaves every rank all the tokens; the "
+                 "backward of an all-gather is a reduce-scatter along the sequence: the sum over "
+                 "the ranks, of this rank's tokens only")
+SP_ALL_REDUCE_AFTER_SCATTER = ("dist.all_reduce leaves this rank its own tokens only; the "
+                               "backward of a reduce-scatter is an all-gather along the "
+                               "sequence")
+
+
+@contextlib.contextmanager
+def _recorded(calls: list, phase: str):
+    """The library's collectives, each call noted as (phase, name) while the learner runs."""
+    import torch.distributed as dist
+    real = {op: getattr(dist, op) for op in SP_COLLECTIVES}
+
+    def noting(op):
+        def call(*a, **k):
+            calls.append((phase, op))
+            return real[op](*a, **k)
+        return call
+    for op in SP_COLLECTIVES:
+        setattr(dist, op, noting(op))
+    try:
+        yield
+    finally:
+        for op, fn in real.items():
+            setattr(dist, op, fn)
+
+
+def _sp_diff(got, want, what: str) -> str:
+    err = (got - want).abs()
+    i = tuple((err == err.max()).nonzero()[0].tolist())
+    return f"{what} differs from the lab's (labs/tensor_parallel.py) by up to " \
+           f"{err.max().item():.3g} (tolerance {SP_TOL:g}), at index {i} (batch, sequence, " \
+           f"hidden): expected {want[i].item():.6g}, got {got[i].item():.6g}"
+
+
+def _close(a, b) -> bool:
+    return tuple(a.shape) == tuple(b.shape) and \
+        (a.numel() == 0 or bool((a - b).abs().max() <= SP_TOL))
+
+
+def _sp_output_hint(y, xs, rank: int, world: int, gather: bool) -> str:
+    import torch
+    if gather:
+        variants = [(torch.cat(xs, 0).reshape(y.shape), "the pieces were joined along dimension "
+                     "0 (the batch) and reshaped: gather along dimension 1, the sequence"),
+                    (torch.cat(xs, 2).reshape(y.shape), "the pieces were joined along dimension "
+                     "2 (the hidden) and reshaped: gather along dimension 1, the sequence")]
+    else:
+        total = sum(xs)
+        variants = [(total.reshape(-1).chunk(world)[rank].reshape(y.shape),
+                     "the sum was cut along dimension 0 (the batch) and reshaped: scatter along "
+                     "dimension 1, the sequence"),
+                    (xs[rank].chunk(world, dim=1)[rank], "this rank's own tokens, not summed "
+                     "over the ranks: the forward is a reduce-scatter of every rank's partial "
+                     "sums")]
+    return next((text for t, text in variants if t.shape == y.shape and _close(y, t)), "")
+
+
+def _sp_grad_hint(got, want, dys, calls: list, rank: int, world: int, gather: bool) -> str:
+    said = []
+    if _close(got, want * world):
+        said.append(f"the gradient is {world} (W) times too large")
+    elif _close(got, want / world):
+        said.append(f"the gradient is {world} (W) times too small: sum over the ranks, do not "
+                    "average")
+    elif gather and _close(got, dys[rank].chunk(world, dim=1)[rank]):
+        said.append("only this rank's own gradient: every rank's next layer used all the "
+                    "tokens, so the gradient of this rank's tokens is the sum of every rank's "
+                    "(a reduce-scatter)")
+    if gather and ("backward", "all_reduce") in calls:
+        said.append(SP_ALL_REDUCE)
+    return "; ".join(said)
+
+
+def _sp_case(mod, lab, counter, rank: int, world: int, k_case: int, shape: tuple, name: str,
+             gather: bool, note) -> list[str]:
+    """One function on one case: its output and its input's gradient against the lab's."""
+    import re
+
+    import torch
+    b, t, h = shape
+    big = (b, t * world, h)
+    shape_in, shape_out = ((b, t, h), big) if gather else (big, (b, t, h))
+    xs, dys = [], []
+    for r in range(world):  # every rank's input and output gradient, all known here
+        g = torch.Generator().manual_seed(1000 * k_case + 10 * r + int(gather))
+        xs.append(torch.randn(shape_in, generator=g, dtype=torch.float64))
+        dys.append(torch.randn(shape_out, generator=g, dtype=torch.float64))
+    where = f"rank {rank}, world {world}, {name}, x of shape {shape_in}"
+    note(where)
+    ref_x = xs[rank].clone().requires_grad_(True)
+    ref_y = getattr(lab, name).apply(ref_x, None, counter)
+    ref_y.backward(dys[rank])
+    x = xs[rank].clone().requires_grad_(True)
+    calls: list = []
+    with _recorded(calls, "forward"):
+        y = getattr(mod, name).apply(x)
+    if not isinstance(y, torch.Tensor):
+        return [f"{where}: {name}.apply returned a {type(y).__name__}; return a tensor"]
+    if tuple(y.shape) != shape_out:
+        hint = ""
+        for d in (0, 2):
+            wrong = list(shape_in)
+            wrong[d] = wrong[d] * world if gather else wrong[d] // world
+            if tuple(y.shape) == tuple(wrong) and (gather or shape_in[d] % world == 0):
+                hint = (f": {'gathered' if gather else 'scattered'} along dimension {d} (the "
+                        f"{SP_DIMS[d]}) instead of 1 (the sequence); all_gather_into_tensor and "
+                        "reduce_scatter_tensor work along dimension 0, so put the sequence "
+                        "there first (x.transpose(0, 1).contiguous()), or torch.cat / chunk "
+                        "with dim=1")
+        return [f"{where}: the output has shape {tuple(y.shape)}, expected {shape_out}{hint}"]
+    if not _close(y.detach(), ref_y.detach()):
+        hint = _sp_output_hint(y.detach(), xs, rank, world, gather)
+        return [f"{where}: {_sp_diff(y.detach(), ref_y.detach(), 'the output')}"
+                + (f"; {hint}" if hint else "")]
+    with _recorded(calls, "backward"):
+        try:
+            y.backward(dys[rank])
+        except RuntimeError as e:
+            found = re.search(r"got \[([\d, ]*)\] but expected shape compatible with", str(e))
+            if not found:
+                raise
+            returned = tuple(int(n) for n in found.group(1).split(",") if n.strip())
+            hint = ""
+            if ("backward", "all_reduce") in calls:
+                hint = SP_ALL_REDUCE if gather else SP_ALL_REDUCE_AFTER_SCATTER
+            return [f"{where}: the backward returned a gradient of shape {returned} for an "
+                    f"input of shape {shape_in}" + (f"; {hint}" if hint else "")]
+    if x.grad is None:
+        return [f"{where}: x.grad is None after backward: the output is not connected to x "
+                "(return the result of the collective from forward, do not detach it)"]
+    if not _close(x.grad, ref_x.grad):
+        hint = _sp_grad_hint(x.grad, ref_x.grad, dys, calls, rank, world, gather)
+        return [f"{where}: {_sp_diff(x.grad, ref_x.grad, 'the gradient of x')}"
+                + (f"; {hint}" if hint else "")]
+    return []
+
+
+def check_sequence_parallel(mod, rank: int, world: int, note=_quiet) -> list[str]:
+    import torch.distributed as dist
+    from dtlab.measure.comm_counter import CommCounter
+    from labs import tensor_parallel as lab
+    counter = CommCounter(world)
+    for k_case, shape in enumerate(SP_CASES):
+        for name, gather in (("GatherFromSP", True), ("ReduceScatterToSP", False)):
+            failures = _sp_case(mod, lab, counter, rank, world, k_case, shape, name, gather,
+                                note)
+            verdicts = [None] * world  # the ranks agree to stop together: none waits alone
+            dist.all_gather_object(verdicts, bool(failures))
+            if any(verdicts):
+                return failures
+    return []
+
+
 CHECKS: dict[str, Callable] = {"ring_allreduce": check_ring_allreduce,
                                "loss_scaler": check_loss_scaler,
                                "tensor_parallel": check_tensor_parallel, "1f1b": check_1f1b,
                                "zero1": check_zero1, "ring_attention": check_ring_attention,
                                "rank_grid": check_rank_grid, "gpipe": check_gpipe,
                                "expert_dispatch": check_expert_dispatch,
-                               "ddp_buckets": check_ddp_buckets}
+                               "ddp_buckets": check_ddp_buckets,
+                               "interleaved_1f1b": check_interleaved_1f1b,
+                               "zero_bubble": check_zero_bubble,
+                               "checkpoint_reshard": check_checkpoint_reshard,
+                               "sequence_parallel": check_sequence_parallel}
 
 LIBRARY_COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor",
                        "all_gather", "reduce", "reduce_scatter", "broadcast")
