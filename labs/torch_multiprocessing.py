@@ -106,8 +106,10 @@ class SharedMemoryDP(Strategy):
 
 
 def sharing_report() -> dict:
-    """What this process holds for shared memory right now."""
-    shm = [f for f in os.listdir("/dev/shm") if f.startswith("torch_")] \
+    """What this process holds for shared memory right now (torch names its /dev/shm files
+    torch_<pid>_...: this worker's and the launching process's, not another job's)."""
+    ours = (f"torch_{os.getpid()}_", f"torch_{os.getppid()}_")
+    shm = [f for f in os.listdir("/dev/shm") if f.startswith(ours)] \
         if os.path.isdir("/dev/shm") else []
     fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
     return {"strategy": mp.get_sharing_strategy(),

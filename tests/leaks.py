@@ -55,7 +55,8 @@ def links(ip_o_link: str) -> list[str]:
 
 def shm_entries(folder: Path = SHM) -> list[str]:
     try:
-        return sorted(p.name for p in folder.iterdir() if p.name.startswith("dtlab"))
+        # ours, and torch's (torch.multiprocessing's file_system sharing: torch_<pid>_...)
+        return sorted(p.name for p in folder.iterdir() if p.name.startswith(("dtlab", "torch_")))
     except OSError:
         return []
 

@@ -15,10 +15,10 @@ def test_it_reads_namespaces_tables_and_links_from_the_tools_output():
         ["dtbr-tst", "dtv1-tst"]
 
 
-def test_dev_shm_entries_of_dtlab_only(tmp_path):
-    for name in ("dtlab-ring-0", "dtlab_seg", "sem.other", "torch_123"):
+def test_dev_shm_entries_of_dtlab_and_torch_only(tmp_path):
+    for name in ("dtlab-ring-0", "dtlab_seg", "sem.other", "torch_123_4_0"):
         (tmp_path / name).write_text("")
-    assert leaks.shm_entries(tmp_path) == ["dtlab-ring-0", "dtlab_seg"]
+    assert leaks.shm_entries(tmp_path) == ["dtlab-ring-0", "dtlab_seg", "torch_123_4_0"]
     assert leaks.shm_entries(tmp_path / "missing") == []
 
 

@@ -165,9 +165,9 @@ def torchrun(module: str, module_args: list[str], where: Placement, log: Path | 
     or one agent inside each cluster node meeting at a c10d rendezvous on the first node.
     Returns the exit status (the first failing node's; 124 past ``run_timeout`` seconds).
 
-    Whatever ends the wait (the job, its deadline, Ctrl-C, SIGTERM, an error here) ends every
-    process the job started: the agents and their ranks, each in a session of its own, are
-    found by the job's token (``sessions.Job``) and stopped.
+    A wait that does not end with the job (its deadline, Ctrl-C, SIGTERM, an error here) ends
+    every process the job started: the agents and their ranks, each in a session of its own,
+    are found by the job's variable (``sessions.Job``) and stopped.
 
     ``in_process`` (one node, no deadline: ``dtlab run``, the tour) runs the agent in this
     process instead of a new Python, which would import torch again (about 2 s of every run
@@ -196,10 +196,13 @@ def torchrun(module: str, module_args: list[str], where: Placement, log: Path | 
     out = open(log, "w") if log is not None else None
     deadline = None if run_timeout is None else time.monotonic() + run_timeout
     procs: list[subprocess.Popen] = []
+    ended = False
     try:
         with sessions.terminate_raises():
             if not nodes and in_process and deadline is None:
-                return _agent_here([*base[3:], "--standalone", *tail], env, out)
+                rc = _agent_here([*base[3:], "--standalone", *tail], env, out)
+                ended = True
+                return rc
             if not nodes:  # in this terminal's process group: Ctrl-C reaches the agent too
                 procs.append(subprocess.Popen([*base, "--standalone", *tail], env=env,
                                               stdout=out, stderr=subprocess.STDOUT if out else None))
@@ -218,9 +221,15 @@ def torchrun(module: str, module_args: list[str], where: Placement, log: Path | 
             print(f"dtlab: the run did not end within --run-timeout {run_timeout:g} s; stopped it",
                   file=sys.stderr, flush=True)
             return 124
+        ended = True
         return next((rc for rc in codes if rc), 0)
     finally:
-        job.stop()  # nothing of the job outlives this call, however it ended
+        # Past the deadline, interrupted or failed here: nothing of the job outlives this call.
+        # A job that ended by itself is left to finish its own clean-up (torch's shared-memory
+        # manager outlives the ranks for a moment and removes their /dev/shm files; killed, it
+        # would leave them).
+        if not ended:
+            job.stop()
         for p in procs:
             if p.poll() is None:
                 p.kill()
