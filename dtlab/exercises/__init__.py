@@ -45,9 +45,8 @@ def cmd_check(args, rest) -> int:
 def add_commands(sub) -> None:
     ex = sub.add_parser("exercise", help="write an exercise skeleton (TODOs and hints) to fill "
                         "in; `dtlab exercise list` shows the course and where your files stand")
-    ex.add_argument("name", help="ring_allreduce, loss_scaler, tensor_parallel, 1f1b, zero1, "
-                    "ring_attention, rank_grid, gpipe, expert_dispatch, ddp_buckets, "
-                    "interleaved_1f1b, zero_bubble, checkpoint_reshard or sequence_parallel")
+    ex.add_argument("name", help="an exercise (`dtlab exercise list` shows them in course "
+                    "order), or list")
     ex.add_argument("--dest", default=".", help="folder to write it into (default: here)")
     ex.add_argument("--force", action="store_true", help="overwrite an existing file")
     ex.set_defaults(func=cmd_exercise)
