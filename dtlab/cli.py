@@ -9,10 +9,11 @@
     dtlab doctor [--hostfile F] [--include S | --exclude S] [--master-addr A] [--json]
     dtlab plan [calibrate|validate] [--preset small | --layers L --d-model H --heads A] ...
     dtlab memory --params 7e9 [--nodes N --gpus-per-node G] [--zero 0|1|2|3] [--offload ...]
-    dtlab exercise NAME [--dest DIR]   /   dtlab check NAME [--impl FILE]
+    dtlab exercise NAME|list [--dest DIR]   /   dtlab check NAME [--impl FILE]
+    dtlab incident list | start NAME | check NAME | give-up NAME        (root)
 
 Every family owns its commands' flags (``add_commands`` in dtlab/launch, report, bench, doctor,
-plan, cluster, docsgen and exercises, each import-light so that ``dtlab --help`` and ``dtlab
+plan, cluster, docsgen, exercises and incidents, each import-light so that ``dtlab --help`` and ``dtlab
 cluster down`` need no torch); nothing here plans, runs or renders. Bad input is one line on
 stderr and exit status 2.
 """
@@ -21,10 +22,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dtlab import bench, cluster, docsgen, doctor, exercises, launch, plan, registry, report
+from dtlab import (bench, cluster, docsgen, doctor, exercises, incidents, launch, plan, registry,
+                   report)
 from dtlab.errors import UsageError, fail
 
-FAMILIES = (launch, report, bench, doctor, plan, cluster, docsgen, exercises)  # in --help order
+# in --help order
+FAMILIES = (launch, report, bench, doctor, plan, cluster, docsgen, exercises, incidents)
 
 
 def cmd_list(args, rest) -> int:

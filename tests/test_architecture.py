@@ -53,10 +53,11 @@ def test_a_wrong_import_and_a_cycle_are_caught(tmp_path):
 
 
 def test_no_folder_is_a_flat_bag():
-    """At most 12 modules a folder of dtlab/ (the exercises' skeletons and solutions apart), and
+    """At most 12 modules a folder of dtlab/ (the exercises' skeletons, solutions and checks apart:
+    one file an exercise), and
     labs/ holds the labs and library/ alone."""
     for folder in [ROOT / "dtlab", *(p for p in (ROOT / "dtlab").rglob("*") if p.is_dir())]:
-        if folder.name in ("skeletons", "solutions", "__pycache__"):
+        if folder.name in ("skeletons", "solutions", "checks", "__pycache__"):
             continue
         modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
         assert len(modules) <= 12, f"{folder.relative_to(ROOT)}: {len(modules)} modules"

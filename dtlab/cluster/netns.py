@@ -622,6 +622,31 @@ def end_processes(names: list[str], grace: float = END_GRACE_S) -> list[int]:
         time.sleep(0.05)
 
 
+def end_jobs(c: Cluster, grace: float = END_GRACE_S) -> list[int]:
+    """End what a job left inside the nodes (ranks, their ssh sessions), the nodes' daemons
+    spared: SIGTERM, ``grace`` seconds, SIGKILL. Returns the pids it ended."""
+    daemons = set()
+    for f in c.state_dir.glob("*.pid"):
+        try:
+            daemons.add(int(f.read_text().strip()))
+        except (OSError, ValueError):
+            pass
+    names = [n.netns for n in c.all_nodes()]
+    ended, kill_at = set(), time.monotonic() + grace
+    while pids := _netns_pids(names) - daemons:
+        late = time.monotonic() > kill_at
+        for pid in pids - (set() if late else ended):
+            try:
+                os.kill(pid, signal.SIGKILL if late else signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        ended |= pids
+        if time.monotonic() > kill_at + 5:
+            break
+        time.sleep(0.05)
+    return sorted(ended)
+
+
 def down(name: str = "main", log=print) -> list[str]:
     """Remove everything cluster ``name`` created, from its journal and by name; returns what
     was removed. Safe to run when nothing is up."""

@@ -22,6 +22,8 @@ third-party packages):
     commands     dtlab.{launch,report,bench,doctor,plan}.*   what labs may but harness, and
                                                   cluster and commands (never labs, library or
                                                   exercises: labs are reached by launching them)
+    incidents    dtlab.incidents.*                what commands may, and exercises (the course's
+                                                  state) and incidents
     docsgen      dtlab.docsgen.*                  anything but cli
     cli          dtlab.cli, dtlab, dtlab.__main__  anything
 
@@ -40,7 +42,7 @@ from dtlab.plotting import plt_agg
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("dtlab", "labs")
 ORDER = ("base", "costmodel", "measure", "train", "reliability", "collectives", "harness", "labs",
-         "library", "exercises", "cluster", "commands", "docsgen", "cli")
+         "library", "exercises", "cluster", "commands", "incidents", "docsgen", "cli")
 _RUN = {"base", "costmodel", "measure", "train", "reliability"}
 ALLOWED = {
     "base": set(),
@@ -55,6 +57,7 @@ ALLOWED = {
     "exercises": _RUN | {"collectives", "harness", "labs", "library", "exercises"},
     "cluster": {"base", "cluster"},
     "commands": _RUN | {"collectives", "cluster", "commands"},
+    "incidents": _RUN | {"collectives", "cluster", "commands", "exercises", "incidents"},
     "docsgen": set(ORDER) - {"cli"},
     "cli": set(ORDER),
 }

@@ -29,12 +29,20 @@ class Lesson:
 
 
 COURSE = (
+    Lesson("dataparallel", "dataparallel", "dataparallel.md", 30,
+           "one process, R replicas: scatter, replicate, gather, gradients summed on the master"),
+    Lesson("shm_averaging", "torch_multiprocessing", "multiprocessing.md", 25,
+           "workers meeting in shared memory: a row each, a barrier, then the average"),
     Lesson("ring_allreduce", "ring_allreduce", "ring-allreduce.md", 30,
            "point-to-point sends: a reduce-scatter then an all-gather, 2(W-1)/W of the data"),
     Lesson("ddp_buckets", "ddp", "ddp.md", 45,
            "gradient hooks, buckets and asynchronous all-reduces hidden behind backward"),
     Lesson("loss_scaler", "amp", "amp.md", 20, "dynamic loss scaling: skip, back off, grow"),
     Lesson("zero1", "zero", "zero.md", 40, "an optimizer whose state is sharded over the ranks"),
+    Lesson("zero2", "zero", "zero.md", 35,
+           "gradients reduce-scattered as backward makes them: a rank keeps its shard only"),
+    Lesson("zero3", "zero", "zero.md", 45,
+           "parameters gathered by hooks just before a layer runs, freed right after"),
     Lesson("tensor_parallel", "tensor_parallel", "tensor-parallel.md", 40,
            "column- and row-parallel layers with one all-reduce between them"),
     Lesson("gpipe", "pipeline", "pipeline.md", 20, "a pipeline schedule and its bubble"),
@@ -129,4 +137,29 @@ def rows(names) -> list[dict]:
                     "page": f"docs/{lesson.page}" if lesson else "-",
                     "minutes": lesson.minutes if lesson else None,
                     "file": entry.get("file") if entry else None, "status": status(entry)})
+    return out
+
+
+def note_incident(name: str, outcome: str, folder: str) -> None:
+    """An incident started, checked, fixed or given up (dtlab incident)."""
+    data = _read()
+    incidents = data.get("incidents") if isinstance(data.get("incidents"), dict) else {}
+    entry = incidents.get(name) if isinstance(incidents.get(name), dict) else {}
+    if outcome == "fixed" or entry.get("outcome") != "fixed":  # a fix stays a fix
+        entry.update(outcome=outcome, folder=folder, when=time.strftime("%Y-%m-%d %H:%M"))
+    incidents[name] = entry
+    data["incidents"] = incidents
+    _write(data)
+
+
+def incident_rows(incidents: dict) -> list[dict]:
+    """One row an incident (``incidents``: name -> its catalogue entry), in catalogue order."""
+    data = _read().get("incidents")
+    data = data if isinstance(data, dict) else {}
+    out = []
+    for name, inc in incidents.items():
+        e = data.get(name) if isinstance(data.get(name), dict) else None
+        out.append({"name": name, "minutes": inc.minutes, "teaches": inc.teaches,
+                    "tools": inc.tools,
+                    "status": f"{e['outcome']} ({e['when']})" if e else "not started"})
     return out
