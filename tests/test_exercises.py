@@ -96,6 +96,27 @@ MUTATIONS = {  # a subtle bug in the reference solution, and what the checker mu
                           "returned a gradient of shape (2, 6, 4) for an input of shape "
                           "(2, 3, 4); dist.all_reduce sums the gradient but leaves every rank "
                           "all the tokens"),
+    "dataparallel": ("torch.stack(grads).sum(0)", "torch.stack(grads).mean(0)",
+                     "2 replica(s), batch 7, step 0: the master's 0.weight.grad differs from the "
+                     "whole batch's: 40 element(s) differ, first at index 0: expected 0.0472817, "
+                     "got 0.0236409; the gradients are 2 (R) times too small: they were "
+                     "averaged, not summed"),
+    "shm_averaging": ("    barrier.wait()                # every row written\n"
+                      "    mean = table.sum(0) / world",
+                      "    mean = table.sum(0) / world\n    barrier.wait()",
+                      "the table was read before every worker had written its row: 10 "
+                      "element(s) differ"),
+    "zero2": ("return owned / self.world", "return owned",
+              "rank 0, world 2, step 0: unit 0 (layer 0, 25 numbers): the gradients were summed, "
+              "not averaged: 13 element(s) differ, first at index 0: expected 0.0196729, got "
+              "0.0393458; reduce_scatter sums over the ranks, divide by the world size (2)"),
+    "zero3": ("            if torch.is_grad_enabled() and out.requires_grad:  # its backward "
+              "needs them again\n                out.register_hook(lambda grad: self.gather(u))\n",
+              "",
+              "rank 0, world 2, round 0: backward failed (setStorage: sizes [2, 6], strides [6, "
+              "1], storage offset 0, and itemsize 8 requiring a storage size of 96 are out of "
+              "bounds for storage of size 0): a layer's parameters were freed after forward and "
+              "not gathered again before its backward"),
 }
 
 
@@ -257,6 +278,72 @@ NAMED_MISTAKES = {  # exercise, a learner's file with a classic mistake, what th
         "rank 0, world 2, GatherFromSP, x of shape (2, 3, 4): the output has shape (4, 3, 4), "
         "expected (2, 6, 4): gathered along dimension 0 (the batch) instead of 1 (the "
         "sequence)"),
+    "dataparallel: outputs gathered out of order": (
+        "dataparallel", ("torch.cat(outs)", "torch.cat(outs[::-1])"),
+        "2 replica(s), batch 7, step 0: the outputs were gathered out of order: row 0 of the "
+        "output is row 4 of the batch"),
+    "dataparallel: the last, smaller chunk dropped": (
+        "dataparallel", ("return list(x.chunk(len(self.replicas)))",
+                         "size = len(x) // len(self.replicas)\n"
+                         "        return [x[i * size:(i + 1) * size] for i in "
+                         "range(len(self.replicas))]"),
+        "2 replica(s), batch 7, step 0: the gathered output has 6 rows for a batch of 7: the "
+        "rows of the last, smaller chunk were dropped (x.chunk(2) gives chunks of [4, 3]"),
+    "dataparallel: gradients not reduced into the master": (
+        "dataparallel", ("torch.stack(grads).sum(0)", "grads[0]"),
+        "the master's gradient holds replica 0's rows only: the other replicas' gradients were "
+        "not added into the master's .grad"),
+    "dataparallel: replicas not refreshed": (
+        "dataparallel", ("        self.replicate()\n", ""),
+        "2 replica(s), batch 7, step 1: the replicas ran with the previous step's parameters"),
+    "shm: summed, not averaged": (
+        "shm_averaging", ("table.sum(0) / world", "table.sum(0)"),
+        "world 2, worker 0, round 0: the rows were summed, not averaged: 10 element(s) differ, "
+        "first at index 0: expected 1.10117, got 2.20235; divide the sum by the world size W = 2"),
+    "shm: every worker writes row 0": (
+        "shm_averaging", ("table[rank].copy_(grad)", "table[0].copy_(grad)"),
+        "world 2, worker 1, round 0: row 1 of the table (this worker's) does not hold its "
+        "gradient: nothing wrote it this round; each worker writes its gradient into its own "
+        "row, table[rank]"),
+    "shm: no barrier after reading": (
+        "shm_averaging", ("    barrier.wait()                # every row read: the next round "
+                          "may overwrite them\n", ""),
+        "world 2, worker 0, round 0: barrier.wait() was called 1 time(s) in one "
+        "average_gradients"),
+    "zero2: all-reduce instead of reduce-scatter": (
+        "zero2", ("        owned = torch.empty(per, dtype=grads.dtype)\n"
+                  "        dist.reduce_scatter_tensor(owned, grads)",
+                  "        dist.all_reduce(grads)\n        owned = grads"),
+        "rank 0, world 2, step 0: unit 2 (layer 4, 14 numbers): this rank kept a gradient of 14 "
+        "elements, the whole unit; ZeRO-2 keeps only its shard of 7 (ceil(14/2)): "
+        "reduce-scatter, not all-reduce"),
+    "zero2: padding at the front": (
+        "zero2", ("grads[:numel] = torch.cat([p.grad", "grads[per * self.world - numel:] = "
+                  "torch.cat([p.grad"),
+        "rank 1, world 2, step 0: unit 0 (layer 0, 25 numbers): this rank's gradient shard "
+        "holds elements [12, 25) of the unit's flat averaged gradient, but rank 1 owns [13, 26)"),
+    "zero2: full gradients kept": (
+        "zero2", ("            p.grad = None  # the full gradient is not kept: ZeRO-2's saving\n",
+                  "            pass\n"),
+        "rank 0, world 2, step 0: after backward, 0.weight.grad still holds the full gradient"),
+    "zero3: not freed after forward": (
+        "zero3", ("            self.free(u)  # the layer has run\n", "            pass\n"),
+        "rank 0, world 2, round 0, forward: unit 0 (layer 0: 0.weight, 0.bias) was still "
+        "gathered when layer 2 ran: the forward hook must free each layer right after it has "
+        "run"),
+    "zero3: own shard gathered first": (
+        "zero3", ("        dist.all_gather_into_tensor(u.full, u.shard)",
+                  "        parts = [torch.empty_like(u.shard) for _ in range(self.world)]\n"
+                  "        dist.all_gather(parts, u.shard)\n"
+                  "        u.full.copy_(torch.cat([u.shard] + [t for r, t in enumerate(parts) "
+                  "if r != self.rank]))"),
+        "rank 1, world 2, round 0, forward: unit 0 (layer 0: 0.weight, 0.bias) was gathered in "
+        "the wrong rank order: slice 0 of the gathered vector holds rank 1's shard"),
+    "zero3: no gather before the layer": (
+        "zero3", ("        u.module.register_forward_pre_hook(lambda module, args: "
+                  "self.gather(u))\n", ""),
+        "rank 0, world 2, round 0, forward: unit 0 (layer 0: 0.weight, 0.bias) was not gathered "
+        "when it ran (its parameters have no memory): the forward pre-hook must gather it"),
 }
 
 

@@ -60,6 +60,15 @@ EXERCISES = {e.name: e for e in [
     Exercise("sequence_parallel", "sequence_parallel.py",
              "sequence parallelism's all-gather / reduce-scatter autograd pair",
              worlds=(2,)),
+    Exercise("dataparallel", "dataparallel.py",
+             "nn.DataParallel written out: scatter, replicate, gather, gradients summed"),
+    Exercise("shm_averaging", "shm_averaging.py",
+             "gradients averaged in shared memory by torch.multiprocessing workers"),
+    Exercise("zero2", "zero2.py",
+             "ZeRO-2: gradients reduce-scattered during backward, a shard kept", worlds=(2, 3)),
+    Exercise("zero3", "zero3.py",
+             "ZeRO-3: each layer's parameters gathered before use and freed after",
+             worlds=(2, 3)),
 ]}
 
 

@@ -366,7 +366,7 @@ def formula_flops_per_step(cfg, batch: int) -> int:
     return int(6 * n * tokens + 12 * cfg.n_layer * cfg.d_model * cfg.seq_len * tokens)
 
 
-def preset_shape(name: str, seq: int | None = None) -> tuple[cm.Shape, int]:
+def preset_shape(name: str, seq: int | None = None) -> tuple[Shape, int]:
     """A preset's shape (on the default data's vocabulary) and its global batch."""
     if name not in PRESETS:
         raise UsageError(f"--preset {name!r}: choose one of {', '.join(PRESETS)}")
