@@ -319,6 +319,66 @@ def test_doctor_flags_a_small_dev_shm_and_it_really_breaks(tst, tmp_path):
     assert runs["tst3"].returncode != 0 and ("exit 135" in err or "exit 139" in err), err[-2000:]
 
 
+def _cpu_limited(pid: int, share: float):
+    """A cgroup whose CPU quota is ``share`` of one core (cgroup v2's cpu.max, or v1's
+    cfs quota where the cpu controller is mounted on its own), with ``pid`` moved into it;
+    returns the function that moves it back and removes the group."""
+    v2 = "/sys/fs/cgroup/cgroup.controllers"
+    if os.path.exists(v2) and "cpu" in open(v2).read().split():
+        root, limit = "/sys/fs/cgroup", [("cpu.max", f"{int(share * 100000)} 100000")]
+    elif os.path.isdir("/sys/fs/cgroup/cpu"):
+        root = "/sys/fs/cgroup/cpu"
+        limit = [("cpu.cfs_period_us", "100000"), ("cpu.cfs_quota_us", str(int(share * 100000)))]
+    else:
+        pytest.skip("no cgroup cpu controller to limit a node with")
+    group = os.path.join(root, "dtlab-test-straggler")
+    os.makedirs(group, exist_ok=True)
+    for f, v in limit:
+        open(os.path.join(group, f), "w").write(v)
+    open(os.path.join(group, "cgroup.procs"), "w").write(str(pid))
+
+    def undo():
+        for p in open(os.path.join(group, "cgroup.procs")).read().split():
+            try:
+                open(os.path.join(root, "cgroup.procs"), "w").write(p)
+            except OSError:
+                pass  # ended meanwhile
+        os.rmdir(group)
+    return undo
+
+
+def _stragglers(r) -> dict:
+    return {f["host"]: f["message"] for f in r["findings"]
+            if f["check"] == "straggler" and f["severity"] == "warn"}
+
+
+def test_doctor_names_the_straggler_and_none_on_an_untouched_cluster(tst, tmp_path):
+    """The straggler preflight: nobody named on the untouched tst cluster; with tst2's link at
+    a tenth (tbf 20mbit of 200mbit) and tst3's CPU at a quarter of a core (its sshd, and so
+    every command ssh starts there, in a cgroup with that quota), tst2 is named for its link
+    and tst3 for its GEMM, each at least 2x worse than the median of the others."""
+    hosts = ["tst1", "tst2", "tst3"]
+    p, r = _doctor(tmp_path, hosts, "--no-ports")
+    assert p.returncode == 0 and _stragglers(r) == {}, r["findings"]
+    assert sorted(r["straggler"]["hosts"]) == hosts and not r["straggler"]["slow_link"]
+    from dtlab.cluster import netns
+    c = netns.Cluster.load("tst")
+    netns._shape(c, c.find("tst2"), "20mbit")
+    sshd = int((c.state_dir / "sshd-tst3.pid").read_text())
+    undo = _cpu_limited(sshd, 0.25)
+    try:
+        p, r = _doctor(tmp_path, hosts, "--no-ports")
+    finally:
+        undo()
+        netns._shape(c, c.find("tst2"), "200mbit")
+    named = _stragglers(r)
+    assert sorted(named) == ["tst2", "tst3"], r["findings"]
+    assert "link carries" in named["tst2"] and "GEMM" in named["tst3"]
+    assert r["straggler"]["slow_link"] == ["tst2"] and r["straggler"]["slow_gemm"] == ["tst3"]
+    gemm = {h: v["gemm_ms"] for h, v in r["straggler"]["hosts"].items()}
+    assert gemm["tst3"] > 2 * max(gemm["tst1"], gemm["tst2"]), gemm
+
+
 def test_link_pulled_mid_run_is_traced(tst, tmp_path):
     """One rank on tst1, one on tst2; tst2's link is pulled after step 1. The rank left reports
     rank 1 silent, and the flight records show both waiting in the same all-reduce: the

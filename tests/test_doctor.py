@@ -392,8 +392,8 @@ def _offline_doctor(monkeypatch, tmp_path, hostfile_text, *argv, summary_hosts=N
     import io
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        rc = diagnose.main(["--hostfile", str(hf), "--json", "--no-ports", "--collective",
-                            "--cwd", str(tmp_path), *argv])
+        rc = diagnose.main(["--hostfile", str(hf), "--json", "--no-ports", "--no-straggler",
+                            "--collective", "--cwd", str(tmp_path), *argv])
     return rc, json.loads(out.getvalue()), launched
 
 

@@ -25,6 +25,9 @@ Every check that applies is run, from the cheapest to the most involved:
     collective       (--collective) a real tiny job across every host, launched as the real one
                      will be: the group forms, all-reduce and broadcast give the right values,
                      the bus bandwidth; a failure is named by host and likely cause
+    straggler        (last, only when nothing failed) a GEMM timed on every host and every
+                     host's link timed from here; a host 2x worse than the median of the
+                     others is named (dtlab/doctor/straggler.py; --no-straggler skips it)
     exports          which variables reach the other hosts (NCCL*, PYTHON*, MV2*, UCX*, MLFLOW*
                      and .deepspeed_env) and which set here will not; .deepspeed_env linted
     slots            slots per host against the GPUs visible there; GPU model and
@@ -56,7 +59,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from dtlab.doctor import connectivity
+from dtlab.doctor import connectivity, straggler
 from dtlab.report import tables as report
 from dtlab.doctor.connectivity import readline as _readline
 from dtlab.doctor.hostfile import (REMOTE_FIX, Finding, Hostfile, load, parse_filter, resolve,
@@ -65,6 +68,7 @@ from dtlab.doctor.hostfile import (REMOTE_FIX, Finding, Hostfile, load, parse_fi
 EXPORT_PREFIXES = ("PYTHON", "MV2", "UCX", "MLFLOW")  # DeepSpeed 0.19.8; NCCL too with CUDA
 SHM_PER_RANK_DS_CPU = 2 * 2**20 + 2 * 32 * 2**20    # DeepSpeed's shm_comm workspace per rank
 SHM_NCCL_ADVICE = 2**30                             # NVIDIA's containers: --shm-size=1g
+SHM_LOW_FREE = 32 * 2**20     # /dev/shm this empty (and under a tenth free): warned as full
 DOCKER_BRIDGE = "172.17.0.0/16"                     # Docker's default bridge network
 # Launcher bugs of DeepSpeed releases: (fixed in, what triggers it, what happens, the fix)
 KNOWN_BUGS = [
@@ -94,6 +98,14 @@ out = {"hostname": socket.gethostname(), "python": sys.version.split()[0],
 try:
     st = os.statvfs("/dev/shm")
     out["shm"] = {"size": st.f_blocks * st.f_frsize, "free": st.f_bavail * st.f_frsize}
+    files = []
+    for e in os.scandir("/dev/shm"):
+        try:
+            files.append((e.stat(follow_symlinks=False).st_size, e.name))
+        except OSError:
+            pass
+    out["shm"]["files"] = len(files)
+    out["shm"]["largest"] = sorted(files, reverse=True)[:3]
 except OSError:
     out["shm"] = None
 try:
@@ -199,6 +211,7 @@ class Doctor:
         self.cwd = args.cwd or os.getcwd()
         self.resolved: dict[str, list[str]] = {}
         self.collective: dict | None = None
+        self.straggler: dict | None = None
 
     # ---- helpers
     def add(self, check, severity, message, fix="", host=None, line=None):
@@ -262,6 +275,8 @@ class Doctor:
             connectivity.check_ports(self)
         if self.a.collective:
             self.check_collective(hf, active, addr)
+        if not self.a.no_straggler and not any(f.severity == "error" for f in self.findings):
+            self.straggler = straggler.check(self)  # only on hosts that passed everything
         return self.findings
 
     def check_collective(self, hf: Hostfile, active, addr: str | None) -> None:
@@ -587,6 +602,19 @@ class Doctor:
                 continue
             size, n = p["shm"]["size"], len(slots)
             mib = f"{size / 2**20:.0f} MiB"
+            free = p["shm"]["free"]
+            if size and free < min(SHM_LOW_FREE, size / 10):
+                big = ", ".join(f"{name} {b / 2**20:.0f} MiB"
+                                for b, name in p["shm"].get("largest", [])[:3])
+                self.add("shm", "warn", f"{host}: /dev/shm is {mib} with {free / 2**20:.1f} MiB "
+                         f"free ({p['shm'].get('files', '?')} file(s)"
+                         + (f"; the largest: {big}" if big else "") + "). Ranks sharing memory "
+                         "there (NCCL between a host's GPUs, DeepSpeed's CPU all-reduce, "
+                         "torch.multiprocessing's tensors, dtlab's shm and hier all-reduce) die "
+                         "of SIGBUS when it runs out", "remove what crashed jobs left there "
+                         "(ls -la /dev/shm; only files no running process has open: fuser), "
+                         "or give the host a larger /dev/shm", host)
+                continue
             if p.get("gpus") and n > 1 and size < SHM_NCCL_ADVICE:
                 self.add("shm", "error" if size <= 64 * 2**20 else "warn",
                          f"{host}: /dev/shm is {mib} for {n} GPU ranks; NCCL's transport between "
@@ -845,6 +873,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "(default) or torchrun on every host over ssh")
     p.add_argument("--collective-timeout", type=float, default=20.0,
                    help="seconds each phase of the tiny job may take (default 20)")
+    p.add_argument("--no-straggler", action="store_true",
+                   help="skip the straggler preflight (a GEMM timed on every host and every "
+                        "host's link timed from here; it runs only when nothing else failed)")
     p.add_argument("--json", action="store_true", help="every finding as JSON")
     return p
 
@@ -876,6 +907,7 @@ def run(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps({"findings": [f.as_dict() for f in findings], "hosts": d.probes,
                           "active": getattr(d, "active", None), "collective": d.collective,
+                          "straggler": d.straggler,
                           "errors": errors,
                           "warnings": warns, "seconds": round(time.monotonic() - t0, 2)},
                          indent=2))
