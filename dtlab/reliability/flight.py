@@ -93,13 +93,24 @@ def _ours(path: str) -> int:
     return max(path.rfind("/labs/"), path.rfind("/dtlab/"))
 
 
+def _installed(path: str) -> bool:
+    """Python's own library and installed packages (torch, DeepSpeed, ...), or no file."""
+    return path.startswith("<") or "-packages/" in path or any(
+        path.startswith(os.path.join(p, "lib")) for p in {sys.base_prefix, sys.prefix})
+
+
 def _site() -> str:
-    """The innermost frame of a lab or of dtlab outside this module: who issued the op."""
+    """Who issued the op: the innermost frame of a lab, of dtlab outside this module, or of the
+    user's own script (anything not installed)."""
     for frame, lineno in traceback.walk_stack(None):
         path = frame.f_code.co_filename
+        if path.endswith(("reliability/flight.py", "measure/comm_counter.py")):
+            continue
         at = _ours(path)
-        if at >= 0 and not path.endswith(("reliability/flight.py", "measure/comm_counter.py")):
+        if at >= 0:
             return f"{path[at + 1:]}:{lineno}"
+        if not _installed(path):
+            return f"{os.path.basename(path)}:{lineno}"
     return "?"
 
 
@@ -505,8 +516,13 @@ def desync_report(dumps: dict[int, dict], world: int) -> dict:
         p2p = isinstance(members, list) and members[:1] == ["p2p"]
         for seq in sorted(common):
             key = {r: _signature(ranks[r][seq], p2p) for r in holders}
-            if len(set(key.values())) > 1:
-                mismatches.append({"group": members, "seq": seq, "ops": {
+            # the same collective from different lines: the ranks run different code (a
+            # collective inside `if rank == 0:`); sends and receives differ by nature
+            sites = {ranks[r][seq]["site"] for r in holders}
+            if len(set(key.values())) > 1 or (not p2p and len(sites) > 1 and "?" not in sites):
+                mismatches.append({"group": members, "seq": seq,
+                                   "kind": "op" if len(set(key.values())) > 1 else "line",
+                                   "ops": {
                     r: {k: ranks[r][seq][k] for k in ("op", "bytes", "dtype", "step", "site")}
                     for r in holders}})
                 break  # the first divergence explains the rest
@@ -553,7 +569,12 @@ def describe_report(rep: dict) -> list[str]:
     for m in rep["mismatches"]:
         what = "; ".join(f"rank {r} {o['op']} of {o['bytes']} B {o['dtype']} at step "
                          f"{o['step']} ({o['site']})" for r, o in m["ops"].items())
-        lines.append(f"collective mismatch at op #{m['seq']} of group {_g(m['group'])}: {what}")
+        if m.get("kind") == "line":
+            lines.append(f"op #{m['seq']} of group {_g(m['group'])} was issued from different "
+                         f"lines, so the ranks run different code there: {what}")
+        else:
+            lines.append(f"collective mismatch at op #{m['seq']} of group {_g(m['group'])}: "
+                         f"{what}")
     for b in rep["behind"]:
         w = b["waited_for"]
         if b.get("in_op"):
