@@ -166,13 +166,14 @@ def layer_edges(edges: dict[str, set[str]]) -> Counter:
 
 def _short(module: str) -> str:
     """A module's name inside its layer's box: without the package prefix; the exercise
-    skeletons and solutions collapse into one entry each."""
+    skeletons, solutions and checks collapse into one entry each."""
     for prefix in ("dtlab.exercises.", "labs.library.", "labs.", "dtlab."):
         if module.startswith(prefix):
             module = module[len(prefix):]
             break
     head = module.split(".")[0]
-    return head + "/*" if head in ("skeletons", "solutions") else module
+    return head + "/*" if head in ("skeletons", "solutions", "checks") and "." in module \
+        else module
 
 
 def draw(edges: dict[str, set[str]], path: Path) -> Path:
@@ -189,15 +190,17 @@ def draw(edges: dict[str, set[str]], path: Path) -> Path:
            "measure": (0.30, 0.19), "train": (0.30, 0.33),
            "reliability": (0.13, 0.48), "collectives": (0.43, 0.48), "harness": (0.70, 0.48),
            "labs": (0.30, 0.63), "library": (0.72, 0.63),
-           "exercises": (0.16, 0.79), "commands": (0.62, 0.79),
+           "exercises": (0.16, 0.79), "commands": (0.55, 0.79), "incidents": (0.885, 0.79),
            "docsgen": (0.35, 0.94), "cli": (0.80, 0.94)}
     width = {"base": 0.22, "costmodel": 0.34, "cluster": 0.22, "measure": 0.50, "train": 0.56,
              "reliability": 0.24, "collectives": 0.30, "harness": 0.18, "labs": 0.56,
-             "library": 0.24, "exercises": 0.26, "commands": 0.66, "docsgen": 0.62, "cli": 0.22}
+             "library": 0.24, "exercises": 0.26, "commands": 0.44, "incidents": 0.2,
+             "docsgen": 0.62, "cli": 0.22}
     colours = {"base": "#eeeeee", "costmodel": "#e3f2e1", "cluster": "#d8f0ec",
                "measure": "#dbe9f6", "train": "#cfe0f3", "reliability": "#f6e0db",
                "collectives": "#dff0d8", "harness": "#e6e6fa", "labs": "#fcf3cf",
                "library": "#fdebd0", "exercises": "#f5e1f7", "commands": "#e8e0f5",
+               "incidents": "#fde2e4",
                "docsgen": "#f0f0d8", "cli": "#f2dede"}
     fig, ax = plt.subplots(figsize=(14, 11))
     ax.set_xlim(0, 1)

@@ -20,12 +20,14 @@ def cmd_exercise(args, rest) -> int:
 def list_exercises(checker, progress) -> int:
     """``dtlab exercise list``: the course in order, and where the learner's files stand."""
     rows = progress.rows(list(checker.EXERCISES))
-    print(f"{'#':>2}  {'exercise':<16} {'lab':<16} {'page':<26} {'min':>3}  your file")
+    print(f"{'#':>2}  {'exercise':<18} {'lab':<21} {'page':<26} {'min':>3}  your file")
     for r in rows:
         where = f"{r['file']}: {r['status']}" if r["file"] else r["status"]
-        print(f"{r['n']:>2}  {r['exercise']:<16} {r['lab']:<16} {r['page']:<26} "
+        print(f"{r['n']:>2}  {r['exercise']:<18} {r['lab']:<21} {r['page']:<26} "
               f"{r['minutes'] or '-':>3}  {where}")
-    print(f"(what dtlab exercise and dtlab check noted, in {progress.state_file()}; "
+    print("\nincidents: a broken cluster to repair (dtlab incident start NAME, as root)")
+    print("\n".join(progress.incident_lines()))
+    print(f"(what dtlab exercise, check and incident noted, in {progress.state_file()}; "
           "docs/exercises.md is the course)")
     return 0
 

@@ -152,14 +152,42 @@ def note_incident(name: str, outcome: str, folder: str) -> None:
     _write(data)
 
 
-def incident_rows(incidents: dict) -> list[dict]:
-    """One row an incident (``incidents``: name -> its catalogue entry), in catalogue order."""
+# The incidents (dtlab incident, dtlab/incidents/): a broken cluster to repair. ``lab``: the lab
+# the incident's job runs; ``page``: where the tools that find it are explained.
+INCIDENTS = (
+    Lesson("wrong-interface", "deepspeed_zero", "doctor.md", 15,
+           "what DeepSpeed exports to every node, and how gloo picks its interface"),
+    Lesson("unreachable-master", "deepspeed_zero", "doctor.md", 15,
+           "the address the ranks meet at must be reachable from every node"),
+    Lesson("ephemeral-firewall", "deepspeed_zero", "doctor.md", 20,
+           "the master port is not the only port: gloo's pairs use ephemeral ones"),
+    Lesson("shm-full", "ddp", "cluster.md", 15,
+           "where a node's ranks share memory, and what a crashed job leaves there"),
+    Lesson("rank-branch", "ddp", "debugging.md", 20,
+           "every rank must issue the same collectives in the same order"),
+    Lesson("slow-link", "deepspeed_zero", "doctor.md", 20,
+           "one slow node sets everyone's step time; finding which"),
+)
+BY_INCIDENT = {x.exercise: x for x in INCIDENTS}
+
+
+def incident_rows() -> list[dict]:
+    """One row an incident, in the course's order."""
     data = _read().get("incidents")
     data = data if isinstance(data, dict) else {}
     out = []
-    for name, inc in incidents.items():
-        e = data.get(name) if isinstance(data.get(name), dict) else None
-        out.append({"name": name, "minutes": inc.minutes, "teaches": inc.teaches,
-                    "tools": inc.tools,
+    for x in INCIDENTS:
+        e = data.get(x.exercise) if isinstance(data.get(x.exercise), dict) else None
+        out.append({"name": x.exercise, "lab": x.lab, "page": f"docs/{x.page}",
+                    "minutes": x.minutes, "teaches": x.teaches, "folder": e and e["folder"],
                     "status": f"{e['outcome']} ({e['when']})" if e else "not started"})
+    return out
+
+
+def incident_lines() -> list[str]:
+    """The incidents' rows as `dtlab exercise list` and `dtlab incident list` print them."""
+    out = [f"    {'incident':<20} {'its job runs':<16} {'page':<22} {'min':>3}  you"]
+    for r in incident_rows():
+        out.append(f"    {r['name']:<20} {r['lab']:<16} {r['page']:<22} {r['minutes']:>3}  "
+                   f"{r['status']}")
     return out

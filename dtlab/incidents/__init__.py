@@ -16,26 +16,18 @@ from __future__ import annotations
 
 
 def cmd_incident(args, rest) -> int:
-    from dtlab.incidents import runner
+    from dtlab.exercises import progress
     if args.action == "list":
-        from dtlab.exercises import progress
-        from dtlab.incidents.catalogue import INCIDENTS
-        return print_list(INCIDENTS, progress)
+        print("\n".join(progress.incident_lines()))
+        print("(dtlab incident start NAME, as root; docs/exercises.md is the course)")
+        return 0
+    from dtlab.incidents import runner
     if args.action == "start":
         runner.start(args.name, args.dir)
         return 0
     if args.action == "check":
         return 0 if runner.check(args.name, args.deadline) else 1
     runner.give_up(args.name)
-    return 0
-
-
-def print_list(incidents, progress) -> int:
-    rows = progress.incident_rows(incidents)
-    print(f"{'incident':<20} {'min':>3}  {'teaches':<66} you")
-    for r in rows:
-        print(f"{r['name']:<20} {r['minutes']:>3}  {r['teaches']:<66} {r['status']}")
-    print("(dtlab incident start NAME; root. docs/exercises.md is the course)")
     return 0
 
 

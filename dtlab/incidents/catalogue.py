@@ -46,8 +46,6 @@ ZERO1 = "--module labs.deepspeed_zero --config ds_zero1"
 class Incident:
     name = ""
     title = ""
-    minutes = 20
-    teaches = ""
     symptom = ""
     tools = ""
     files: dict = {}
@@ -70,8 +68,6 @@ class Incident:
 class WrongInterface(Incident):
     name = "wrong-interface"
     title = "a socket interface in .deepspeed_env that one node lacks"
-    minutes = 15
-    teaches = "what DeepSpeed exports to every node, and how gloo picks its interface"
     symptom = ("DeepSpeed dies on one node a few seconds after the launch, and the other node "
                "waits until its timeout. It ran last week on the old machines.")
     tools = "dtlab doctor --hostfile hostfile; dtlab cluster status --name inc"
@@ -107,8 +103,6 @@ class WrongInterface(Incident):
 class EphemeralFirewall(Incident):
     name = "ephemeral-firewall"
     title = "a firewall on the first node dropping connections to its ephemeral ports"
-    minutes = 20
-    teaches = "that the master port is not the only port: gloo's pairs connect to ephemeral ports"
     symptom = ("The job hangs at start: both nodes launch, DeepSpeed prints its banner, no step "
                "is ever printed, and it ends with a timeout. ssh to both nodes works, and the "
                "master port is open.")
@@ -146,13 +140,11 @@ def _tbf_rates(text: str) -> list[float]:
 class SlowLink(Incident):
     name = "slow-link"
     title = "one node's link throttled to a tenth: a straggler"
-    minutes = 20
-    teaches = "that one slow node sets everyone's step time, and how to find which"
     symptom = ("Every step takes several times longer than it did yesterday. Nothing fails, "
                "no error is printed, the loss is as before.")
-    tools = "dtlab doctor --hostfile hostfile --straggler; dtlab bench comm; dtlab profile"
-    fastest = ("dtlab doctor --hostfile hostfile --straggler: it times every node's link and "
-               "names inc2, about ten times slower than the median of the others")
+    tools = "dtlab doctor --hostfile hostfile; dtlab bench comm; dtlab profile"
+    fastest = ("dtlab doctor --hostfile hostfile: its straggler preflight times every node's "
+               "link and names inc2, about ten times slower than the median of the others")
     cause = ("inc2's link is shaped to 10 Mbit/s (a tenth of the others' 100 Mbit/s: a bad "
              "cable, a port that negotiated down). Every all-reduce waits for the slowest link, "
              "so the whole job runs at inc2's speed.")
@@ -221,16 +213,14 @@ TRAIN_FIXED = '''        norm = torch.cat([p.grad.flatten() for p in self.model.
 class RankBranch(Incident):
     name = "rank-branch"
     title = "a collective inside `if rank == 0:` in the training script"
-    minutes = 20
-    teaches = "that every rank must issue the same collectives in the same order"
     symptom = ("Since last week's change to train.py the job no longer finishes: it stops in its "
                "first step and ends with a timeout or a gloo error.")
     tools = "dtlab debug hang run; run/flight/; dtlab doctor --hostfile hostfile"
     files = {"train.py": TRAIN_PY}
     program = "--no_local_rank train.py"
-    fastest = ("dtlab debug hang run (after the failure: the flight records the ranks left): "
-               "its desync report says rank 0 issued an all_reduce that rank 1 did not, and "
-               "names the line in train.py")
+    fastest = ("dtlab debug hang run (the flight records the ranks left): op #1 of group "
+               "world was issued from different lines, rank 0's from train.py, rank 1's from "
+               "the loop's loss average")
     cause = ("train.py's LoggedDDP.after_backward calls dist.all_reduce inside `if "
              "self.rt.rank == 0:`. Rank 0 issues one more collective than rank 1, so the ranks' "
              "collectives pair up wrongly (rank 1's loss average meets rank 0's norm) and the "
@@ -275,8 +265,6 @@ SHM_NEED = 32 * 2**20
 class FullShm(Incident):
     name = "shm-full"
     title = "/dev/shm on one node filled by a crashed job's segments"
-    minutes = 15
-    teaches = "where a node's ranks share memory, and what a crashed job leaves there"
     symptom = ("The job dies at its first step: the two ranks on one node never reach the "
                "training loop, the other node reports a lost connection. It ran yesterday, "
                "before last night's crash.")
@@ -299,7 +287,8 @@ class FullShm(Incident):
 
     def break_it(self, ctx):
         node = ctx.cluster.find("inc2")
-        ctx.in_node(node, ["sh", "-c", f"head -c $((64*1024*1024 - 16*1024)) /dev/zero > {STALE}"])
+        fill = f"head -c $((64 * 1024 * 1024 - 16 * 1024)) /dev/zero > {STALE}"
+        ctx.must(node, ["sh", "-c", fill])
 
     def restored(self, ctx, output):
         for node in ctx.nodes():
@@ -316,15 +305,14 @@ class FullShm(Incident):
 class UnreachableMaster(Incident):
     name = "unreachable-master"
     title = "a master address the other nodes cannot reach"
-    minutes = 15
-    teaches = "which address the ranks meet at, and that it must be reachable from every node"
     symptom = ("The job hangs at start on the second node and ends with a timeout there; the "
                "first node starts its rank and waits. launch.sh was copied from the team's "
                "Docker setup.")
     tools = ("dtlab doctor --hostfile hostfile --master-addr ADDR; dtlab cluster exec --name inc "
              "inc1 -- ip -4 addr")
-    fastest = ("dtlab doctor --hostfile hostfile --master-addr 172.17.0.1: its master check "
-               "says the address is on inc1's Docker bridge, which inc2 cannot reach")
+    fastest = ("dtlab doctor --hostfile hostfile --master-addr 172.17.0.1 (the address "
+               "launch.sh gives): its master check says the address is on Docker's default "
+               "bridge and inc2 cannot reach it")
     cause = ("launch.sh sets MASTER_ADDR=172.17.0.1, the address of inc1's docker0 bridge. It is "
              "an address of inc1, so rank 0 listens there, but it is private to that host: inc2 "
              "has no route to it and waits.")
@@ -336,9 +324,9 @@ class UnreachableMaster(Incident):
 
     def break_it(self, ctx):
         node = ctx.cluster.find("inc1")
-        ctx.in_node(node, ["ip", "link", "add", "docker0", "type", "dummy"])
-        ctx.in_node(node, ["ip", "addr", "add", "172.17.0.1/16", "dev", "docker0"])
-        ctx.in_node(node, ["ip", "link", "set", "docker0", "up"])
+        ctx.must(node, ["ip", "link", "add", "docker0", "type", "bridge"])  # as Docker makes it
+        ctx.must(node, ["ip", "addr", "add", "172.17.0.1/16", "dev", "docker0"])
+        ctx.must(node, ["ip", "link", "set", "docker0", "up"])
 
     def restored(self, ctx, output):
         used = re.findall(r"--master_addr=(\S+)", output)

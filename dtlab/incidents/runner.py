@@ -41,6 +41,14 @@ class Context:
         return subprocess.run(netns.node_argv(self.cluster, node, argv), capture_output=True,
                               text=True, timeout=timeout)
 
+    def must(self, node, argv: list[str]) -> None:
+        """``argv`` inside ``node``; a failure stops the incident's start (it would not be the
+        incident it claims)."""
+        p = self.in_node(node, argv)
+        if p.returncode != 0:
+            raise IncidentError(f"breaking the cluster failed on {node.name}: "
+                                f"{' '.join(argv)}: {p.stderr.strip()[-300:]}")
+
     def interfaces(self, node) -> set[str]:
         out = self.in_node(node, ["ip", "-o", "link", "show"]).stdout
         return {ln.split(":")[1].strip().split("@")[0] for ln in out.splitlines() if ":" in ln}
