@@ -15,6 +15,12 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	@case ",$(EXTRAS)," in *,deepspeed,*) \
+	  echo "building DeepSpeed's CPU ops cpu_adam and shm_comm (about a minute, once a venv)"; \
+	  $(PY) -c "from deepspeed.accelerator import get_accelerator as a; \
+	    [a().create_op_builder(n).load(verbose=False) \
+	     for n in ('CPUAdamBuilder', 'ShareMemCommBuilder')]";; \
+	esac
 	@touch $@
 
 tour: $(STAMP)

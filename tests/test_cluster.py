@@ -211,11 +211,13 @@ def test_shaping_is_real(tst):
     assert unshaped > 1000 and unshaped > 3 * shaped, (shaped, unshaped)
 
 
-def _doctor(tmp_path, hosts, *args, env=None, slots=1):
+def _doctor(tmp_path, hosts, *args, env=None, slots=1, straggler=False):
+    """The doctor on ``hosts``; the straggler preflight only where a test is about it."""
     hf = tmp_path / "hostfile"
     hf.write_text("".join(f"{h} slots={slots}\n" for h in hosts))
     p = dtlab("doctor", "--hostfile", hf, "--json", "--connect-timeout", "3",
-              "--master-addr", "10.79.0.11", "--master-port", free_port(), *args, env=env,
+              "--master-addr", "10.79.0.11", "--master-port", free_port(), *args,
+              *([] if straggler else ["--no-straggler"]), env=env,
               timeout=300)
     assert p.returncode in (0, 1), p.stderr
     return p, json.loads(p.stdout)
@@ -358,7 +360,7 @@ def test_doctor_names_the_straggler_and_none_on_an_untouched_cluster(tst, tmp_pa
     every command ssh starts there, in a cgroup with that quota), tst2 is named for its link
     and tst3 for its GEMM, each at least 2x worse than the median of the others."""
     hosts = ["tst1", "tst2", "tst3"]
-    p, r = _doctor(tmp_path, hosts, "--no-ports")
+    p, r = _doctor(tmp_path, hosts, "--no-ports", straggler=True)
     assert p.returncode == 0 and _stragglers(r) == {}, r["findings"]
     assert sorted(r["straggler"]["hosts"]) == hosts and not r["straggler"]["slow_link"]
     from dtlab.cluster import netns
@@ -367,7 +369,7 @@ def test_doctor_names_the_straggler_and_none_on_an_untouched_cluster(tst, tmp_pa
     sshd = int((c.state_dir / "sshd-tst3.pid").read_text())
     undo = _cpu_limited(sshd, 0.25)
     try:
-        p, r = _doctor(tmp_path, hosts, "--no-ports")
+        p, r = _doctor(tmp_path, hosts, "--no-ports", straggler=True)
     finally:
         undo()
         netns._shape(c, c.find("tst2"), "200mbit")

@@ -151,11 +151,13 @@ def hosts(ssh_hosts):
     """dthost1, dthost2 over ssh, and pdsh (conftest.ssh_hosts: brought up once a session)."""
 
 
-def doctor(tmp_path, hostfile_text, *args, env=None, cwd=None):
+def doctor(tmp_path, hostfile_text, *args, env=None, cwd=None, straggler=False):
+    """The doctor on a hostfile; the straggler preflight (seconds of GEMM and link timing per
+    host) only where a test is about it."""
     hf = tmp_path / "hostfile"
     hf.write_text(hostfile_text)
     p = dtlab("doctor", "--hostfile", hf, "--json", "--connect-timeout", "3", *args,
-              env=env, cwd=cwd)
+              *([] if straggler else ["--no-straggler"]), env=env, cwd=cwd)
     assert p.returncode in (0, 1), p.stderr
     r = json.loads(p.stdout)
     errors = [f for f in r["findings"] if f["severity"] == "error"]
@@ -163,8 +165,16 @@ def doctor(tmp_path, hostfile_text, *args, env=None, cwd=None):
 
 
 def test_good_hostfile_passes(hosts, tmp_path):
-    rc, r, errors = doctor(tmp_path, "dthost1 slots=1\ndthost2 slots=1\n", "--ds-report")
+    rc, r, errors = doctor(tmp_path, "dthost1 slots=1\ndthost2 slots=1\n", "--ds-report",
+                           straggler=True)
     assert rc == 0 and errors == []
+    # both hosts are this machine: GEMMs timed on each, the link not (loopback), nobody named
+    assert sorted(r["straggler"]["hosts"]) == ["dthost1", "dthost2"]
+    assert all(h["gemm_ms"] > 0 and h["link_Mbps"] is None and h["local"]
+               for h in r["straggler"]["hosts"].values()), r["straggler"]
+    assert [f["message"] for f in r["findings"] if f["check"] == "straggler"] == [
+        next(f["message"] for f in r["findings"] if f["check"] == "straggler"
+             and f["severity"] == "ok")]
     assert set(r["hosts"]) == {"dthost1", "dthost2"}
     assert r["hosts"]["dthost1"]["deepspeed"] == r["hosts"]["dthost2"]["deepspeed"]
     checks = {f["check"] for f in r["findings"] if f["severity"] == "ok"}

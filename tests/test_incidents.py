@@ -60,6 +60,7 @@ def test_broken_fails_fixed_passes_nothing_left(name, state, tmp_path):
         s = json.loads((work / "run" / "summary.json").read_text())
         assert sorted(s["hosts"]) == sorted(catalogue.INCIDENTS[name].hosts)
         listed = dtlab("incident", "list", env=state)
-        assert any(ln.startswith(name) and "fixed" in ln for ln in listed.stdout.splitlines())
+        assert any(ln.split()[:1] == [name] and ln.endswith("fixed") for ln in listed.stdout.splitlines()), \
+            listed.stdout
     finally:
         dtlab("cluster", "down", "--name", "inc")

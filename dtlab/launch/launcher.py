@@ -268,22 +268,30 @@ def _agent_here(argv: list[str], env: dict, out) -> int:
                 os.close(fd)
 
 
-NODE_GRACE_S = 20.0  # after one node's agent ended, how long the others get to end by themselves
+NODE_GRACE_S = 20.0        # after one node's agent ended well, how long the others get to end
+NODE_GRACE_FAILED_S = 8.0  # ... after it failed: the others' ranks see the failure at once
+TERM_WAIT_S = 5.0          # SIGTERM, then SIGKILL this much later
 
 
 def wait_nodes(procs: list[subprocess.Popen], names: list[str], grace: float = NODE_GRACE_S,
-               deadline: float | None = None) -> list[int] | None:
+               deadline: float | None = None,
+               grace_failed: float = NODE_GRACE_FAILED_S) -> list[int] | None:
     """Wait for every node's agent. Once one has ended, the others get ``grace`` seconds (their
-    ranks finish, or time out and report); an agent still alive then is cut off from the first
-    node (a pulled link, a dead peer: torchrun's agent waits on the rendezvous store for many
-    minutes, even after its ranks succeeded), so its whole session is stopped: SIGTERM, then
-    SIGKILL 10 s later. None when ``deadline`` (time.monotonic) passes first."""
+    ranks finish: rank 0's node, comparing with the baseline, often ends last), or
+    ``grace_failed`` when the first one failed (the others' ranks lost a peer and report at
+    once: their flight records are written by then); an agent still alive then is cut off from
+    the first node (a pulled link, a dead peer: torchrun's agent waits on the rendezvous store
+    for many minutes, even after its ranks succeeded, and ignores SIGTERM while it does), so its
+    whole session is stopped: SIGTERM, then SIGKILL TERM_WAIT_S later. None when ``deadline``
+    (time.monotonic) passes first."""
     ended_at = None
     while any(p.poll() is None for p in procs):
         if deadline is not None and time.monotonic() > deadline:
             return None
         if ended_at is None and any(p.returncode is not None for p in procs):
             ended_at = time.monotonic()
+            if any(p.returncode not in (None, 0) for p in procs):
+                grace = min(grace, grace_failed)
         if ended_at is not None and time.monotonic() - ended_at > grace:
             first = next(n for p, n in zip(procs, names) if p.returncode is not None)
             for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -299,7 +307,7 @@ def wait_nodes(procs: list[subprocess.Popen], names: list[str], grace: float = N
                             pass
                 try:
                     for p in procs:
-                        p.wait(timeout=10)
+                        p.wait(timeout=TERM_WAIT_S)
                     break
                 except subprocess.TimeoutExpired:
                     continue
