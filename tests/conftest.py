@@ -15,8 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Baseline cache per test session, so no stale entry from another checkout can answer."""
+    """Baseline cache per test session, so no stale entry from another checkout can answer; the
+    course's state (where dtlab exercise, check and incident note the learner's progress) too,
+    so the suite never rewrites the real one in ~/.local/state/dtlab."""
     os.environ["DTLAB_CACHE"] = str(tmp_path_factory.mktemp("dtlab-cache"))
+    os.environ["DTLAB_STATE"] = str(tmp_path_factory.mktemp("dtlab-state"))
 
 
 def free_port() -> int:

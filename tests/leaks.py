@@ -1,6 +1,7 @@
 """What a test run may not leave on the machine: network namespaces, processes it started (lab
 ranks, torchrun agents, dtlab commands, the clusters' daemons), dtlab entries in /dev/shm,
-nftables tables named dtlab, cluster state, links and /etc/hosts lines. .ci/run takes a
+nftables tables named dtlab, cluster state, links, /etc/hosts lines and the learner's course state
+(a test's exercise or incident noted in ~/.local/state/dtlab/exercises.json). .ci/run takes a
 snapshot before it starts anything and checks after `make test`, once it has stopped the
 services it started itself (the main cluster with Slurm, the ssh test hosts): whatever is new
 then was left behind.
@@ -122,6 +123,18 @@ def processes(proc: Path = PROC, me: int | None = None) -> list[str]:
     return sorted(found, key=lambda s: int(s.split()[1]))
 
 
+def learner_state() -> list[str]:
+    """The course's state file where a learner's dtlab exercise/check/incident write it (no
+    DTLAB_STATE), with its size and modification time: a rewrite shows as a new item."""
+    root = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    f = root / "dtlab" / "exercises.json"
+    try:
+        st = f.stat()
+    except OSError:
+        return []
+    return [f"{f} ({st.st_size} bytes, modified {st.st_mtime_ns})"]
+
+
 def collect() -> dict[str, list[str]]:
     hosts = HOSTS.read_text().splitlines() if HOSTS.is_file() else []
     return {
@@ -133,6 +146,7 @@ def collect() -> dict[str, list[str]]:
         "cluster state": sorted(p.name for p in CLUSTER_STATE.iterdir())
         if CLUSTER_STATE.is_dir() else [],
         "/etc/hosts line": [ln for ln in hosts if "# dtlab cluster" in ln],
+        "learner state": learner_state(),
     }
 
 
@@ -160,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
               sep="\n  ", file=sys.stderr)
         return 1
     print("tests/leaks.py: nothing left behind (namespaces, processes, /dev/shm, nft tables, "
-          "cluster state)")
+          "cluster state, learner state)")
     return 0
 
 

@@ -60,7 +60,20 @@ def test_broken_fails_fixed_passes_nothing_left(name, state, tmp_path):
         s = json.loads((work / "run" / "summary.json").read_text())
         assert sorted(s["hosts"]) == sorted(catalogue.INCIDENTS[name].hosts)
         listed = dtlab("incident", "list", env=state)
-        assert any(ln.split()[:1] == [name] and ln.endswith("fixed") for ln in listed.stdout.splitlines()), \
-            listed.stdout
+        rows = [ln for ln in listed.stdout.splitlines() if ln.split()[:1] == [name]]
+        assert len(rows) == 1 and " fixed (" in rows[0], listed.stdout
     finally:
         dtlab("cluster", "down", "--name", "inc")
+
+
+def test_an_op_that_does_not_build_stops_start_with_its_reason(tmp_path):
+    """start builds DeepSpeed's shm_comm op before any job runs (a job stopped by a deadline
+    half-way through that build would leave torch's lock behind); when it cannot be built, start
+    says why in one line."""
+    from dtlab.incidents import runner
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'building...' >&2\necho 'error: g++: not found' >&2\n"
+                    "exit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(runner.IncidentError, match=r"does not build here .*g\+\+: not found"):
+        runner._ops_built(str(fake), log=lambda *a, **k: None)

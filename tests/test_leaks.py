@@ -1,6 +1,8 @@
 """tests/leaks.py, the check .ci/run makes after `make test`, on made-up machines: what it
 counts as left behind, what it lets be, and that it says what and fails."""
 import json
+import os
+from pathlib import Path
 
 import leaks
 
@@ -77,3 +79,19 @@ def test_check_names_each_leak_and_fails_and_lets_the_baseline_be(tmp_path, monk
     assert "nothing left behind" in capsys.readouterr().out
     snap = tmp_path / "snap.json"
     assert leaks.main(["snapshot", str(snap)]) == 0 and json.loads(snap.read_text()) == before
+
+
+def test_a_rewritten_learner_state_is_a_leak_and_the_suite_keeps_its_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    assert leaks.learner_state() == []
+    f = tmp_path / "dtlab" / "exercises.json"
+    f.parent.mkdir()
+    f.write_text("{}")
+    before = {"learner state": leaks.learner_state()}
+    assert leaks.leaks(before, before) == []
+    os.utime(f, ns=(1, 1))  # the same file, written again by a test
+    assert leaks.leaks({"learner state": leaks.learner_state()}, before) == [
+        f"learner state {f} (2 bytes, modified 1)"]
+    # conftest points the course's state at the session's own folder
+    from dtlab.exercises import progress
+    assert not str(progress.state_file()).startswith(str(Path.home() / ".local"))

@@ -109,6 +109,33 @@ def _programs() -> tuple[str, str]:
     return str(deepspeed), sys.executable
 
 
+OPS_BUILD_S = 900.0
+
+
+def _ops_built(python: str, log=print) -> None:
+    """DeepSpeed's shared-memory all-reduce op (shm_comm), which every rank of the DeepSpeed
+    jobs loads, built here before the learner's first run: compiled by a job instead, on both
+    nodes at once, it takes a minute, and a check's deadline that stops the job half-way leaves
+    torch's build lock behind, on which every later job waits for ever."""
+    code = ("from deepspeed.accelerator import get_accelerator as a; "
+            "a().create_op_builder('ShareMemCommBuilder').load(verbose=False)")
+    t0 = time.monotonic()
+    log("checking DeepSpeed's CPU all-reduce op (built once: about a minute the first time) ...",
+        flush=True)
+    try:
+        p = subprocess.run([python, "-c", code], capture_output=True, text=True,
+                           timeout=OPS_BUILD_S)
+    except subprocess.TimeoutExpired:
+        raise IncidentError(f"building DeepSpeed's shm_comm op took over {OPS_BUILD_S:g} s: a "
+                            "build stopped half-way leaves a lock; remove "
+                            "~/.cache/torch_extensions/*/deepspeed_shm_comm and start again")
+    if p.returncode != 0:
+        raise IncidentError("DeepSpeed's shm_comm op does not build here (the incidents' jobs "
+                            f"need it): {(p.stderr.strip().splitlines() or ['?'])[-1][-300:]}")
+    if time.monotonic() - t0 > 10:
+        log(f"  built in {time.monotonic() - t0:.0f} s")
+
+
 def start(name: str, dest: str | None, log=print) -> Path:
     inc = get(name)
     _require_root()
@@ -119,6 +146,7 @@ def start(name: str, dest: str | None, log=print) -> Path:
                             f"dtlab incident check {now['name']}, or give-up {now['name']}, "
                             "first")
     work = Path(dest or f"incident-{name}").resolve()
+    _ops_built(python, log)
     if netns.is_up(CLUSTER["name"]) or Path(netns.STATE_ROOT / CLUSTER["name"]).exists():
         manage.down(CLUSTER["name"], log=lambda *_: None)  # a fresh cluster for every start
     c = netns.up(_cluster(), log=lambda *_: None)
