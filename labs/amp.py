@@ -39,7 +39,7 @@ from dtlab import registry
 from dtlab.costmodel import fp16
 from dtlab.train.data import check_divisible
 from dtlab.train.model import loss_fn
-from dtlab.train.precision import AMP_TOLERANCE, DTYPES, ScaleHistory
+from dtlab.train.precision import AMP_TOLERANCE, DTYPES, ScaleHistory, loss_scale_rules
 from dtlab.train.settings import finite
 from dtlab.errors import UsageError
 from dtlab.harness import add_common_args, run_lab
@@ -220,6 +220,14 @@ class MixedPrecision(Strategy):
         self.equivalent = self.history.report(
             self.extra, self.settings.out if self.rt.is_main else None, self.variant)
         self.drift_reason = self.history.drift_reason()
+        if self.scaler_kind == "own":  # the rules the loss-scale picture names
+            s = self.scaler
+            self.extra["loss_scale_rules"] = loss_scale_rules(
+                s.rules, s.hysteresis if s.rules == "deepspeed" else 1, s.growth_interval,
+                s.backoff_factor, s.consecutive_hysteresis)
+        elif self.scaler_kind == "torch":
+            self.extra["loss_scale_rules"] = loss_scale_rules(
+                "torch", 1, self.scaler.get_growth_interval(), self.scaler.get_backoff_factor())
         grads = [p.grad for p in getattr(self, "master", None) or self.model.parameters()
                  if p.grad is not None]
         if grads:

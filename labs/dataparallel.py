@@ -104,6 +104,13 @@ class OwnDataParallel(Strategy):
         self.gathered_bytes = logits.numel() * logits.element_size() * 2  # logits and their grad
         return loss.detach()                                               # 7: optimizer_step
 
+    def memory(self) -> dict:
+        """Device 0's states and the activations its replica saved: each replica's forward runs
+        under its own meter (in its own thread), so the strategy's meter sees none of them."""
+        snap = super().memory()
+        snap["activations_peak"] = self.meters[0].peak
+        return snap
+
     def close(self) -> None:
         per = []
         for i, r in enumerate(self.replicas or []):

@@ -122,6 +122,8 @@ def test_dataparallel_own_equals_baseline_and_measures_device0(replicas, tmp_pat
     assert len(rb) == replicas
     for r in rb:
         assert r["params"] == 4 * TINY_PARAMS and r["activations"] > 0
+    # rank 0's memory row is device 0's: its replica's activations, not the idle default meter
+    assert s["memory"]["per_rank"][0]["activations_peak"] == rb[0]["activations"]
     if replicas > 1:
         # device 0 also holds the optimizer state and the gathered outputs and their gradient
         assert rb[0]["optimizer"] >= 8 * TINY_PARAMS and rb[0]["gathered_outputs"] > 0

@@ -18,6 +18,12 @@ from dtlab.costmodel.shapes import bubble
 from dtlab.plotting import plt_agg
 
 
+def Patch(**kw):
+    """A legend's coloured box (matplotlib is imported on first use)."""
+    from matplotlib.patches import Patch as _Patch
+    return _Patch(**kw)
+
+
 def _parts(action) -> tuple[str, int, int]:
     """(kind, micro-batch, chunk) of an action; one-chunk schedules leave the chunk out."""
     kind, i, *chunk = action
@@ -91,6 +97,8 @@ def figures(extra: dict) -> dict:
             "peak_live_theory": best["peak_live"]}
 
 
+COLOURS = {"F": "#4c78a8", "B": "#59a14f", "W": "#f28e2b"}
+
 FORMULAS = {"interleaved": "(P-1)/(VM+P-1)", "zbh1": "(P-1)/(3M+P-1)"}  # else (P-1)/(M+P-1)
 
 
@@ -107,18 +115,31 @@ def draw_schedule(summary: dict, out: str | Path) -> Path | None:
     f = figures(e)
     tls = [tl[-1] for tl in e["timelines"]]
     t0 = min(s for tl in tls for s, _ in tl)
-    fig, ax = plt.subplots(figsize=(10, 0.6 * len(tls) + 1.2))
+    p, v = e["stages"], e.get("virtual_stages", 1)
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(tls) + 1.8))
     for r, (tl, acts) in enumerate(zip(tls, e["actions"])):
         for (s, end), action in zip(tl, acts):
             kind, i, chunk = _parts(action)
-            ax.barh(r, (end - s) * 1e3, left=(s - t0) * 1e3, height=0.8,
-                    color={"F": "#4c78a8", "B": "#59a14f", "W": "#f28e2b"}[kind],
+            ax.barh(r, (end - s) * 1e3, left=(s - t0) * 1e3, height=0.8, color=COLOURS[kind],
                     alpha=1.0 if chunk % 2 == 0 else 0.65, edgecolor="white")
             ax.text((s - t0 + (end - s) / 2) * 1e3, r, f"{kind}{i}" + "'" * chunk,
                     ha="center", va="center", color="white", fontsize=7)
-    ax.set_yticks(range(len(tls)), [f"stage {r}" for r in range(len(tls))])
+    ax.set_yticks(range(len(tls)), [f"stage {r}" if v == 1 else f"rank {r}"
+                                    for r in range(len(tls))])
     ax.invert_yaxis()
     ax.set_xlabel("ms (white gaps are the bubble)")
+    kinds = {k for acts in e["actions"] for k, _, _ in map(_parts, acts)}
+    names = {"F": "F3: forward of micro-batch 3",
+             "B": "B3: backward" if "W" not in kinds else "B3: backward, input gradient",
+             "W": "W3: backward, weight gradient"}
+    handles = [Patch(color=COLOURS[k], label=names[k]) for k in "FBW" if k in kinds]
+    if v > 1:  # what the primes mean
+        handles += [Patch(color=COLOURS["F"], alpha=0.65,
+                          label=f"F3', B3' (lighter): micro-batch 3 on the rank's second chunk "
+                                f"of layers, model stage rank + {p}"
+                                + ("; '' the third chunk, stage rank + 2P ..." if v > 2 else ""))]
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.32),
+              ncol=min(len(handles), 2 if v > 1 else 3), frameon=False)
     ax.set_title(f"{summary['variant']}: measured bubble {f['bubble_measured']:.3f}, theory "
                  f"{FORMULAS.get(e['schedule'], '(P-1)/(M+P-1)')} = {f['bubble_theory']:.3f}",
                  fontsize=10)

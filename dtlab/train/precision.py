@@ -67,6 +67,14 @@ class ScaleHistory:
         return f"{n} step{'s' if n != 1 else ''} skipped" if n else ""
 
 
+def loss_scale_rules(rules: str, hysteresis: int, growth_interval: int, backoff: float,
+                     consecutive_hysteresis: bool = False) -> dict:
+    """``extra.loss_scale_rules``: whose rules a scaler followed, for the loss-scale picture to
+    say why an overflow did or did not back the scale off."""
+    return {"rules": rules, "hysteresis": int(hysteresis), "growth_interval": int(growth_interval),
+            "backoff": float(backoff), "consecutive_hysteresis": bool(consecutive_hysteresis)}
+
+
 def deepspeed_fp16_unsupported(device_type: str) -> str | None:
     """Why DeepSpeed's fp16 engine cannot run on this device, or None. On the CPU, DeepSpeed's
     accelerator offers fp16 only where oneDNN has fp16 kernels (AVX512-FP16 or AMX-FP16, recent

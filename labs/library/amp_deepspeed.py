@@ -8,7 +8,8 @@ import math
 
 from dtlab.errors import UsageError
 from dtlab.train.model import ToyGPT, loss_fn
-from dtlab.train.precision import AMP_TOLERANCE, ScaleHistory, deepspeed_fp16_unsupported
+from dtlab.train.precision import (AMP_TOLERANCE, ScaleHistory, deepspeed_fp16_unsupported,
+                                   loss_scale_rules)
 from dtlab.train.runtime import choose_backend_device
 from dtlab.train.settings import ADAMW_BETAS
 from dtlab.train.loop import Strategy
@@ -95,4 +96,6 @@ class DeepSpeedFP16(Strategy):
         self.equivalent = self.history.report(
             self.extra, self.settings.out if self.rt.is_main else None, self.variant)
         self.drift_reason = self.history.drift_reason()
+        self.extra["loss_scale_rules"] = loss_scale_rules(
+            "deepspeed", self.hysteresis, self.growth_interval, 0.5, self.consecutive_hysteresis)
         super().close()
