@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dtlab.docsgen.lab_figures import _pct, load
 
-PAGES = ("cluster.md", "debugging.md", "doctor.md", "reliability.md", "plan.md")
+PAGES = ("cluster.md", "debugging.md", "doctor.md", "reliability.md", "plan.md", "memory.md")
 
 
 def plan_figures(rec: dict, cal: dict) -> dict[str, str]:
@@ -40,6 +40,20 @@ def plan_figures(rec: dict, cal: dict) -> dict[str, str]:
             "plan.err.two.over": f"{sum(e > 0 for e in two)} of {len(two)}",
             "plan.err.tiny1": f"{err(tiny1):+.0%}",
             "plan.repeat": pct([b / a - 1 for a, b in runs])}
+
+
+def plan_goal_figures(rec: dict) -> dict[str, str]:
+    """The validation's summary against its goals, and the errors of the single-process runs
+    of the small and long presets (over-predicted), for the prose of docs/plan.md."""
+    s = rec["summary"]
+    one = [r["predicted"]["step_s"] / r["measured"]["step_s"] - 1 for r in rec["layouts"]
+           if r["nodes"] * r["per_node"] == 1 and r["preset"] != "tiny"]
+    return {"plan.goal.mape": f"{s['mape_time']:.1%}",
+            "plan.goal.max": f"{s['max_ape_time']:.1%}",
+            "plan.goal.spearman": f"{s['spearman']:.3f}",
+            "plan.goal.spearman.groups": f"{s['spearman_within_groups_mean']:.3f}",
+            "plan.err.one": f"{min(one):+.0%} to {max(one):+.0%}",
+            "plan.err.one.runs": str(len(one))}
 
 
 def measured_table(rec: dict) -> str:
@@ -84,6 +98,19 @@ def gpu_plan_figures(search: dict) -> dict[str, str]:
             "plan.gpu.1t.costed": f"{search['layouts_costed']:,}"}
 
 
+def gpu_stall_figures(measured: dict) -> dict[str, str]:
+    """The stalls of the measured H100 sweep: how many, and the time each loses a micro-batch
+    beyond the prediction ((measured - predicted) / micro-batches), its middle 80%."""
+    import re
+    import statistics
+    lost = sorted((r["measured_s"] - r["predicted_s"]) /
+                  int(re.search(r"ga(\d+)", r["layout"]).group(1))
+                  for r in measured["stall_rows"])
+    dec = statistics.quantiles(lost, n=10)
+    return {"plan.gpu.stalls": str(len(lost)),
+            "plan.gpu.stall.lost": f"{dec[0]:.1f} to {dec[-1]:.1f} s"}
+
+
 def _slug(text: str) -> str:
     return text.replace(" @ ", "-").replace(" ", "-")
 
@@ -117,6 +144,15 @@ def cluster_figures(c: dict) -> dict[str, str]:
                     f"{key}.across": f"{r['tp_across_nodes_ms']:.0f} ms",
                     f"{key}.ratio": f"{r['across_over_inside']:.2f}x"})
     return out
+
+
+def cluster_bytes_figures(c: dict) -> dict[str, str]:
+    """cluster.3d.mib (what a rank of the 3D grid sends a step, the same in both orders) and
+    cluster.zero3.over_ddp (ZeRO-3's bytes a step over DDP's)."""
+    grid = {r["comm_bytes_per_step"] for g in c["parallel3d"] for r in g["rows"].values()}
+    sent = {s["strategy"]: s["comm_bytes_per_step"] for s in c["strategies"]}
+    return {"cluster.3d.mib": " or ".join(f"{b / 2**20:.1f} MiB" for b in sorted(grid)),
+            "cluster.zero3.over_ddp": f"{sent['zero stage 3'] / sent['ddp']:.1f}"}
 
 
 def cluster_links_table(c: dict, size: int = 8 * 2**20) -> str:
@@ -231,12 +267,77 @@ def restart_figures(rec: dict) -> dict[str, str]:
             "restart.lost": str(fail_at - rec["checkpoint"]["resumed_from"])}
 
 
+def _mem_row(rec: dict, case: str, stage: int, offload: str) -> dict:
+    """One row of a ``dtlab memory --json`` output in docs/reference/memory.json."""
+    return next(r for r in rec["estimates"][case]["rows"]
+                if r["stage"] == stage and r["offload"] == offload)
+
+
+def memory_figures(rec: dict) -> dict[str, str]:
+    """The estimates docs/memory.md quotes in its prose (memory.json, records/memory_cases.py)."""
+    p65 = _mem_row(rec, "65b-4x32", 3, "param")
+    gb = {f"mem.7b.s{s}.gpu": _mem_row(rec, "7b-1x8", s, "none")["gpu"]["total"] for s in (0, 2, 3)}
+    return {"mem.65b.param.cpu": f"{p65['cpu_per_node']['total'] / 1e9:,.0f} GB",
+            "mem.65b.param.ds_cpu": f"{p65['deepspeed']['cpu_per_node'] / 1e9:,.0f} GB",
+            "mem.7b.s0.gpu": f"{gb['mem.7b.s0.gpu'] / 1e9:.0f} GB",
+            "mem.7b.s2.gpu": f"{gb['mem.7b.s2.gpu'] / 1e9:.2f} GB",
+            "mem.7b.s3.gpu": f"{gb['mem.7b.s3.gpu'] / 1e9:.1f} GB",
+            # the stage-3 buffer holds the layer's 16-bit weights and gradients: 4 B/param
+            "mem.7b.largest":
+                f"{_mem_row(rec, '7b-1x8', 3, 'param')['gpu']['layer_buffer'] / 4:,.0f}"}
+
+
+def memory_tables(rec: dict) -> dict[str, str]:
+    """docs/memory.md's tables: ours beside DeepSpeed's estimators, the 65B case, and the
+    activation estimate beside the bytes autograd saved."""
+    rows = ["| nodes x GPUs | stage | offload | ours GPU GB | DeepSpeed GPU GB | "
+            "ours CPU/node x 1.5 | DeepSpeed CPU GB |", "|---|---|---|---|---|---|---|"]
+    picks = [("7b-1x8", 2, "none"), ("7b-1x8", 2, "optimizer"), ("7b-1x8", 3, "none"),
+             ("7b-1x8", 3, "optimizer"), ("7b-1x8", 3, "param"), ("7b-1x4", 2, "none"),
+             ("7b-1x4", 3, "none"), ("7b-2x8", 2, "none"), ("7b-2x8", 2, "optimizer"),
+             ("7b-2x8", 3, "optimizer")]
+    for case, st, off in picks:
+        r, setup = _mem_row(rec, case, st, off), rec["estimates"][case]["setup"]
+        ours, ds = r["cpu_per_node"]["total"] * 1.5 / 1e9, r["deepspeed"]["cpu_per_node"] / 1e9
+        cpu = (f"{ours:.2f} | {ds:.2f}" if round(ours, 2) == round(ds, 2) else
+               f"**{ours:.2f}** | **{ds:.2f}**")
+        rows.append(f"| {setup['nodes']} x {setup['gpus_per_node']} | {st} | {off} | "
+                    f"{r['gpu']['total'] / 1e9:.2f} | {r['deepspeed']['gpu'] / 1e9:.2f} | {cpu} |")
+    big = ["| stage | offload | GPU model states | + activations (ckpt, b=1, s=2048) | fits 32 GB "
+           "| CPU per node |", "|---|---|---|---|---|---|"]
+    for st, off in ((2, "optimizer"), (3, "none"), (3, "optimizer"), (3, "param")):
+        r = _mem_row(rec, "65b-4x32", st, off)
+        g = r["gpu"]["total"]
+        big.append(f"| {st} | {off} | {g / 1e9:.1f} GB | "
+                   f"{(g + r['activations']['checkpointing']) / 1e9:.1f} GB | "
+                   f"{'yes' if r['fits_gpu'] else 'no'} | "
+                   f"{r['cpu_per_node']['total'] / 1e9:,.0f} GB |")
+    acts = ["| preset | micro-batch | saved by autograd (bytes) | estimate (bytes) |",
+            "|---|---|---|---|"]
+    acts += [f"| {a['preset']} | {a['batch']} | {a['saved_by_autograd']:,} | {a['estimate']:,} |"
+             for a in rec["activations"]]
+    return {"memds": "\n".join(rows), "mem65b": "\n".join(big), "memacts": "\n".join(acts)}
+
+
+def reliability_figures(reshard: dict, hang: dict) -> dict[str, str]:
+    """docs/reliability.md's prose: the checkpoint writes of every resharding run, and how soon
+    the hang record's stalls were reported."""
+    w = [s * 1e3 for r in reshard["rows"] for s in r["ckpt_write_s"]]
+    return {"resharding.write": f"{min(w):.0f}-{max(w):.0f} ms",
+            "hang.stall.median": f"{hang['faults']['stall']['detect_s_median']:.2f} s"}
+
+
 def figures(ref_dir: Path) -> dict[str, str]:
-    return {**cluster_figures(load(ref_dir, "cluster.json")),
+    return {**reliability_figures(load(ref_dir, "resharding.json"), load(ref_dir, "hang.json")),
+            **cluster_figures(load(ref_dir, "cluster.json")),
+            **cluster_bytes_figures(load(ref_dir, "cluster.json")),
             **restart_figures(load(ref_dir, "reliability-restart.json")),
             **plan_figures(load(ref_dir, "plan-validate.json"),
                            load(ref_dir, "plan-calibration.json")),
-            **gpu_plan_figures(load(ref_dir, "plan-search-1t.json"))}
+            **gpu_plan_figures(load(ref_dir, "plan-search-1t.json")),
+            **plan_goal_figures(load(ref_dir, "plan-validate.json")),
+            **gpu_stall_figures(load(ref_dir, "plan-measured-h100.json")),
+            **memory_figures(load(ref_dir, "memory.json"))}
 
 
 def tables(ref_dir: Path) -> dict[str, str]:
@@ -247,4 +348,5 @@ def tables(ref_dir: Path) -> dict[str, str]:
             "resharding": resharding_table(load(ref_dir, "resharding.json")),
             "gpumeasured": measured_table(measured := load(ref_dir, "plan-measured-h100.json")),
             "gpuconstants": constants_table(measured),
-            "gpusearch": search_table(load(ref_dir, "plan-search-1t.json"))}
+            "gpusearch": search_table(load(ref_dir, "plan-search-1t.json")),
+            **memory_tables(load(ref_dir, "memory.json"))}

@@ -8,7 +8,11 @@ versions, the commit, and when each record was made and how long it took), then 
 page: the marked tables (``<!-- TAG:name -->`` ... ``<!-- /TAG:name -->``), the inline figures
 (``<!--fig:NAME-->`` ... ``<!--/fig-->``) and the pictures drawn from records or from the code.
 ``check`` renders into memory and names every table and figure a page holds that the records do
-not give (the test suite runs it), and every marker the renderer does not know.
+not give (the test suite runs it), every marker the renderer does not know, and every
+measured-looking figure (a number with a unit of time, bandwidth or bytes) typed outside the spans
+that account for it: ``<!--fig:KEY-->`` (a record's), ``<!--pub:SOURCE-->`` (published, its source
+in sources.py) and ``<!--given-->`` (an input, a setting, arithmetic on figures the sentence
+states). Code spans and blocks (commands, transcripts) are not read.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from pathlib import Path
 
 from dtlab.cluster.netns import Cluster, ClusterError
 from dtlab.docsgen import import_graph as importgraph
-from dtlab.docsgen import lab_figures as docsfig, ops_figures as docsops
+from dtlab.docsgen import answers, lab_figures as docsfig, ops_figures as docsops
 from dtlab.docsgen.lab_figures import load, machine_line
 from dtlab.launch import sessions
 from dtlab.plan import validate as planval
@@ -60,6 +64,12 @@ REFERENCES = (
     Reference("schedules", "schedules-experts.json",
               ("python", "-m", "dtlab.docsgen.records.schedule_runs", "--json",
                "docs/reference/schedules-experts.json", "--img", "docs/img"), 2),
+    Reference("zero-libraries", "zero-libraries.json",
+              ("python", "-m", "dtlab.docsgen.records.zero_libraries", "--json",
+               "docs/reference/zero-libraries.json"), 10),
+    Reference("memory", "memory.json",
+              ("python", "-m", "dtlab.docsgen.records.memory_cases", "--json",
+               "docs/reference/memory.json"), 1),
     Reference("long-sequences", "long-sequences.json",
               ("python", "-m", "dtlab.docsgen.records.long_sequences", "--json",
                "docs/reference/long-sequences.json", "--img", "docs/img"), 5),
@@ -89,6 +99,14 @@ REFERENCES = (
                "docs/reference/plan-measured-h100.json", "--img", "docs/img"), 0.2),
     Reference("plan-search-1t", "plan-search-1t.json",
               ("dtlab", "bench", "plan", "--json", "docs/reference/plan-search-1t.json"), 0.1),
+    Reference("questions", "questions.json",
+              ("python", "-m", "dtlab.docsgen.records.question_runs", "--json",
+               "docs/reference/questions.json"), 4.5),
+    Reference("amp", "amp.json", ("python", "-m", "dtlab.docsgen.records.amp_runs", "--json",
+                                  "docs/reference/amp.json"), 5),
+    Reference("answers", "answers-q1-33.json",
+              ("python", "-m", "dtlab.docsgen.records.answer_runs", "--json",
+               "docs/reference/answers-q1-33.json"), 4),
     Reference("plan-a100", "plan-a100.json",
               ("dtlab", "plan", "--layers", "32", "--d-model", "4096", "--heads", "32", "--seq",
                "2048", "--batch", "512", "--nodes", "4", "--devices-per-node", "8",
@@ -247,6 +265,7 @@ def _tables(ref_dir: Path) -> dict[str, tuple[tuple[str, ...], dict[str, str]]]:
         "longseq": (longseq.PAGES, longseq.tables(load(ref_dir, "long-sequences.json"))),
         "plan": (planval.PAGES, planval.tables(load(ref_dir, "plan-validate.json"),
                                                load(ref_dir, "plan-a100.json"))),
+        "answers": (("questions.md",), {"table": answers.table(ref_dir)}),
         "ref": (docsfig.PAGES + docsops.PAGES + ("index.md",),
                 {**docsfig.tables(ref_dir), **docsops.tables(ref_dir),
                  "records": records_table(ref_dir)}),
@@ -310,6 +329,46 @@ def render_page(text: str, tables: dict, figures: dict[str, str], page: str,
     return FIG.sub(fig, BLOCK.sub(block, text))
 
 
+# A figure that looks measured: a number with a unit of time, bandwidth or bytes ("B" alone only
+# after a space, so "7B parameters" is not read as bytes).
+MEASURED = re.compile(
+    r"(?<![\w.])\d[\d,.]*(?:e[-+]?\d+)?(?:\s?(?:ns|us|µs|ms|min|h|seconds|minutes|hours|KB|KiB|kB|"
+    r"MB|MiB|GB|GiB|TB|TiB|bytes|Gbit/s|Mbit/s|GB/s|MB/s|GiB/s|Gb/s|Gbps|gbit|mbit|TB/s)|"
+    r"\s(?:s|B))(?![\w/])")
+# what exempts one: a record's figure or table, a published figure with its source, a figure
+# given (an input, a setting, arithmetic on stated figures); code is a command or a transcript
+MARKED = re.compile(r"<!--(fig|pub|given)(?::([\w.-]+))?-->(.*?)<!--/\1-->|"
+                    r"<!-- (\w+):(\w+) -->.*?<!-- /\4:\5 -->", flags=re.S)
+CODE = re.compile(r"```.*?```|`[^`\n]*`", flags=re.S)
+SPAN_OPEN = re.compile(r"<!--(fig|pub|given)(?::[\w.-]+)?-->")
+
+
+def typed_figures(text: str, page: str) -> list[str]:
+    """The measured-looking figures of a page outside the spans that account for them, and the
+    published spans whose source sources.py does not know: one line each, with its line."""
+    from dtlab.docsgen.sources import SOURCES
+    out = []
+
+    def blank(m):  # keep the line count, so a line number is the page's own
+        return re.sub(r"[^\n]", " ", m.group(0))
+
+    no_code = CODE.sub(blank, text)
+    for m in MARKED.finditer(no_code):
+        if m.group(1) == "pub" and m.group(2) not in SOURCES:
+            out.append(f"{page}:{no_code.count(chr(10), 0, m.start()) + 1}: published figure "
+                       f"{m.group(3)!r} names source {m.group(2)!r}, which "
+                       f"dtlab/docsgen/sources.py does not have")
+    bare = MARKED.sub(blank, no_code)
+    for m in SPAN_OPEN.finditer(bare):
+        out.append(f"{page}:{bare.count(chr(10), 0, m.start()) + 1}: {m.group(0)} is not closed "
+                   f"by <!--/{m.group(1)}-->")
+    for m in MEASURED.finditer(bare):
+        out.append(f"{page}:{bare.count(chr(10), 0, m.start()) + 1}: typed figure "
+                   f"{m.group(0)!r}: render it from its record (<!--fig:KEY-->), mark it "
+                   f"published (<!--pub:SOURCE-->) or given (<!--given-->)")
+    return out
+
+
 def render(docs: Path, ref_dir: Path, write: bool) -> list[str]:
     """Render every page of ``docs`` (and README.md beside it) from ``ref_dir``; write the pages
     that change when ``write``; the differences and problems, one line each."""
@@ -317,10 +376,7 @@ def render(docs: Path, ref_dir: Path, write: bool) -> list[str]:
     tables = _tables(ref_dir)
     figures = {**docsfig.figures(ref_dir), **docsops.figures(ref_dir)}
     out: list[str] = []
-    pages = sorted(Path(docs).glob("*.md")) + [Path(docs).parent / "README.md"]
-    for path in pages:
-        if not path.is_file():
-            continue
+    for path in pages(docs):
         text = path.read_text()
         new = render_page(text, tables, figures, path.name, out)
         if new != text:
@@ -336,6 +392,17 @@ def render(docs: Path, ref_dir: Path, write: bool) -> list[str]:
             if write:
                 atomic_write_text(path, new)
     return out
+
+
+def pages(docs: Path) -> list[Path]:
+    """The pages ``dtlab docs`` renders and checks: docs/*.md and README.md beside it."""
+    return [p for p in sorted(Path(docs).glob("*.md")) + [Path(docs).parent / "README.md"]
+            if p.is_file()]
+
+
+def unsourced(docs: Path) -> list[str]:
+    """Every page's typed measured-looking figures and unknown sources (typed_figures)."""
+    return [line for path in pages(docs) for line in typed_figures(path.read_text(), path.name)]
 
 
 def draw(ref_dir: Path, img: Path) -> list[Path]:
@@ -380,7 +447,7 @@ def main(args) -> int:
     if not ref_dir.is_dir():
         raise DocsError(f"--docs {docs}: no reference/ folder there; give the docs folder")
     if args.action == "check":
-        problems = render(docs, ref_dir, write=False)
+        problems = render(docs, ref_dir, write=False) + unsourced(docs)
         for line in problems:
             print(line)
         print("docs agree with docs/reference/" if not problems else
@@ -395,4 +462,9 @@ def main(args) -> int:
     changed = render(docs, ref_dir, write=True)
     pics = draw(ref_dir, docs / "img")
     print(f"rendered: {len(changed)} table(s)/figure(s) changed, {len(pics)} picture(s) drawn")
+    typed = unsourced(docs)
+    for line in typed:
+        print(line)
+    if typed:
+        print(f"{len(typed)} figure(s) not accounted for: `dtlab docs check` fails on them")
     return rc
