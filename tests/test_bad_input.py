@@ -91,6 +91,15 @@ def test_run_checks_before_launch(lab, nproc, argv):
     ("ddp", 2, ["--timeout", "1e300"], "--timeout must be in (0, 604800] seconds"),
     ("ddp", 2, ["--batch-size", "200000", "--preset", "small"], "needs about"),
     ("ddp", 2, ["--allreduce", "shm"], "--allreduce belong to --impl own"),
+    # checkpoint and fault flags (tests/test_reliability.py runs one through the real CLI)
+    ("torch_multiprocessing", 1, ["--ckpt-dir", "x"],
+     "--ckpt-dir: lab 'torch_multiprocessing' cannot checkpoint: its workers are started"),
+    ("zero", 2, ["--impl", "fairscale-oss", "--ckpt-dir", "x"], "--ckpt-dir works with --impl own"),
+    ("ddp", 2, ["--fail-at-step", "9", "--steps", "4"], "--fail-at-step must be in 0..3"),
+    ("ddp", 2, ["--stall-at-step", "1", "--stall-rank", "2"],
+     "--stall-rank must be in 0..1 for 2 process(es), got 2"),
+    ("ddp", 2, ["--fail-at-step", "1", "--fail-in", "checkpoint"],
+     "--fail-in checkpoint needs --ckpt-dir"),
 ])
 def test_named_bad_inputs(lab, nproc, argv, says):
     kind, err = _outcome(lambda: _validate(lab, nproc, argv))

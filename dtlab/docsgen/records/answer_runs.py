@@ -1,6 +1,6 @@
 """The small runs behind answers 1-33 of docs/questions.md that no other record holds, as one
-record: the ``dtlab memory`` estimate question 8 quotes, and question 9's case where data
-parallelism speeds a step up: one process and two ranks on the same global batch, given the same
+record: the ``dtlab memory`` estimate question 8 quotes, and question 9's comparison of data
+parallelism with one process: one process and two ranks on the same global batch, given the same
 cores in all (the launcher sets ``OMP_NUM_THREADS`` to the machine's cores over the processes:
 2 threads for the one process, 1 for each of the two ranks, on this 2-core machine).
 
