@@ -10,15 +10,11 @@ its summary (distance from the baseline, memory, the scale history, the fp16 und
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-from dtlab.docsgen.records.lab_runs import KEEP
-from dtlab.launch import sessions
-from dtlab.measure.run_record import atomic_write_text
-from dtlab.report import records
+from dtlab.docsgen.records.lab_runs import new_record, run_one, write_record
 
 STEPS = "50"
 # (name, lab, processes, flags): one row of the page's table each
@@ -26,23 +22,6 @@ RUNS = [("amp-fp16-own", "amp", 1, ["--dtype", "fp16", "--scaler", "own", "--ste
         ("amp-fp16-none", "amp", 1, ["--dtype", "fp16", "--scaler", "none", "--steps", STEPS]),
         ("amp-bf16-none", "amp", 1, ["--dtype", "bf16", "--scaler", "none", "--steps", STEPS]),
         ("amp-fp16-master", "amp", 1, ["--dtype", "fp16", "--master-weights", "--steps", STEPS])]
-
-
-def run_one(name: str, lab: str, nproc: int, flags: list[str], work: Path) -> dict:
-    """One run's summary, as lab_runs keeps it; a run outside its tolerance (exit 1: fp16
-    without loss scaling) is a row of the table too, with its exit status."""
-    out = work / name
-    cmd = [sys.executable, "-m", "dtlab", "run", lab, "--nproc", str(nproc), "--out", str(out),
-           *flags]
-    p = sessions.run(cmd, capture_output=True, text=True, timeout=900)
-    if p.returncode not in (0, 1) or not (out / "summary.json").is_file():
-        raise SystemExit(f"ampruns: {name} failed (exit {p.returncode}):\n{p.stderr[-2000:]}")
-    s = json.loads((out / "summary.json").read_text())
-    s = {k: s[k] for k in KEEP if k in s}
-    s["extra"].pop("profile", None)
-    s["command"] = f"dtlab run {lab} --nproc {nproc} {' '.join(flags)}"
-    s["exit_status"] = p.returncode
-    return s
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -56,15 +35,14 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     a = make_parser().parse_args(argv)
     work = Path(a.work)
-    rec = {"what": "the mixed-precision runs docs/amp.md quotes "
-                   "(python -m dtlab.docsgen.records.amp_runs)",
-           "date": time.strftime("%Y-%m-%d"), "machine": records.machine(), "runs": {}}
+    rec = new_record("the mixed-precision runs docs/amp.md quotes "
+                   "(python -m dtlab.docsgen.records.amp_runs)")
     t0 = time.perf_counter()
     for i, (name, lab, nproc, flags) in enumerate(RUNS, 1):
         print(f"[{i}/{len(RUNS)}] {name}", flush=True)
-        rec["runs"][name] = run_one(name, lab, nproc, flags, work)
-    rec["wall_s"] = time.perf_counter() - t0
-    atomic_write_text(Path(a.json), json.dumps(rec, indent=1) + "\n")
+        # a run outside its tolerance (exit 1: fp16 without loss scaling) is a row too
+        rec["runs"][name] = run_one(name, lab, nproc, flags, work, exits=(0, 1))
+    write_record(a.json, rec, t0)
     print(f"wrote {a.json} ({len(RUNS)} runs, {rec['wall_s']:.0f} s)")
     return 0
 

@@ -12,14 +12,12 @@ is shared) shows; the load average before each run is kept too.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from dtlab.launch import sessions
-from dtlab.measure.run_record import atomic_write_text
+from dtlab.docsgen.records.lab_runs import memory_estimate, new_record, run_one, write_record
 from dtlab.report import records
 
 MEMORY = ("memory-1.3b", ["--params", "1.3B", "--gpus-per-node", "1"])
@@ -31,27 +29,11 @@ KEEP = ("lab", "variant", "world_size", "preset", "steps", "batch_size", "n_para
         "time", "comm")
 
 
-def memory_one(flags: list[str]) -> dict:
-    base = [sys.executable, "-m", "dtlab", "memory", *flags]
-    p = sessions.run([*base, "--json"], capture_output=True, text=True, timeout=120)
-    t = sessions.run([*base], capture_output=True, text=True, timeout=120,
-                     env=dict(os.environ, COLUMNS="160"))
-    if p.returncode != 0 or t.returncode != 0:
-        raise SystemExit(f"answerruns: dtlab memory {' '.join(flags)} failed:\n{p.stderr[-2000:]}")
-    return {"command": f"dtlab memory {' '.join(flags)}", "text": t.stdout, **json.loads(p.stdout)}
-
-
 def lab_one(name: str, lab: str, nproc: int, flags: list[str], work: Path) -> dict:
-    out = work / name
-    cmd = [sys.executable, "-m", "dtlab", "run", lab, "--nproc", str(nproc), "--out", str(out),
-           *flags]
+    """One run, the load average before it and the threads each rank had."""
     load = os.getloadavg()[0]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the launcher's
-    p = sessions.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    if p.returncode != 0 or not (out / "summary.json").is_file():
-        raise SystemExit(f"answerruns: {name} failed (exit {p.returncode}):\n{p.stderr[-2000:]}")
-    s = json.loads((out / "summary.json").read_text())
-    s = {k: s[k] for k in KEEP if k in s}
+    s = run_one(name, lab, nproc, flags, work, keep=KEEP, env=env, timeout=600)
     s["load_average_before"] = load
     s["threads_per_rank"] = max(1, (os.cpu_count() or 1) // nproc)  # as the launcher sets it
     return s
@@ -68,12 +50,11 @@ def make_parser():
 def main(argv=None) -> int:
     a = make_parser().parse_args(argv)
     work = Path(a.work)
-    rec = {"what": "the runs behind answers 1-33 of docs/questions.md that no other record holds "
-                   "(python -m dtlab.docsgen.records.answer_runs)",
-           "date": time.strftime("%Y-%m-%d"), "machine": records.machine(), "runs": {}}
+    rec = new_record("the runs behind answers 1-33 of docs/questions.md that no other record holds "
+                   "(python -m dtlab.docsgen.records.answer_runs)")
     t0 = time.perf_counter()
     name, flags = MEMORY
-    rec["runs"][name] = memory_one(flags)
+    rec["runs"][name] = memory_estimate(flags, text=True)
     for name, lab, nproc, flags in SPEEDUP:
         rec["runs"][name] = {"command": f"dtlab run {lab} {' '.join(flags)}" if nproc == 1 else
                              f"dtlab run {lab} --nproc {nproc} {' '.join(flags)}",
@@ -88,8 +69,7 @@ def main(argv=None) -> int:
         r["step_s_median"] = steps[len(steps) // 2]
     one, two = rec["runs"]["one-process"], rec["runs"]["two-ranks"]
     rec["speedup"] = one["step_s_median"] / two["step_s_median"]
-    rec["wall_s"] = time.perf_counter() - t0
-    atomic_write_text(Path(a.json), json.dumps(rec, indent=1) + "\n")
+    write_record(a.json, rec, t0)
     print(f"wrote {a.json}: 1 process {one['step_s_median'] * 1e3:.1f} ms, 2 ranks "
           f"{two['step_s_median'] * 1e3:.1f} ms a step, {rec['speedup']:.2f}x "
           f"({rec['wall_s']:.0f} s)")

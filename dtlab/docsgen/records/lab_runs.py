@@ -51,21 +51,54 @@ KEEP = ("lab", "variant", "world_size", "preset", "steps", "batch_size", "n_para
         "time", "comm", "memory", "extra", "ok")
 
 
-def run_one(name: str, lab: str, nproc: int, flags: list[str], work: Path) -> dict:
+def run_one(name: str, lab: str, nproc: int, flags: list[str], work: Path, *,
+            exits=(0,), keep=KEEP, env=None, timeout=900) -> dict:
+    """``dtlab run LAB --nproc N FLAGS`` into ``work/name``: the parts ``keep`` of its summary,
+    the command as a reader types it and its exit status (one of ``exits``, else the record
+    tool stops with the run's error)."""
     out = work / name
     cmd = [sys.executable, "-m", "dtlab", "run", lab, "--nproc", str(nproc), "--out", str(out),
            *flags]
-    p = sessions.run(cmd, capture_output=True, text=True, timeout=900)
-    if p.returncode != 0 or not (out / "summary.json").is_file():
-        raise SystemExit(f"labruns: {name} failed (exit {p.returncode}):\n{p.stderr[-2000:]}")
+    p = sessions.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if p.returncode not in exits or not (out / "summary.json").is_file():
+        raise SystemExit(f"{name} failed (exit {p.returncode}):\n{p.stderr[-2000:]}")
     s = json.loads((out / "summary.json").read_text())
-    s = {k: s[k] for k in KEEP if k in s}
-    s["extra"].pop("profile", None)
-    if lab == "pipeline":  # the figures read from its timelines (they stay in the run folder)
+    s = {k: s[k] for k in keep if k in s}
+    if "extra" in s:
+        s["extra"].pop("profile", None)
+    if lab == "pipeline" and "extra" in s:  # figures from its timelines (kept in the run folder)
         s["extra"].update(pipeline_schedule.figures(s["extra"]))
         del s["extra"]["timelines"], s["extra"]["actions"]
     s["command"] = f"dtlab run {lab} --nproc {nproc} {' '.join(flags)}"
+    s["exit_status"] = p.returncode
     return s
+
+
+def new_record(what: str) -> dict:
+    """A record's head, as every record tool here writes it: what it is, when, on what machine."""
+    return {"what": what, "date": time.strftime("%Y-%m-%d"), "machine": records.machine(),
+            "runs": {}}
+
+
+def write_record(path, rec: dict, t0: float) -> None:
+    """The record, with the seconds since ``t0`` it took, written whole or not at all."""
+    rec["wall_s"] = time.perf_counter() - t0
+    atomic_write_text(Path(path), json.dumps(rec, indent=1) + "\n")
+
+
+def memory_estimate(flags: list[str], text: bool = False) -> dict:
+    """``dtlab memory FLAGS --json`` as a record entry (and, with ``text``, the table it prints)."""
+    import os
+    base = [sys.executable, "-m", "dtlab", "memory", *flags]
+    p = sessions.run([*base, "--json"], capture_output=True, text=True, timeout=120)
+    if p.returncode != 0:
+        raise SystemExit(f"dtlab memory {' '.join(flags)} failed:\n{p.stderr[-2000:]}")
+    entry = {"command": f"dtlab memory {' '.join(flags)}"}
+    if text:
+        t = sessions.run(base, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, COLUMNS="160"))
+        entry["text"] = t.stdout
+    return {**entry, **json.loads(p.stdout)}
 
 
 def make_parser():
@@ -77,14 +110,12 @@ def make_parser():
 def main(argv=None) -> int:
     a = make_parser().parse_args(argv)
     work = Path(a.work)
-    rec = {"what": "the lab runs docs quote beyond the tour (python -m dtlab.docsgen.records.lab_runs)",
-           "date": time.strftime("%Y-%m-%d"), "machine": records.machine(), "runs": {}}
+    rec = new_record("the lab runs docs quote beyond the tour (python -m dtlab.docsgen.records.lab_runs)")
     t0 = time.perf_counter()
     for i, (name, lab, nproc, flags) in enumerate(RUNS, 1):
         print(f"[{i}/{len(RUNS)}] {name}", flush=True)
         rec["runs"][name] = run_one(name, lab, nproc, flags, work)
-    rec["wall_s"] = time.perf_counter() - t0
-    atomic_write_text(Path(a.json), json.dumps(rec, indent=1) + "\n")
+    write_record(a.json, rec, t0)
     if a.img:
         for name, png in PICTURES.items():
             shutil.copyfile(work / name / "schedule.png", Path(a.img) / png)

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from dtlab.docsgen.records.lab_runs import write_record
 from dtlab.report import records
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -80,9 +81,7 @@ def main(argv=None) -> int:
            "estimates": {name: {"command": "dtlab memory " + " ".join(flags),
                                 **estimate(flags)} for name, flags in CASES.items()},
            "activations": [activations(pr, b) for pr, b in ACTIVATIONS]}
-    rec["wall_s"] = time.perf_counter() - t0
-    from dtlab.measure.run_record import atomic_write_text
-    atomic_write_text(Path(a.json), json.dumps(rec, indent=1) + "\n")
+    write_record(a.json, rec, t0)
     print(f"wrote {a.json} ({len(CASES)} estimates, {len(ACTIVATIONS)} activation counts)")
     return 0
 

@@ -10,15 +10,14 @@ reads of its output; the lab runs are tiny, one process, a few seconds each.
 """
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import sys
 import time
 from pathlib import Path
 
+from dtlab.docsgen.records.lab_runs import memory_estimate, new_record, run_one, write_record
 from dtlab.launch import sessions
-from dtlab.measure.run_record import atomic_write_text
 from dtlab.report import records
 
 # (name, the `dtlab memory` flags): each run with --json, kept whole
@@ -44,29 +43,6 @@ KEEP = ("lab", "variant", "world_size", "preset", "steps", "batch_size", "n_para
         "time", "comm", "memory", "extra", "ok")
 OP = re.compile(r"^(\w+) \.+ \[(\w+)\] \.+ \[(\w+)\]$")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def memory_one(flags: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "dtlab", "memory", *flags, "--json"]
-    p = sessions.run(cmd, capture_output=True, text=True, timeout=120)
-    if p.returncode != 0:
-        raise SystemExit(f"questionruns: dtlab memory {' '.join(flags)} failed:\n"
-                         f"{p.stderr[-2000:]}")
-    return {"command": f"dtlab memory {' '.join(flags)}", **json.loads(p.stdout)}
-
-
-def lab_one(name: str, lab: str, nproc: int, flags: list[str], work: Path) -> dict:
-    out = work / name
-    cmd = [sys.executable, "-m", "dtlab", "run", lab, "--nproc", str(nproc), "--out", str(out),
-           *flags]
-    p = sessions.run(cmd, capture_output=True, text=True, timeout=600)
-    if p.returncode != 0 or not (out / "summary.json").is_file():
-        raise SystemExit(f"questionruns: {name} failed (exit {p.returncode}):\n{p.stderr[-2000:]}")
-    s = json.loads((out / "summary.json").read_text())
-    s = {k: s[k] for k in KEEP if k in s}
-    s["extra"].pop("profile", None)
-    s["command"] = f"dtlab run {lab} --nproc {nproc} {' '.join(flags)}"
-    return s
 
 
 def ds_report() -> dict:
@@ -97,20 +73,18 @@ def make_parser():
 def main(argv=None) -> int:
     a = make_parser().parse_args(argv)
     work = Path(a.work)
-    rec = {"what": "the runs behind answers of docs/questions.md that no other record holds "
-                   "(python -m dtlab.docsgen.records.question_runs)",
-           "date": time.strftime("%Y-%m-%d"), "machine": records.machine(), "runs": {}}
+    rec = new_record("the runs behind answers of docs/questions.md that no other record holds "
+                   "(python -m dtlab.docsgen.records.question_runs)")
     t0 = time.perf_counter()
     for name, flags in MEMORY:
         print(f"{name}", flush=True)
-        rec["runs"][name] = memory_one(flags)
+        rec["runs"][name] = memory_estimate(flags)
     for name, lab, nproc, flags in LABS:
         print(f"{name}", flush=True)
-        rec["runs"][name] = lab_one(name, lab, nproc, flags, work)
+        rec["runs"][name] = run_one(name, lab, nproc, flags, work, keep=KEEP, timeout=600)
     print("ds_report", flush=True)
     rec["runs"]["ds-report"] = ds_report()
-    rec["wall_s"] = time.perf_counter() - t0
-    atomic_write_text(Path(a.json), json.dumps(rec, indent=1) + "\n")
+    write_record(a.json, rec, t0)
     print(f"wrote {a.json} ({len(rec['runs'])} entries, {rec['wall_s']:.0f} s)")
     return 0
 

@@ -16,8 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from dtlab.docsgen.records.lab_runs import run_one
-from dtlab.measure.run_record import atomic_write_text
+from dtlab.docsgen.records.lab_runs import new_record, run_one, write_record
 from dtlab.report import records
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -53,9 +52,8 @@ def main(argv=None) -> int:
     a = make_parser().parse_args(argv)
     work = Path(a.work)
     cfg = str(default_bucket_config(work))
-    rec = {"what": "the ZeRO libraries on the ZeRO lab's run "
-                   "(python -m dtlab.docsgen.records.zero_libraries)",
-           "date": time.strftime("%Y-%m-%d"), "machine": records.machine(), "runs": {}}
+    rec = new_record("the ZeRO libraries on the ZeRO lab's run "
+                   "(python -m dtlab.docsgen.records.zero_libraries)")
     t0 = time.perf_counter()
     for i, (name, lab, nproc, flags) in enumerate(RUNS, 1):
         print(f"[{i}/{len(RUNS)}] {name}", flush=True)
@@ -64,8 +62,7 @@ def main(argv=None) -> int:
         if cfg in flags:  # the command as a reader would type it
             rec["runs"][name]["command"] = rec["runs"][name]["command"].replace(
                 cfg, "ds_zero1.json with use_multi_rank_bucket_allreduce: true")
-    rec["wall_s"] = time.perf_counter() - t0
-    atomic_write_text(Path(a.json), json.dumps(rec, indent=1) + "\n")
+    write_record(a.json, rec, t0)
     print(f"wrote {a.json} ({len(RUNS)} runs, {rec['wall_s']:.0f} s)")
     return 0
 
